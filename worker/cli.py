@@ -1,0 +1,156 @@
+"""The ``contact-worker`` command: run, demo, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from worker import __version__
+from worker.config import ConfigError, Settings, add_options, resolve
+from worker.engine import Ending, EngineSettings, Result
+from worker.obs import logging as obs_logging
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
+
+EXIT_CODES = {
+    Ending.DRAINED: EXIT_OK,
+    Ending.SHUTDOWN: EXIT_OK,
+    Ending.SHUTDOWN_TIMEOUT: EXIT_OK,
+    Ending.AUTH: EXIT_AUTH,
+    Ending.FATAL: EXIT_FATAL,
+}
+
+
+def _backend_options() -> dict[str, object]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def engine_settings(settings: Settings, *, handle_signals: bool = True) -> EngineSettings:
+    """The engine's settings from the command line's."""
+    from worker.core.backoff import Backoff
+    from worker.core.batch import BatchLimits
+    from worker.core.scheduler import SchedulerSettings
+
+    limits = BatchLimits(settings.batch_size, settings.max_body_bytes, settings.linger_ms / 1000)
+    scheduler = SchedulerSettings(
+        limits=limits,
+        backoff=Backoff(),
+        max_waiting=settings.max_waiting,
+        suspect_ttl_s=settings.suspect_ttl_s,
+        max_retries=settings.max_retries,
+    )
+    return EngineSettings(
+        scheduler, settings.rate, settings.concurrency, settings.drain_timeout_s, handle_signals
+    )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"contact-worker: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``contact-worker run``."""
+    try:
+        settings = resolve(args, os.environ)
+        from worker.deadletters import open_sink
+        from worker.sources import open_source
+
+        source = open_source(
+            settings.source, follow=settings.follow, checkpoint=settings.checkpoint
+        )
+        sink = open_sink(settings.dlq)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    obs_logging.configure(settings.log_format, settings.log_level)
+    from worker.run import run_worker
+
+    try:
+        result: Result | int = anyio.run(
+            run_worker, settings, source, sink, backend_options=_backend_options()
+        )
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_FATAL)
+    if isinstance(result, int):
+        return result
+    if result.message and result.ending in (Ending.AUTH, Ending.FATAL):
+        print(f"contact-worker: {result.message}", file=sys.stderr)
+    return EXIT_CODES[result.ending]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``contact-worker simulate``."""
+    from worker.sim.cli import main as simulate_main
+
+    return simulate_main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``contact-worker demo``."""
+    from worker.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="contact-worker",
+        description="Keep contacts in the SMS Gateway API (Smstools) in sync with upstream "
+        "systems: coalesced, batched, per-contact ordered, nothing lost.",
+    )
+    parser.add_argument("--version", action="version", version=f"contact-worker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="sync changes from a source into the API",
+        description="Sync changes from a source into the API. Every "
+        "option also reads its environment variable (the flag wins).",
+    )
+    add_options(run)
+    run.set_defaults(func=cmd_run)
+
+    from worker.demo import configure_parser as configure_demo
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the worker end to end on a simulated API",
+        description="Generate a realistic change stream, start the "
+        "simulated gateway in-process and run the real engine on it.",
+    )
+    configure_demo(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    from worker.sim.cli import configure_parser as configure_simulate
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="serve the simulated SMS Gateway API",
+        description="A faithful fake of PATCH /v1/contact for tests and benchmarks.",
+    )
+    configure_simulate(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        code = _fail(str(exc), EXIT_USAGE)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Settings of ``contact-worker run``: flag, else environment variable, else default."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid: reported before anything starts (exit code 2)."""
+
+
+class Secret:
+    """A string that never shows itself in logs, errors or reprs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The real value, for the one place that needs it (the request headers)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# -- value parsers: each raises ValueError with the reason, resolve() adds the setting's name --
+
+
+def _number(text: str, kind: Callable[[str], float]) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = int(_number(text, int))
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = int(_number(text, int))
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _number(text, float)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = _number(text, float)
+    if value <= 0:
+        raise ValueError(f"must be more than 0, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 meaning off."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise ValueError(f"must be a port number 0-65535, got {text}")
+    return value
+
+
+def http_url(text: str) -> str:
+    """An http(s) URL with a host."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+    return text.rstrip("/")
+
+
+def non_empty(text: str) -> str:
+    """Any non-empty text."""
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def boolean(text: str) -> bool:
+    """true/false, 1/0, yes/no, on/off."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    """One of a few words."""
+
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {text!r}")
+        return text
+
+    return parse
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, environment variable, parser, default and help."""
+
+    field: str
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    required: bool = False
+    switch: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings of one run."""
+
+    source: str
+    client_id: str
+    client_secret: Secret
+    dlq: str = "jsonl:dead-letters.jsonl"
+    api_url: str = "https://api.smsgatewayapi.com"
+    batch_size: int = 100
+    linger_ms: float = 200.0
+    rate: float = 10.0
+    concurrency: int = 8
+    http_port: int = 9102
+    follow: bool = False
+    checkpoint: str | None = None
+    max_body_bytes: int = 1 << 20
+    request_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
+    suspect_ttl_s: float = 900.0
+    max_waiting: int = 50_000
+    max_retries: int = 0
+    log_format: str = "auto"
+    log_level: str = "info"
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "source",
+        "--source",
+        "WORKER_SOURCE",
+        non_empty,
+        None,
+        "where changes come from: jsonl:PATH or jsonl:- (stdin)",
+        required=True,
+    ),
+    Option(
+        "dlq",
+        "--dlq",
+        "WORKER_DLQ",
+        non_empty,
+        _DEFAULTS["dlq"],
+        "where dead letters go: jsonl:PATH",
+    ),
+    Option(
+        "api_url",
+        "--api-url",
+        "SMSGW_API_URL",
+        http_url,
+        _DEFAULTS["api_url"],
+        "base URL of the SMS Gateway API",
+    ),
+    Option(
+        "client_id",
+        "--client-id",
+        "SMSGW_CLIENT_ID",
+        non_empty,
+        None,
+        "API client ID",
+        required=True,
+    ),
+    Option(
+        "client_secret",
+        "--client-secret",
+        "SMSGW_CLIENT_SECRET",
+        lambda text: Secret(non_empty(text)),
+        None,
+        "API client secret (prefer the environment variable; never logged)",
+        required=True,
+    ),
+    Option(
+        "batch_size",
+        "--batch-size",
+        "WORKER_BATCH_SIZE",
+        positive_int,
+        _DEFAULTS["batch_size"],
+        "most contacts per request",
+    ),
+    Option(
+        "linger_ms",
+        "--linger-ms",
+        "WORKER_LINGER_MS",
+        non_negative_float,
+        _DEFAULTS["linger_ms"],
+        "longest a change waits for its batch to fill",
+    ),
+    Option(
+        "rate",
+        "--rate",
+        "WORKER_RATE",
+        non_negative_float,
+        _DEFAULTS["rate"],
+        "most requests per second (0 = no limit)",
+    ),
+    Option(
+        "concurrency",
+        "--concurrency",
+        "WORKER_CONCURRENCY",
+        positive_int,
+        _DEFAULTS["concurrency"],
+        "most requests in flight",
+    ),
+    Option(
+        "http_port",
+        "--http-port",
+        "WORKER_HTTP_PORT",
+        port,
+        _DEFAULTS["http_port"],
+        "port of /healthz, /readyz and /metrics on 127.0.0.1 (0 = off)",
+    ),
+    Option(
+        "follow",
+        "--follow",
+        "WORKER_FOLLOW",
+        boolean,
+        False,
+        "tail a jsonl: file instead of stopping at its end",
+        switch=True,
+    ),
+    Option(
+        "checkpoint",
+        "--checkpoint",
+        "WORKER_CHECKPOINT",
+        non_empty,
+        None,
+        "file keeping the offset of the acknowledged prefix of a jsonl: file",
+    ),
+    Option(
+        "max_body_bytes",
+        "--max-body-bytes",
+        "WORKER_MAX_BODY_BYTES",
+        positive_int,
+        _DEFAULTS["max_body_bytes"],
+        "largest request body",
+    ),
+    Option(
+        "request_timeout_s",
+        "--request-timeout",
+        "WORKER_REQUEST_TIMEOUT",
+        positive_float,
+        _DEFAULTS["request_timeout_s"],
+        "seconds before a request is given up and retried",
+    ),
+    Option(
+        "drain_timeout_s",
+        "--drain-timeout",
+        "WORKER_DRAIN_TIMEOUT",
+        non_negative_float,
+        _DEFAULTS["drain_timeout_s"],
+        "seconds allowed to finish after SIGTERM/SIGINT",
+    ),
+    Option(
+        "suspect_ttl_s",
+        "--suspect-ttl",
+        "WORKER_SUSPECT_TTL",
+        non_negative_float,
+        _DEFAULTS["suspect_ttl_s"],
+        "seconds an ID found missing is sent alone",
+    ),
+    Option(
+        "max_waiting",
+        "--max-waiting",
+        "WORKER_MAX_WAITING",
+        positive_int,
+        _DEFAULTS["max_waiting"],
+        "changes held in memory before reading pauses",
+    ),
+    Option(
+        "max_retries",
+        "--max-retries",
+        "WORKER_MAX_RETRIES",
+        non_negative_int,
+        _DEFAULTS["max_retries"],
+        "transient failures of one request before exiting 1 (0 = retry forever)",
+    ),
+    Option(
+        "log_format",
+        "--log-format",
+        "WORKER_LOG_FORMAT",
+        choice("auto", "json", "console"),
+        _DEFAULTS["log_format"],
+        "json lines, or console (readable); auto = console on a tty",
+    ),
+    Option(
+        "log_level",
+        "--log-level",
+        "WORKER_LOG_LEVEL",
+        choice("debug", "info", "warning", "error"),
+        _DEFAULTS["log_level"],
+        "least level logged",
+    ),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...] = OPTIONS) -> None:
+    """Declare the flags; values stay text until :func:`resolve` so env and flags parse alike."""
+    for option in options:
+        shown = "" if option.default is None else f" (default: {option.default})"
+        text = f"{option.help}; env {option.env}{shown}"
+        if option.switch:
+            parser.add_argument(
+                option.flag,
+                dest=option.field,
+                action="store_const",
+                const="true",
+                default=None,
+                help=text,
+            )
+        else:
+            parser.add_argument(
+                option.flag,
+                dest=option.field,
+                default=None,
+                help=text,
+                metavar=option.field.split("_")[0].upper(),
+            )
+
+
+def resolve_values(
+    args: argparse.Namespace, environ: Mapping[str, str], options: tuple[Option, ...] = OPTIONS
+) -> dict[str, Any]:
+    """Each option's value, flag first, then environment, then default; errors name both."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for option in options:
+        text = getattr(args, option.field, None)
+        origin = option.flag
+        if text is None and option.env in environ:
+            text, origin = environ[option.env], option.env
+        if text is None:
+            if option.required:
+                problems.append(f"{option.flag} (or {option.env}) is required")
+            values[option.field] = option.default
+            continue
+        try:
+            values[option.field] = option.parse(text)
+        except ValueError as exc:
+            problems.append(f"{origin}: {exc}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return values
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """The settings of ``run``, validated."""
+    values = resolve_values(args, environ)
+    settings = Settings(**values)
+    if settings.checkpoint and not settings.source.startswith("jsonl:"):
+        raise ConfigError("--checkpoint only applies to a jsonl: source")
+    if settings.source == "jsonl:-" and (settings.follow or settings.checkpoint):
+        raise ConfigError("jsonl:- (stdin) cannot be used with --follow or --checkpoint")
+    return settings

@@ -1,0 +1,137 @@
+"""Decoding and validation of one contact change (DESIGN "Formats"); pure, no I/O."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+TEXT_FIELDS: tuple[str, ...] = (
+    "phone",
+    "groupid",
+    "firstname",
+    "lastname",
+    *(f"extra{i}" for i in range(1, 9)),
+)
+FIELDS: frozenset[str] = frozenset({"ID", *TEXT_FIELDS, "birthday", "unsubscribed"})
+
+
+class InvalidChange(ValueError):
+    """A record that can never be sent: the message says which field and what was wrong."""
+
+
+@dataclass(slots=True)
+class Change:
+    """One valid partial change to one contact, as read from a source."""
+
+    key: str
+    """The coalescing key: the string form of ``ID``."""
+    fields: dict[str, Any]
+    """The object as it will be sent, ``ID`` included with its original type."""
+    token: Hashable
+    """The source's handle for acknowledging the record this change came from."""
+
+
+@dataclass(slots=True)
+class Invalid:
+    """A record that failed decoding or validation, on its way to the dead-letter sink."""
+
+    reason: str
+    token: Hashable
+    change: dict[str, Any] | None = None
+    raw: str | None = None
+
+
+def _text(name: str, value: object) -> str | None:
+    if type(value) is str:
+        return None
+    return f"field {name!r} must be a string, got {_describe(value)}"
+
+
+def _birthday(name: str, value: object) -> str | None:
+    if type(value) is not str:
+        return f"field {name!r} must be a date string yyyy-MM-dd, got {_describe(value)}"
+    # fromisoformat alone would also take "20261126" and other ISO shapes.
+    if len(value) != 10 or value[4] != "-" or value[7] != "-":
+        return f"field {name!r} must be a date yyyy-MM-dd, got {value!r}"
+    try:
+        datetime.date.fromisoformat(value)
+    except ValueError:
+        return f"field {name!r} is not a real calendar date: {value!r}"
+    return None
+
+
+def _boolean(name: str, value: object) -> str | None:
+    if type(value) is bool:
+        return None
+    return f"field {name!r} must be true or false, got {_describe(value)}"
+
+
+_CHECKS: dict[str, Callable[[str, object], str | None]] = {
+    **{name: _text for name in TEXT_FIELDS},
+    "birthday": _birthday,
+    "unsubscribed": _boolean,
+}
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(
+        type(value), "an array" if isinstance(value, list) else "an object"
+    )
+    text = orjson.dumps(value).decode()
+    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def key_of(value: object) -> str | None:
+    """The coalescing key of an ``ID`` value, or None if it is not a usable ID."""
+    kind = type(value)
+    if kind is str:
+        return value if value else None  # type: ignore[return-value]
+    if kind is int:
+        return str(value)
+    return None
+
+
+def validate(obj: object) -> str | None:
+    """Why ``obj`` is not a valid change, or None if it is one."""
+    if type(obj) is not dict:
+        return f"a change must be a JSON object, got {_describe(obj)}"
+    if "ID" not in obj:
+        return "missing ID"
+    if key_of(obj["ID"]) is None:
+        return f"ID must be a non-empty string or an integer, got {_describe(obj['ID'])}"
+    if len(obj) == 1:
+        return "no field to change besides ID"
+    for name, value in obj.items():
+        if name == "ID":
+            continue
+        check = _CHECKS.get(name)
+        if check is None:
+            return f"unknown field {name!r}"
+        problem = check(name, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def decode(line: bytes, token: Hashable) -> Change | Invalid:
+    """Decode and validate one JSONL record (without its newline)."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raw = line.decode("utf-8", errors="replace")
+        return Invalid(f"not valid JSON: {exc}", token, raw=raw)
+    problem = validate(obj)
+    if problem is not None:
+        return Invalid(
+            problem,
+            token,
+            change=obj if type(obj) is dict else None,
+            raw=None if type(obj) is dict else line.decode("utf-8", errors="replace"),
+        )
+    return Change(str(obj["ID"]), obj, token)

@@ -1,0 +1,277 @@
+"""The scheduler: the whole pure decision state between the source and the senders.
+
+It owns the coalescer, the batcher's policy, the isolation plans, retries and backoff. The
+engine only asks it for the next batch to send and tells it how each request ended; what to
+acknowledge and what to dead-letter comes back as a :class:`Settled`. Time comes in as ``now``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from worker.core.backoff import Backoff
+from worker.core.batch import Batch, BatchLimits, Purpose, fill, flush_due
+from worker.core.change import Change
+from worker.core.classify import Action, Verdict
+from worker.core.coalesce import Coalescer, Entry
+from worker.core.split import DeadLetter, culprit, halves, release_held, split_known_bad
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """Everything the scheduler decides with."""
+
+    limits: BatchLimits = BatchLimits()
+    backoff: Backoff = Backoff()
+    max_waiting: int = 50_000
+    """Changes held before the source is slowed down."""
+    suspect_ttl_s: float = 900.0
+    """How long an ID found missing is sent alone."""
+    max_suspects: int = 100_000
+    max_retries: int = 0
+    """Transient failures of one request before giving up (fatal); 0 = never give up."""
+
+
+@dataclass(slots=True)
+class Settled:
+    """What the engine must carry out after a request ended."""
+
+    applied: list[Entry] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    fatal: Verdict | None = None
+    retry_in_s: float | None = None
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """Counters kept as decisions are made; the engine's summary and metrics read them."""
+
+    changes: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+    requests_by_purpose: Counter[str] = field(default_factory=Counter)
+    contacts_applied: int = 0
+    changes_applied: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    inferred_culprits: int = 0
+    retries: int = 0
+    shrinks: int = 0
+
+    @property
+    def isolation_requests(self) -> int:
+        """Requests spent on finding culprits rather than on new work."""
+        return self.requests_by_purpose["isolate"] + self.requests_by_purpose["suspect"]
+
+
+class Scheduler:
+    """Decides which changes go in which request, and what a request's outcome means."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings or SchedulerSettings()
+        self.coalescer = Coalescer()
+        self.stats = SchedulerStats()
+        self.ceiling = self.settings.limits.max_items
+        """The most entries per request; lowered when the API answers 413."""
+        self.draining = False
+        """Flush everything without waiting for linger (end of input or shutdown)."""
+        self.paused_until = 0.0
+        """No request before this time: the API asked everybody to wait (Retry-After)."""
+        self.fatal: Verdict | None = None
+        self._rand = rand
+        self._urgent: deque[Batch] = deque()
+        self._delayed: list[tuple[float, int, Batch]] = []
+        self._outstanding = 0
+        self._numbers = 0
+        self._suspects: dict[str, float] = {}
+
+    # -- input -----------------------------------------------------------------------------
+
+    def add(self, change: Change, now: float) -> None:
+        """Take one valid change from the source."""
+        self.stats.changes += 1
+        self.coalescer.add(change, now)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether the source may hand over more changes."""
+        return self.coalescer.changes_waiting < self.settings.max_waiting
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting, nothing in a request, nothing to retry."""
+        return (
+            self.coalescer.ids_waiting == 0
+            and self._outstanding == 0
+            and not self._urgent
+            and not self._delayed
+        )
+
+    @property
+    def outstanding(self) -> int:
+        """Requests handed out and not resolved yet."""
+        return self._outstanding
+
+    @property
+    def retrying(self) -> int:
+        """Requests waiting for their backoff to end."""
+        return len(self._delayed)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def next_batch(self, now: float) -> Batch | float | None:
+        """The next request to send; else when to ask again (None: when something changes)."""
+        if self.fatal is not None:
+            return None
+        if now < self.paused_until:
+            return self.paused_until
+        if self._urgent:
+            return self._hand_out(self._urgent.popleft())
+        if self._delayed and self._delayed[0][0] <= now:
+            return self._hand_out(heapq.heappop(self._delayed)[2])
+        # A full scheduler flushes at once: waiting out linger would only stall the source.
+        hurry = self.draining or not self.has_room
+        due = flush_due(self.coalescer, self.settings.limits, self.ceiling, now, hurry)
+        if due is True:
+            batch = self._form(now)
+            if batch is not None:
+                return self._hand_out(batch)
+            if self._urgent:  # everything ready was a suspect, now queued alone
+                return self._hand_out(self._urgent.popleft())
+            due = None
+        wake = None if due is True else due
+        if self._delayed:
+            first = self._delayed[0][0]
+            wake = first if wake is None else min(wake, first)
+        return wake
+
+    def _hand_out(self, batch: Batch) -> Batch:
+        self._outstanding += 1
+        self.stats.requests_by_purpose[batch.purpose.value] += 1
+        return batch
+
+    def _number(self) -> int:
+        self._numbers += 1
+        return self._numbers
+
+    def _is_suspect(self, key: str, now: float) -> bool:
+        until = self._suspects.get(key)
+        if until is None:
+            return False
+        if until > now:
+            return True
+        del self._suspects[key]
+        return False
+
+    def _form(self, now: float) -> Batch | None:
+        limits = self.settings.limits
+        entries, _ = fill(self.coalescer, self.ceiling, limits.max_bytes)
+        if self._suspects:
+            kept = []
+            for entry in entries:
+                if self._is_suspect(entry.key, now):
+                    self._urgent.append(Batch([entry], self._number(), Purpose.SUSPECT))
+                else:
+                    kept.append(entry)
+            entries = kept
+        if not entries:
+            return None
+        return Batch(entries, self._number())
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def resolve(self, batch: Batch, verdict: Verdict, now: float) -> Settled:
+        """Take the outcome of one request; say what to acknowledge and dead-letter."""
+        self._outstanding -= 1
+        self.stats.requests[str(verdict.status) if verdict.status else "error"] += 1
+        settled = Settled()
+        action = verdict.action
+        if action is Action.APPLIED:
+            self._applied(batch.entries, settled)
+            if batch.held is not None:
+                held = release_held(batch)
+                assert held is not None and held.failure is not None
+                if len(held.entries) == 1:
+                    self.stats.inferred_culprits += 1
+                self._known_bad(held.entries, held.failure, now, settled)
+        elif action is Action.RETRY:
+            self._retry(batch, verdict, now, settled)
+        elif action is Action.ISOLATE:
+            self._release_held(batch)
+            self._known_bad(batch.entries, verdict, now, settled)
+        elif action is Action.SHRINK:
+            self._release_held(batch)
+            self.stats.shrinks += 1
+            self.ceiling = max(1, min(self.ceiling, len(batch.entries) // 2))
+            if len(batch.entries) == 1:
+                self._dead([culprit(batch.entries[0], verdict)], now, settled)
+            else:
+                self._urgent.extend(halves(batch, self._number))
+        else:
+            self.fatal = verdict
+            settled.fatal = verdict
+        return settled
+
+    def _applied(self, entries: list[Entry], settled: Settled) -> None:
+        stats = self.stats
+        for entry in entries:
+            self.coalescer.release(entry.key)
+            stats.changes_applied += len(entry.tokens)
+            if self._suspects:
+                self._suspects.pop(entry.key, None)
+        stats.contacts_applied += len(entries)
+        settled.applied.extend(entries)
+
+    def _dead(self, letters: list[DeadLetter], now: float, settled: Settled) -> None:
+        for letter in letters:
+            key = letter.entry.key
+            self.coalescer.release(key)
+            self.stats.dead_letters[letter.reason] += len(letter.entry.tokens)
+            if letter.reason == "not_found":
+                self._remember_missing(key, now)
+        settled.dead.extend(letters)
+
+    def _remember_missing(self, key: str, now: float) -> None:
+        suspects = self._suspects
+        suspects.pop(key, None)
+        suspects[key] = now + self.settings.suspect_ttl_s
+        if len(suspects) > self.settings.max_suspects:
+            # Insertion order is expiry order: the first one is the oldest memory.
+            del suspects[next(iter(suspects))]
+
+    def _known_bad(
+        self, entries: list[Entry], failure: Verdict, now: float, settled: Settled
+    ) -> None:
+        plan = split_known_bad(entries, failure, self._number)
+        if isinstance(plan, DeadLetter):
+            self._dead([plan], now, settled)
+        else:
+            self._urgent.append(plan)
+
+    def _release_held(self, batch: Batch) -> None:
+        held = release_held(batch)
+        if held is not None:
+            held.failure = None
+            self._urgent.append(held)
+
+    def _retry(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
+        batch.attempt += 1
+        self.stats.retries += 1
+        limit = self.settings.max_retries
+        if limit and batch.attempt > limit:
+            detail = f"gave up after {limit} retries; last: {verdict.describe()}"
+            self.fatal = Verdict(Action.FATAL, verdict.status, verdict.error, detail)
+            settled.fatal = self.fatal
+            return
+        delay = self.settings.backoff.delay(batch.attempt, self._rand(), verdict.retry_after_s)
+        if verdict.retry_after_s is not None:
+            self.paused_until = max(self.paused_until, now + verdict.retry_after_s)
+        batch.not_before = now + delay
+        heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
+        settled.retry_in_s = delay

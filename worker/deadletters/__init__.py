@@ -1,0 +1,16 @@
+"""Dead-letter sinks: one module per kind, all behind ``DeadLetterSink``."""
+
+from __future__ import annotations
+
+from worker.config import ConfigError
+from worker.deadletters.base import DeadLetterSink
+
+
+def open_sink(uri: str) -> DeadLetterSink:
+    """The sink a URI names (not opened yet)."""
+    scheme, sep, rest = uri.partition(":")
+    if scheme == "jsonl" and sep and rest and rest != "-":
+        from worker.deadletters.jsonl import JsonlDeadLetters
+
+        return JsonlDeadLetters(rest)
+    raise ConfigError(f"unsupported dead-letter sink {uri!r}: use jsonl:PATH")

@@ -1,0 +1,395 @@
+"""The engine: anyio tasks carrying out the scheduler's decisions (DESIGN "Data flow").
+
+reader: source -> decode+validate -> scheduler (waits while the scheduler is full)
+senders (x concurrency): rate limiter -> next batch -> PATCH -> classify -> scheduler.resolve
+    -> dead letters (durable) -> ack
+Everything that decides lives in ``worker.core``; this module only waits, sends and writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import math
+import signal
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import structlog
+from aiolimiter import AsyncLimiter
+
+from worker.core.batch import Batch
+from worker.core.change import Change, Invalid, decode
+from worker.core.classify import Action, Verdict, classify, classify_failure
+from worker.core.scheduler import Scheduler, SchedulerSettings, Settled
+from worker.core.split import DeadLetter
+from worker.deadletters.base import DeadLetterSink, record
+from worker.sender import SEND_ERRORS, Response
+from worker.sources.base import Source
+
+log = structlog.get_logger("worker.engine")
+
+
+class Patcher(Protocol):
+    """What the engine needs from the HTTP edge (the real one is :class:`worker.sender.Sender`)."""
+
+    async def patch(self, body: bytes) -> Response: ...
+
+
+class Ending(enum.Enum):
+    """How a run ended; the command line maps it to an exit code."""
+
+    DRAINED = "drained"
+    """A finite input was read to its end and every change applied or dead-lettered."""
+    SHUTDOWN = "shutdown"
+    """Stopped by a signal (or :meth:`Engine.shutdown`) and drained in time."""
+    SHUTDOWN_TIMEOUT = "shutdown_timeout"
+    """Stopped by a signal; the drain timeout passed with requests unfinished (left unacked)."""
+    AUTH = "auth"
+    """The API refused the credentials or the account: nothing more was sent."""
+    FATAL = "fatal"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """The engine's own settings (the scheduler's are inside)."""
+
+    scheduler: SchedulerSettings = SchedulerSettings()
+    rate: float = 10.0
+    """Requests per second; 0 means no limit."""
+    concurrency: int = 8
+    drain_timeout_s: float = 30.0
+    handle_signals: bool = True
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """The engine's own counters, beside the scheduler's."""
+
+    records: int = 0
+    invalid: int = 0
+    acked: int = 0
+    in_flight: int = 0
+    rate_wait_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the run started (until it finished)."""
+        return (self.finished or time.monotonic()) - self.started
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The end of a run."""
+
+    ending: Ending
+    verdict: Verdict | None = None
+    message: str = ""
+
+
+class Engine:
+    """Runs one source into the API until the input ends, a signal comes, or a fatal error."""
+
+    def __init__(
+        self,
+        source: Source,
+        dead_letters: DeadLetterSink,
+        patcher: Patcher,
+        settings: EngineSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self.source = source
+        self.dead_letters = dead_letters
+        self.patcher = patcher
+        self.settings = settings or EngineSettings()
+        self.scheduler = Scheduler(self.settings.scheduler)
+        self.stats = EngineStats()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        rate = self.settings.rate
+        self._limiter = AsyncLimiter(rate, 1.0) if rate > 0 else None
+        self._changed = anyio.Event()
+        self._reading_done = False
+        self._stopping = False
+        self._result: Result | None = None
+        self._reader_scope: anyio.CancelScope | None = None
+        self._work_scope: anyio.CancelScope | None = None
+
+    # -- wake-ups ----------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _wait_for_change(self, delay_s: float | None) -> None:
+        event = self._changed
+        with anyio.move_on_after(delay_s):
+            await event.wait()
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self) -> Result:
+        """Run to the end; the source and sink are opened and closed by the caller."""
+        self.stats.started = time.monotonic()
+        async with anyio.create_task_group() as outer:
+            if self.settings.handle_signals:
+                outer.start_soon(self._watch_signals)
+            async with anyio.create_task_group() as work:
+                self._work_scope = work.cancel_scope
+                work.start_soon(self._read)
+                for _ in range(self.settings.concurrency):
+                    work.start_soon(self._send_loop)
+            outer.cancel_scope.cancel()
+        self.stats.finished = time.monotonic()
+        result = self._result or Result(Ending.DRAINED)
+        log.info("summary", ending=result.ending.value, **self.summary())
+        return result
+
+    def shutdown(self) -> None:
+        """Stop reading, flush what waits without linger, finish in-flight requests."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("shutdown requested", in_flight=self.scheduler.outstanding)
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+        self._reading_done = True
+        self.scheduler.draining = True
+        if self._result is None:
+            self._result = Result(Ending.SHUTDOWN)
+        self._notify()
+
+    def abort(self, result: Result) -> None:
+        """Stop everything now: nothing more is sent or acknowledged."""
+        if self._result is None or self._result.ending in (Ending.SHUTDOWN, Ending.DRAINED):
+            self._result = result
+        if self._work_scope is not None:
+            self._work_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self._stopping:
+                    log.warning("second signal: stopping without draining", signal=signum.name)
+                    self.abort(Result(Ending.SHUTDOWN_TIMEOUT, message="interrupted twice"))
+                    return
+                log.info("signal received", signal=signum.name)
+                self.shutdown()
+                break
+        await anyio.sleep(self.settings.drain_timeout_s)
+        log.warning(
+            "drain timeout: leaving unfinished changes unacknowledged",
+            in_flight=self.scheduler.outstanding,
+        )
+        self.abort(Result(Ending.SHUTDOWN_TIMEOUT, message="drain timeout"))
+
+    async def _read(self) -> None:
+        scheduler, stats = self.scheduler, self.stats
+        with anyio.CancelScope() as scope:
+            self._reader_scope = scope
+            if self._stopping:
+                scope.cancel()
+            while True:
+                while not scheduler.has_room:
+                    await self._wait_for_change(None)
+                records = await self.source.read()
+                if records is None:
+                    break
+                now = self._clock()
+                invalid: list[Invalid] = []
+                for token, line in records:
+                    item = decode(line, token)
+                    if type(item) is Change:
+                        scheduler.add(item, now)
+                    else:
+                        invalid.append(item)  # type: ignore[arg-type]
+                stats.records += len(records)
+                self._notify()
+                if invalid:
+                    stats.invalid += len(invalid)
+                    await self._dead_letter_invalid(invalid)
+        self._reading_done = True
+        scheduler.draining = True
+        self._notify()
+
+    async def _send_loop(self) -> None:
+        limiter = self._limiter
+        while True:
+            if limiter is not None:
+                started = self._clock()
+                await limiter.acquire()
+                self.stats.rate_wait_s += self._clock() - started
+            batch = await self._next_batch()
+            if batch is None:
+                return
+            await self._send(batch)
+
+    async def _next_batch(self) -> Batch | None:
+        scheduler = self.scheduler
+        while True:
+            now = self._clock()
+            planned = scheduler.next_batch(now)
+            if isinstance(planned, Batch):
+                return planned
+            if scheduler.fatal is not None:
+                return None
+            if self._reading_done and scheduler.idle:
+                self._notify()  # let the other senders see it too
+                return None
+            await self._wait_for_change(None if planned is None else max(0.0, planned - now))
+
+    async def _send(self, batch: Batch) -> None:
+        body = batch.body()
+        self.stats.in_flight += 1
+        try:
+            response = await self.patcher.patch(body)
+        except SEND_ERRORS as exc:
+            verdict = classify_failure(exc)
+        else:
+            verdict = classify(
+                response.status, response.body, response.retry_after, self._wall_clock()
+            )
+        finally:
+            self.stats.in_flight -= 1
+        settled = self.scheduler.resolve(batch, verdict, self._clock())
+        log.debug(
+            "batch",
+            batch=batch.number,
+            purpose=batch.purpose.value,
+            contacts=len(batch.entries),
+            bytes=len(body),
+            status=verdict.status,
+            action=verdict.action.value,
+            retry_in_s=settled.retry_in_s,
+        )
+        if settled.fatal is not None:
+            self._fatal(settled.fatal)
+            return
+        if verdict.action is Action.RETRY:
+            delay = round(settled.retry_in_s or 0.0, 3)
+            log.info(
+                "retrying",
+                batch=batch.number,
+                attempt=batch.attempt,
+                outcome=verdict.describe(),
+                retry_in_s=delay,
+            )
+        await self._carry_out(settled)
+        self._notify()
+
+    def _fatal(self, verdict: Verdict) -> None:
+        if verdict.action is Action.FATAL_AUTH:
+            message = f"the API refused the credentials or access: {verdict.describe()}"
+            log.error(
+                "auth failure: stopping",
+                status=verdict.status,
+                error=verdict.error,
+                detail=verdict.detail,
+            )
+            self.abort(Result(Ending.AUTH, verdict, message))
+        else:
+            message = f"fatal API response: {verdict.describe()}"
+            log.error(
+                "fatal: stopping", status=verdict.status, error=verdict.error, detail=verdict.detail
+            )
+            self.abort(Result(Ending.FATAL, verdict, message))
+
+    async def _carry_out(self, settled: Settled) -> None:
+        if settled.dead:
+            await self._dead_letter(settled.dead)
+        if settled.applied:
+            await self._ack([token for entry in settled.applied for token in entry.tokens])
+
+    async def _ack(self, tokens: list[Hashable]) -> None:
+        await self.source.ack(tokens)
+        self.stats.acked += len(tokens)
+
+    async def _dead_letter(self, letters: list[DeadLetter]) -> None:
+        at = self._wall_clock()
+        describe = self.source.describe
+        await self.dead_letters.write(
+            [
+                record(
+                    letter.reason,
+                    change=letter.entry.body,
+                    source=describe(letter.entry.tokens),
+                    status=letter.status,
+                    error=letter.error,
+                    detail=letter.detail,
+                    at=at,
+                )
+                for letter in letters
+            ]
+        )
+        for letter in letters:
+            log.info(
+                "dead letter",
+                reason=letter.reason,
+                id=letter.entry.key,
+                status=letter.status,
+                error=letter.error,
+            )
+        await self._ack([token for letter in letters for token in letter.entry.tokens])
+
+    async def _dead_letter_invalid(self, invalid: list[Invalid]) -> None:
+        at = self._wall_clock()
+        describe = self.source.describe
+        await self.dead_letters.write(
+            [
+                record(
+                    "invalid",
+                    change=item.change,
+                    raw=item.raw,
+                    source=describe([item.token]),
+                    detail=item.reason,
+                    at=at,
+                )
+                for item in invalid
+            ]
+        )
+        for item in invalid:
+            log.info("invalid change", source=describe([item.token]), detail=item.reason)
+        await self._ack([item.token for item in invalid])
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the worker takes work now, and why not."""
+        if self._result is not None and self._result.ending in (Ending.AUTH, Ending.FATAL):
+            return False, self._result.ending.value
+        if self._stopping:
+            return False, "draining"
+        return True, "running"
+
+    def summary(self) -> dict[str, Any]:
+        """Counters of the run so far, as plain data."""
+        s, e = self.scheduler.stats, self.stats
+        elapsed = e.elapsed_s
+        requests = sum(s.requests.values())
+        return {
+            "records_read": e.records,
+            "invalid": e.invalid,
+            "changes": s.changes,
+            "coalesced": self.scheduler.coalescer.coalesced,
+            "requests": requests,
+            "requests_by_status": dict(sorted(s.requests.items())),
+            "isolation_requests": s.isolation_requests,
+            "inferred_culprits": s.inferred_culprits,
+            "retries": s.retries,
+            "contacts_applied": s.contacts_applied,
+            "changes_applied": s.changes_applied,
+            "dead_letters": dict(s.dead_letters) | ({"invalid": e.invalid} if e.invalid else {}),
+            "acked": e.acked,
+            "waiting": self.scheduler.coalescer.changes_waiting,
+            "in_flight": e.in_flight,
+            "rate_wait_s": round(e.rate_wait_s, 3),
+            "elapsed_s": round(elapsed, 3),
+            "changes_per_s": round(e.records / elapsed, 1) if elapsed > 0 else math.nan,
+        }

@@ -1,0 +1,66 @@
+"""Wiring one run: open the source and sink, start the HTTP edge, run the engine, close all."""
+
+from __future__ import annotations
+
+import sys
+
+import structlog
+
+from worker.config import Settings
+from worker.deadletters.base import DeadLetterError, DeadLetterSink
+from worker.engine import Engine, Result
+from worker.sender import Sender
+from worker.sources.base import Source, SourceError
+
+log = structlog.get_logger("worker.run")
+
+
+async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -> Result | int:
+    """Run to the end; an int is an exit code for a failure before the engine started."""
+    from worker.cli import EXIT_FATAL, EXIT_USAGE, engine_settings
+
+    try:
+        await source.open()
+    except SourceError as exc:
+        print(f"contact-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        try:
+            await sink.open()
+        except DeadLetterError as exc:
+            print(f"contact-worker: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        async with Sender(
+            settings.api_url,
+            settings.client_id,
+            settings.client_secret,
+            concurrency=settings.concurrency,
+            timeout_s=settings.request_timeout_s,
+        ) as sender:
+            engine = Engine(source, sink, sender, engine_settings(settings))
+            log.info(
+                "starting",
+                source=settings.source,
+                dlq=settings.dlq,
+                api_url=settings.api_url,
+                batch_size=settings.batch_size,
+                rate=settings.rate,
+                concurrency=settings.concurrency,
+            )
+            try:
+                if settings.http_port:
+                    from worker.obs.http import serve_status
+
+                    async with serve_status(engine, settings.http_port):
+                        return await engine.run()
+                return await engine.run()
+            except ExceptionGroup as group:
+                matched, rest = group.split((DeadLetterError, SourceError))
+                if rest is not None or matched is None:
+                    raise
+                for exc in matched.exceptions:
+                    print(f"contact-worker: {exc}", file=sys.stderr)
+                return EXIT_FATAL
+    finally:
+        await sink.close()
+        await source.close()

@@ -1,0 +1,209 @@
+"""The ``jsonl:`` source: one change per line from a file or stdin, with an optional checkpoint."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+from worker.sources.base import Record, Source, SourceError
+
+CHUNK_BYTES = 256 * 1024
+
+
+class Progress:
+    """The contiguous acknowledged prefix of a line-numbered input: pure bookkeeping.
+
+    Lines are acknowledged in any order; the checkpoint may only move past a line once it and
+    every line before it are done, so a restart never skips an unfinished change.
+    """
+
+    def __init__(self, line: int = 0, offset: int = 0) -> None:
+        self.line = line
+        """The first line (0-based) not yet part of the acknowledged prefix."""
+        self.offset = offset
+        """Byte offset where that line starts."""
+        self._ends: dict[int, int] = {}
+        self._done: set[int] = set()
+
+    def read(self, line: int, end: int) -> None:
+        """Line ``line`` was read; the next one starts at byte ``end``."""
+        self._ends[line] = end
+
+    def ack(self, line: int) -> bool:
+        """Line ``line`` is done; True if the prefix moved."""
+        if line != self.line:
+            self._done.add(line)
+            return False
+        ends, done = self._ends, self._done
+        self.offset = ends.pop(line)
+        line += 1
+        while line in done:
+            done.discard(line)
+            self.offset = ends.pop(line)
+            line += 1
+        self.line = line
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Lines read and not yet in the prefix."""
+        return len(self._ends)
+
+
+class JsonlSource(Source):
+    """JSON lines from a file (finite, or tailed with ``follow``) or from stdin (``-``)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        follow: bool = False,
+        checkpoint: str | None = None,
+        checkpoint_interval_s: float = 0.5,
+        poll_s: float = 0.2,
+    ) -> None:
+        if path == "-" and (follow or checkpoint):
+            raise SourceError("jsonl:- (stdin) cannot be followed or checkpointed")
+        self.path = path
+        self.name = "stdin" if path == "-" else os.path.basename(path)
+        self.follow = follow
+        self.checkpoint = checkpoint
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.poll_s = poll_s
+        self.progress = Progress()
+        self._file: Any = None
+        self._rest = b""
+        self._line = 0
+        self._offset = 0
+        self._eof = False
+        self._saved_line = 0
+        self._saved_at = 0.0
+        self.lines_read = 0
+
+    async def open(self) -> None:
+        """Open the input and skip what an earlier run's checkpoint says is done."""
+        if self.path == "-":
+            self._file = anyio.wrap_file(sys.stdin.buffer)
+            return
+        try:
+            self._file = await anyio.open_file(self.path, "rb")
+        except OSError as exc:
+            raise SourceError(f"cannot open {self.path}: {exc.strerror}") from exc
+        if self.checkpoint:
+            line, offset = await anyio.to_thread.run_sync(self._load_checkpoint)
+            size = (await anyio.Path(self.path).stat()).st_size
+            if offset > size:
+                raise SourceError(
+                    f"checkpoint {self.checkpoint} says byte {offset} but {self.path} has only"
+                    f" {size}: the file was replaced or truncated; remove the checkpoint"
+                )
+            await self._file.seek(offset)
+            self._line, self._offset = line, offset
+            self.progress = Progress(line, offset)
+            self._saved_line = line
+
+    def _load_checkpoint(self) -> tuple[int, int]:
+        assert self.checkpoint is not None
+        try:
+            data = orjson.loads(Path(self.checkpoint).read_bytes())
+        except FileNotFoundError:
+            return 0, 0
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise SourceError(f"unreadable checkpoint {self.checkpoint}: {exc}") from exc
+        if data.get("path") != os.path.abspath(self.path):
+            raise SourceError(
+                f"checkpoint {self.checkpoint} belongs to {data.get('path')}, not {self.path}"
+            )
+        return int(data["line"]), int(data["offset"])
+
+    async def read(self) -> Sequence[Record] | None:
+        """The next complete lines; at the end, None (or wait for more when following)."""
+        while True:
+            if self._eof:
+                return None
+            data: bytes = await self._file.read1(CHUNK_BYTES)
+            if data:
+                records = self._split(data)
+                if records:
+                    return records
+                continue
+            if self.follow:
+                await anyio.sleep(self.poll_s)
+                continue
+            self._eof = True
+            if self._rest:  # a last line without its newline
+                records = self._split(b"\n", final=True)
+                if records:
+                    return records
+            return None
+
+    def _split(self, data: bytes, final: bool = False) -> list[Record]:
+        chunk = self._rest + data if self._rest else data
+        lines = chunk.split(b"\n")
+        self._rest = lines.pop()
+        records: list[Record] = []
+        progress, line_no, offset = self.progress, self._line, self._offset
+        for raw in lines:
+            end = offset + len(raw) + (0 if final else 1)
+            progress.read(line_no, end)
+            text = raw.strip()
+            if text:
+                records.append((line_no, text))
+            else:  # blank lines carry nothing: done as soon as read
+                progress.ack(line_no)
+            line_no += 1
+            offset = end
+        self._line, self._offset = line_no, offset
+        self.lines_read += len(lines)
+        return records
+
+    async def ack(self, tokens: Sequence[Hashable]) -> None:
+        """Mark lines done; save the checkpoint now and then."""
+        progress = self.progress
+        for token in tokens:
+            progress.ack(token)  # type: ignore[arg-type]
+        if self.checkpoint and progress.line != self._saved_line:
+            now = time.monotonic()
+            if now - self._saved_at >= self.checkpoint_interval_s:
+                self._saved_at = now
+                await self._save()
+
+    async def _save(self) -> None:
+        line, offset = self.progress.line, self.progress.offset
+        await anyio.to_thread.run_sync(self._write_checkpoint, line, offset)
+        self._saved_line = line
+
+    def _write_checkpoint(self, line: int, offset: int) -> None:
+        assert self.checkpoint is not None
+        target = Path(self.checkpoint)
+        tmp = target.with_name(target.name + ".tmp")
+        body = {"path": os.path.abspath(self.path), "line": line, "offset": offset}
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(body))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def describe(self, tokens: Sequence[Hashable]) -> str:
+        """``name:line`` (1-based), several lines joined by commas."""
+        return f"{self.name}:" + ",".join(str(int(t) + 1) for t in tokens)  # type: ignore[call-overload]
+
+    async def close(self) -> None:
+        """Save the final checkpoint and close the file."""
+        if self.checkpoint and self.progress.line != self._saved_line:
+            await self._save()
+        if self._file is not None and self.path != "-":
+            await self._file.aclose()
+        self._file = None
