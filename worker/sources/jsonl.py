@@ -153,9 +153,10 @@ class JsonlSource(Source):
         for raw in lines:
             end = offset + len(raw) + (0 if final else 1)
             progress.read(line_no, end)
-            text = raw.strip()
-            if text:
-                records.append((line_no, text))
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if raw and not raw.isspace():
+                records.append((line_no, raw))
             else:  # blank lines carry nothing: done as soon as read
                 progress.ack(line_no)
             line_no += 1
