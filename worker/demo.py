@@ -64,7 +64,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--concurrency", type=_arg(positive_int), default=8)
     p.add_argument(
-        "--latency", default="exp:5", help="simulated API latency in ms (e.g. 20, exp:5)"
+        "--latency", default="exp:20", help="simulated API latency in ms (e.g. 20, exp:5)"
     )
     p.add_argument("--seed", type=_arg(int), default=1)
     p.add_argument(
@@ -125,13 +125,11 @@ def summary_table(engine: Engine, result: Result, verified: str) -> str:
     not_found = dead.get("not_found", 0)
     isolation = data["isolation_requests"]
     elapsed = data["elapsed_s"]
-    per_request = s.contacts_applied / max(1, requests - isolation)
+    per_request = s.contacts_applied / max(1, requests)
     cost = (
-        f"{isolation:,} requests ({100 * isolation / max(1, requests):.1f}% of all), "
-        f"{isolation / not_found:.2f} per unknown-ID change, "
-        f"{data['inferred_culprits']:,} culprits found without a request of their own"
-        if not_found
-        else f"{isolation:,} requests"
+        f"{isolation:,} requests ({100 * isolation / max(1, requests):.1f}% of all) for "
+        f"{not_found:,} changes to unknown IDs; {data['inferred_culprits']:,} culprits found "
+        "without a request of their own"
     )
     rows = [
         ("ending", result.ending.value),
@@ -139,7 +137,7 @@ def summary_table(engine: Engine, result: Result, verified: str) -> str:
         ("coalesced away", f"{data['coalesced']:,} (merged into a waiting change of the same ID)"),
         ("requests", f"{requests:,} ({by_status})"),
         ("contacts applied", f"{data['contacts_applied']:,} ({per_request:.1f} per request)"),
-        ("dead letters", f"{sum(dead.values()):,} ({dead_text})"),
+        ("dead-lettered", f"{sum(dead.values()):,} changes ({dead_text})"),
         ("retries", f"{data['retries']:,}"),
         ("isolation cost", cost),
         (

@@ -58,8 +58,8 @@ async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -
                 matched, rest = group.split((DeadLetterError, SourceError))
                 if rest is not None or matched is None:
                     raise
-                for exc in matched.exceptions:
-                    print(f"contact-worker: {exc}", file=sys.stderr)
+                for error in matched.exceptions:
+                    print(f"contact-worker: {error}", file=sys.stderr)
                 return EXIT_FATAL
     finally:
         await sink.close()

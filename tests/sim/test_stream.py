@@ -12,6 +12,7 @@ import pytest
 from worker.sim.gateway import SimConfig, Simulator, check_contact, serve
 from worker.sim.stream import (
     UNKNOWN_ID_BASE,
+    unknown_pool,
     StreamSpec,
     expected_final_state,
     generate_lines,
@@ -39,8 +40,14 @@ def test_counts_and_shape(distribution: str) -> None:
     valid = [c for c in map(valid_change, lines) if c is not None]
     assert len(valid) == 20_000  # exactly the invalid lines are invalid
     ids = [int(c["ID"]) for c in valid]  # type: ignore[call-overload]
-    unknown = sum(i >= UNKNOWN_ID_BASE for i in ids)
-    assert 0.08 < unknown / len(valid) < 0.12
+    # unknown_share is the share of distinct IDs the API does not know (stale IDs recur).
+    distinct = set(ids)
+    stale = {i for i in distinct if i >= UNKNOWN_ID_BASE}
+    assert len(stale) <= unknown_pool(spec) == 111
+    if distribution == "uniform":
+        assert 0.08 < len(stale) / len(distinct) < 0.12
+    else:
+        assert stale
     assert all(1 <= i <= 1_000 for i in ids if i < UNKNOWN_ID_BASE)
     kinds = Counter(type(c["ID"]) for c in valid)
     assert kinds[int] > 2_000 and kinds[str] > 2_000

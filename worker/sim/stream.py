@@ -104,33 +104,48 @@ def _invalid_line(kind: int, rng: random.Random, contacts: int) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
+def unknown_pool(spec: StreamSpec) -> int:
+    """How many distinct unknown IDs the stream uses: a share ``unknown_share`` of all its IDs."""
+    share = spec.unknown_share
+    if share <= 0.0:
+        return 0
+    if share >= 1.0:
+        return spec.contacts
+    return max(1, round(spec.contacts * share / (1.0 - share)))
+
+
 def _id_picker(spec: StreamSpec, rng: random.Random) -> Callable[[], int]:
-    """A function drawing the ID (as an int) of the next change."""
+    """A function drawing the ID (as an int) of the next change.
+
+    The population is the known IDs 1..contacts plus a pool of stale (unknown) IDs, so that
+    ``unknown_share`` is the share of distinct IDs the API does not know, as in a CRM whose
+    records point at contacts deleted from the gateway. Stale IDs recur like any other.
+    """
     rand = rng.random
     contacts = spec.contacts
-    unknown_share = spec.unknown_share
+    stale = unknown_pool(spec)
+    population = contacts + stale
+
+    def to_id(index: int) -> int:
+        return index if index <= contacts else UNKNOWN_ID_BASE + index - contacts
+
     if spec.distribution == "zipf":
         # Rank r is drawn with weight 1/r^s; ranks map to shuffled IDs so hot contacts are spread.
-        cum = list(itertools.accumulate(1.0 / (r**spec.zipf_s) for r in range(1, contacts + 1)))
+        cum = list(itertools.accumulate(1.0 / (r**spec.zipf_s) for r in range(1, population + 1)))
         total = cum[-1]
-        ids = list(range(1, contacts + 1))
+        ids = [to_id(i) for i in range(1, population + 1)]
         rng.shuffle(ids)
-        last = contacts - 1
+        last = population - 1
 
-        def known() -> int:
+        def pick() -> int:
             return ids[min(bisect.bisect_left(cum, rand() * total), last)]
 
-    else:
+        return pick
 
-        def known() -> int:
-            return 1 + int(rand() * contacts)
+    def pick_uniform() -> int:
+        return to_id(1 + int(rand() * population))
 
-    def pick() -> int:
-        if unknown_share and rand() < unknown_share:
-            return UNKNOWN_ID_BASE + int(rand() * contacts)
-        return known()
-
-    return pick
+    return pick_uniform
 
 
 def generate_lines(spec: StreamSpec) -> Iterator[bytes]:

@@ -1,0 +1,200 @@
+"""The coalescer: per-ID merging, one request in flight per ID, oldest first (DESIGN 1, 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.unit.factories import change
+from worker.core.coalesce import Coalescer
+
+
+def popped_keys(coalescer: Coalescer) -> list[str]:
+    """Pop every ready entry; their keys in pop order."""
+    keys = []
+    while coalescer.peek() is not None:
+        keys.append(coalescer.pop().key)
+    return keys
+
+
+class TestCoalescerMerging:
+    """Changes to one ID that wait together merge field by field, later wins."""
+
+    def test_later_value_wins_field_by_field(self) -> None:
+        """Fields merge; a field written twice keeps the later value; untouched fields stay."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", lastname="Lee", extra1="x"), now=0.0)
+        coalescer.add(change(1, "b", lastname="Maes", phone="+32"), now=1.0)
+        coalescer.add(change(1, "c", extra1=""), now=2.0)
+        entry = coalescer.pop()
+        assert {"ID": 1, "lastname": "Maes", "extra1": "", "phone": "+32"} == entry.body
+        assert ["a", "b", "c"] == entry.tokens
+
+    def test_one_entry_per_id(self) -> None:
+        """However many changes an ID gets, it is ready once."""
+        coalescer = Coalescer()
+        for i in range(5):
+            coalescer.add(change(1, i, extra1=str(i)), now=float(i))
+        coalescer.add(change(2, "x", extra1="x"), now=9.0)
+        assert 2 == coalescer.ready_count
+        assert 2 == coalescer.ids_waiting
+        assert ["1", "2"] == popped_keys(coalescer)
+        assert 4 == coalescer.coalesced
+
+    def test_integer_and_string_ids_share_a_key(self) -> None:
+        """ID 7 and ID "7" are the same contact; the later ID value is the one sent."""
+        coalescer = Coalescer()
+        coalescer.add(change(7, "a", lastname="Lee"), now=0.0)
+        coalescer.add(change("7", "b", firstname="Bo"), now=0.0)
+        entry = coalescer.pop()
+        assert {"ID": "7", "lastname": "Lee", "firstname": "Bo"} == entry.body
+        assert None is coalescer.peek()
+
+    def test_merged_entry_is_reencoded(self) -> None:
+        """A merge after the entry was encoded drops the stale encoding."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", lastname="Lee"), now=0.0)
+        peeked = coalescer.peek()
+        assert peeked is not None
+        peeked.encoded = b"stale"
+        coalescer.add(change(1, "b", lastname="Maes"), now=0.0)
+        assert None is coalescer.pop().encoded
+
+    def test_since_and_seq_are_those_of_the_oldest_change(self) -> None:
+        """Linger and fairness count from the oldest change merged into an entry."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", extra1="1"), now=3.0)
+        coalescer.add(change(1, "b", extra1="2"), now=8.0)
+        entry = coalescer.pop()
+        assert (1, 3.0) == (entry.seq, entry.since)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.integers(0, 3),
+                st.dictionaries(st.sampled_from(["lastname", "extra1", "extra2"]), st.text(max_size=3), min_size=1),
+            ),
+            max_size=30,
+        )
+    )
+    def test_merge_is_the_source_order_fold(self, stream: list[tuple[int, dict[str, str]]]) -> None:
+        """Whatever the stream, each ID's entry is the fold of its changes in source order,
+        with all their tokens in that order, and IDs come out by first arrival."""
+        coalescer = Coalescer()
+        expected: dict[str, dict[str, Any]] = {}
+        tokens: dict[str, list[int]] = {}
+        for token, (id_, fields) in enumerate(stream):
+            coalescer.add(change(id_, token, **fields), now=float(token))
+            expected.setdefault(str(id_), {}).update({"ID": id_, **fields})
+            tokens.setdefault(str(id_), []).append(token)
+        assert len(stream) == coalescer.changes_waiting
+        actual = {}
+        actual_tokens = {}
+        while coalescer.peek() is not None:
+            entry = coalescer.pop()
+            actual[entry.key] = entry.body
+            actual_tokens[entry.key] = entry.tokens
+        assert expected == actual
+        assert tokens == actual_tokens
+        assert list(expected) == list(actual)
+        assert 0 == coalescer.changes_waiting
+
+
+class TestCoalescerInFlight:
+    """An ID popped into a request waits for :meth:`release` before it is ready again."""
+
+    def test_popped_id_is_not_ready_until_released(self) -> None:
+        """Changes to an ID in flight merge but are not handed out until release."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", extra1="1"), now=0.0)
+        first = coalescer.pop()
+        coalescer.add(change(1, "b", extra1="2"), now=1.0)
+        coalescer.add(change(1, "c", lastname="Lee"), now=2.0)
+        assert coalescer.is_in_flight("1")
+        assert None is coalescer.peek()
+        assert 0 == coalescer.ready_count
+        assert 1 == coalescer.ids_waiting
+        assert 1 == coalescer.ids_in_flight
+        coalescer.release(first.key)
+        assert not coalescer.is_in_flight("1")
+        second = coalescer.pop()
+        assert {"ID": 1, "extra1": "2", "lastname": "Lee"} == second.body
+        assert ["b", "c"] == second.tokens
+
+    def test_release_without_waiting_changes(self) -> None:
+        """Releasing an ID with nothing waiting leaves nothing ready."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", extra1="1"), now=0.0)
+        coalescer.release(coalescer.pop().key)
+        assert None is coalescer.peek()
+        assert 0 == coalescer.ids_in_flight
+        assert 0 == coalescer.ids_waiting
+
+    def test_other_ids_are_not_held_up(self) -> None:
+        """An ID in flight does not block other IDs."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", extra1="1"), now=0.0)
+        coalescer.pop()
+        coalescer.add(change(1, "b", extra1="2"), now=1.0)
+        coalescer.add(change(2, "c", extra1="1"), now=2.0)
+        assert ["2"] == popped_keys(coalescer)
+
+
+class TestCoalescerFairness:
+    """Ready IDs come out by the age of their oldest waiting change."""
+
+    def test_pop_order_is_arrival_order_of_the_oldest_change(self) -> None:
+        """A later change to an old ID does not push it back; new IDs queue behind."""
+        coalescer = Coalescer()
+        coalescer.add(change(3, "a", extra1="1"), now=0.0)
+        coalescer.add(change(1, "b", extra1="1"), now=1.0)
+        coalescer.add(change(2, "c", extra1="1"), now=2.0)
+        coalescer.add(change(3, "d", extra1="2"), now=3.0)
+        assert ["3", "1", "2"] == popped_keys(coalescer)
+
+    def test_released_id_with_older_change_goes_first(self) -> None:
+        """An ID whose waiting change arrived while it was in flight goes before IDs whose
+        changes arrived later, once released."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", extra1="1"), now=0.0)
+        in_flight = coalescer.pop()
+        coalescer.add(change(1, "b", extra1="2"), now=1.0)  # older than 2 and 3
+        coalescer.add(change(2, "c", extra1="1"), now=2.0)
+        coalescer.add(change(3, "d", extra1="1"), now=3.0)
+        coalescer.release(in_flight.key)
+        assert ["1", "2", "3"] == popped_keys(coalescer)
+
+    def test_released_id_with_newer_change_waits_its_turn(self) -> None:
+        """An ID whose waiting change is younger than others goes after them."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", extra1="1"), now=0.0)
+        in_flight = coalescer.pop()
+        coalescer.add(change(2, "c", extra1="1"), now=1.0)
+        coalescer.add(change(1, "b", extra1="2"), now=2.0)
+        coalescer.add(change(3, "d", extra1="1"), now=3.0)
+        coalescer.release(in_flight.key)
+        assert ["2", "1", "3"] == popped_keys(coalescer)
+
+
+class TestCoalescerCounts:
+    """The counts the source's bound and the metrics read."""
+
+    def test_changes_waiting_counts_changes_not_ids(self) -> None:
+        """changes_waiting counts every change held, merged or not, and drops on pop."""
+        coalescer = Coalescer()
+        coalescer.add(change(1, "a", extra1="1"), now=0.0)
+        coalescer.add(change(1, "b", extra1="2"), now=0.0)
+        coalescer.add(change(2, "c", extra1="1"), now=0.0)
+        assert 3 == coalescer.changes_waiting
+        first = coalescer.pop()
+        assert 1 == coalescer.changes_waiting
+        coalescer.add(change(1, "d", extra1="3"), now=0.0)  # waits behind the one in flight
+        assert 2 == coalescer.changes_waiting
+        coalescer.release(first.key)
+        coalescer.pop()
+        coalescer.pop()
+        assert 0 == coalescer.changes_waiting
+        assert 2 == coalescer.coalesced
