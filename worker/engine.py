@@ -13,7 +13,7 @@ import enum
 import math
 import signal
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,9 +28,12 @@ from worker.core.scheduler import Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
 from worker.sender import SEND_ERRORS, Response
-from worker.sources.base import Source
+from worker.sources.base import Record, Source
 
 log = structlog.get_logger("worker.engine")
+
+READ_SLICE = 1024
+"""Records handed to the scheduler at a time between checks of its bound."""
 
 
 class Patcher(Protocol):
@@ -191,33 +194,39 @@ class Engine:
         self.abort(Result(Ending.SHUTDOWN_TIMEOUT, message="drain timeout"))
 
     async def _read(self) -> None:
-        scheduler, stats = self.scheduler, self.stats
+        scheduler = self.scheduler
         with anyio.CancelScope() as scope:
             self._reader_scope = scope
             if self._stopping:
                 scope.cancel()
             while True:
-                while not scheduler.has_room:
-                    await self._wait_for_change(None)
                 records = await self.source.read()
                 if records is None:
                     break
-                now = self._clock()
-                invalid: list[Invalid] = []
-                for token, line in records:
-                    item = decode(line, token)
-                    if type(item) is Change:
-                        scheduler.add(item, now)
-                    else:
-                        invalid.append(item)  # type: ignore[arg-type]
-                stats.records += len(records)
-                self._notify()
-                if invalid:
-                    stats.invalid += len(invalid)
-                    await self._dead_letter_invalid(invalid)
+                # Slices keep the bound on waiting changes close, whatever the chunk size.
+                for start in range(0, len(records), READ_SLICE):
+                    while not scheduler.has_room:
+                        await self._wait_for_change(None)
+                    await self._take(records[start : start + READ_SLICE])
         self._reading_done = True
         scheduler.draining = True
         self._notify()
+
+    async def _take(self, records: Sequence[Record]) -> None:
+        scheduler = self.scheduler
+        now = self._clock()
+        invalid: list[Invalid] = []
+        for token, line in records:
+            item = decode(line, token)
+            if type(item) is Change:
+                scheduler.add(item, now)
+            else:
+                invalid.append(item)  # type: ignore[arg-type]
+        self.stats.records += len(records)
+        self._notify()
+        if invalid:
+            self.stats.invalid += len(invalid)
+            await self._dead_letter_invalid(invalid)
 
     async def _send_loop(self) -> None:
         limiter = self._limiter

@@ -146,7 +146,9 @@ class TestValidateFields:
     @pytest.mark.parametrize("name", ["phone", "lastname", "extra8"])
     def test_text_field_of_wrong_type(self, name: str, value: Any, described: str) -> None:
         """A text field that is not a string is refused, naming the field and what it was."""
-        assert f"field {name!r} must be a string, got {described}" == refused({"ID": 1, name: value})
+        assert f"field {name!r} must be a string, got {described}" == refused(
+            {"ID": 1, name: value}
+        )
 
     def test_long_values_are_shortened_in_the_reason(self) -> None:
         """A long wrong value is cut in the reason so dead letters stay readable."""
@@ -190,7 +192,8 @@ class TestValidateBirthday:
     """``birthday`` is a real calendar date written yyyy-MM-dd, nothing else."""
 
     @pytest.mark.parametrize(
-        "value", ["2026-1-5", "2026-01-5", "20261126", "2026/11/26", "26-11-2026", "2026-11-26T00:00", ""]
+        "value",
+        ["2026-1-5", "2026-01-5", "20261126", "2026/11/26", "26-11-2026", "2026-11-26T00:00", ""],
     )
     def test_wrong_shape(self, value: str) -> None:
         """Other date shapes, even ones ISO 8601 allows, are refused naming the format."""
@@ -198,7 +201,8 @@ class TestValidateBirthday:
         assert expected == refused({"ID": 1, "birthday": value})
 
     @pytest.mark.parametrize(
-        "value", ["2026-02-30", "2026-13-01", "2026-00-10", "2026-04-31", "2023-02-29", "0000-01-01"]
+        "value",
+        ["2026-02-30", "2026-13-01", "2026-00-10", "2026-04-31", "2023-02-29", "0000-01-01"],
     )
     def test_not_a_real_date(self, value: str) -> None:
         """The right shape but no such day is refused as not a real date."""
@@ -212,7 +216,11 @@ class TestValidateBirthday:
 
     @pytest.mark.parametrize(
         ("value", "described"),
-        [(20261126, "a number (20261126)"), (None, "null"), (["2026-11-26"], 'an array (["2026-11-26"])')],
+        [
+            (20261126, "a number (20261126)"),
+            (None, "null"),
+            (["2026-11-26"], 'an array (["2026-11-26"])'),
+        ],
     )
     def test_not_a_string(self, value: Any, described: str) -> None:
         """A birthday that is not a string is refused naming what it was."""
@@ -247,7 +255,9 @@ VALUES: dict[str, st.SearchStrategy[Any]] = {
     "birthday": st.dates().map(lambda d: d.isoformat()),
     "unsubscribed": st.booleans(),
 }
-IDS = st.one_of(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.text(min_size=1, max_size=12))
+IDS = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1), st.text(min_size=1, max_size=12)
+)
 
 
 @st.composite
@@ -257,7 +267,9 @@ def valid_changes(draw: st.DrawFn) -> dict[str, Any]:
     return {"ID": draw(IDS), **fields}
 
 
-WRONG = st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2))
+WRONG = st.one_of(
+    st.none(), st.integers(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2)
+)
 
 
 class TestDecodeProperties:
@@ -272,7 +284,9 @@ class TestDecodeProperties:
 
     @settings(max_examples=200, deadline=None)
     @given(valid_changes(), st.data())
-    def test_a_wrong_type_is_refused_naming_the_field(self, obj: dict[str, Any], data: st.DataObject) -> None:
+    def test_a_wrong_type_is_refused_naming_the_field(
+        self, obj: dict[str, Any], data: st.DataObject
+    ) -> None:
         """Replacing one field's value with a value of a wrong type makes the change invalid,
         and the reason names that field."""
         name = data.draw(st.sampled_from(sorted(set(obj) - {"ID"})))

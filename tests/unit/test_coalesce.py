@@ -75,7 +75,11 @@ class TestCoalescerMerging:
         st.lists(
             st.tuples(
                 st.integers(0, 3),
-                st.dictionaries(st.sampled_from(["lastname", "extra1", "extra2"]), st.text(max_size=3), min_size=1),
+                st.dictionaries(
+                    st.sampled_from(["lastname", "extra1", "extra2"]),
+                    st.text(max_size=3),
+                    min_size=1,
+                ),
             ),
             max_size=30,
         )
@@ -197,4 +201,4 @@ class TestCoalescerCounts:
         coalescer.pop()
         coalescer.pop()
         assert 0 == coalescer.changes_waiting
-        assert 2 == coalescer.coalesced
+        assert 1 == coalescer.coalesced  # "d" found nothing waiting to merge into
