@@ -48,12 +48,24 @@ async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -
                 concurrency=settings.concurrency,
             )
             try:
-                if settings.http_port:
-                    from worker.obs.http import serve_status
+                if not settings.http_port:
+                    return await engine.run()
+                from worker.obs.http import serve_status
 
-                    async with serve_status(engine, settings.http_port):
-                        return await engine.run()
-                return await engine.run()
+                try:
+                    status = serve_status(engine, settings.http_port)
+                    await status.__aenter__()
+                except OSError as exc:
+                    print(
+                        f"contact-worker: cannot serve --http-port {settings.http_port}: "
+                        f"{exc.strerror or exc}",
+                        file=sys.stderr,
+                    )
+                    return EXIT_USAGE
+                try:
+                    return await engine.run()
+                finally:
+                    await status.__aexit__(None, None, None)
             except ExceptionGroup as group:
                 matched, rest = group.split((DeadLetterError, SourceError))
                 if rest is not None or matched is None:

@@ -1,4 +1,4 @@
-"""The command line as a user runs it: `contact-worker` processes against `contact-worker simulate`."""
+"""The command line as a user runs it: `contact-worker` against `contact-worker simulate`."""
 
 from __future__ import annotations
 

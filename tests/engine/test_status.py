@@ -13,7 +13,7 @@ from tests.engine.harness import settings, write_lines
 from tests.engine.test_engine import stream
 from worker.config import Secret
 from worker.deadletters.jsonl import JsonlDeadLetters
-from worker.engine import Engine, Ending
+from worker.engine import Ending, Engine
 from worker.obs.http import serve_status
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
@@ -46,7 +46,7 @@ async def test_status_endpoints_during_a_run(tmp_path: Path) -> None:
                     result.append(await engine.run())
 
                 tg.start_soon(run)
-                while sim.stats.contacts_applied < 50:
+                while sim.stats.contacts_applied < 50:  # noqa: ASYNC110 - polling a counter
                     await anyio.sleep(0.02)
                 async with http.get(base + "/healthz") as resp:
                     assert 200 == resp.status

@@ -12,10 +12,10 @@ import pytest
 from worker.sim.gateway import SimConfig, Simulator, check_contact, serve
 from worker.sim.stream import (
     UNKNOWN_ID_BASE,
-    unknown_pool,
     StreamSpec,
     expected_final_state,
     generate_lines,
+    unknown_pool,
     valid_change,
     write_file,
 )
