@@ -29,12 +29,14 @@ class Progress:
         """The first line (0-based) not yet part of the acknowledged prefix."""
         self.offset = offset
         """Byte offset where that line starts."""
-        self._ends: dict[int, int] = {}
+        # ends[i] is where line (line + i) ends; a list, not a dict: lines come densely.
+        self._ends: list[int] = []
+        self._head = 0
         self._done: set[int] = set()
 
-    def read(self, line: int, end: int) -> None:
-        """Line ``line`` was read; the next one starts at byte ``end``."""
-        self._ends[line] = end
+    def extend(self, ends: list[int]) -> None:
+        """The next ``len(ends)`` lines were read, ending at these offsets."""
+        self._ends.extend(ends)
 
     def ack(self, line: int) -> bool:
         """Line ``line`` is done; True if the prefix moved."""
@@ -42,19 +44,26 @@ class Progress:
             self._done.add(line)
             return False
         ends, done = self._ends, self._done
-        self.offset = ends.pop(line)
+        head = self._head
+        self.offset = ends[head]
+        head += 1
         line += 1
         while line in done:
             done.discard(line)
-            self.offset = ends.pop(line)
+            self.offset = ends[head]
+            head += 1
             line += 1
         self.line = line
+        if head > 4096 and head * 2 > len(ends):
+            del ends[:head]
+            head = 0
+        self._head = head
         return True
 
     @property
     def pending(self) -> int:
         """Lines read and not yet in the prefix."""
-        return len(self._ends)
+        return len(self._ends) - self._head
 
 
 class JsonlSource(Source):
@@ -149,18 +158,24 @@ class JsonlSource(Source):
         lines = chunk.split(b"\n")
         self._rest = lines.pop()
         records: list[Record] = []
-        progress, line_no, offset = self.progress, self._line, self._offset
+        append = records.append
+        ends: list[int] = []
+        blank: list[int] = []
+        line_no, offset = self._line, self._offset
+        newline = 0 if final else 1
         for raw in lines:
-            end = offset + len(raw) + (0 if final else 1)
-            progress.read(line_no, end)
-            if raw.endswith(b"\r"):
+            offset += len(raw) + newline
+            ends.append(offset)
+            if raw and raw[-1] == 13:  # "\r" of a CRLF line
                 raw = raw[:-1]
             if raw and not raw.isspace():
-                records.append((line_no, raw))
-            else:  # blank lines carry nothing: done as soon as read
-                progress.ack(line_no)
+                append((line_no, raw))
+            else:
+                blank.append(line_no)
             line_no += 1
-            offset = end
+        self.progress.extend(ends)
+        for line in blank:  # blank lines carry nothing: done as soon as read
+            self.progress.ack(line)
         self._line, self._offset = line_no, offset
         self.lines_read += len(lines)
         return records
