@@ -157,6 +157,12 @@ class TestValidateFields:
         expected = f"field 'phone' must be a string, got an array ({text[:37]}...)"
         assert expected == refused({"ID": 1, "phone": value})
 
+    def test_integer_beyond_64_bits_is_described(self) -> None:
+        """A huge integer (possible from sources not decoded by orjson) gets a reason, not a
+        crash."""
+        expected = f"field 'phone' must be a string, got a number ({-(2**64)})"
+        assert expected == validate({"ID": 1, "phone": -(2**64)})
+
     @pytest.mark.parametrize("name", TEXT_FIELDS)
     def test_empty_string_clears_a_text_field(self, name: str) -> None:
         """``""`` is a valid value for a text field: it clears it."""
@@ -250,6 +256,7 @@ class TestDecodeValid:
 
 
 TEXT = st.text(max_size=20)
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 VALUES: dict[str, st.SearchStrategy[Any]] = {
     **{name: TEXT for name in TEXT_FIELDS},
     "birthday": st.dates().map(lambda d: d.isoformat()),
@@ -268,7 +275,11 @@ def valid_changes(draw: st.DrawFn) -> dict[str, Any]:
 
 
 WRONG = st.one_of(
-    st.none(), st.integers(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2)
+    st.none(),
+    INT64,
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(INT64, max_size=2),
+    st.dictionaries(st.text(max_size=3), INT64, max_size=2),
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import enum
+import math
 from dataclasses import dataclass
 
 import orjson
@@ -92,7 +93,7 @@ def parse_retry_after(value: str | None, now_wall: datetime.datetime) -> float |
         if when.tzinfo is None:
             when = when.replace(tzinfo=datetime.UTC)
         return max(0.0, (when - now_wall).total_seconds())
-    if seconds != seconds or seconds < 0:  # NaN or negative: ignore
+    if not math.isfinite(seconds) or seconds < 0:  # not delta-seconds (RFC 9110): ignore
         return None
     return seconds
 
