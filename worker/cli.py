@@ -79,6 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_FATAL)
+    except Exception as exc:  # the last line of defence: a message and exit 1, not a traceback
+        import structlog
+
+        structlog.get_logger("worker").exception("fatal error")
+        return _fail(f"fatal error: {type(exc).__name__}: {exc}", EXIT_FATAL)
     if isinstance(result, int):
         return result
     if result.message and result.ending in (Ending.AUTH, Ending.FATAL):
