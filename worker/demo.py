@@ -230,7 +230,9 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 when everything drained and the API state checks out."""
-    from worker.cli import _backend_options
+    from worker.cli import _backend_options, tune_gc
+
+    tune_gc()
 
     obs_logging.configure("console" if sys.stderr.isatty() else "json", "warning")
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="contact-worker-demo-"))

@@ -137,11 +137,8 @@ def decode(line: bytes, token: Hashable) -> Change | Invalid:
         raw = line.decode("utf-8", errors="replace")
         return Invalid(f"not valid JSON: {exc}", token, raw=raw)
     problem = validate(obj)
-    if problem is not None:
-        return Invalid(
-            problem,
-            token,
-            change=obj if type(obj) is dict else None,
-            raw=None if type(obj) is dict else line.decode("utf-8", errors="replace"),
-        )
-    return Change(str(obj["ID"]), obj, token)
+    if problem is None:
+        return Change(str(obj["ID"]), obj, token)
+    if type(obj) is dict:
+        return Invalid(problem, token, change=obj)
+    return Invalid(problem, token, raw=line.decode("utf-8", errors="replace"))

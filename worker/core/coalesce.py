@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,10 @@ class Coalescer:
     def __init__(self) -> None:
         self._waiting: dict[str, Entry] = {}
         self._in_flight: set[str] = set()
-        self._ready: list[tuple[int, str]] = []  # heap of (seq, key)
+        # Ready IDs in two queues, oldest first: new IDs arrive in seq order, so a plain FIFO
+        # holds them; only IDs made ready again by release() need a heap.
+        self._fresh: deque[str] = deque()
+        self._again: list[tuple[int, str]] = []
         self._seq = 0
         self.changes_waiting = 0
         """Changes held here (merged or not): what the source's bound is measured against."""
@@ -56,12 +60,12 @@ class Coalescer:
         self._seq += 1
         self._waiting[key] = Entry(key, change.fields, [change.token], self._seq, now)
         if key not in self._in_flight:
-            heapq.heappush(self._ready, (self._seq, key))
+            self._fresh.append(key)
 
     @property
     def ready_count(self) -> int:
         """How many IDs could be put in a request right now."""
-        return len(self._ready)
+        return len(self._fresh) + len(self._again)
 
     @property
     def ids_waiting(self) -> int:
@@ -73,15 +77,26 @@ class Coalescer:
         """How many IDs are in a request that has not ended."""
         return len(self._in_flight)
 
+    def _oldest_key(self) -> str | None:
+        fresh, again = self._fresh, self._again
+        if not again:
+            return fresh[0] if fresh else None
+        if fresh and self._waiting[fresh[0]].seq < again[0][0]:
+            return fresh[0]
+        return again[0][1]
+
     def peek(self) -> Entry | None:
         """The ready entry with the oldest waiting change, left in place."""
-        if not self._ready:
-            return None
-        return self._waiting[self._ready[0][1]]
+        key = self._oldest_key()
+        return None if key is None else self._waiting[key]
 
     def pop(self) -> Entry:
         """Take the oldest ready entry; its ID is in flight until :meth:`release`."""
-        _, key = heapq.heappop(self._ready)
+        fresh, again = self._fresh, self._again
+        if again and not (fresh and self._waiting[fresh[0]].seq < again[0][0]):
+            key = heapq.heappop(again)[1]
+        else:
+            key = fresh.popleft()
         entry = self._waiting.pop(key)
         self._in_flight.add(key)
         self.changes_waiting -= len(entry.tokens)
@@ -92,7 +107,7 @@ class Coalescer:
         self._in_flight.discard(key)
         entry = self._waiting.get(key)
         if entry is not None:
-            heapq.heappush(self._ready, (entry.seq, key))
+            heapq.heappush(self._again, (entry.seq, key))
 
     def is_in_flight(self, key: str) -> bool:
         """Whether a request holding ``key`` has not ended yet."""

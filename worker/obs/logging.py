@@ -39,5 +39,5 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=factory,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )

@@ -173,15 +173,18 @@ class JsonlSource(Source):
             else:
                 blank.append(line_no)
             line_no += 1
-        self.progress.extend(ends)
-        for line in blank:  # blank lines carry nothing: done as soon as read
-            self.progress.ack(line)
+        if self.checkpoint:
+            self.progress.extend(ends)
+            for line in blank:  # blank lines carry nothing: done as soon as read
+                self.progress.ack(line)
         self._line, self._offset = line_no, offset
         self.lines_read += len(lines)
         return records
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
         """Mark lines done; save the checkpoint now and then."""
+        if not self.checkpoint:
+            return  # nobody reads the progress: a finite file is simply read again
         progress = self.progress
         for token in tokens:
             progress.ack(token)  # type: ignore[arg-type]
