@@ -1,0 +1,718 @@
+"""The machinery under the benchmarks: processes, measurements, input files and reports.
+
+Used by ``pipeline.py`` (the end-to-end scenarios) and ``stages.py`` (per-stage costs). What
+is measured, and how, is explained in ``pipeline.py``'s docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from worker.sim.stream import StreamSpec, generate_lines, write_file
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = RESULTS / "data"
+LOGS = RESULTS / "logs"
+BIN = Path(sys.executable).parent
+CLIENT_ID, CLIENT_SECRET = "demo", "demo-secret"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+
+
+class BenchError(RuntimeError):
+    """A run failed or misbehaved: the message says what and where its log is."""
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cli_command() -> list[str]:
+    """The ``contact-worker`` console script of this interpreter's environment."""
+    script = BIN / "contact-worker"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "worker.cli"]
+
+
+def _die_with_harness() -> None:
+    """In the child before exec: get SIGKILL when the harness dies (PR_SET_PDEATHSIG).
+
+    A harness killed without unwinding (SIGKILL, a closed session) must not leave a simulator
+    or a worker running and skewing the next measurements. SIGKILL, not SIGTERM: a worker
+    would answer SIGTERM by draining for up to its drain timeout, into a simulator gone too.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def py_spy_path() -> Path | None:
+    """py-spy next to the interpreter or on PATH, if installed."""
+    local = BIN / "py-spy"
+    if local.exists():
+        return local
+    found = shutil.which("py-spy")
+    return Path(found) if found else None
+
+
+# -- input files --------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+    return path
+
+
+def stream_file(spec: StreamSpec) -> Path:
+    """A cached JSONL file of the stream ``spec`` describes (generated on first use)."""
+    name = (
+        f"stream-{spec.changes}c-{spec.contacts}ids-{spec.distribution}"
+        f"-u{spec.unknown_share:g}-i{spec.invalid}-s{spec.seed}.jsonl"
+    )
+    path = DATA / name
+    if path.exists():
+        return path
+    started = time.perf_counter()
+    _atomic_write(path, lambda tmp: write_file(spec, tmp))
+    log(f"generated {path.name} in {time.perf_counter() - started:.1f} s")
+    return path
+
+
+def distinct_file(count: int, seed: int = 1) -> Path:
+    """A cached JSONL file of ``count`` realistic changes to IDs 1..count, each ID exactly once.
+
+    The field values come from the stream generator; only the IDs are rewritten (keeping the
+    generator's mix of string and integer IDs), so nothing can coalesce.
+    """
+    path = DATA / f"distinct-{count}c-s{seed}.jsonl"
+    if path.exists():
+        return path
+    spec = StreamSpec(changes=count, contacts=count, unknown_share=0.0, invalid=0, seed=seed)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            for number, line in enumerate(generate_lines(spec), start=1):
+                obj = orjson.loads(line)
+                obj["ID"] = number if type(obj["ID"]) is int else str(number)
+                out.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+
+    return _atomic_write(path, write)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """Progress notes go to stderr, so stdout holds only the Markdown report."""
+    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a live process, from /proc/PID/stat (None if gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # Fields after "pid (comm) ": state is field 3, utime 14 and stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class SimulatorProcess:
+    """``contact-worker simulate --port 0`` in its own process, stopped on exit of the block."""
+
+    def __init__(self, options: Sequence[str], log_path: Path, startup_timeout_s: float = 30.0):
+        self.options = list(options)
+        self.log_path = log_path
+        self.startup_timeout_s = startup_timeout_s
+        self.url = ""
+        self.proc: subprocess.Popen[str] | None = None
+        self._log: Any = None
+        self._cpu_at_start = 0.0
+
+    def __enter__(self) -> SimulatorProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")  # closed in stop()
+        command = [*cli_command(), "simulate", "--port", "0", *self.options]
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=clean_env(),
+            preexec_fn=_die_with_harness,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = self.proc.stdout
+        assert stdout is not None
+        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+        try:
+            first = lines.get(timeout=self.startup_timeout_s)
+        except queue.Empty:
+            self.stop()
+            raise BenchError(
+                f"simulator did not say 'listening on' within {self.startup_timeout_s} s;"
+                f" log: {self.log_path}"
+            ) from None
+        if not first.startswith("listening on "):
+            code = self.proc.poll()
+            self.stop()
+            raise BenchError(
+                f"simulator failed to start (exit {code}, said {first.strip()!r});"
+                f" log: {self.log_path}"
+            )
+        self.url = first.removeprefix("listening on ").strip()
+        self._cpu_at_start = proc_cpu_s(self.proc.pid) or 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """The simulator's counters (``GET /_sim/stats``)."""
+        with urllib.request.urlopen(self.url + "/_sim/stats", timeout=10) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds the simulator spent since it said it was listening."""
+        if self.proc is None:
+            return None
+        now = proc_cpu_s(self.proc.pid)
+        return None if now is None else now - self._cpu_at_start
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; always reaps the process and closes the log."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without WORKER_*/SMSGW_* settings that would bend a run."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "SMSGW_"))}
+
+
+@dataclass
+class WorkerRun:
+    """One finished worker process: what it cost and what it said."""
+
+    command: list[str]
+    returncode: int
+    wall_s: float
+    user_s: float
+    sys_s: float
+    peak_rss_mb: float
+    """The worker's VmHWM, polled; see the module docstring."""
+    ru_maxrss_mb: float
+    """wait4's ru_maxrss: at least the harness's peak RSS at the fork, whatever the worker used."""
+    harness_rss_mb: float
+    """The harness's own peak RSS (VmHWM) when it spawned the worker."""
+    summary: dict[str, Any]
+    events: dict[str, int]
+    log_path: str
+    sim_stats: dict[str, Any] = field(default_factory=dict)
+    sim_cpu_s: float | None = None
+    """CPU seconds the simulator used during the run."""
+    other_cpu_s: float | None = None
+    """CPU seconds other processes used during the run: noise if much above 0."""
+    load_before: float | None = None
+    """Cores other processes used just before the run."""
+
+    @property
+    def other_cpu_pct(self) -> float | None:
+        """Other processes' CPU during the run, in % of one core."""
+        if self.other_cpu_s is None:
+            return None
+        return round(100 * self.other_cpu_s / self.wall_s, 1)
+
+    @property
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the worker process."""
+        return self.user_s + self.sys_s
+
+    @property
+    def records(self) -> int:
+        """Records the worker read."""
+        return int(self.summary.get("records_read", 0))
+
+    @property
+    def elapsed_s(self) -> float:
+        """The engine's own run time (from its summary): start-up and imports left out."""
+        return float(self.summary.get("elapsed_s", math.nan))
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, derived figures included."""
+        data = asdict(self)
+        data["cpu_s"] = self.cpu_s
+        data["other_cpu_pct"] = self.other_cpu_pct
+        return data
+
+
+def _read_log(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The summary event and a count of every event name in a worker's JSON-lines log."""
+    summary: dict[str, Any] = {}
+    events: collections.Counter[str] = collections.Counter()
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.startswith(b"{"):
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            name = obj.get("event")
+            if isinstance(name, str):
+                events[name] += 1
+                if name == "summary":
+                    summary = obj
+    return summary, dict(events)
+
+
+def status_mb(pid: int | str, key: str) -> float | None:
+    """A memory line of /proc/PID/status (``VmHWM``, ``VmRSS``) in MiB; None if not there."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakWatcher:
+    """Polls a process's VmHWM (a monotone high-water mark) until stopped; keeps the largest."""
+
+    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            value = status_mb(self.pid, "VmHWM")
+            if value is not None and (self.peak_mb is None or value > self.peak_mb):
+                self.peak_mb = value
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> float | None:
+        """Stop polling; the peak seen, None if the process was never seen."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def run_worker(
+    api_url: str,
+    source: Path,
+    options: Sequence[str],
+    *,
+    label: str,
+    timeout_s: float,
+    prefix: Sequence[str] | None = None,
+) -> WorkerRun:
+    """Run ``contact-worker run`` to its end on ``source``; raise BenchError unless it exits 0.
+
+    ``prefix`` replaces the console script (e.g. ``python -m cProfile -o F -m worker.cli``).
+    Wall time runs from just before the spawn to the moment ``os.wait4`` reaps the process.
+    """
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log_path = LOGS / f"{label}.log"
+    dlq = LOGS / f"{label}-dead-letters.jsonl"
+    dlq.unlink(missing_ok=True)
+    command = [
+        *(prefix if prefix is not None else cli_command()),
+        "run",
+        "--source",
+        f"jsonl:{source}",
+        "--dlq",
+        f"jsonl:{dlq}",
+        "--http-port",
+        "0",
+        "--log-format",
+        "json",
+        "--log-level",
+        "info",
+        *options,
+    ]
+    env = clean_env() | {
+        "SMSGW_CLIENT_ID": CLIENT_ID,
+        "SMSGW_CLIENT_SECRET": CLIENT_SECRET,
+        "SMSGW_API_URL": api_url,
+    }
+    reaped: dict[str, Any] = {}
+    harness_rss = status_mb("self", "VmHWM") or math.nan
+    with open(log_path, "wb") as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=out,
+            env=env,
+            cwd=RESULTS,
+            preexec_fn=_die_with_harness,
+        )
+        watcher = PeakWatcher(proc.pid)
+
+        def reap() -> None:
+            _, status, usage = os.wait4(proc.pid, 0)
+            reaped.update(ended=time.perf_counter(), status=status, usage=usage)
+
+        waiter = threading.Thread(target=reap, daemon=True)
+        waiter.start()
+        try:
+            waiter.join(timeout_s)
+            timed_out = waiter.is_alive()
+        finally:  # a timeout, or Ctrl-C/SIGTERM while waiting: the worker must not outlive us
+            if waiter.is_alive():
+                # os.kill, not proc.kill(): Popen would poll, racing the thread for the reap.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                waiter.join(10)
+            proc.returncode = -signal.SIGKILL
+            peak = watcher.stop()
+        if timed_out:
+            raise BenchError(f"worker {label} still running after {timeout_s:.0f} s: killed")
+    proc.returncode = os.waitstatus_to_exitcode(reaped["status"])
+    usage = reaped["usage"]
+    summary, events = _read_log(log_path)
+    if proc.returncode != 0:
+        raise BenchError(
+            f"worker {label} exited {proc.returncode}; log {log_path}:\n{_tail(log_path)}"
+        )
+    if not summary:
+        raise BenchError(f"worker {label} logged no summary; log {log_path}:\n{_tail(log_path)}")
+    return WorkerRun(
+        command=command,
+        returncode=proc.returncode,
+        wall_s=reaped["ended"] - started,
+        user_s=usage.ru_utime,
+        sys_s=usage.ru_stime,
+        peak_rss_mb=peak if peak is not None else usage.ru_maxrss / 1024,
+        ru_maxrss_mb=usage.ru_maxrss / 1024,
+        harness_rss_mb=harness_rss,
+        summary=summary,
+        events=events,
+        log_path=str(log_path),
+    )
+
+
+def system_busy_s() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / CLK_TCK
+
+
+@dataclass
+class Quiet:
+    """How long to wait, before each run, for other processes to leave the cores alone."""
+
+    max_wait_s: float = 120.0
+    threshold_cores: float = 0.25
+    window_s: float = 2.0
+
+    def wait(self) -> float:
+        """Wait until the machine's busy CPU is under the threshold; the last load seen."""
+        deadline = time.monotonic() + self.max_wait_s
+        warned = False
+        while True:
+            before = system_busy_s()
+            time.sleep(self.window_s)
+            load = (system_busy_s() - before) / self.window_s
+            if load < self.threshold_cores or time.monotonic() >= deadline:
+                if load >= self.threshold_cores:
+                    log(f"machine still busy ({load:.2f} cores used by others): measuring anyway")
+                return load
+            if not warned:
+                log(f"waiting for a quiet machine: others use {load:.2f} cores")
+                warned = True
+
+
+QUIET = Quiet()
+"""Set from the command line in main()."""
+
+
+def run_pair(
+    source: Path,
+    worker_options: Sequence[str],
+    sim_options: Sequence[str],
+    *,
+    label: str,
+    timeout_s: float,
+    prefix: Sequence[str] | None = None,
+) -> WorkerRun:
+    """A fresh simulator, one worker run against it, the simulator's stats, the simulator gone.
+
+    Also measures the CPU that other processes used meanwhile (``other_cpu_s``): all busy CPU
+    of the machine less the worker's, the simulator's and the harness's.
+    """
+    with SimulatorProcess(sim_options, LOGS / f"{label}-sim.log") as sim:
+        load_before = QUIET.wait()
+        assert sim.proc is not None
+        sim_before = proc_cpu_s(sim.proc.pid) or 0.0
+        busy_before, own_before = system_busy_s(), _own_cpu_s()
+        run = run_worker(
+            sim.url, source, worker_options, label=label, timeout_s=timeout_s, prefix=prefix
+        )
+        busy, own = system_busy_s() - busy_before, _own_cpu_s() - own_before
+        sim_cpu = (proc_cpu_s(sim.proc.pid) or 0.0) - sim_before
+        run.sim_stats = sim.stats()
+        run.sim_cpu_s = sim_cpu
+        run.other_cpu_s = max(0.0, busy - run.cpu_s - sim_cpu - own)
+        run.load_before = load_before
+    return run
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def check_run(run: WorkerRun, lines: int, changes: int) -> list[str]:
+    """Problems with a run that should have applied every change of a clean input.
+
+    A busy machine counts as one: the figures of that run are not the worker's alone.
+    """
+    s = run.summary
+    problems = []
+    busy = run.other_cpu_pct
+    if busy is not None and busy > 100 * QUIET.threshold_cores:
+        problems.append(f"other processes used {busy:.0f}% of a core meanwhile")
+    if s.get("ending") != "drained":
+        problems.append(f"ending {s.get('ending')}")
+    if run.records != lines:
+        problems.append(f"read {run.records} of {lines} records")
+    if s.get("changes_applied") != changes:
+        problems.append(f"applied {s.get('changes_applied')} of {changes} changes")
+    if s.get("acked") != lines:
+        problems.append(f"acked {s.get('acked')} of {lines}")
+    dup = run.sim_stats.get("duplicate_ids_in_a_request", 0)
+    if dup:
+        problems.append(f"{dup} requests with a duplicate ID")
+    return problems
+
+
+def worker_options(
+    *, batch: int, linger_ms: float, rate: float, concurrency: int, max_waiting: int | None
+) -> list[str]:
+    """The ``run`` flags the scenarios vary."""
+    options = [
+        "--batch-size",
+        str(batch),
+        "--linger-ms",
+        f"{linger_ms:g}",
+        "--rate",
+        f"{rate:g}",
+        "--concurrency",
+        str(concurrency),
+    ]
+    if max_waiting is not None:
+        options += ["--max-waiting", str(max_waiting)]
+    return options
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: thousands separators for big numbers, ``digits`` decimals for small ones."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+@dataclass
+class Table:
+    """A titled Markdown table."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+
+    def markdown(self) -> str:
+        """The table as GitHub Markdown."""
+        cells = [[fmt(c) for c in row] for row in self.rows]
+        lines = [f"### {self.title}", ""]
+        lines.append("| " + " | ".join(self.headers) + " |")
+        lines.append("|" + "|".join("---" for _ in self.headers) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """What a scenario found: its parameters, runs, tables, goals and free-text notes."""
+
+    scenario: str
+    params: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    goals: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def goal(self, name: str, value: float, target: str, met: bool) -> None:
+        """Record a goal check."""
+        self.goals.append({"goal": name, "value": value, "target": target, "met": met})
+
+    def markdown(self) -> str:
+        """All tables, the goals and the notes."""
+        parts = [f"## pipeline {self.scenario}", ""]
+        parts += [t.markdown() + "\n" for t in self.tables]
+        if self.goals:
+            goals = Table(
+                "Goals",
+                ["goal", "value", "target", "met"],
+                [[g["goal"], g["value"], g["target"], g["met"]] for g in self.goals],
+            )
+            parts.append(goals.markdown() + "\n")
+        parts += [f"- {note}" for note in self.notes]
+        return "\n".join(parts).rstrip() + "\n"
+
+    def save(self) -> Path:
+        """Write benchmarks/results/pipeline-SCENARIO.json."""
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"pipeline-{self.scenario}.json"
+        data = {
+            "scenario": self.scenario,
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "params": self.params,
+            "goals": self.goals,
+            "tables": [asdict(t) for t in self.tables],
+            "notes": self.notes,
+            "runs": self.runs,
+        }
+        path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+        return path
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        loop = f"uvloop {importlib.metadata.version('uvloop')}"
+    except importlib.metadata.PackageNotFoundError:
+        loop = "asyncio"
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "event_loop": loop,
+        "platform": platform.platform(),
+    }
+
+
+def worker_entry(code: str | None, name: str) -> list[str]:
+    """How to start the worker's ``main()``: ``-m worker.cli``, or a script running ``code`` first.
+
+    ``code`` (e.g. ``import gc; gc.disable()``) is for what-if experiments on the real command
+    without touching ``worker/``; the script is written to benchmarks/results/NAME-what-if.py.
+    The result follows ``python`` or ``python -m cProfile -o FILE``.
+    """
+    if not code:
+        return ["-m", "worker.cli"]
+    script = RESULTS / f"{name}-what-if.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(f"{code}\nimport sys\nfrom worker.cli import main\nsys.exit(main())\n")
+    return [str(script)]
+
+
+def what_if_prefix(code: str | None, name: str) -> list[str] | None:
+    """The worker command for ``--what-if CODE``; None (the console script) without it."""
+    return [sys.executable, *worker_entry(code, name)] if code else None
+
+
+def report_name(args: argparse.Namespace) -> str:
+    """The scenario's name, with ``--tag`` appended: names the JSON, log and profile files."""
+    return f"{args.scenario}-{args.tag}" if args.tag else str(args.scenario)
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den, NaN when den is 0."""
+    return num / den if den else math.nan
+
+
+def median_cell(values: Sequence[Any]) -> Any:
+    """The median of the numbers in a table column; ints stay ints."""
+    numbers = [v for v in values if isinstance(v, int | float)]
+    if not numbers:
+        return "-"
+    middle = statistics.median(numbers)
+    if all(isinstance(v, int) for v in numbers) and middle == int(middle):
+        return int(middle)
+    return middle
+
+
+def unwind_on_signals() -> None:
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C, so every child is stopped on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
