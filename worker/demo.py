@@ -114,6 +114,13 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
 
 
+def _log2_choose(n: int, k: int) -> float:
+    """log2 of n choose k: the bits needed to tell which k of n contacts are unknown."""
+    if k <= 0 or k >= n:
+        return 0.0
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
 def summary_table(engine: Engine, result: Result, verified: str) -> str:
     """The end-of-run table: what was read, sent, applied, dead-lettered, and what it cost."""
     data = engine.summary()
@@ -122,14 +129,16 @@ def summary_table(engine: Engine, result: Result, verified: str) -> str:
     by_status = ", ".join(f"{k}: {v:,}" for k, v in data["requests_by_status"].items())
     dead = data["dead_letters"]
     dead_text = ", ".join(f"{k}: {v:,}" for k, v in sorted(dead.items())) or "none"
-    not_found = dead.get("not_found", 0)
     isolation = data["isolation_requests"]
     elapsed = data["elapsed_s"]
     per_request = s.contacts_applied / max(1, requests)
+    found = s.dead_entries["not_found"]
+    sent = s.contacts_applied + found
+    bound = max(sent / engine.settings.scheduler.limits.max_items, _log2_choose(sent, found))
     cost = (
-        f"{isolation:,} requests ({100 * isolation / max(1, requests):.1f}% of all) for "
-        f"{not_found:,} changes to unknown IDs; {data['inferred_culprits']:,} culprits found "
-        "without a request of their own"
+        f"{isolation:,} requests ({100 * isolation / max(1, requests):.1f}% of all) to find "
+        f"{found:,} unknown IDs among {sent:,} contacts sent; any strategy needs at least "
+        f"{math.ceil(bound):,} requests in all (ours: {requests / max(1.0, bound):.2f}x that)"
     )
     rows = [
         ("ending", result.ending.value),

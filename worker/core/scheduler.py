@@ -56,6 +56,9 @@ class SchedulerStats:
     contacts_applied: int = 0
     changes_applied: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
+    """Changes dead-lettered, by reason."""
+    dead_entries: Counter[str] = field(default_factory=Counter)
+    """Dead letters written (one per coalesced entry), by reason."""
     inferred_culprits: int = 0
     retries: int = 0
     shrinks: int = 0
@@ -233,6 +236,7 @@ class Scheduler:
             key = letter.entry.key
             self.coalescer.release(key)
             self.stats.dead_letters[letter.reason] += len(letter.entry.tokens)
+            self.stats.dead_entries[letter.reason] += 1
             if letter.reason == "not_found":
                 self._remember_missing(key, now)
         settled.dead.extend(letters)
