@@ -196,6 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     configure_plan(plan)
     plan.set_defaults(func=cmd_plan)
+    from worker import producer
+
+    init = commands.add_parser(
+        "init",
+        help="create what an input needs (table and trigger, consumer group, spool)",
+        description="Create, idempotently, what an input needs: the outbox table, its trigger "
+        "and dead-letter table; the Redis consumer group; the SQLite spool.",
+    )
+    producer.configure_init_parser(init)
+    init.set_defaults(func=producer.main_init)
+    enqueue = commands.add_parser(
+        "enqueue",
+        help="write JSONL changes from stdin to an input",
+        description="Read JSONL changes from standard input and write them to an input, "
+        "the way any producer would (see the README for the wire formats).",
+    )
+    producer.configure_enqueue_parser(enqueue)
+    enqueue.set_defaults(func=producer.main_enqueue)
     return parser
 
 

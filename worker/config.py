@@ -169,6 +169,9 @@ class Settings:
 
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
+STORE_SCHEMES = ("postgresql:", "postgres:", "redis:", "sqlite:")
+"""Inputs that are stores of their own: their dead letters stay there unless told otherwise."""
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "source",
@@ -184,8 +187,10 @@ OPTIONS: tuple[Option, ...] = (
         "--dlq",
         "WORKER_DLQ",
         non_empty,
-        _DEFAULTS["dlq"],
-        "where dead letters go: jsonl:PATH",
+        None,
+        "where dead letters go: jsonl:PATH, or the input's own store"
+        " (default: the source URI for postgresql://, redis://, sqlite:;"
+        f" {_DEFAULTS['dlq']} otherwise)",
     ),
     Option(
         "api_url",
@@ -389,6 +394,9 @@ def resolve_values(
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """The settings of ``run``, validated."""
     values = resolve_values(args, environ)
+    if values["dlq"] is None:
+        store = values["source"] and values["source"].startswith(STORE_SCHEMES)
+        values["dlq"] = values["source"] if store else _DEFAULTS["dlq"]
     settings = Settings(**values)
     if settings.checkpoint and not settings.source.startswith("jsonl:"):
         raise ConfigError("--checkpoint only applies to a jsonl: source")

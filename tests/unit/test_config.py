@@ -106,3 +106,23 @@ class TestSecret:
         """Even a hand-built Settings hides the secret."""
         settings = Settings(source="jsonl:-", client_id="i", client_secret=Secret("hunter2"))
         assert "hunter2" not in repr(settings)
+
+
+class TestDeadLetterDefault:
+    @pytest.mark.parametrize(
+        ("source", "dlq"),
+        [
+            ("jsonl:in.jsonl", "jsonl:dead-letters.jsonl"),
+            ("postgresql://u@127.0.0.1/test", "postgresql://u@127.0.0.1/test"),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ],
+    )
+    def test_dead_letters_stay_in_the_inputs_store(self, source: str, dlq: str) -> None:
+        """Without --dlq, a store input keeps its dead letters; a file input writes a file."""
+        settings = resolve(parse([*REQUIRED[2:], "--source", source]), {})
+        assert dlq == settings.dlq
+
+    def test_explicit_dlq_wins(self) -> None:
+        """--dlq overrides the default for any input."""
+        argv = [*REQUIRED[2:], "--source", "postgresql://x/y", "--dlq", "jsonl:d.jsonl"]
+        assert "jsonl:d.jsonl" == resolve(parse(argv), {}).dlq

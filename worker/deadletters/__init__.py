@@ -13,4 +13,8 @@ def open_sink(uri: str) -> DeadLetterSink:
         from worker.deadletters.jsonl import JsonlDeadLetters
 
         return JsonlDeadLetters(rest)
-    raise ConfigError(f"unsupported dead-letter sink {uri!r}: use jsonl:PATH")
+    if scheme in ("postgresql", "postgres"):
+        from worker.deadletters.pg_table import PgDeadLetters
+
+        return PgDeadLetters.from_uri(uri)
+    raise ConfigError(f"unsupported dead-letter sink {uri!r}: use jsonl:PATH or postgresql://...")

@@ -5,6 +5,9 @@ from __future__ import annotations
 from worker.config import ConfigError
 from worker.sources.base import Source
 
+STORE_SCHEMES = ("postgresql", "postgres", "redis", "sqlite")
+"""Inputs that are stores of their own: their dead letters go to the same store by default."""
+
 
 def open_source(uri: str, *, follow: bool = False, checkpoint: str | None = None) -> Source:
     """The source a URI names (not opened yet)."""
@@ -13,4 +16,12 @@ def open_source(uri: str, *, follow: bool = False, checkpoint: str | None = None
         from worker.sources.jsonl import JsonlSource
 
         return JsonlSource(rest, follow=follow, checkpoint=checkpoint)
-    raise ConfigError(f"unsupported source {uri!r}: use jsonl:PATH or jsonl:- (stdin)")
+    if scheme in STORE_SCHEMES and (follow or checkpoint):
+        raise ConfigError("--follow and --checkpoint apply to jsonl: sources only")
+    if scheme in ("postgresql", "postgres"):
+        from worker.sources.pg_outbox import PgOutboxSource
+
+        return PgOutboxSource.from_uri(uri)
+    raise ConfigError(
+        f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin) or postgresql://..."
+    )

@@ -1,0 +1,724 @@
+"""The ``postgresql://`` source: a transactional-outbox table, claimed in ``id`` order with a lease.
+
+Upstream systems insert one row per change into the outbox table in the same transaction as their
+own write (the wire format is in :mod:`worker.sources.pg_enqueue`). The worker claims rows in
+short transactions and never holds one open across an HTTP call:
+
+- **claim**: in one short transaction, under a transaction-scoped advisory lock on the table (so
+  two claimers never interleave), the lowest-``id`` rows that are not this worker's are stamped
+  ``claimed_by = '<worker>:<claim number>'`` and ``claimed_until = now() + lease``. The claim stops
+  before the first row whose lease another worker still holds: a worker never overtakes rows that
+  someone else may still be sending, so per-contact order (``id`` order) holds when a worker dies
+  holding rows; they come back once their lease expires, before anything newer.
+- **ack**: ``DELETE ... WHERE id = ANY($1)``, one statement per ack call.
+- **lease**: a background task renews the leases of rows still in flight before they run out.
+  On close, the rows not acknowledged are released at once for the next worker.
+- **wake-up**: ``LISTEN`` on the channel ``<schema>.<table>``, notified by the DDL's trigger, with
+  a fallback poll every ``poll_s`` seconds. Claims go on from the highest ``id`` claimed so far;
+  the fallback poll rescans from the start of the table, which picks up a row whose transaction
+  committed after a higher ``id`` was already claimed.
+- **outages**: a lost connection is retried with capped exponential backoff, without limit; the
+  claims are in the table, so a database restart loses nothing (and reorders nothing).
+
+The URI is the asyncpg DSN plus the worker's own query parameters, stripped before connecting:
+``postgresql://user@host:5432/db?table=contact_changes&schema=public&batch=1000&lease_s=60&poll_s=5``.
+Every other query parameter goes to asyncpg (``sslmode``, ``application_name``, server settings).
+
+asyncpg ties this module to the asyncio backend of anyio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import re
+import socket
+import time
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import anyio
+import asyncpg
+import structlog
+
+from worker.config import ConfigError
+from worker.core.backoff import Backoff
+from worker.sources.base import Record, Source, SourceError
+
+log = structlog.get_logger("worker.sources.pg_outbox")
+
+T = TypeVar("T")
+
+DEFAULT_TABLE = "contact_changes"
+
+DDL_TEMPLATE = """\
+CREATE TABLE IF NOT EXISTS {table} (
+    id            bigserial   PRIMARY KEY,
+    contact_id    text        NOT NULL,
+    change        jsonb       NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    claimed_by    text,
+    claimed_until timestamptz
+);
+
+CREATE TABLE IF NOT EXISTS {table}_dead (
+    id         bigserial   PRIMARY KEY,
+    letter     jsonb       NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE OR REPLACE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, '');
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER {name}_notify
+    AFTER INSERT ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();
+"""
+"""The outbox, its dead-letter table and the wake-up trigger (PostgreSQL 14 or newer)."""
+
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_MAX_NAME = 63 - len("_notify")  # the longest derived identifier must fit NAMEDATALEN
+
+OUTBOX_COLUMNS = ("id", "contact_id", "change", "claimed_by", "claimed_until")
+
+OWN_PARAMS = frozenset({"table", "schema", "batch", "lease_s", "poll_s", "partitions"})
+"""Query parameters the worker reads itself; the rest of the URI goes to asyncpg."""
+
+ADVISORY_CLASS = 0x63775F6F  # "cw_o": the first key of the worker's advisory locks
+"""Advisory locks taken by the worker are ``(ADVISORY_CLASS, <table oid>)``."""
+
+RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=5.0)
+"""Waits between attempts while the database is unreachable: at most 5 s, so it resumes soon."""
+
+COMMAND_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
+
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # class 08: connection lost or refused
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, restart, cancel
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections
+    asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization, deadlock
+    # A backend terminated while its connection sat idle can leave asyncpg's protocol state
+    # broken ("cannot switch to state 15", MagicStack/asyncpg#1069): a new connection cures it.
+    asyncpg.exceptions.InternalClientError,
+)
+"""Errors that a reconnect and a retry can cure: the database is restarting or unreachable."""
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (asyncpg.PostgresError, *TRANSIENT_ERRORS)
+"""Any error the database or the network to it can raise."""
+
+OPEN_ERRORS: tuple[type[Exception], ...] = (*DATABASE_ERRORS, asyncpg.InterfaceError, ValueError)
+"""What connecting can raise, a malformed DSN (bad port, unknown sslmode) included."""
+
+
+def ddl(table: str = DEFAULT_TABLE, schema: str | None = None) -> str:
+    """The DDL for one outbox table (names checked by :func:`parse_uri`)."""
+    qualified = f"{schema}.{table}" if schema else table
+    text = DDL_TEMPLATE.format(table=qualified, name=table)
+    if schema:
+        text = f"CREATE SCHEMA IF NOT EXISTS {schema};\n\n" + text
+    return text
+
+
+DDL = ddl()
+"""The DDL as the README shows it: table ``contact_changes`` in the default schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxUri:
+    """A parsed ``postgresql://`` URI: where to connect, and the worker's own parameters."""
+
+    dsn: str
+    """What asyncpg gets: the URI without the worker's parameters."""
+    display: str
+    """The URI without password or parameters, for messages and logs."""
+    table: str = DEFAULT_TABLE
+    schema: str | None = None
+    batch: int = 1000
+    lease_s: float = 60.0
+    poll_s: float = 5.0
+    server_settings: dict[str, str] = field(default_factory=dict)
+
+    def qualify(self, name: str) -> str:
+        """``schema.name``, or ``name`` when the URI names no schema (search_path decides)."""
+        return f"{self.schema}.{name}" if self.schema else name
+
+    @property
+    def outbox(self) -> str:
+        """The outbox table, qualified as in SQL."""
+        return self.qualify(self.table)
+
+    @property
+    def dead(self) -> str:
+        """The dead-letter table next to the outbox, qualified as in SQL."""
+        return self.qualify(self.table + "_dead")
+
+
+def _number(params: dict[str, str], name: str, default: float, *, integer: bool) -> float:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise ConfigError(f"postgresql URI: {name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"postgresql URI: {name} must be > 0, got {raw!r}")
+    return value
+
+
+def _identifier(params: dict[str, str], name: str) -> str | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not _NAME.fullmatch(value) or len(value) > _MAX_NAME:
+        raise ConfigError(
+            f"postgresql URI: {name} must be a lowercase SQL name (a-z, 0-9, _) of at most"
+            f" {_MAX_NAME} characters, got {value!r}"
+        )
+    return value
+
+
+def parse_uri(uri: str) -> OutboxUri:
+    """Split a ``postgresql://`` URI into the asyncpg DSN and the worker's parameters."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"not a postgresql:// URI: {uri!r}")
+    try:
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ConfigError(f"postgresql URI: malformed query string {parts.query!r}") from None
+    own = {k: v for k, v in query if k in OWN_PARAMS}
+    rest = [(k, v) for k, v in query if k not in OWN_PARAMS]
+    if own.get("partitions", "1") != "1":
+        raise ConfigError("postgresql URI: partitions other than 1 are not supported yet")
+    dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
+    user, _, host = parts.netloc.rpartition("@")
+    user = user.partition(":")[0]  # never show the password
+    display = f"{parts.scheme}://{user + '@' if user else ''}{host}{parts.path}"
+    settings = (
+        {}
+        if any(k == "application_name" for k, _ in rest)
+        else {"application_name": "contact-worker"}
+    )
+    return OutboxUri(
+        dsn=dsn,
+        display=display,
+        table=_identifier(own, "table") or DEFAULT_TABLE,
+        schema=_identifier(own, "schema"),
+        batch=int(_number(own, "batch", 1000, integer=True)),
+        lease_s=_number(own, "lease_s", 60.0, integer=False),
+        poll_s=_number(own, "poll_s", 5.0, integer=False),
+        server_settings=settings,
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line description of a database or network error."""
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, asyncpg.PostgresError) else text
+
+
+def _gone(conn: Any) -> bool:
+    """Whether a pooled connection died under us (asyncpg then says InterfaceError)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True  # the pool took the lost connection back already
+
+
+def _drop(conn: Any) -> None:
+    """Never reuse a connection that failed: asyncpg's state may be broken (asyncpg#1069)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
+async def retrying(
+    what: str,
+    target: str,
+    pool: Any,
+    op: Callable[[Any], Awaitable[T]],
+    *,
+    backoff: Backoff,
+    on_retry: Callable[[], None] | None = None,
+) -> T:
+    """Run ``op`` on a pooled connection until it succeeds, waiting out connection failures
+    with capped backoff; a connection that failed is dropped, never reused."""
+    attempt = 0
+    while True:
+        try:
+            async with pool.acquire() as conn:
+                try:
+                    result = await op(conn)
+                except TRANSIENT_ERRORS:
+                    _drop(conn)
+                    raise
+                except asyncpg.InterfaceError as exc:
+                    if not _gone(conn):
+                        raise  # a real misuse, not an outage
+                    raise ConnectionResetError(f"connection lost: {exc}") from exc
+        except TRANSIENT_ERRORS as exc:
+            attempt += 1
+            delay = backoff.delay(attempt, random.random())
+            log.warning(
+                "postgresql unavailable: retrying",
+                op=what,
+                target=target,
+                error=describe_error(exc),
+                attempt=attempt,
+                retry_in_s=round(delay, 3),
+            )
+            if on_retry is not None:
+                on_retry()
+            await anyio.sleep(delay)
+            continue
+        if attempt:
+            log.info("postgresql available again", op=what, target=target, attempts=attempt + 1)
+        return result
+
+
+async def in_transaction(conn: Any, first: str, op: Callable[[], Awaitable[T]]) -> T:
+    """``BEGIN; first`` (one round trip), ``op``, ``COMMIT``; rolled back if anything fails.
+
+    asyncpg's own transaction object raises a misleading InterfaceError when the connection
+    dies inside it, and the pool complains about a transaction it must roll back itself.
+    """
+    try:
+        await conn.execute(f"BEGIN; {first}")
+        result = await op()
+        await conn.execute("COMMIT")
+    except BaseException:
+        # Shielded: a cancelled claim (shutdown) must not leave the connection in a transaction.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2) as scope:
+            try:
+                if not _gone(conn) and conn.is_in_transaction():
+                    await conn.execute("ROLLBACK")
+            except (asyncpg.InterfaceError, *TRANSIENT_ERRORS):
+                _drop(conn)
+        if scope.cancelled_caught:
+            _drop(conn)
+        raise
+    return result
+
+
+async def _rollback_if_needed(conn: Any) -> None:
+    """The pool's reset: cheaper than asyncpg's default (one query per release)."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+async def create_pool(target: OutboxUri, *, max_size: int, **settings: str) -> Any:
+    """An asyncpg pool for this URI; connection errors come out as they are."""
+    return await asyncpg.create_pool(
+        target.dsn,
+        min_size=0,  # no background refilling (and its tracebacks) while the database is down
+        max_size=max_size,
+        timeout=CONNECT_TIMEOUT_S,
+        command_timeout=COMMAND_TIMEOUT_S,
+        server_settings={**target.server_settings, **settings},
+        reset=_rollback_if_needed,
+    )
+
+
+class MissingTable(LookupError):
+    """The table (or one of its columns) the URI names is not in the database."""
+
+
+async def find_table(
+    conn: Any, target: OutboxUri, name: str, columns: Sequence[str]
+) -> tuple[int, str]:
+    """The oid and schema of a table that must have these columns."""
+    qualified = target.qualify(name)
+    row = await conn.fetchrow(
+        "SELECT c.oid::bigint, n.nspname::text,"
+        " array(SELECT attname::text FROM pg_attribute"
+        "       WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped)"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass($1)",
+        qualified,
+    )
+    if row is None:
+        raise MissingTable(
+            f"table {qualified} does not exist in {target.display}:"
+            " create it with `contact-worker init --to URI` (the DDL is in the README)"
+        )
+    oid, schema, present = row
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise MissingTable(
+            f"table {qualified} in {target.display} lacks the column(s) {', '.join(missing)}:"
+            " compare it with the DDL in the README"
+        )
+    return int(oid), str(schema)
+
+
+@dataclass(slots=True)
+class OutboxStats:
+    """The source's counters (the natural feed for metrics)."""
+
+    claims: int = 0
+    rows_claimed: int = 0
+    rows_acked: int = 0
+    rows_renewed: int = 0
+    rows_lost: int = 0
+    """Rows whose lease ran out and another worker took before we renewed it."""
+    retries: int = 0
+    wakeups: int = 0
+    """Notifications received."""
+    listens: int = 0
+    """Connections made for LISTEN (more than one: the listener was lost and reconnected)."""
+
+
+class PgOutboxSource(Source):
+    """Rows of an outbox table, in ``id`` order; an infinite source (``read`` never ends)."""
+
+    def __init__(
+        self,
+        target: OutboxUri,
+        *,
+        backoff: Backoff = RECONNECT_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.label = target.outbox
+        self.name = f"postgresql:{self.label}"
+        self.batch = target.batch
+        self.lease_s = target.lease_s
+        self.poll_s = target.poll_s
+        self.stats = OutboxStats()
+        self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+        self._mine = self.worker_id + ":"
+        self._backoff = backoff
+        self._clock = clock
+        self._pool: Any = None
+        self._listener: Any = None
+        self._channel = ""
+        self._lock_sql = ""
+        self._wake = anyio.Event()
+        self._cursor = 0
+        """Claims go on after this id; 0 rescans the whole table."""
+        self._last_sweep = -math.inf
+        self._claim_no = 0
+        self._pending: dict[int, float] = {}
+        """Rows handed out and not acknowledged: id -> when its lease runs out (our clock)."""
+        self._keeper: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._sql = _Statements(target.outbox)
+
+    @classmethod
+    def from_uri(cls, uri: str) -> PgOutboxSource:
+        """The source a ``postgresql://`` URI names (not opened yet)."""
+        return cls(parse_uri(uri))
+
+    # -- opening and closing -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check the table, listen for inserts, start keeping leases."""
+        target = self.target
+        try:
+            self._pool = await create_pool(target, max_size=4)
+            async with self._pool.acquire() as conn:
+                oid, schema = await find_table(conn, target, target.table, OUTBOX_COLUMNS)
+        except OPEN_ERRORS as exc:
+            await self._close_pool()
+            raise SourceError(
+                f"cannot open {self.name} at {target.display}: {describe_error(exc)}"
+            ) from exc
+        except MissingTable as exc:
+            await self._close_pool()
+            raise SourceError(str(exc)) from exc
+        self._channel = f"{schema}.{target.table}"
+        lock_key = oid - (1 << 32) if oid >= 1 << 31 else oid  # the lock takes an int4
+        self._lock_sql = f"SELECT pg_advisory_xact_lock({ADVISORY_CLASS}, {lock_key})"
+        await self._listen()
+        self._keeper = asyncio.create_task(self._keep_leases(), name=f"{self.name} leases")
+
+    async def close(self) -> None:
+        """Release the rows not acknowledged (for the next worker, at once) and disconnect."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
+        if self._pool is not None and self._claim_no:
+            try:
+                with anyio.fail_after(5):
+                    status = await self._pool.execute(self._sql.release, self._mine)
+                released = int(status.rpartition(" ")[2])  # "UPDATE <rows>"
+                if released:
+                    log.info("released unacknowledged rows", source=self.name, rows=released)
+            except DATABASE_ERRORS as exc:
+                log.warning(
+                    "could not release rows: they come back when their lease runs out",
+                    source=self.name,
+                    error=describe_error(exc),
+                )
+        self._pending.clear()
+        await self._unlisten()
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                with anyio.fail_after(5):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
+
+    # -- listening ---------------------------------------------------------------------------
+
+    def _notified(self, *_args: object) -> None:
+        self.stats.wakeups += 1
+        self._wake.set()
+
+    def _listener_lost(self, *_args: object) -> None:
+        self._wake.set()  # so read() reconnects the listener now, not at the next poll
+
+    async def _listen(self) -> bool:
+        """(Re)connect the LISTEN connection; False if the database is not reachable now."""
+        await self._unlisten()
+        try:
+            conn = await asyncpg.connect(
+                self.target.dsn,
+                timeout=CONNECT_TIMEOUT_S,
+                server_settings=self.target.server_settings,
+            )
+        except OPEN_ERRORS as exc:
+            log.warning("cannot listen: polling", source=self.name, error=describe_error(exc))
+            return False
+        try:
+            await conn.add_listener(self._channel, self._notified)
+        except DATABASE_ERRORS as exc:
+            conn.terminate()
+            log.warning("cannot listen: polling", source=self.name, error=describe_error(exc))
+            return False
+        conn.add_termination_listener(self._listener_lost)
+        self._listener = conn
+        self.stats.listens += 1
+        return True
+
+    async def _unlisten(self) -> None:
+        if self._listener is not None:
+            conn, self._listener = self._listener, None
+            conn.remove_termination_listener(self._listener_lost)
+            try:
+                with anyio.fail_after(2):
+                    await conn.close()
+            except TRANSIENT_ERRORS:
+                conn.terminate()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def read(self) -> Sequence[Record] | None:
+        """The next rows in ``id`` order, waiting for some; never None (the table is endless)."""
+        while True:
+            self._raise_failure()
+            self._wake = anyio.Event()  # before claiming: an insert from now on wakes us
+            now = self._clock()
+            sweep = now - self._last_sweep >= self.poll_s
+            if sweep:
+                self._last_sweep = now
+            records = await self._claim(0 if sweep else self._cursor)
+            if records:
+                return records
+            if self._listener is None or self._listener.is_closed():
+                if await self._listen():
+                    continue  # inserts while nobody listened: claim once more before waiting
+            with anyio.move_on_after(max(0.0, self._last_sweep + self.poll_s - self._clock())):
+                await self._wake.wait()
+
+    async def _claim(self, after: int) -> list[Record]:
+        self._claim_no += 1
+        token = f"{self._mine}{self._claim_no}"
+        tried = False
+
+        async def attempt(conn: Any) -> list[Any]:
+            nonlocal tried
+            if tried:
+                # The last attempt may have committed before its answer was lost: take those
+                # rows first, or they would be skipped (as ours) and sent out of order.
+                rows = await conn.fetch(self._sql.recover, token, self.lease_s)
+                if rows:
+                    return rows  # type: ignore[no-any-return]
+            tried = True
+            return await in_transaction(
+                conn,
+                self._lock_sql,
+                lambda: conn.fetch(
+                    self._sql.claim, after, self._mine, self.batch, token, self.lease_s
+                ),
+            )
+
+        started = self._clock()
+        rows = await retrying(
+            "claim",
+            self.name,
+            self._pool,
+            attempt,
+            backoff=self._backoff,
+            on_retry=self._count_retry,
+        )
+        self.stats.claims += 1
+        if not rows:
+            return []
+        rows.sort(key=_first)
+        deadline = started + self.lease_s
+        pending = self._pending
+        records: list[Record] = []
+        append = records.append
+        for row_id, text in rows:
+            pending[row_id] = deadline
+            append((row_id, text.encode()))
+        self._cursor = rows[-1][0]
+        self.stats.rows_claimed += len(rows)
+        return records
+
+    def _count_retry(self) -> None:
+        self.stats.retries += 1
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise SourceError(
+                f"{self.name}: keeping leases failed: {describe_error(self._failure)}"
+            ) from self._failure
+
+    # -- acknowledging -----------------------------------------------------------------------
+
+    async def ack(self, tokens: Sequence[Hashable]) -> None:
+        """Delete these rows: one statement, retried until the database takes it."""
+        if not tokens:
+            return
+        self._raise_failure()
+        ids = cast("list[int]", list(tokens))
+        delete = self._sql.delete
+        await retrying(
+            "ack",
+            self.name,
+            self._pool,
+            lambda conn: conn.execute(delete, ids),
+            backoff=self._backoff,
+            on_retry=self._count_retry,
+        )
+        pending = self._pending
+        for row_id in ids:
+            pending.pop(row_id, None)
+        self.stats.rows_acked += len(ids)
+
+    def describe(self, tokens: Sequence[Hashable]) -> str:
+        """``postgresql:table/id``, several ids joined by commas."""
+        return f"{self.name}/" + ",".join(map(str, tokens))
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        """Renew, before they run out, the leases of rows handed out and not acknowledged."""
+        every = max(0.05, self.lease_s / 4)
+        try:
+            while True:
+                await anyio.sleep(every)
+                await self.renew_due()
+        except Exception as exc:  # surfaced by the next read or ack
+            log.error("keeping leases failed", source=self.name, error=describe_error(exc))
+            self._failure = exc
+
+    async def renew_due(self) -> int:
+        """Renew the leases that run out within half a lease; the number renewed."""
+        now = self._clock()
+        horizon = now + self.lease_s / 2
+        due = [row_id for row_id, deadline in self._pending.items() if deadline < horizon]
+        if not due:
+            return 0
+        renew = self._sql.renew
+        rows: list[Any] = await retrying(
+            "renew",
+            self.name,
+            self._pool,
+            lambda conn: conn.fetch(renew, due, self._mine, self.lease_s),
+            backoff=self._backoff,
+            on_retry=self._count_retry,
+        )
+        deadline = now + self.lease_s
+        pending = self._pending
+        renewed = {row[0] for row in rows}
+        for row_id in due:
+            if row_id not in pending:
+                continue  # acknowledged meanwhile
+            if row_id in renewed:
+                pending[row_id] = deadline
+            else:
+                # Another worker took it after our lease ran out (an outage longer than the
+                # lease) or it is gone; it is in our engine anyway, so only count it.
+                del pending[row_id]
+                self.stats.rows_lost += 1
+        lost = len(due) - len(renewed)
+        if lost:
+            log.warning("leases lost", source=self.name, rows=lost)
+        self.stats.rows_renewed += len(renewed)
+        return len(renewed)
+
+    @property
+    def in_flight(self) -> int:
+        """Rows handed out and not acknowledged yet."""
+        return len(self._pending)
+
+
+def _first(row: Any) -> Any:
+    return row[0]
+
+
+# A line that was not JSON travels as a JSON string with contact_id '' (see pg_enqueue): hand
+# its text to the decoder, which dead-letters it like the jsonl: source would.
+_PAYLOAD = (
+    "CASE WHEN t.contact_id = '' AND jsonb_typeof(t.change) = 'string'"
+    " THEN t.change #>> '{}' ELSE t.change::text END"
+)
+
+
+class _Statements:
+    """The source's SQL for one table."""
+
+    def __init__(self, table: str) -> None:
+        # Candidates: the lowest ids after $1 that are not ours. Claim them up to (not
+        # including) the first one whose lease someone else still holds.
+        # ``id = ANY(ARRAY(...))``: index look-ups, where a join would make the planner hash
+        # (and so scan) the whole table for every claim.
+        self.claim = f"""
+WITH candidate AS (
+    SELECT id, claimed_until FROM {table}
+    WHERE id > $1 AND (claimed_by IS NULL OR NOT starts_with(claimed_by, $2))
+    ORDER BY id
+    LIMIT $3
+)
+UPDATE {table} AS t
+SET claimed_by = $4, claimed_until = now() + make_interval(secs => $5)
+WHERE t.id = ANY(ARRAY(
+    SELECT id FROM candidate
+    WHERE id < (SELECT coalesce(min(id), 9223372036854775807) FROM candidate
+                WHERE claimed_until > now())
+))
+RETURNING t.id, {_PAYLOAD}"""
+        self.recover = f"""
+UPDATE {table} AS t SET claimed_until = now() + make_interval(secs => $2)
+WHERE claimed_by = $1
+RETURNING t.id, {_PAYLOAD}"""
+        self.renew = f"""
+UPDATE {table} SET claimed_until = now() + make_interval(secs => $3)
+WHERE id = ANY($1::bigint[]) AND starts_with(claimed_by, $2)
+RETURNING id"""
+        self.release = f"""
+UPDATE {table} SET claimed_by = NULL, claimed_until = NULL
+WHERE starts_with(claimed_by, $1)"""
+        self.delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
