@@ -169,7 +169,7 @@ class Settings:
 
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
-STORE_SCHEMES = ("postgresql:", "postgres:", "redis:", "sqlite:")
+STORE_SCHEMES = ("postgresql:", "postgres:", "redis:", "rediss:", "sqlite:")
 """Inputs that are stores of their own: their dead letters stay there unless told otherwise."""
 
 OPTIONS: tuple[Option, ...] = (

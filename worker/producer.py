@@ -21,6 +21,10 @@ Enqueue = Callable[[str, Iterable[bytes]], Awaitable[int]]
 
 def _backend(uri: str) -> tuple[Init, Enqueue]:
     scheme = uri.partition(":")[0]
+    if scheme in ("redis", "rediss"):
+        from worker.sources import redis_enqueue
+
+        return redis_enqueue.init, redis_enqueue.enqueue
     if scheme in ("postgresql", "postgres"):
         from worker.sources import pg_enqueue
 

@@ -17,4 +17,10 @@ def open_sink(uri: str) -> DeadLetterSink:
         from worker.deadletters.pg_table import PgDeadLetters
 
         return PgDeadLetters.from_uri(uri)
-    raise ConfigError(f"unsupported dead-letter sink {uri!r}: use jsonl:PATH or postgresql://...")
+    if scheme in ("redis", "rediss"):
+        from worker.deadletters.redis_stream import from_uri as redis_sink
+
+        return redis_sink(uri)
+    raise ConfigError(
+        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, redis://... or postgresql://..."
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from worker.config import ConfigError
 from worker.sources.base import Source
 
-STORE_SCHEMES = ("postgresql", "postgres", "redis", "sqlite")
+STORE_SCHEMES = ("postgresql", "postgres", "redis", "rediss", "sqlite")
 """Inputs that are stores of their own: their dead letters go to the same store by default."""
 
 
@@ -22,6 +22,11 @@ def open_source(uri: str, *, follow: bool = False, checkpoint: str | None = None
         from worker.sources.pg_outbox import PgOutboxSource
 
         return PgOutboxSource.from_uri(uri)
+    if scheme in ("redis", "rediss"):
+        from worker.sources.redis_streams import from_uri as redis_source
+
+        return redis_source(uri)
     raise ConfigError(
-        f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin) or postgresql://..."
+        f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin), redis://... or"
+        " postgresql://..."
     )
