@@ -38,6 +38,15 @@ class Secret:
         return hash(self._value)
 
 
+def redact_uri(uri: str) -> str:
+    """The URI with any password replaced, for logs and messages."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 # -- value parsers: each raises ValueError with the reason, resolve() adds the setting's name --
 
 
@@ -165,6 +174,7 @@ class Settings:
     max_retries: int = 0
     log_format: str = "auto"
     log_level: str = "info"
+    ingest_token: Secret | None = None
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
@@ -322,6 +332,14 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_int,
         _DEFAULTS["max_retries"],
         "transient failures of one request before exiting 1 (0 = retry forever)",
+    ),
+    Option(
+        "ingest_token",
+        "--ingest-token",
+        "WORKER_INGEST_TOKEN",
+        lambda text: Secret(non_empty(text)),
+        None,
+        "bearer token for POST /v1/changes of a sqlite: spool (prefer the variable; never logged)",
     ),
     Option(
         "log_format",

@@ -29,6 +29,10 @@ def _backend(uri: str) -> tuple[Init, Enqueue]:
         from worker.sources import pg_enqueue
 
         return pg_enqueue.init, pg_enqueue.enqueue
+    if scheme == "sqlite":
+        from worker.sources import sqlite_spool
+
+        return sqlite_spool.init, sqlite_spool.enqueue
     raise ConfigError(
         f"unsupported input {uri!r}: use sqlite:PATH, redis://HOST:PORT/DB or postgresql://..."
     )

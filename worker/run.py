@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import structlog
+from aiohttp import web
 
-from worker.config import Settings
+from worker.config import Settings, redact_uri
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
 from worker.engine import Engine, Result
 from worker.sender import Sender
 from worker.sources.base import Source, SourceError
 
 log = structlog.get_logger("worker.run")
+
+
+def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], None] | None:
+    """The ``POST /v1/changes`` routes of a ``sqlite:`` spool, mounted on the status port."""
+    from worker.sources.sqlite_spool import SqliteSpoolSource
+
+    if not isinstance(source, SqliteSpoolSource):
+        return None
+    from worker.ingest import add_ingest_routes
+
+    options, spool = source.options, source.spool
+    token = settings.ingest_token.reveal() if settings.ingest_token else None
+    if not token:
+        log.warning("ingest disabled: set WORKER_INGEST_TOKEN (POST /v1/changes answers 503)")
+
+    def configure(app: web.Application) -> None:
+        add_ingest_routes(
+            app,
+            spool,
+            token=token,
+            max_body_bytes=options.max_body_bytes,
+            high_water=options.high_water,
+        )
+
+    return configure
 
 
 async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -> Result | int:
@@ -40,8 +67,8 @@ async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -
             engine = Engine(source, sink, sender, engine_settings(settings))
             log.info(
                 "starting",
-                source=settings.source,
-                dlq=settings.dlq,
+                source=redact_uri(settings.source),
+                dlq=redact_uri(settings.dlq),
                 api_url=settings.api_url,
                 batch_size=settings.batch_size,
                 rate=settings.rate,
@@ -49,11 +76,18 @@ async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -
             )
             try:
                 if not settings.http_port:
+                    if settings.source.startswith("sqlite:"):
+                        log.warning(
+                            "--http-port 0: POST /v1/changes is off; only `contact-"
+                            "worker enqueue --to` can feed this spool"
+                        )
                     return await engine.run()
                 from worker.obs.http import serve_status
 
                 try:
-                    status = serve_status(engine, settings.http_port)
+                    status = serve_status(
+                        engine, settings.http_port, configure=_ingest(settings, source)
+                    )
                     await status.__aenter__()
                 except OSError as exc:
                     print(

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import sqlite3
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,8 +40,8 @@ def redis_cli(*args: str) -> str:
 Store = tuple[str, Callable[[], tuple[int, int]]]
 
 
-@pytest.fixture(params=["postgresql", "redis"])
-def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+@pytest.fixture(params=["postgresql", "redis", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     """An input URI in a fresh namespace, and how to count (pending, dead) in it."""
     name = f"cli_{uuid.uuid4().hex[:12]}"
     if request.param == "postgresql":
@@ -50,6 +55,19 @@ def store(request: pytest.FixtureRequest) -> Iterator[Store]:
 
         yield f"{BASE_DSN}?schema={name}", counts_pg
         psql(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    elif request.param == "sqlite":
+        spool = tmp_path / "spool.db"
+
+        def counts_sqlite() -> tuple[int, int]:
+            db = sqlite3.connect(spool)
+            try:
+                pending = db.execute("SELECT count(*) FROM changes").fetchone()[0]
+                dead = db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+            finally:
+                db.close()
+            return int(pending), int(dead)
+
+        yield f"sqlite:{spool}", counts_sqlite
     else:
 
         def counts_redis() -> tuple[int, int]:
@@ -91,5 +109,62 @@ def test_input_end_to_end(tmp_path: Path, store: Store) -> None:
         assert expected_state(changes) == gw.get("/_sim/contacts")
         assert 501 == summary(stderr)["acked"]
         assert (0, 1) == counts()
+    finally:
+        gw.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(url: str, body: bytes, token: str) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_sqlite_spool_ingest_end_to_end(tmp_path: Path) -> None:
+    """The embedded default: upstream POSTs changes to the worker's port with a bearer token,
+    gets 202 once they are durable, and the worker applies them; a wrong token gets 401."""
+    gw = Gateway("--known-count", "100", "--latency", "1")
+    port = free_port()
+    try:
+        env = worker_env(gw, tmp_path, WORKER_HTTP_PORT=str(port), WORKER_INGEST_TOKEN="tok-123")
+        del env["WORKER_DLQ"]
+        proc = subprocess.Popen(
+            [BIN, "run", "--source", f"sqlite:{tmp_path / 'spool.db'}"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        url = f"http://127.0.0.1:{port}/v1/changes"
+        changes = stream(300, 100, seed=21)
+        body = json.dumps([*changes, {"ID": 5, "nickname": "x"}]).encode()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status, answer = post(url, body, "wrong")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the worker's port never opened"
+                time.sleep(0.1)
+        assert 401 == status
+        status, answer = post(url, body, "tok-123")
+        assert 202 == status, answer
+        assert 300 == answer["accepted"]
+        assert [300] == [r["index"] for r in answer["rejected"]]
+        while time.monotonic() < deadline and gw.get("/_sim/contacts") != expected_state(changes):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert 0 == proc.returncode, stderr
+        assert expected_state(changes) == gw.get("/_sim/contacts")
+        assert "tok-123" not in stderr
     finally:
         gw.stop()

@@ -126,3 +126,15 @@ class TestDeadLetterDefault:
         """--dlq overrides the default for any input."""
         argv = [*REQUIRED[2:], "--source", "postgresql://x/y", "--dlq", "jsonl:d.jsonl"]
         assert "jsonl:d.jsonl" == resolve(parse(argv), {}).dlq
+
+
+class TestRedactUri:
+    def test_password_hidden(self) -> None:
+        """A password in a URI never reaches the logs."""
+        from worker.config import redact_uri
+
+        assert "postgresql://u:***@db:5432/x?table=t" == redact_uri(
+            "postgresql://u:hunter2@db:5432/x?table=t"
+        )
+        assert "redis://127.0.0.1:6379/0" == redact_uri("redis://127.0.0.1:6379/0")
+        assert "jsonl:in.jsonl" == redact_uri("jsonl:in.jsonl")

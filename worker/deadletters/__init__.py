@@ -21,6 +21,11 @@ def open_sink(uri: str) -> DeadLetterSink:
         from worker.deadletters.redis_stream import from_uri as redis_sink
 
         return redis_sink(uri)
+    if scheme == "sqlite":
+        from worker.sources.sqlite_spool import SqliteDeadLetters
+
+        return SqliteDeadLetters.from_uri(uri)
     raise ConfigError(
-        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, redis://... or postgresql://..."
+        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, sqlite:PATH, redis://... or"
+        " postgresql://..."
     )

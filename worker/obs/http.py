@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -75,8 +75,17 @@ class EngineCollector(Collector):
 
 
 @asynccontextmanager
-async def serve_status(engine: Engine, port: int, host: str = "0.0.0.0") -> AsyncIterator[int]:
-    """Serve the status endpoints while the block runs; yields the bound port."""
+async def serve_status(
+    engine: Engine,
+    port: int,
+    host: str = "0.0.0.0",
+    *,
+    configure: Callable[[web.Application], None] | None = None,
+) -> AsyncIterator[int]:
+    """Serve the status endpoints (and what ``configure`` adds) while the block runs.
+
+    Yields the bound port.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(engine))
 
@@ -96,6 +105,8 @@ async def serve_status(engine: Engine, port: int, host: str = "0.0.0.0") -> Asyn
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if configure is not None:
+        configure(app)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -26,7 +26,11 @@ def open_source(uri: str, *, follow: bool = False, checkpoint: str | None = None
         from worker.sources.redis_streams import from_uri as redis_source
 
         return redis_source(uri)
+    if scheme == "sqlite":
+        from worker.sources.sqlite_spool import SqliteSpoolSource
+
+        return SqliteSpoolSource.from_uri(uri)
     raise ConfigError(
-        f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin), redis://... or"
-        " postgresql://..."
+        f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin), sqlite:PATH, redis://..."
+        " or postgresql://..."
     )
