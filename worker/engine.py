@@ -124,6 +124,18 @@ class Engine:
         self._result: Result | None = None
         self._reader_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
+        source.revoke = self.revoke
+
+    def revoke(self, drop: Callable[[str], bool]) -> int:
+        """Forget the waiting changes of the IDs ``drop`` selects, unacknowledged."""
+        forgotten = self.scheduler.coalescer.forget(drop)
+        changes = sum(len(entry.tokens) for entry in forgotten)
+        if forgotten:
+            log.warning(
+                "partition lost: forgot waiting changes", ids=len(forgotten), changes=changes
+            )
+            self._notify()
+        return changes
 
     # -- wake-ups ----------------------------------------------------------------------------
 

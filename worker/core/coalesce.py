@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,24 @@ class Coalescer:
         entry = self._waiting.get(key)
         if entry is not None:
             heapq.heappush(self._again, (entry.seq, key))
+
+    def forget(self, drop: Callable[[str], bool]) -> list[Entry]:
+        """Remove the waiting changes of the IDs ``drop`` selects (a partition this replica lost).
+
+        Requests in flight are not touched; their newer waiting changes are forgotten too. The
+        forgotten entries are returned, unacknowledged: another replica will read them again.
+        """
+        gone = [entry for key, entry in self._waiting.items() if drop(key)]
+        if not gone:
+            return gone
+        keys = {entry.key for entry in gone}
+        for entry in gone:
+            del self._waiting[entry.key]
+            self.changes_waiting -= len(entry.tokens)
+        self._fresh = deque(key for key in self._fresh if key not in keys)
+        self._again = [item for item in self._again if item[1] not in keys]
+        heapq.heapify(self._again)
+        return gone
 
     def is_in_flight(self, key: str) -> bool:
         """Whether a request holding ``key`` has not ended yet."""

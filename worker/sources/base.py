@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 Record = tuple[Hashable, bytes]
 """A source record: the token that acknowledges it, and the JSON text of one change."""
@@ -21,6 +21,11 @@ class Source(abc.ABC):
     """
 
     name: str = "source"
+
+    revoke: Callable[[Callable[[str], bool]], int] | None = None
+    """Set by the engine: a partitioned source calls it with a predicate on contact IDs when it
+    loses a partition; the engine forgets those waiting changes (unacknowledged) and returns how
+    many. Requests already in flight still finish."""
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect, position at the first record not yet acknowledged."""
