@@ -333,51 +333,49 @@ class Engine:
         self.stats.acked += len(tokens)
 
     async def _dead_letter(self, letters: list[DeadLetter]) -> None:
-        at = self._wall_clock()
-        describe = self.source.describe
-        await self.dead_letters.write(
-            [
-                record(
-                    letter.reason,
-                    change=letter.entry.body,
-                    source=describe(letter.entry.tokens),
-                    status=letter.status,
-                    error=letter.error,
-                    detail=letter.detail,
-                    at=at,
-                )
-                for letter in letters
-            ]
-        )
-        for letter in letters:
-            log.info(
-                "dead letter",
-                reason=letter.reason,
-                id=letter.entry.key,
+        at, describe = self._wall_clock(), self.source.describe
+        records = [
+            record(
+                letter.reason,
+                change=letter.entry.body,
+                source=describe(letter.entry.tokens),
                 status=letter.status,
                 error=letter.error,
+                detail=letter.detail,
+                at=at,
             )
-        await self._ack([token for letter in letters for token in letter.entry.tokens])
+            for letter in letters
+        ]
+        await self._store_dead(records, [t for letter in letters for t in letter.entry.tokens])
 
     async def _dead_letter_invalid(self, invalid: list[Invalid]) -> None:
-        at = self._wall_clock()
-        describe = self.source.describe
-        await self.dead_letters.write(
-            [
-                record(
-                    "invalid",
-                    change=item.change,
-                    raw=item.raw,
-                    source=describe([item.token]),
-                    detail=item.reason,
-                    at=at,
-                )
-                for item in invalid
-            ]
-        )
-        for item in invalid:
-            log.info("invalid change", source=describe([item.token]), detail=item.reason)
-        await self._ack([item.token for item in invalid])
+        at, describe = self._wall_clock(), self.source.describe
+        records = [
+            record(
+                "invalid",
+                change=item.change,
+                raw=item.raw,
+                source=describe([item.token]),
+                detail=item.reason,
+                at=at,
+            )
+            for item in invalid
+        ]
+        await self._store_dead(records, [item.token for item in invalid])
+
+    async def _store_dead(self, records: list[dict[str, Any]], tokens: list[Hashable]) -> None:
+        """Write dead letters durably, then (only then) acknowledge what they carried."""
+        await self.dead_letters.write(records)
+        for letter in records:
+            log.info(
+                "dead letter",
+                reason=letter["reason"],
+                source=letter["source"],
+                status=letter["status"],
+                error=letter["error"],
+                detail=letter["detail"],
+            )
+        await self._ack(tokens)
 
     # -- reporting ---------------------------------------------------------------------------
 
