@@ -402,7 +402,13 @@ class TestOpening:
         assert "postgresql://me:pw@db:5433/shop?sslmode=disable" == target.dsn
         assert "postgresql://me@db:5433/shop" == target.display
         assert "crm.outbox_dead" == target.dead
-        for bad in ("table=Robert');DROP", "batch=0", "lease_s=soon", "partitions=4"):
+        for bad in (
+            "table=Robert');DROP",
+            "batch=0",
+            "lease_s=soon",
+            "partitions=0",
+            "partitions=9999",
+        ):
             with pytest.raises(ConfigError):
                 parse_uri(f"postgresql://db/shop?{bad}")
 

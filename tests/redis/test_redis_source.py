@@ -23,9 +23,18 @@ from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 from worker.sources.base import SourceError
 from worker.sources.redis_enqueue import enqueue, init
-from worker.sources.redis_streams import RedisStreamSource, from_uri, parse_uri
+from worker.sources.redis_streams import RedisStreamSource, parse_uri
+from worker.sources.redis_streams import from_uri as source_from_uri
 
 pytestmark = pytest.mark.anyio
+
+
+def from_uri(uri: str, **kwargs: Any) -> RedisStreamSource:
+    """The single-stream source of this URI."""
+    source = source_from_uri(uri, **kwargs)
+    assert isinstance(source, RedisStreamSource)
+    return source
+
 
 Scenario = Callable[[Engine], Awaitable[None]]
 
@@ -161,7 +170,8 @@ class TestUri:
             ("redis://h/0?block_ms=x", "block_ms must be an integer"),
             ("redis://h/0?stream=", "stream must not be empty"),
             ("redis://h/0?streem=a", "unknown parameter 'streem'"),
-            ("redis://h/0?partitions=3", "partitions > 1"),
+            ("redis://h/0?partitions=0", "partitions must be at least 1"),
+            ("redis://h/0?partitions=2&lease_ms=5", "lease_ms must be at least 100"),
             ("http://h/0", "not a redis URI"),
         ],
     )

@@ -8,8 +8,12 @@ The wire format, for producers in any language: one row per change in the outbox
 
 - ``change`` (jsonb) is one change object, exactly as a line of a ``jsonl:`` input.
 - ``contact_id`` (text) is the string form of the change's ``ID`` (``123`` and ``"123"`` are both
-  ``'123'``). The worker reads the ID from ``change``; ``contact_id`` is for people and indexes
-  (and for partitioning, later).
+  ``'123'``). The worker reads the ID from ``change``; ``contact_id`` is for people and indexes.
+- ``partition`` (integer, default 0): with ``partitions=P`` (P > 1) on the workers' URI, set it to
+  CRC-32 (IEEE, as zlib, Java's ``CRC32`` and Go's ``crc32.ChecksumIEEE`` compute it) of the
+  UTF-8 bytes of ``contact_id``, modulo P (:func:`worker.core.partition.partition_of`); in SQL,
+  for example with a producer-side function. Every producer and every replica must use the same P.
+  Rows with another value are never claimed. With P = 1 leave it at its default.
 - ``id``, ``created_at``, ``claimed_by`` and ``claimed_until`` are left to their defaults.
 - Insert the row in the same transaction as the write it reports (the transactional outbox).
   Changes to one contact are sent in ``id`` order, so insert after the statement that locks that
@@ -35,6 +39,7 @@ import asyncpg
 import orjson
 
 from worker.core.change import key_of
+from worker.core.partition import partition_of
 from worker.sources.base import SourceError
 from worker.sources.pg_outbox import (
     ADVISORY_CLASS,
@@ -102,14 +107,34 @@ async def init(uri: str) -> None:
 
 
 async def enqueue(uri: str, lines: Iterable[bytes | str]) -> int:
-    """Insert one row per non-blank JSONL line, in line order; the number of rows inserted."""
+    """Insert one row per non-blank JSONL line, in line order; the number of rows inserted.
+
+    With ``partitions=P`` (P > 1) in the URI each row gets ``partition_of(contact_id, P)``."""
     target = parse_uri(uri)
-    insert = (
-        f"INSERT INTO {target.outbox} (contact_id, change)"
-        " SELECT contact_id, change::jsonb"
-        " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(contact_id, change, n)"
-        " ORDER BY n"
-    )
+    partitions = target.partitions
+    if partitions > 1:
+        insert = (
+            f"INSERT INTO {target.outbox} (contact_id, change, partition)"
+            " SELECT contact_id, change::jsonb, part"
+            " FROM unnest($1::text[], $2::text[], $3::int[])"
+            " WITH ORDINALITY AS u(contact_id, change, part, n)"
+            " ORDER BY n"
+        )
+    else:
+        insert = (
+            f"INSERT INTO {target.outbox} (contact_id, change)"
+            " SELECT contact_id, change::jsonb"
+            " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(contact_id, change, n)"
+            " ORDER BY n"
+        )
+
+    async def write(conn: Any, ids: list[str], changes: list[str]) -> None:
+        if partitions > 1:
+            parts = [partition_of(key, partitions) for key in ids]
+            await conn.execute(insert, ids, changes, parts)
+        else:
+            await conn.execute(insert, ids, changes)
+
     conn = await _connect(target)
     count = 0
     try:
@@ -122,11 +147,11 @@ async def enqueue(uri: str, lines: Iterable[bytes | str]) -> int:
             ids.append(row[0])
             changes.append(row[1])
             if len(ids) >= CHUNK_ROWS:
-                await conn.execute(insert, ids, changes)
+                await write(conn, ids, changes)
                 count += len(ids)
                 ids, changes = [], []
         if ids:
-            await conn.execute(insert, ids, changes)
+            await write(conn, ids, changes)
             count += len(ids)
     except DATABASE_ERRORS as exc:
         raise SourceError(

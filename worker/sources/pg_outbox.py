@@ -20,8 +20,22 @@ short transactions and never holds one open across an HTTP call:
 - **outages**: a lost connection is retried with capped exponential backoff, without limit; the
   claims are in the table, so a database restart loses nothing (and reorders nothing).
 
+**Partitions** (``partitions=P``, P > 1): producers set ``partition = partition_of(contact_id,
+P)`` (CRC-32 of the UTF-8 ID, modulo P). A replica serves partition p while the session of its
+*lock connection* (one per replica, nothing else runs on it) holds the advisory lock
+``(<table oid>, PARTITION_TAG + p)``; every replica also holds ``(<table oid>, MEMBER_KEY)`` in
+shared mode, so the holders of that lock are the live replicas. Every ``rebalance_s`` a replica
+takes free partitions up to ``ceil(P / live)`` and gives back the ones above it: a partition
+given back is no longer claimed, its waiting changes are revoked (the engine forgets them,
+unacknowledged), and it is unlocked once its rows in flight are acknowledged. A process that
+dies loses its session and so its locks; the next holder takes its claimed rows over at once
+(holding the lock proves the previous holder gone). A lost lock connection revokes every
+partition at once. Claims only touch rows of held partitions, checked against ``pg_locks`` in
+the claim itself, in ``id`` order; leases of other replicas are ignored there.
+
 The URI is the asyncpg DSN plus the worker's own query parameters, stripped before connecting:
-``postgresql://user@host:5432/db?table=contact_changes&schema=public&batch=1000&lease_s=60&poll_s=5``.
+``postgresql://user@host:5432/db?table=contact_changes&schema=public&batch=1000&lease_s=60&poll_s=5``
+(and ``partitions=1&rebalance_s=2``).
 Every other query parameter goes to asyncpg (``sslmode``, ``application_name``, server settings).
 
 asyncpg ties this module to the asyncio backend of anyio.
@@ -49,6 +63,7 @@ import structlog
 
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
+from worker.core.partition import partition_of
 from worker.sources.base import Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.pg_outbox")
@@ -64,8 +79,13 @@ CREATE TABLE IF NOT EXISTS {table} (
     change        jsonb       NOT NULL,
     created_at    timestamptz NOT NULL DEFAULT now(),
     claimed_by    text,
-    claimed_until timestamptz
+    claimed_until timestamptz,
+    partition     integer     NOT NULL DEFAULT 0
 );
+
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS partition integer NOT NULL DEFAULT 0;
+
+CREATE INDEX IF NOT EXISTS {name}_part ON {table} (partition, id);
 
 CREATE TABLE IF NOT EXISTS {table}_dead (
     id         bigserial   PRIMARY KEY,
@@ -91,11 +111,26 @@ _MAX_NAME = 63 - len("_notify")  # the longest derived identifier must fit NAMED
 
 OUTBOX_COLUMNS = ("id", "contact_id", "change", "claimed_by", "claimed_until")
 
-OWN_PARAMS = frozenset({"table", "schema", "batch", "lease_s", "poll_s", "partitions"})
+PARTITIONED_COLUMNS = (*OUTBOX_COLUMNS, "partition")
+"""The columns a partitioned source needs (``partition`` came later: ``init`` adds it)."""
+
+OWN_PARAMS = frozenset(
+    {"table", "schema", "batch", "lease_s", "poll_s", "partitions", "rebalance_s"}
+)
 """Query parameters the worker reads itself; the rest of the URI goes to asyncpg."""
 
 ADVISORY_CLASS = 0x63775F6F  # "cw_o": the first key of the worker's advisory locks
-"""Advisory locks taken by the worker are ``(ADVISORY_CLASS, <table oid>)``."""
+"""Claims take the transaction-scoped advisory lock ``(ADVISORY_CLASS, <table oid>)``."""
+
+MAX_PARTITIONS = 4096
+PARTITION_TAG = 0x63770000  # "cw" in the high half: the second key of a partition's lock
+"""A replica serving partition p of a table holds the session-level advisory lock
+``(<table oid as int4>, PARTITION_TAG + p)`` on its lock connection."""
+MEMBER_KEY = 0x6377FFFF
+"""Every replica of a partitioned table holds ``(<table oid as int4>, MEMBER_KEY)`` in shared
+mode: the number of holders is the number of live replicas."""
+DRAIN_TIMEOUT_S = 30.0
+"""A partition given back waits at most this long for its requests in flight before unlocking."""
 
 RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=5.0)
 """Waits between attempts while the database is unreachable: at most 5 s, so it resumes soon."""
@@ -149,6 +184,8 @@ class OutboxUri:
     batch: int = 1000
     lease_s: float = 60.0
     poll_s: float = 5.0
+    partitions: int = 1
+    rebalance_s: float = 2.0
     server_settings: dict[str, str] = field(default_factory=dict)
 
     def qualify(self, name: str) -> str:
@@ -202,8 +239,9 @@ def parse_uri(uri: str) -> OutboxUri:
         raise ConfigError(f"postgresql URI: malformed query string {parts.query!r}") from None
     own = {k: v for k, v in query if k in OWN_PARAMS}
     rest = [(k, v) for k, v in query if k not in OWN_PARAMS]
-    if own.get("partitions", "1") != "1":
-        raise ConfigError("postgresql URI: partitions other than 1 are not supported yet")
+    partitions = int(_number(own, "partitions", 1, integer=True))
+    if partitions > MAX_PARTITIONS:
+        raise ConfigError(f"postgresql URI: partitions must be at most {MAX_PARTITIONS}")
     dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
     user, _, host = parts.netloc.rpartition("@")
     user = user.partition(":")[0]  # never show the password
@@ -221,6 +259,8 @@ def parse_uri(uri: str) -> OutboxUri:
         batch=int(_number(own, "batch", 1000, integer=True)),
         lease_s=_number(own, "lease_s", 60.0, integer=False),
         poll_s=_number(own, "poll_s", 5.0, integer=False),
+        partitions=partitions,
+        rebalance_s=_number(own, "rebalance_s", 2.0, integer=False),
         server_settings=settings,
     )
 
@@ -379,6 +419,11 @@ class OutboxStats:
     """Notifications received."""
     listens: int = 0
     """Connections made for LISTEN (more than one: the listener was lost and reconnected)."""
+    partitions_taken: int = 0
+    partitions_given_back: int = 0
+    partitions_lost: int = 0
+    """Partitions revoked because the lock connection was lost."""
+    lock_connections: int = 0
 
 
 class PgOutboxSource(Source):
@@ -416,6 +461,24 @@ class PgOutboxSource(Source):
         self._keeper: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._sql = _Statements(target.outbox)
+        self.partitions = target.partitions
+        self.rebalance_s = target.rebalance_s
+        self._held: set[int] = set()
+        """Partitions this replica claims rows of (their locks are held)."""
+        self._draining: dict[int, tuple[int, float]] = {}
+        """Partitions given back, still locked until their requests in flight end:
+        partition -> (rows forgotten by the engine, when to unlock anyway)."""
+        self._part: dict[int, int] = {}
+        """Rows handed out (partitioned): id -> partition."""
+        self._locks: Any = None
+        """The lock connection: its session holds the member and partition locks."""
+        self._lock_pid = 0
+        self._oid = 0
+        self._rebalancer: asyncio.Task[None] | None = None
+        self._rebalance_wake = anyio.Event()
+        self._gains = 0
+        """Partitions taken so far: a claim that overlapped a take must not move the cursor
+        past the new partition's older rows."""
 
     @classmethod
     def from_uri(cls, uri: str) -> PgOutboxSource:
@@ -429,8 +492,9 @@ class PgOutboxSource(Source):
         target = self.target
         try:
             self._pool = await create_pool(target, max_size=4)
+            columns = PARTITIONED_COLUMNS if self.partitions > 1 else OUTBOX_COLUMNS
             async with self._pool.acquire() as conn:
-                oid, schema = await find_table(conn, target, target.table, OUTBOX_COLUMNS)
+                oid, schema = await find_table(conn, target, target.table, columns)
         except OPEN_ERRORS as exc:
             await self._close_pool()
             raise SourceError(
@@ -442,16 +506,25 @@ class PgOutboxSource(Source):
         self._channel = f"{schema}.{target.table}"
         lock_key = oid - (1 << 32) if oid >= 1 << 31 else oid  # the lock takes an int4
         self._lock_sql = f"SELECT pg_advisory_xact_lock({ADVISORY_CLASS}, {lock_key})"
+        self._oid = oid
         await self._listen()
         self._keeper = asyncio.create_task(self._keep_leases(), name=f"{self.name} leases")
+        if self.partitions > 1:
+            self._sql.partitioned(target.outbox, lock_key)
+            with contextlib.suppress(*DATABASE_ERRORS, asyncpg.InterfaceError):
+                await self.rebalance()  # take a share now; the rebalancer retries otherwise
+            self._rebalancer = asyncio.create_task(
+                self._keep_partitions(), name=f"{self.name} partitions"
+            )
 
     async def close(self) -> None:
         """Release the rows not acknowledged (for the next worker, at once) and disconnect."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
-            self._keeper = None
+        for task in (self._keeper, self._rebalancer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._keeper = self._rebalancer = None
         if self._pool is not None and self._claim_no:
             try:
                 with anyio.fail_after(5):
@@ -466,6 +539,10 @@ class PgOutboxSource(Source):
                     error=describe_error(exc),
                 )
         self._pending.clear()
+        self._part.clear()
+        self._held.clear()
+        self._draining.clear()
+        await self._close_locks()  # after the release: the next owner finds the rows free
         await self._unlisten()
         await self._close_pool()
 
@@ -531,7 +608,10 @@ class PgOutboxSource(Source):
             sweep = now - self._last_sweep >= self.poll_s
             if sweep:
                 self._last_sweep = now
-            records = await self._claim(0 if sweep else self._cursor)
+            if self.partitions > 1:
+                records = await self._claim_partitions(0 if sweep else self._cursor)
+            else:
+                records = await self._claim(0 if sweep else self._cursor)
             if records:
                 return records
             if self._listener is None or self._listener.is_closed():
@@ -595,6 +675,242 @@ class PgOutboxSource(Source):
                 f"{self.name}: keeping leases failed: {describe_error(self._failure)}"
             ) from self._failure
 
+    # -- partitions (partitions > 1) ---------------------------------------------------------
+
+    @property
+    def held(self) -> frozenset[int]:
+        """The partitions this replica claims rows of now."""
+        return frozenset(self._held)
+
+    @property
+    def lock_pid(self) -> int:
+        """The server process of the lock connection (0: none)."""
+        return self._lock_pid
+
+    async def _claim_partitions(self, after: int) -> list[Record]:
+        """Claim the lowest-id rows of the held partitions, leases of others ignored: holding a
+        partition's lock means its previous holder is gone (or gave it back when idle)."""
+        held = sorted(self._held)
+        if not held or self._locks is None:
+            return []
+        self._claim_no += 1
+        token = f"{self._mine}{self._claim_no}"
+        tried = False
+        sql = self._sql
+        pid = self._lock_pid
+        oid = self._oid
+        gains = self._gains
+
+        async def attempt(conn: Any) -> list[Any]:
+            nonlocal tried
+            if tried:
+                rows = await conn.fetch(sql.recover_p, token, self.lease_s)
+                if rows:
+                    return rows  # type: ignore[no-any-return]
+            tried = True
+            return await in_transaction(
+                conn,
+                self._lock_sql,
+                lambda: conn.fetch(
+                    sql.claim_p, after, self._mine, self.batch, token, self.lease_s, held, pid, oid
+                ),
+            )
+
+        started = self._clock()
+        rows = await retrying(
+            "claim",
+            self.name,
+            self._pool,
+            attempt,
+            backoff=self._backoff,
+            on_retry=self._count_retry,
+        )
+        self.stats.claims += 1
+        if not rows:
+            return []
+        rows.sort(key=_first)
+        deadline = started + self.lease_s
+        pending = self._pending
+        part = self._part
+        still = self._held  # a partition may have gone while the claim ran
+        records: list[Record] = []
+        stale: list[int] = []
+        for row_id, p, text in rows:
+            if p not in still:
+                stale.append(row_id)
+                continue
+            pending[row_id] = deadline
+            part[row_id] = p
+            records.append((row_id, text.encode()))
+        if stale:
+            release = sql.release_ids
+            await retrying(
+                "release",
+                self.name,
+                self._pool,
+                lambda conn: conn.execute(release, stale, token),
+                backoff=self._backoff,
+                on_retry=self._count_retry,
+            )
+        if gains == self._gains:
+            self._cursor = rows[-1][0]
+        self.stats.rows_claimed += len(records)
+        return records
+
+    def _forget(self, partitions: set[int]) -> int:
+        """Have the engine forget the waiting changes of these partitions; how many."""
+        if self.revoke is None or not partitions:
+            return 0
+        count = self.partitions
+        return self.revoke(lambda key: partition_of(key, count) in partitions)
+
+    def _lose_all(self, reason: str) -> None:
+        """The lock connection is gone, and its locks with it: stop claiming every partition
+        at once and forget their waiting changes (requests in flight still finish)."""
+        lost = self._held | set(self._draining)
+        conn, self._locks, self._lock_pid = self._locks, None, 0
+        if conn is not None:
+            conn.remove_termination_listener(self._locks_closed)
+            _drop(conn)
+        if not lost:
+            return
+        self._held.clear()
+        self._draining.clear()
+        forgotten = self._forget(lost)
+        for row_id, p in list(self._part.items()):
+            if p in lost:
+                del self._part[row_id]
+                self._pending.pop(row_id, None)  # the next holder takes the rows over
+        self.stats.partitions_lost += len(lost)
+        log.warning(
+            "partitions lost",
+            source=self.name,
+            partitions=sorted(lost),
+            reason=reason,
+            forgotten=forgotten,
+        )
+
+    def _locks_closed(self, conn: object = None, *_args: object) -> None:
+        if conn is not None and conn is not self._locks:
+            return  # an older lock connection, already given up
+        self._lose_all("lock connection closed")
+        self._rebalance_wake.set()
+
+    async def _connect_locks(self) -> Any:
+        conn = await asyncpg.connect(
+            self.target.dsn,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=COMMAND_TIMEOUT_S,
+            server_settings=self.target.server_settings,
+        )
+        try:
+            await conn.execute(self._sql.join)
+            pid = int(conn.get_server_pid())
+        except BaseException:
+            _drop(conn)
+            raise
+        conn.add_termination_listener(self._locks_closed)
+        self._locks, self._lock_pid = conn, pid
+        self.stats.lock_connections += 1
+        return conn
+
+    async def _close_locks(self) -> None:
+        conn, self._locks, self._lock_pid = self._locks, None, 0
+        if conn is None:
+            return
+        conn.remove_termination_listener(self._locks_closed)
+        try:
+            with anyio.fail_after(2):
+                await conn.close()
+        except (*TRANSIENT_ERRORS, asyncpg.InterfaceError):
+            _drop(conn)
+
+    async def rebalance(self) -> None:
+        """One tick: (re)connect the lock connection, count the live replicas, unlock the
+        partitions given back once their requests in flight ended, give back partitions above
+        the fair share ``ceil(partitions / live)``, take free ones up to it."""
+        conn = self._locks
+        if conn is None or _gone(conn):
+            self._lose_all("lock connection lost")
+            conn = await self._connect_locks()
+        sql = self._sql
+        try:
+            live = int(await conn.fetchval(sql.members, self._oid))
+            share = math.ceil(self.partitions / max(1, live))
+            now = self._clock()
+            for p, (forgotten, deadline) in list(self._draining.items()):
+                left = [row_id for row_id, part in self._part.items() if part == p]
+                if len(left) > forgotten and now < deadline:
+                    continue  # requests in flight: the next holder must not overtake them
+                for row_id in left:
+                    del self._part[row_id]
+                    self._pending.pop(row_id, None)
+                await conn.execute(sql.unlock, p)
+                del self._draining[p]
+                self.stats.partitions_given_back += 1
+                log.info("partition given back", source=self.name, partition=p, live=live)
+            extra = len(self._held) - share
+            if extra > 0:
+                give = set(sorted(self._held)[-extra:])
+                self._held -= give
+                for p in give:  # one by one: the engine counts the rows it forgot
+                    self._draining[p] = (self._forget({p}), now + DRAIN_TIMEOUT_S)
+                self._rebalance_wake.set()  # unlock as soon as the next tick allows
+            want = share - len(self._held) - len(self._draining)
+            if want > 0:
+                free = await conn.fetch(sql.free, self._oid, self.partitions)
+                for (p,) in free:
+                    if want <= 0:
+                        break
+                    if p in self._held or p in self._draining:
+                        continue
+                    if not await conn.fetchval(sql.try_lock, p):
+                        continue
+                    # Rows this replica claimed in an earlier turn of the partition (then
+                    # forgotten) would be skipped as its own: free them first.
+                    await conn.execute(sql.release_partition, p, self._mine)
+                    self._held.add(p)
+                    want -= 1
+                    self.stats.partitions_taken += 1
+                    self._cursor = 0
+                    self._gains += 1
+                    self._wake.set()
+                    log.info("partition taken", source=self.name, partition=p, live=live)
+        except (*TRANSIENT_ERRORS, asyncpg.InterfaceError):
+            if conn is self._locks:
+                self._lose_all("lock connection failed")
+            raise
+
+    async def _keep_partitions(self) -> None:
+        """Rebalance every ``rebalance_s``; a lost lock connection revokes every partition."""
+        attempt = 0
+        try:
+            while True:
+                wait = self.rebalance_s
+                try:
+                    await self.rebalance()
+                    attempt = 0
+                except (*DATABASE_ERRORS, asyncpg.InterfaceError) as exc:
+                    self._lose_all(f"lock connection failed: {describe_error(exc)}")
+                    attempt += 1
+                    wait = min(wait, self._backoff.delay(attempt, random.random()))
+                    log.warning(
+                        "postgresql unavailable: partitions retry",
+                        source=self.name,
+                        error=describe_error(exc),
+                        attempt=attempt,
+                        retry_in_s=round(wait, 3),
+                    )
+                if self._draining:
+                    wait = min(wait, 0.1)
+                with anyio.move_on_after(wait):
+                    await self._rebalance_wake.wait()
+                self._rebalance_wake = anyio.Event()
+        except Exception as exc:  # surfaced by the next read or ack
+            log.error("keeping partitions failed", source=self.name, error=describe_error(exc))
+            self._lose_all("keeping partitions failed")
+            self._failure = exc
+
     # -- acknowledging -----------------------------------------------------------------------
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
@@ -613,8 +929,10 @@ class PgOutboxSource(Source):
             on_retry=self._count_retry,
         )
         pending = self._pending
+        part = self._part
         for row_id in ids:
             pending.pop(row_id, None)
+            part.pop(row_id, None)
         self.stats.rows_acked += len(ids)
 
     def describe(self, tokens: Sequence[Hashable]) -> str:
@@ -662,6 +980,7 @@ class PgOutboxSource(Source):
                 # Another worker took it after our lease ran out (an outage longer than the
                 # lease) or it is gone; it is in our engine anyway, so only count it.
                 del pending[row_id]
+                self._part.pop(row_id, None)
                 self.stats.rows_lost += 1
         lost = len(due) - len(renewed)
         if lost:
@@ -722,3 +1041,54 @@ RETURNING id"""
 UPDATE {table} SET claimed_by = NULL, claimed_until = NULL
 WHERE starts_with(claimed_by, $1)"""
         self.delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
+
+    def partitioned(self, table: str, lock_key: int) -> None:
+        """The statements of a partitioned source; ``lock_key`` is the table oid as an int4."""
+        # A lock (key1, key2) shows in pg_locks as classid = key1, objid = key2 (as oids),
+        # objsubid 2; the table oid is key1 read unsigned.
+        held_by = (
+            "l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.classid = ($1::bigint)::oid"
+        )
+        self.join = f"SELECT pg_advisory_lock_shared({lock_key}, {MEMBER_KEY})"
+        self.members = (
+            f"SELECT count(*) FROM pg_locks l WHERE {held_by} AND l.objid = {MEMBER_KEY}::oid"
+        )
+        self.free = f"""
+SELECT p FROM generate_series(0, $2::int - 1) AS p
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_locks l WHERE {held_by} AND l.objid = ({PARTITION_TAG} + p)::bigint::oid
+)
+ORDER BY p"""
+        self.try_lock = f"SELECT pg_try_advisory_lock({lock_key}, {PARTITION_TAG} + $1::int)"
+        self.unlock = f"SELECT pg_advisory_unlock({lock_key}, {PARTITION_TAG} + $1::int)"
+        self.release_partition = f"""
+UPDATE {table} SET claimed_by = NULL, claimed_until = NULL
+WHERE partition = $1 AND starts_with(claimed_by, $2)"""
+        self.release_ids = f"""
+UPDATE {table} SET claimed_by = NULL, claimed_until = NULL
+WHERE id = ANY($1::bigint[]) AND claimed_by = $2"""
+        # Only partitions whose lock the lock connection ($7) still holds at claim time: a
+        # replica whose lock connection just died claims nothing more, even before it notices.
+        locked = held_by.replace("$1::bigint", "$8::bigint")
+        self.claim_p = f"""
+WITH held AS (
+    SELECT p FROM unnest($6::int[]) AS p
+    WHERE EXISTS (SELECT 1 FROM pg_locks l WHERE {locked} AND l.pid = $7
+                  AND l.objid = ({PARTITION_TAG} + p)::bigint::oid)
+)
+UPDATE {table} AS t
+SET claimed_by = $4, claimed_until = now() + make_interval(secs => $5)
+WHERE t.id = ANY(ARRAY(
+    SELECT id FROM {table}
+    WHERE partition = ANY(ARRAY(SELECT p FROM held)) AND id > $1
+      AND (claimed_by IS NULL OR NOT starts_with(claimed_by, $2))
+    ORDER BY id
+    LIMIT $3
+))
+RETURNING t.id, t.partition, {_PAYLOAD}"""
+        self.recover_p = f"""
+UPDATE {table} AS t SET claimed_until = now() + make_interval(secs => $2)
+WHERE claimed_by = $1
+RETURNING t.id, t.partition, {_PAYLOAD}"""

@@ -14,6 +14,14 @@ Wire format (any language with a Redis client can produce):
 
 For example: ``redis-cli XADD contacts:changes '*' change '{"ID":"123","lastname":"Lee"}'``.
 
+Partitioned (``partitions=P``, P > 1): the streams are ``KEY:0`` .. ``KEY:P-1`` and a change goes
+to ``KEY:p`` with ``p = CRC-32(UTF-8 bytes of the ID's string form) mod P``
+(:func:`worker.core.partition.partition_of`; zlib's / Java's / Go's IEEE CRC-32; an integer ID
+``123`` hashes as ``"123"``). Every producer must use this hash and the same P, or the changes of
+one contact land in two partitions and lose their order. Lines that are not a JSON object with an
+``ID`` go to partition 0 (the worker dead-letters them). The keys ``KEY:p:lease`` and
+``KEY:members`` belong to the workers (leases and live replicas): do not write them.
+
 The consumer group (``contact-worker`` unless ``group=NAME``) is created by :func:`init` or by
 the worker on start, at ID ``0``: entries appended before it existed are read too.
 """
@@ -22,9 +30,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Iterable
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from worker.core.partition import partition_of
 from worker.sources.base import SourceError
 from worker.sources.redis_streams import CHANGE_FIELD, connect, ensure_group, parse_uri
 
@@ -33,11 +43,12 @@ CHUNK = 1000
 
 
 async def init(uri: str) -> None:
-    """Create the stream and its consumer group if missing (idempotent)."""
+    """Create the stream(s) and the consumer group on each if missing (idempotent)."""
     address = parse_uri(uri)
     client = connect(address)
     try:
-        await ensure_group(client, address.stream, address.group)
+        for stream in address.partition_streams:
+            await ensure_group(client, stream, address.group)
     except (RedisError, OSError) as exc:
         raise SourceError(f"redis {address.display}: cannot create the group: {exc}") from exc
     finally:
@@ -51,18 +62,19 @@ async def enqueue(uri: str, lines: AsyncIterable[bytes] | Iterable[bytes]) -> in
     """
     address = parse_uri(uri)
     client = connect(address)
+    streams = address.partition_streams
     sent = 0
     chunk: list[bytes] = []
     try:
         if isinstance(lines, AsyncIterable):
             async for line in lines:
                 if _add(chunk, line) >= CHUNK:
-                    sent += await _flush(client, address.stream, chunk)
+                    sent += await _flush(client, streams, chunk)
         else:
             for line in lines:
                 if _add(chunk, line) >= CHUNK:
-                    sent += await _flush(client, address.stream, chunk)
-        sent += await _flush(client, address.stream, chunk)
+                    sent += await _flush(client, streams, chunk)
+        sent += await _flush(client, streams, chunk)
     except (RedisError, OSError) as exc:
         raise SourceError(
             f"redis {address.display}: enqueue failed after {sent} changes: {exc}"
@@ -79,12 +91,29 @@ def _add(chunk: list[bytes], line: bytes) -> int:
     return len(chunk)
 
 
-async def _flush(client: Redis, stream: str, chunk: list[bytes]) -> int:
+def partition_of_line(line: bytes, partitions: int) -> int:
+    """The partition of one change line: by its ID, or 0 if it has none (or is not JSON)."""
+    if partitions <= 1:
+        return 0
+    try:
+        change = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return 0
+    if not isinstance(change, dict):
+        return 0
+    key = change.get("ID")
+    if isinstance(key, bool) or not isinstance(key, str | int):
+        return 0
+    return partition_of(str(key), partitions)
+
+
+async def _flush(client: Redis, streams: list[str], chunk: list[bytes]) -> int:
     if not chunk:
         return 0
+    partitions = len(streams)
     async with client.pipeline(transaction=False) as pipe:
         for line in chunk:
-            pipe.xadd(stream, {CHANGE_FIELD: line})
+            pipe.xadd(streams[partition_of_line(line, partitions)], {CHANGE_FIELD: line})
         await pipe.execute()
     count = len(chunk)
     chunk.clear()

@@ -1,7 +1,8 @@
 """The ``redis://`` source: one Redis stream read through a consumer group.
 
 URI: ``redis://[USER:PASSWORD@]HOST:PORT/DB?stream=..&group=..&consumer=..&block_ms=..&count=..
-&claim_idle_ms=..&delete_acked=..`` (``rediss://`` for TLS; ``ssl_*`` parameters go to redis-py).
+&claim_idle_ms=..&delete_acked=..&partitions=..&lease_ms=..`` (``rediss://`` for TLS; ``ssl_*``
+parameters go to redis-py).
 
 Each stream entry carries one change as JSON text in its field ``change`` (see
 :mod:`worker.sources.redis_enqueue` for the wire format). Entries are read with ``XREADGROUP``
@@ -22,15 +23,24 @@ delivered, so they are handed out first: on start and after every reconnection t
 
 Delivery is at least once: a connection error while running is retried with backoff, the
 pending list (which Redis keeps) is re-read, and nothing is acknowledged that was not done.
+
+Partitioned (``partitions=P``, P > 1; ``lease_ms``, default 10000): the streams
+``<stream>:0`` .. ``<stream>:<P-1>`` (a change's partition is
+:func:`worker.core.partition.partition_of` of its ID), each read by one replica at a time under
+a lease key ``<stream>:<p>:lease``; see :class:`PartitionedRedisSource`. P = 1 is the single
+stream above, unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 import random
 import socket
 import time
+import zlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -48,6 +58,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
+from worker.core.partition import partition_of
 from worker.sources.base import Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.redis")
@@ -61,6 +72,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTime
 """Errors that mean "the server is unreachable for now" (includes LOADING after a restart)."""
 
 RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=5.0)
+READ_SLICE = 1024
+"""Records handed out per ``read`` of a partitioned source (the engine's slice)."""
 CLAIM_MARGIN_S = 0.1
 """Slack on top of ``claim_idle_ms`` so that entries idle since our start are surely claimable."""
 MIN_CLAIM_INTERVAL_S = 0.1
@@ -77,6 +90,7 @@ _OWN_PARAMS = frozenset(
         "delete_acked",
         "dead_stream",
         "partitions",
+        "lease_ms",
         "db",
     }
 )
@@ -98,6 +112,19 @@ class StreamAddress:
     claim_idle_ms: int = 30_000
     delete_acked: bool = True
     dead_stream: str | None = None
+    partitions: int = 1
+    """Partition streams ``<stream>:0`` .. ``<stream>:<partitions-1>`` when above 1."""
+    lease_ms: int = 10_000
+    """How long a partition lease lives without renewal (partitioned streams only)."""
+
+    def partition_stream(self, partition: int) -> str:
+        """The key of one partition's stream (the plain stream when not partitioned)."""
+        return self.stream if self.partitions == 1 else f"{self.stream}:{partition}"
+
+    @property
+    def partition_streams(self) -> list[str]:
+        """Every stream this address reads or writes changes to."""
+        return [self.partition_stream(p) for p in range(self.partitions)]
 
     @property
     def dead_letter_stream(self) -> str:
@@ -146,8 +173,6 @@ def parse_uri(uri: str) -> StreamAddress:
         else:
             known = ", ".join(sorted(_OWN_PARAMS - {"db"}))
             raise ConfigError(f"redis URI: unknown parameter {name!r} (known: {known}, ssl_*)")
-    if _int_param(params, "partitions", 1, 1) != 1:
-        raise ConfigError("redis URI: partitions > 1 is not supported yet")
     db = params.get("db")
     if db is not None:
         passthrough.append(("db", db))
@@ -173,6 +198,8 @@ def parse_uri(uri: str) -> StreamAddress:
         claim_idle_ms=_int_param(params, "claim_idle_ms", 30_000, 0),
         delete_acked=_bool_param(params, "delete_acked", True),
         dead_stream=params.get("dead_stream"),
+        partitions=_int_param(params, "partitions", 1, 1),
+        lease_ms=_int_param(params, "lease_ms", 10_000, 100),
     )
 
 
@@ -644,6 +671,585 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
+# -- partitioned streams -----------------------------------------------------------------------
+
+_RENEW_LEASE = """
+-- Compare-and-pexpire: extend the lease only if this consumer still holds it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE_LEASE = """
+-- Compare-and-delete: drop the lease only if this consumer still holds it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_HEARTBEAT = """
+-- Register this consumer as live until now + lease_ms (server time), forget the expired ones,
+-- and answer how many are live.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 10)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+PartitionToken = tuple[int, bytes]
+"""A partitioned record's token: its partition and its entry ID."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """A partition this consumer holds the lease of."""
+
+    claimed: bool = False
+    """Entries pending at other consumers were taken over (done first, once per holding)."""
+    scan_from: bytes | None = _START
+    """Where the re-read of this consumer's own pending entries stands; None once done."""
+
+
+class PartitionedRedisSource(Source):
+    """Changes from ``partitions`` streams ``<stream>:<p>``, each served by one replica at a time.
+
+    A replica reads a partition only while it holds its lease, the key ``<stream>:<p>:lease``
+    (value: the consumer name), taken with ``SET NX PX lease_ms`` and renewed every
+    ``lease_ms / 3`` with a compare-and-pexpire script. Live replicas register in the sorted set
+    ``<stream>:members`` (score: expiry, server time); each takes free partitions up to its fair
+    share ``ceil(partitions / live)`` and gives back the ones above it once the requests it has
+    in flight for them are done, so the load spreads when a replica joins. A lease that cannot
+    be renewed (expired, taken over) stops the reading of its partition at once, and the
+    engine forgets the changes of that partition that wait (``revoke``), unacknowledged.
+
+    On taking a partition, the entries other consumers left pending are claimed first
+    (``XAUTOCLAIM``, idle 0: the lease says their consumer is gone), then this consumer's own
+    pending entries are re-read in stream order, and only then new ones: per contact the order
+    holds across the move. Tokens are ``(partition, entry ID)``.
+    """
+
+    def __init__(
+        self,
+        address: StreamAddress,
+        *,
+        consumer: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.address = address
+        self.partitions = address.partitions
+        self.streams = address.partition_streams
+        self.group = address.group
+        self.consumer = consumer or address.consumer or default_consumer()
+        self.count = address.count
+        self.lease_ms = address.lease_ms
+        self.name = f"redis:{address.stream}"
+        self.members_key = f"{address.stream}:members"
+        self._block_ms = max(1, min(address.block_ms, address.lease_ms // 3))
+        self._clock = clock
+        self._rand = rand
+        self._client: Redis | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._held: dict[int, _Held] = {}
+        self._valid_until: dict[int, float] = {}
+        """Per held partition: until when (local clock) the lease surely still is ours."""
+        self._releasing: dict[int, int] = {}
+        """Partitions given back: requests still in flight for them (released at 0)."""
+        self._handed: dict[int, set[bytes]] = {p: set() for p in range(self.partitions)}
+        """Per partition: entries handed to the engine and not acknowledged yet."""
+        self._buffer: list[Record] = []
+        """Records read but not handed out yet (at most one engine slice goes out at a time)."""
+        self._revoke_again: set[int] = set()
+        """Partitions whose changes must be revoked once more on the next ``read``: records the
+        engine was still slicing when the first revoke came were taken in after it."""
+        self._last_slice: set[int] = set()
+        """Partitions of the records the last ``read`` returned: the engine may still be
+        taking them in (it waits for room between slices)."""
+        self._wake = asyncio.Event()
+        self._reading: set[int] = set()
+        """Partitions named in the XREADGROUP in progress: not released before it returns."""
+        self._next_check_at = 0.0
+        self.live = 1
+        self.entries_read = 0
+        self.claimed = 0
+        self.acked = 0
+        self.reconnects = 0
+        self.lost = 0
+        self.given_back = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, create the groups, take a first share of partitions, start the keeper."""
+        client = connect(self.address, read_timeout_s=self._block_ms / 1000 + 10.0)
+        try:
+            await client.ping()
+            for stream in self.streams:
+                if await ensure_group(client, stream, self.group):
+                    log.info("consumer group created", stream=stream, group=self.group)
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise SourceError(self._explain(exc)) from exc
+        self._client = client
+        self._renew_script = client.register_script(_RENEW_LEASE)
+        self._release_script = client.register_script(_RELEASE_LEASE)
+        self._heartbeat_script = client.register_script(_HEARTBEAT)
+        self._ack_script = client.register_script(_ACK_SCRIPT)
+        try:
+            await self._keep(client)
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            self._client = None
+            raise SourceError(self._explain(exc)) from exc
+        self._keeper = asyncio.get_running_loop().create_task(self._keep_loop())
+        log.info(
+            "redis partitioned source open",
+            server=self.address.display,
+            stream=self.address.stream,
+            partitions=self.partitions,
+            group=self.group,
+            consumer=self.consumer,
+            held=sorted(self._held),
+        )
+
+    def _explain(self, exc: BaseException) -> str:
+        where = f"redis {self.address.display}"
+        if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
+            return f"{where}: a key of {self.address.stream!r} has the wrong type: {exc}"
+        if isinstance(exc, RedisConnectionError | OSError | RedisTimeoutError):
+            return f"cannot connect to {where}: {exc}"
+        return f"{where}: {exc}"
+
+    async def close(self) -> None:
+        """Stop the keeper, release every lease, leave the member set, disconnect."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            for p in sorted(set(self._held) | set(self._releasing)):
+                await self._release_script(
+                    keys=[self._lease_key(p)], args=[self.consumer], client=client
+                )
+            await client.zrem(self.members_key, self.consumer)
+            for stream in self.streams:
+                await client.eval(_DELETE_IDLE_CONSUMER, 1, stream, self.group, self.consumer)
+        except (RedisError, OSError) as exc:
+            log.info("leases left to expire", consumer=self.consumer, error=str(exc))
+        finally:
+            await client.aclose()
+        self._held.clear()
+        self._releasing.clear()
+        log.info(
+            "redis source closed",
+            consumer=self.consumer,
+            entries_read=self.entries_read,
+            claimed=self.claimed,
+            acked=self.acked,
+            lost=self.lost,
+            given_back=self.given_back,
+            reconnects=self.reconnects,
+            unacked=sum(len(h) for h in self._handed.values()),
+        )
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _lease_key(self, partition: int) -> str:
+        return f"{self.address.partition_stream(partition)}:lease"
+
+    @property
+    def held(self) -> list[int]:
+        """The partitions this consumer reads now."""
+        return sorted(self._held)
+
+    async def _keep_loop(self) -> None:
+        interval = self.lease_ms / 3000
+        failures = 0
+        while True:
+            await anyio.sleep(interval if not failures else min(interval, 0.2))
+            client = self._client
+            if client is None:
+                return
+            try:
+                await self._keep(client)
+                failures = 0
+            except (RedisError, OSError) as exc:
+                failures += 1
+                if failures == 1:
+                    self.reconnects += 1
+                log.warning(
+                    "redis unavailable for leases, retrying",
+                    server=self.address.display,
+                    attempt=failures,
+                    error=str(exc) or type(exc).__name__,
+                )
+                with contextlib.suppress(RedisError, OSError):
+                    await client.connection_pool.disconnect(inuse_connections=False)
+            self._expire()
+
+    def _expire(self) -> None:
+        """Whatever happened, a lease not renewed in time is gone."""
+        now = self._clock()
+        for p in [p for p, until in self._valid_until.items() if now >= until]:
+            self._lose(p, "lease expired before it could be renewed")
+
+    async def _keep(self, client: Redis) -> None:
+        """One round: heartbeat, renew, release what was given back, rebalance."""
+        lease_ms = self.lease_ms
+        self.live = int(
+            await self._heartbeat_script(
+                keys=[self.members_key], args=[self.consumer, lease_ms], client=client
+            )
+        )
+        for p in sorted(set(self._held) | set(self._releasing)):
+            started = self._clock()
+            renewed = await self._renew_script(
+                keys=[self._lease_key(p)], args=[self.consumer, lease_ms], client=client
+            )
+            if not renewed:
+                if p in self._held:
+                    self._lose(p, "lease lost (expired or taken over)")
+                else:
+                    self._releasing.pop(p, None)
+                    self._valid_until.pop(p, None)
+                continue
+            self._valid_until[p] = started + lease_ms / 1000
+        for p, outstanding in list(self._releasing.items()):
+            if outstanding <= 0 and p not in self._revoke_again and p not in self._reading:
+                await self._release_script(
+                    keys=[self._lease_key(p)], args=[self.consumer], client=client
+                )
+                del self._releasing[p]
+                self._valid_until.pop(p, None)
+                self._handed[p].clear()
+                log.info("partition given back", partition=p, consumer=self.consumer)
+        share = -(-self.partitions // max(1, self.live))
+        mine = len(self._held) + len(self._releasing)
+        if len(self._held) > share:
+            # Partitions being given back already count as gone.
+            for p in sorted(self._held, reverse=True)[: len(self._held) - share]:
+                self._give_back(p)
+        elif mine < share:
+            # Start at a place of our own so that replicas do not all race for partition 0.
+            offset = zlib.crc32(self.consumer.encode()) % self.partitions
+            for i in range(self.partitions):
+                if mine >= share:
+                    break
+                p = (offset + i) % self.partitions
+                if p in self._held or p in self._releasing:
+                    continue
+                started = self._clock()
+                if await client.set(self._lease_key(p), self.consumer, nx=True, px=lease_ms):
+                    self._held[p] = _Held()
+                    self._valid_until[p] = started + lease_ms / 1000
+                    self._handed[p].clear()
+                    mine += 1
+                    log.info("partition taken", partition=p, consumer=self.consumer)
+                    self._wake.set()
+
+    def _revoke(self, p: int) -> int:
+        revoke = self.revoke
+        if revoke is None:
+            return 0
+        partitions = self.partitions
+        return revoke(lambda key: partition_of(key, partitions) == p)
+
+    def _stop_reading(self, p: int) -> int:
+        """Stop reading p: drop its buffered records and revoke its waiting changes; the
+        number of its changes still in flight."""
+        self._held.pop(p, None)
+        handed = self._handed[p]
+        kept: list[Record] = []
+        for record in self._buffer:
+            token = cast(PartitionToken, record[0])
+            if token[0] == p:
+                handed.discard(token[1])
+            else:
+                kept.append(record)
+        self._buffer = kept
+        forgotten = self._revoke(p)
+        if p in self._last_slice:
+            self._revoke_again.add(p)
+        return len(handed) - forgotten
+
+    def _lose(self, p: int, why: str) -> None:
+        """The lease is gone: stop at once; what is in flight may still finish."""
+        if p in self._held:
+            self._stop_reading(p)
+            self.lost += 1
+            log.warning(why, partition=p, consumer=self.consumer)
+        self._releasing.pop(p, None)
+        self._valid_until.pop(p, None)
+        self._handed[p].clear()
+
+    def _give_back(self, p: int) -> None:
+        """Above the fair share: stop reading p, release it once its requests are done."""
+        self._releasing[p] = self._stop_reading(p)
+        self.given_back += 1
+        log.info(
+            "giving a partition back (fair share)",
+            partition=p,
+            consumer=self.consumer,
+            live=self.live,
+            in_flight=self._releasing[p],
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def read(self) -> Sequence[Record]:
+        """The next records of the held partitions, waiting for some."""
+        failures = 0
+        while True:
+            self._revoke_late()
+            if self._buffer:
+                out = self._buffer[:READ_SLICE]
+                del self._buffer[:READ_SLICE]
+                self._last_slice = {cast(PartitionToken, token)[0] for token, _ in out}
+                return out
+            try:
+                records = await self._read_step(self._require_client())
+            except TRANSIENT_ERRORS as exc:
+                failures += 1
+                for state in self._held.values():
+                    state.claimed = False
+                    state.scan_from = _START
+                await self._back_off("read", failures, exc)
+                continue
+            except ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise SourceError(self._explain(exc)) from exc
+                log.warning("consumer group missing: recreating it", group=self.group)
+                for p, state in self._held.items():
+                    await ensure_group(self._require_client(), self.streams[p], self.group)
+                    state.claimed = False
+                    state.scan_from = _START
+                await anyio.sleep(RECONNECT_BACKOFF.base_s)
+                continue
+            failures = 0
+            if records:
+                self.entries_read += len(records)
+                self._buffer = records
+                # The loop revokes again, then hands out the first slice.
+
+    def _revoke_late(self) -> None:
+        """Revoke again the partitions lost or given back since the last read (synchronous:
+        nothing of theirs reaches the engine between this and the next records)."""
+        self._last_slice = set()
+        for p in list(self._revoke_again):
+            self._revoke_again.discard(p)
+            forgotten = self._revoke(p)
+            if p in self._releasing:
+                self._releasing[p] -= forgotten
+
+    async def _read_step(self, client: Redis) -> list[Record]:
+        keeper = self._keeper
+        if keeper is not None and keeper.done():
+            # Not renewing leases any more: read nothing, fail loudly.
+            for p in list(self._held):
+                self._lose(p, "lease keeper stopped")
+            error = None if keeper.cancelled() else keeper.exception()
+            raise SourceError(f"{self.name}: the lease keeper stopped: {error!r}")
+        self._expire()
+        held = self._held
+        if not held:
+            self._wake.clear()
+            with anyio.move_on_after(self._block_ms / 1000):
+                await self._wake.wait()
+            return []
+        for p, state in list(held.items()):
+            if not state.claimed:
+                await self._claim(client, p)
+                if p in held:
+                    state.claimed = True
+                    state.scan_from = _START
+        now = self._clock()
+        if now >= self._next_check_at:
+            self._next_check_at = now + self.lease_ms / 3000
+            await self._check_orphans(client)
+        scanning = {p: s.scan_from for p, s in held.items() if s.scan_from is not None}
+        if scanning:
+            streams: dict[Any, Any] = {self.streams[p]: i for p, i in scanning.items()}
+            self._reading = set(scanning)
+            try:
+                reply = await client.xreadgroup(
+                    self.group, self.consumer, streams, count=self.count
+                )
+            finally:
+                self._reading = set()
+            done = set(scanning)
+            records = await self._records(reply, scanning=True, done=done)
+            for p in done:
+                if p in held:
+                    held[p].scan_from = None
+            return records
+        streams = {self.streams[p]: b">" for p in sorted(held)}
+        self._reading = set(held)
+        try:
+            reply = await client.xreadgroup(
+                self.group, self.consumer, streams, count=self.count, block=self._block_ms
+            )
+        finally:
+            self._reading = set()
+        return await self._records(reply, scanning=False, done=set())
+
+    async def _check_orphans(self, client: Redis) -> None:
+        """Entries of a held partition pending at another consumer after the takeover: a
+        consumer that lost the lease had a read on its way. Claim them and re-read."""
+        mine = self.consumer.encode()
+        for p, state in list(self._held.items()):
+            if not state.claimed:
+                continue
+            summary = await client.xpending(self.streams[p], self.group)
+            if any(
+                c["name"] != mine and int(c["pending"]) > 0 for c in summary.get("consumers") or ()
+            ):
+                log.warning(
+                    "entries of a held partition are pending at another consumer (read just"
+                    " before it lost the lease): claiming them; their order against entries"
+                    " already handed out is not guaranteed",
+                    partition=p,
+                )
+                state.claimed = False
+                state.scan_from = _START
+
+    async def _claim(self, client: Redis, p: int) -> None:
+        """Take over every entry pending in p at other consumers (the lease says they left)."""
+        stream = self.streams[p]
+        mine = self.consumer.encode()
+        summary = await client.xpending(stream, self.group)
+        others = [
+            c["name"]
+            for c in summary.get("consumers") or ()
+            if c["name"] != mine and int(c["pending"]) > 0
+        ]
+        if not others:
+            return
+        cursor: bytes = _START
+        taken = 0
+        while True:
+            reply = await client.xautoclaim(
+                stream, self.group, self.consumer, 0, cursor, count=self.count
+            )
+            cursor = reply[0]
+            taken += len(reply[1])
+            if cursor == _START:
+                break
+        self.claimed += taken
+        log.info("claimed pending entries of a taken partition", partition=p, count=taken)
+
+    async def _records(self, reply: object, *, scanning: bool, done: set[int]) -> list[Record]:
+        records: list[Record] = []
+        vanished: dict[int, list[bytes]] = {}
+        index = {stream.encode(): p for p, stream in enumerate(self.streams)}
+        for key, entries in cast(list[Any], reply or []):
+            p = index[key if isinstance(key, bytes) else str(key).encode()]
+            if p not in self._held:
+                continue  # lost while the reply was on its way: the next holder reads them
+            page = _unframed(cast(list[Entry], entries))
+            if scanning and page:
+                done.discard(p)
+                self._held[p].scan_from = page[-1][0]
+            handed = self._handed[p]
+            for entry_id, value in page:
+                if scanning and entry_id in handed:
+                    continue
+                if type(value) is int:
+                    if value == _DELETED:
+                        vanished.setdefault(p, []).append(entry_id)
+                        continue
+                    log.warning("entry without a change field", entry=entry_id.decode())
+                    value = b""
+                handed.add(entry_id)
+                records.append(((p, entry_id), value))  # type: ignore[arg-type]
+        for p, ids in vanished.items():
+            log.warning(
+                "pending entries were deleted from the stream before being processed",
+                partition=p,
+                count=len(ids),
+            )
+            await self._ack_partition(p, ids)
+        return records
+
+    # -- acknowledging -----------------------------------------------------------------------
+
+    async def ack(self, tokens: Sequence[Hashable]) -> None:
+        """XACK (and XDEL) these entries, one round trip per partition, retrying."""
+        by_partition: dict[int, list[bytes]] = {}
+        for token in tokens:
+            p, entry_id = cast(PartitionToken, token)
+            by_partition.setdefault(p, []).append(entry_id)
+        for p, ids in by_partition.items():
+            await self._ack_partition(p, ids)
+            handed = self._handed[p]
+            for entry_id in ids:
+                handed.discard(entry_id)
+            if p in self._releasing:
+                self._releasing[p] -= len(ids)
+            self.acked += len(ids)
+
+    async def _ack_partition(self, p: int, ids: list[bytes]) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._ack_script(
+                    keys=[self.streams[p]],
+                    args=[self.group, int(self.address.delete_acked), b" ".join(ids)],
+                    client=self._require_client(),
+                )
+                return
+            except TRANSIENT_ERRORS as exc:
+                failures += 1
+                await self._back_off("ack", failures, exc)
+            except ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise SourceError(self._explain(exc)) from exc
+                return
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _back_off(self, what: str, failures: int, exc: Exception) -> None:
+        delay = RECONNECT_BACKOFF.delay(failures, self._rand())
+        if failures == 1:
+            self.reconnects += 1
+        log.warning(
+            "redis unavailable, retrying",
+            during=what,
+            server=self.address.display,
+            attempt=failures,
+            retry_in_s=round(delay, 3),
+            error=str(exc) or type(exc).__name__,
+        )
+        client = self._client
+        if client is not None:
+            await client.connection_pool.disconnect(inuse_connections=False)
+        await anyio.sleep(delay)
+
+    def _require_client(self) -> Redis:
+        if self._client is None:
+            raise SourceError(f"{self.name}: not open")
+        return self._client
+
+    def describe(self, tokens: Sequence[Hashable]) -> str:
+        """``redis:STREAM:P/ENTRY-ID``, several joined by commas."""
+        parts = []
+        for token in tokens:
+            p, entry_id = cast(PartitionToken, token)
+            parts.append(f"redis:{self.streams[p]}/{entry_id.decode()}")
+        return ",".join(parts)
+
+    def pending_in_run(self) -> int:
+        """Entries handed out and not acknowledged yet."""
+        return sum(len(h) for h in self._handed.values())
+
+
 def from_uri(
     uri: str,
     *,
@@ -651,10 +1257,11 @@ def from_uri(
     claim_idle_ms: int | None = None,
     block_ms: int | None = None,
     count: int | None = None,
-) -> RedisStreamSource:
+) -> RedisStreamSource | PartitionedRedisSource:
     """The source a ``redis://`` URI names (not opened yet); ConfigError if the URI is bad.
 
-    Keyword arguments, when given, win over the URI's parameters of the same name.
+    Keyword arguments, when given, win over the URI's parameters of the same name. With
+    ``partitions`` above 1 it is a :class:`PartitionedRedisSource`.
     """
     address = parse_uri(uri)
     for name, value, minimum in (
@@ -670,4 +1277,6 @@ def from_uri(
         block_ms=address.block_ms if block_ms is None else block_ms,
         count=address.count if count is None else count,
     )
+    if address.partitions > 1:
+        return PartitionedRedisSource(address, consumer=consumer)
     return RedisStreamSource(address, consumer=consumer)
