@@ -11,11 +11,9 @@ import collections
 import contextlib
 import ctypes
 import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import queue
 import shutil
 import signal
@@ -32,6 +30,15 @@ from typing import Any
 
 import orjson
 
+from worker.bench.processes import (  # shared with `contact-worker bench`
+    BenchError,
+    PeakWatcher,
+    clean_env,
+    cli_command,
+    machine,
+    status_mb,
+    system_busy_s,
+)
 from worker.sim.stream import StreamSpec, generate_lines, write_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,19 +51,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
 
 
-class BenchError(RuntimeError):
-    """A run failed or misbehaved: the message says what and where its log is."""
-
-
 # -- commands -----------------------------------------------------------------------------------
-
-
-def cli_command() -> list[str]:
-    """The ``contact-worker`` console script of this interpreter's environment."""
-    script = BIN / "contact-worker"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "worker.cli"]
 
 
 def _die_with_harness() -> None:
@@ -225,11 +220,6 @@ class SimulatorProcess:
             self._log = None
 
 
-def clean_env() -> dict[str, str]:
-    """This environment without WORKER_*/SMSGW_* settings that would bend a run."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "SMSGW_"))}
-
-
 @dataclass
 class WorkerRun:
     """One finished worker process: what it cost and what it said."""
@@ -304,43 +294,6 @@ def _read_log(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
                 if name == "summary":
                     summary = obj
     return summary, dict(events)
-
-
-def status_mb(pid: int | str, key: str) -> float | None:
-    """A memory line of /proc/PID/status (``VmHWM``, ``VmRSS``) in MiB; None if not there."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-class PeakWatcher:
-    """Polls a process's VmHWM (a monotone high-water mark) until stopped; keeps the largest."""
-
-    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
-        self.pid = pid
-        self.interval_s = interval_s
-        self.peak_mb: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            value = status_mb(self.pid, "VmHWM")
-            if value is not None and (self.peak_mb is None or value > self.peak_mb):
-                self.peak_mb = value
-            self._stop.wait(self.interval_s)
-
-    def stop(self) -> float | None:
-        """Stop polling; the peak seen, None if the process was never seen."""
-        self._stop.set()
-        self._thread.join()
-        return self.peak_mb
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -444,13 +397,6 @@ def run_worker(
         events=events,
         log_path=str(log_path),
     )
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / CLK_TCK
 
 
 @dataclass
@@ -644,27 +590,6 @@ class Report:
         }
         path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
         return path
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    try:
-        loop = f"uvloop {importlib.metadata.version('uvloop')}"
-    except importlib.metadata.PackageNotFoundError:
-        loop = "asyncio"
-    return {
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "event_loop": loop,
-        "platform": platform.platform(),
-    }
 
 
 def worker_entry(code: str | None, name: str) -> list[str]:

@@ -9,20 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
-from worker.bench.harness import Display, Harness, PlainDisplay
+from worker.bench.display import Display, PlainDisplay, RichDisplay
+from worker.bench.harness import Harness
 from worker.bench.processes import BenchError, Quiet
 from worker.bench.scenario import ScenarioError, load_scenario
 
@@ -59,55 +48,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="before each run, wait up to S s for other processes to go quiet (0)",
     )
     p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
-
-
-class RateColumn(ProgressColumn):
-    """Lines acknowledged per second."""
-
-    def render(self, task: Task) -> Text:
-        """The task's speed, if known."""
-        speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.0f} changes/s", style="cyan")
-
-
-class RichDisplay:
-    """A progress bar per run (rate and ETA), the finished runs logged above it."""
-
-    def __init__(self, console: Console) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task: TaskID | None = None
-        self.label = ""
-
-    def start(self, label: str, total: int) -> None:
-        """See :class:`worker.bench.harness.Display`."""
-        self.label = label
-        self.task = self.progress.add_task(label, total=total)
-
-    def update(self, done: int) -> None:
-        """See :class:`worker.bench.harness.Display`."""
-        if self.task is not None:
-            self.progress.update(self.task, completed=done)
-
-    def finish(self, message: str) -> None:
-        """See :class:`worker.bench.harness.Display`."""
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-            self.task = None
-        self.progress.console.print(f"  {self.label}: {message}", highlight=False)
-
-    def note(self, message: str) -> None:
-        """See :class:`worker.bench.harness.Display`."""
-        self.progress.console.print(f"[bold]{message}[/bold]", highlight=False)
 
 
 def _fmt(value: float | None, pattern: str) -> str:

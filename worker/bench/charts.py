@@ -49,15 +49,27 @@ def _versus(
     if any(y is not None for y in limit):
         ax.plot(xs, limit, "k--", label="limit: the time the rate allows")
     for who in ("contact-worker", "per-change", "batch-fallback"):
-        points = [
-            (x, dict(_runs(v))[who]["contacts_per_s"])
-            for x, v in zip(xs, variants, strict=True)
-            if who in dict(_runs(v))
-        ]
+        points, limits = [], []
+        for x, v in zip(xs, variants, strict=True):
+            row = dict(_runs(v)).get(who)
+            if row is None:
+                continue
+            points.append((x, row["contacts_per_s"]))
+            limit_s = row.get("limits", v["limits"])["limit_s"]
+            if who != "contact-worker" and limit_s:
+                limits.append((x, row["contacts"] / limit_s))
         if points:
             ax.plot(*zip(*points, strict=True), "o-", color=COLOURS[who], label=who)
+        if limits and limits != [(x, y) for x, y in zip(xs, limit, strict=True)]:
+            ax.plot(
+                *zip(*limits, strict=True),
+                ":",
+                color=COLOURS[who],
+                alpha=0.7,
+                label=f"limit for the lines {who} replayed",
+            )
     ax.set_xlabel(x_label)
-    ax.set_ylabel("contacts applied per second")
+    ax.set_ylabel("contacts settled per second")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

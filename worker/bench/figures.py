@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,6 +54,11 @@ class InputFacts:
         return asdict(self) | {"unknown_share": self.unknown_share}
 
 
+def known_below(known_count: int) -> Callable[[str], bool]:
+    """The simulator's rule for ``--known-count N``: exactly "1".."N" exist."""
+    return lambda key: key.isdigit() and key[0] != "0" and int(key) <= known_count
+
+
 def facts_of(lines: Iterable[bytes], known_count: int) -> InputFacts:
     """Count lines, valid changes and distinct (unknown) IDs; known IDs are "1".."known_count"."""
     count = changes = 0
@@ -64,9 +69,8 @@ def facts_of(lines: Iterable[bytes], known_count: int) -> InputFacts:
         if type(item) is Change:
             changes += 1
             ids.add(item.key)
-    unknown = sum(
-        1 for key in ids if not (key.isdigit() and key[0] != "0" and int(key) <= known_count)
-    )
+    is_known = known_below(known_count)
+    unknown = sum(1 for key in ids if not is_known(key))
     return InputFacts(count, changes, count - changes, len(ids), unknown)
 
 
@@ -172,6 +176,9 @@ def run_figures(
         problems.append(f"ended {summary.get('ending')}")
     if int(_get(summary, "acked")) != facts.lines:
         problems.append(f"acknowledged {int(_get(summary, 'acked'))} of {facts.lines} lines")
+    mismatches = summary.get("state_mismatches")
+    if mismatches:
+        problems.append(f"{mismatches} contacts at the API differ from their last-written values")
     return {
         "who": who,
         "lines": facts.lines,
@@ -181,7 +188,8 @@ def run_figures(
         "wall_s": wall_s,
         "changes_per_s": ratio(records, elapsed),
         "contacts_applied": int(contacts),
-        "contacts_per_s": ratio(contacts, elapsed),
+        "contacts_per_s": ratio(facts.contacts, elapsed),
+        "updates_per_s": ratio(contacts, elapsed),
         "requests": int(requests),
         "requests_429": int(throttled),
         "requests_per_s": ratio(requests, elapsed),
@@ -198,7 +206,9 @@ def run_figures(
         "cpu_s_per_100k_changes": ratio(cpu_s * 100_000, records),
         "peak_rss_mb": peak_rss_mb,
         "time_ratio": ratio(elapsed, limits.limit_s),
+        "own_rate_ratio": ratio(elapsed, ratio(requests - throttled, limits.rate)),
         "bound_ratio": ratio(ratio(requests - throttled, facts.contacts), limits.bound_per_contact),
+        "state_mismatches": mismatches,
         "problems": problems,
     }
 
@@ -272,7 +282,7 @@ def goal(
         "goal": name,
         "variant": variant,
         "value": value,
-        "target": f"{'<=' if most else '>='} {target:.3g}",
+        "target": f"{'<=' if most else '>='} {target:.4g}",
         "met": met,
     }
 

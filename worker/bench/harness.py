@@ -12,15 +12,17 @@ import json
 import math
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from worker.bench import figures
+from worker.bench.display import Display, PlainDisplay
 from worker.bench.histogram import Histogram
 from worker.bench.probe import PROBE_OUT_ENV
 from worker.bench.processes import (
@@ -32,54 +34,14 @@ from worker.bench.processes import (
     SimulatorProcess,
     clean_env,
     machine,
+    own_cpu_s,
     run_process,
+    system_busy_s,
     tail,
 )
+from worker.bench.replay import replay
 from worker.bench.scenario import Scenario, Variant
-from worker.sim.stream import StreamSpec, write_file
-
-
-class Display(Protocol):
-    """Where progress goes (a rich progress bar, or nothing)."""
-
-    def start(self, label: str, total: int) -> None:
-        """A run of ``total`` lines begins."""
-
-    def update(self, done: int) -> None:
-        """``done`` lines of the current run are acknowledged."""
-
-    def finish(self, message: str) -> None:
-        """The current run ended; one line about it."""
-
-    def note(self, message: str) -> None:
-        """Something worth a line of its own."""
-
-
-class PlainDisplay:
-    """Progress as occasional plain lines on stderr (no terminal tricks)."""
-
-    def __init__(self, interval_s: float = 5.0) -> None:
-        self.interval_s = interval_s
-        self._label, self._total, self._last = "", 0, 0.0
-
-    def start(self, label: str, total: int) -> None:
-        """See :class:`Display`."""
-        self._label, self._total, self._last = label, total, time.monotonic()
-        self.note(f"{label}: {total:,} lines")
-
-    def update(self, done: int) -> None:
-        """See :class:`Display`."""
-        if time.monotonic() - self._last >= self.interval_s:
-            self._last = time.monotonic()
-            self.note(f"{self._label}: {done:,}/{self._total:,}")
-
-    def finish(self, message: str) -> None:
-        """See :class:`Display`."""
-        self.note(f"{self._label}: {message}")
-
-    def note(self, message: str) -> None:
-        """See :class:`Display`."""
-        print(f"[bench] {message}", file=sys.stderr, flush=True)
+from worker.sim.stream import StreamSpec, expected_final_state, write_file
 
 
 @dataclass
@@ -91,6 +53,9 @@ class Harness:
     quiet: Quiet = field(default_factory=Quiet)
     cache: Path | None = None
     python: str = sys.executable
+    _baselines_done: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = field(
+        default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         # The children run in their run's directory: every path handed to them is absolute.
@@ -234,6 +199,7 @@ class Harness:
                 f"{w.suspect_ttl_s:g}",
             ]
             log = run_dir / "worker.log"
+            busy, own, sim_before = system_busy_s(), own_cpu_s(), sim.cpu_s() or 0.0
             run, _ = self._run(
                 f"{variant.label}: contact-worker",
                 command,
@@ -243,7 +209,12 @@ class Harness:
                 timeout_s=timeout_s,
                 feed=(source, variant.stream.arrival_rate) if stream else None,
             )
-            sim_stats, sim_cpu = sim.stats(), sim.cpu_s()
+            sim_cpu = (sim.cpu_s() or 0.0) - sim_before
+            # Everything the cores did meanwhile, less the worker (reaped: in our children's
+            # times), the simulator and this harness: what other processes took.
+            others = system_busy_s() - busy - (own_cpu_s() - own) - sim_cpu
+            mismatches = self.check_state(sim, source, variant.stream.contacts)
+            sim_stats = sim.stats()
         summary, counts = read_log(log)
         if run.returncode != 0 or not summary:
             raise BenchError(f"worker exited {run.returncode}; log {log}:\n{tail(log)}")
@@ -252,11 +223,12 @@ class Harness:
             latency = Histogram.from_json(json.loads(probe_out.read_text())["latency"])
         return {
             "run": run,
-            "summary": summary,
+            "summary": summary | {"state_mismatches": mismatches},
             "events": counts,
             "latency": latency,
             "sim": sim_stats,
             "sim_cpu_s": sim_cpu,
+            "others_cpu_pct": round(100 * max(0.0, others) / run.wall_s, 1),
         }
 
     def run_baseline(
@@ -282,12 +254,32 @@ class Harness:
                 timeout_s=timeout_s,
                 feed=(source, variant.stream.arrival_rate) if stream else None,
             )
+            mismatches = self.check_state(sim, source, variant.stream.contacts)
             sim_stats = sim.stats()
         summary = events.get("summary")
         if run.returncode != 0 or summary is None:
             raise BenchError(f"baseline {kind} exited {run.returncode}; log {log}:\n{tail(log)}")
         latency = Histogram.from_json(summary.pop("latency"))
+        summary["state_mismatches"] = mismatches
         return {"run": run, "summary": summary, "latency": latency, "sim": sim_stats}
+
+    def check_state(self, sim: SimulatorProcess, source: Path, known: int) -> int:
+        """Contacts whose state at the API differs from their last-written values.
+
+        Waits first for the simulator to finish the requests it still holds (a request whose
+        client timed out is still applied, like on a real server).
+        """
+        deadline = time.monotonic() + 30
+        while sim.stats().get("in_flight", 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with urllib.request.urlopen(sim.url + "/_sim/contacts", timeout=60) as resp:
+            state = orjson.loads(resp.read())
+        with open(source, "rb") as f:
+            expected = expected_final_state(f)
+        is_known = figures.known_below(known)
+        return sum(
+            1 for key, fields in expected.items() if is_known(key) and state.get(key) != fields
+        )
 
     # -- a variant, a scenario ---------------------------------------------------------------
 
@@ -310,6 +302,12 @@ class Harness:
             limits=limits,
         )
         worker["simulator"] = _sim_figures(measured["sim"], measured["sim_cpu_s"])
+        worker["others_cpu_pct"] = measured["others_cpu_pct"]
+        if measured["others_cpu_pct"] > 25:
+            worker["problems"].append(
+                f"other processes used {measured['others_cpu_pct']:.0f}% of a core meanwhile:"
+                " the figures are not the worker's alone"
+            )
         self.display.finish(_finished(worker))
         check = figures.model_check(prediction, worker)
         result: dict[str, Any] = {
@@ -323,39 +321,79 @@ class Harness:
             "model": {**check, "plan": prediction["plan"]},
             "goals": figures.goals_for(variant, worker, check),
         }
-        if variant.baselines.max_changes and variant.baselines.kinds:
-            prefix, prefix_facts = self.prefix_file(
-                source, variant.baselines.max_changes, variant.stream.contacts
-            )
-            prefix_limits = figures.limits_of(prefix_facts, variant)
-            result["baseline_input"] = prefix_facts.to_json()
-            result["baseline_limits"] = prefix_limits.to_json()
-            rate = limits.rate or math.inf
-            budget = 120 + 4 * max(prefix_facts.lines / rate, prefix_limits.limit_s or 0)
-            for kind in variant.baselines.kinds:
-                got = self.run_baseline(
-                    kind,
-                    variant,
-                    prefix,
-                    prefix_facts.lines,
-                    variant.run.timeout_s or budget,
-                    run_dir,
+        if facts.unknown:
+            with open(source, "rb") as f:
+                replayed = replay(
+                    f,
+                    figures.known_below(variant.stream.contacts),
+                    batch_size=variant.worker.batch_size,
+                    max_waiting=variant.worker.max_waiting,
                 )
-                row = figures.run_figures(
-                    kind,
-                    got["summary"],
-                    got["latency"],
-                    wall_s=got["run"].wall_s,
-                    cpu_s=got["run"].cpu_s,
-                    peak_rss_mb=got["run"].peak_rss_mb,
-                    facts=prefix_facts,
-                    limits=prefix_limits,
-                )
-                row["simulator"] = _sim_figures(got["sim"], None)
-                result["baselines"][kind] = row
-                result["latency_histograms"][kind] = got["latency"].to_json()
-                self.display.finish(_finished(row))
+            result["replay"] = replayed.to_json()
+        for kind in variant.baselines.kinds:
+            lines = variant.baselines.lines_for(kind)
+            if lines:
+                self._baseline(kind, lines, variant, source, limits, run_dir, result)
         return result
+
+    def _baseline(
+        self,
+        kind: str,
+        lines: int,
+        variant: Variant,
+        source: Path,
+        limits: figures.Limits,
+        run_dir: Path,
+        result: dict[str, Any],
+    ) -> None:
+        """Run one baseline on the first ``lines`` lines; add its figures to ``result``.
+
+        A baseline whose settings did not change since an earlier variant (per-change does not
+        batch, so a batch-size sweep leaves it alone) is not run again: its figures are reused.
+        """
+        prefix, facts = self.prefix_file(source, lines, variant.stream.contacts)
+        w = variant.worker
+        key = (
+            kind,
+            prefix,
+            variant.api,
+            variant.stream.arrival_rate,
+            w.rate,
+            w.concurrency,
+            w.request_timeout_s,
+            (w.batch_size, w.linger_ms) if kind != "per-change" else None,
+        )
+        prefix_limits = figures.limits_of(facts, variant)
+        reused = self._baselines_done.get(key)
+        if reused is None:
+            rate = limits.rate or math.inf
+            budget = 120 + 4 * max(facts.lines / rate, prefix_limits.limit_s or 0)
+            timeout = variant.run.timeout_s or budget
+            got = self.run_baseline(kind, variant, prefix, facts.lines, timeout, run_dir)
+            self._baselines_done[key] = (variant.label, got)
+        else:
+            got = reused[1]
+            self.display.note(f"{variant.label}: baseline {kind}: as run for {reused[0]}")
+        # Figures afresh: the limits (batch size) may differ from the variant it was run for.
+        row = figures.run_figures(
+            kind,
+            got["summary"],
+            got["latency"],
+            wall_s=got["run"].wall_s,
+            cpu_s=got["run"].cpu_s,
+            peak_rss_mb=got["run"].peak_rss_mb,
+            facts=facts,
+            limits=prefix_limits,
+        )
+        if reused is not None:
+            row["same_run_as"] = reused[0]
+        row["simulator"] = _sim_figures(got["sim"], None)
+        row["input"] = facts.to_json()
+        row["limits"] = prefix_limits.to_json()
+        result["baselines"][kind] = row
+        result["latency_histograms"][kind] = got["latency"].to_json()
+        if reused is None:
+            self.display.finish(_finished(row))
 
     def run(self, scenario: Scenario) -> dict[str, Any]:
         """Run every variant of a scenario; the report's data."""

@@ -2,14 +2,15 @@
 
 A worker drains a backlog as fast as the slowest of three limits allows:
 
-* the API's rate: ``requests / R`` (the token bucket starts full: the first R are free);
+* the API's rate: ``requests / R`` (less what the full token bucket lets go at once);
 * latency: ``requests * (latency + overhead) / concurrency``, each sender waits for its answer;
 * CPU: one worker process is one core; ``changes * c_change + requests * c_request``.
 
 How many requests: changes coalesce per ID while they wait. With at most ``max_waiting``
 changes held, an ID's changes merge within a sliding window of that many changes, so a backlog
-of ``N`` changes over ``n`` uniformly changed IDs needs about ``n (1 - e^(-N/n))`` contact
-updates when it fits in the window, else ``N n / (W + n)``. Updates go in batches of ``B``;
+of ``N`` changes over ``n`` uniformly changed IDs needs ``n`` contact
+updates when it fits in the window, else ``N n / (W + n)`` (each ID's cycle: W changes
+waiting, then on average n changes until its next one). Updates go in batches of ``B``;
 a batch holding an unknown ID is halved as ``worker.core.split`` does (expected cost from
 :func:`worker.bench.bounds.expected_requests`); an unknown ID seen again is sent alone.
 Transient errors (share ``e``) cost ``1 / (1 - e)`` attempts per request.
@@ -29,6 +30,10 @@ CPU_US_PER_REQUEST = 100.0
 """Worker CPU per request (body, HTTP round trip in aiohttp, bookkeeping)."""
 OVERHEAD_MS = 1.0
 """Time a request takes beyond the API's latency (client, loopback, server parsing)."""
+READ_US_PER_CHANGE = 6.0
+"""How fast the worker reads and decodes a backlog, per change (measured)."""
+READ_CHUNK_CHANGES = 5_000
+"""Changes the reader decodes without yielding (one 256 KiB read of ~50-byte lines)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class PlanInputs:
     cpu_us_per_change: float = CPU_US_PER_CHANGE
     cpu_us_per_request: float = CPU_US_PER_REQUEST
     overhead_ms: float = OVERHEAD_MS
+    read_us_per_change: float = READ_US_PER_CHANGE
 
     def __post_init__(self) -> None:
         problems = []
@@ -123,13 +129,46 @@ class Plan:
 
 
 def coalesced_sends(changes: int, contacts: int, max_waiting: int) -> float:
-    """Contact updates a backlog needs once changes to one ID merge while they wait."""
+    """Contact updates a backlog of ``changes`` to ``contacts`` distinct IDs needs, once the
+    changes to one ID merge while they wait (within a window of ``max_waiting`` changes)."""
     if changes <= 0 or contacts <= 0:
         return 0.0
-    appearing = contacts * -math.expm1(-changes / contacts)
     if changes <= max_waiting:
-        return appearing
-    return max(appearing, changes * contacts / (max_waiting + contacts))
+        return float(contacts)
+    return max(float(contacts), changes * contacts / (max_waiting + contacts))
+
+
+def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
+    """Updates sent again because their batch left before the rest of the backlog was read.
+
+    A full batch goes at once, also while the backlog is still being read: under a rate limit
+    the token bucket starts full, so requests go as fast as answers come back until it is
+    empty (the reader, busy decoding chunks, slows the answers down), then ``R`` a second. An
+    ID whose batch left when a share ``f`` of the backlog was read goes again if it changes in
+    the rest: with probability ``1 - e^(-m (1 - f))``, ``m`` its changes beyond the first.
+    """
+    changes = inputs.backlog
+    more = changes / contacts - 1 if contacts else 0.0
+    if not rate or more <= 0 or changes > inputs.max_waiting:
+        return 0.0  # no burst, nothing to send again, or the window formula covers it
+    fill_s = changes * inputs.read_us_per_change / 1e6
+    chunk_s = READ_CHUNK_CHANGES * inputs.read_us_per_change / 1e6
+    round_trip = (inputs.latency_ms + inputs.overhead_ms) / 1000 + chunk_s / 2
+    answers = inputs.concurrency / round_trip
+    per_batch = expected_requests(inputs.batch_size, inputs.unknown_share)
+    steps = 200
+    dt = fill_s / steps
+    tokens, sent, again = rate, 0.0, 0.0
+    for step in range(1, steps + 1):
+        f = step / steps
+        tokens = min(rate, tokens + rate * dt)
+        readable = contacts * -math.expm1(-changes * f / contacts) / inputs.batch_size - sent
+        batches = max(0.0, min(answers * dt, tokens) / per_batch)
+        batches = min(batches, max(0.0, readable))
+        tokens -= batches * per_batch
+        sent += batches
+        again += batches * inputs.batch_size * -math.expm1(-more * (1 - f))
+    return again
 
 
 def _requests(sends: float, distinct: float, inputs: PlanInputs, fill: float) -> tuple[float, ...]:
@@ -143,49 +182,86 @@ def _requests(sends: float, distinct: float, inputs: PlanInputs, fill: float) ->
     size = max(1, round(fill))
     per_batch = expected_requests(size, share) if batches else 0.0
     new = float(batches + alone)
-    isolation = batches * (per_batch - 1.0)
+    isolation = batches * max(0.0, per_batch - 1.0)
     retry = (new + isolation) * inputs.error_rate / (1.0 - inputs.error_rate)
     return new, isolation, retry
+
+
+@dataclass(frozen=True)
+class _Drain:
+    """What draining one backlog takes."""
+
+    sends: float
+    new: float
+    isolation: float
+    retry: float
+    limits: dict[str, float]
+    drain_s: float
+
+    @property
+    def requests(self) -> float:
+        """All requests: new, isolating, retried."""
+        return self.new + self.isolation + self.retry
+
+    @property
+    def bottleneck(self) -> str:
+        """The limit that binds."""
+        return max(self.limits, key=lambda k: self.limits[k])
+
+
+def _drain(inputs: PlanInputs, backlog: int, contacts: int, rate: float) -> _Drain:
+    """Requests and time to drain ``backlog`` changes to ``contacts`` distinct IDs."""
+    sends = coalesced_sends(backlog, contacts, inputs.max_waiting)
+    if backlog == inputs.backlog:
+        sends = min(float(backlog), sends + early_sends(inputs, contacts, rate))
+    new, isolation, retry = _requests(sends, contacts, inputs, inputs.batch_size)
+    requests = new + isolation + retry
+    per_request = (inputs.latency_ms + inputs.overhead_ms) / 1000
+    # The token bucket starts full, but the first requests of each sender wait for batches to
+    # form: measured, a drain gains (R - concurrency) / R seconds, not a whole second.
+    burst = max(0.0, rate - inputs.concurrency)
+    cpu_us = backlog * inputs.cpu_us_per_change + requests * inputs.cpu_us_per_request
+    limits = {
+        "api_rate": max(0.0, requests - burst) / rate if rate else 0.0,
+        "latency": requests * per_request / inputs.concurrency,
+        "cpu": cpu_us / 1e6,
+    }
+    drain = max(limits.values()) + (per_request if requests else 0.0)
+    return _Drain(sends, new, isolation, retry, limits, drain)
 
 
 def plan(inputs: PlanInputs) -> Plan:
     """Predict throughput, requests, drain time and replicas."""
     rate = effective_rate(inputs.worker_rate or inputs.api_rate, inputs.api_rate)
     n = inputs.backlog if inputs.contacts is None else inputs.contacts
-    sends = coalesced_sends(inputs.backlog, n, inputs.max_waiting)
-    distinct = n * -math.expm1(-inputs.backlog / n) if n else 0.0
-    new, isolation, retry = _requests(sends, distinct, inputs, inputs.batch_size)
-    requests = new + isolation + retry
-    latency = inputs.latency_ms / 1000
-    per_request = latency + inputs.overhead_ms / 1000
-    limits = {
-        "api_rate": max(0.0, requests - rate) / rate if rate else 0.0,
-        "latency": requests * per_request / inputs.concurrency,
-        "cpu": (inputs.backlog * inputs.cpu_us_per_change + requests * inputs.cpu_us_per_request)
-        / 1e6,
-    }
-    bottleneck = max(limits, key=lambda k: limits[k])
-    drain = limits[bottleneck] + (per_request if requests else 0.0)
-    capacity = inputs.backlog / drain * 3600 if drain > 0 else 0.0
-    per_hour, utilisation = _steady(inputs, rate, capacity, requests, drain)
-    replicas, note = _replicas(inputs, limits, rate, capacity, per_request)
+    backlog = _drain(inputs, inputs.backlog, n, rate)
+    # What one worker sustains: a backlog's drain rate, or an hour's inflow drained at once.
+    volume = inputs.changes_per_hour
+    reference = backlog
+    if not inputs.backlog and volume > 0:
+        reference = _drain(inputs, math.ceil(volume), math.ceil(volume), rate)
+    reference_changes = inputs.backlog or math.ceil(volume)
+    capacity = reference_changes / reference.drain_s * 3600 if reference.drain_s else 0.0
+    per_hour, utilisation = _steady(inputs, rate, backlog.requests, backlog.drain_s)
+    replicas, note = _replicas(inputs, backlog, reference, rate, capacity)
+    drain = backlog.drain_s
     return Plan(
         inputs=inputs,
         rate=rate,
-        sends=sends,
-        requests_new=new,
-        requests_isolation=isolation,
-        requests_retry=retry,
-        requests=requests,
+        sends=backlog.sends,
+        requests_new=backlog.new,
+        requests_isolation=backlog.isolation,
+        requests_retry=backlog.retry,
+        requests=backlog.requests,
         bound_requests=information_bound(round(n), inputs.unknown_share, inputs.batch_size),
-        rate_s=limits["api_rate"],
-        latency_s=limits["latency"],
-        cpu_s=limits["cpu"],
+        rate_s=backlog.limits["api_rate"],
+        latency_s=backlog.limits["latency"],
+        cpu_s=backlog.limits["cpu"],
         drain_s=drain,
-        bottleneck=bottleneck,
+        bottleneck=backlog.bottleneck if inputs.backlog else reference.bottleneck,
         changes_per_s=inputs.backlog / drain if drain else 0.0,
-        contacts_per_s=sends / drain if drain else 0.0,
-        requests_per_s=requests / drain if drain else 0.0,
+        contacts_per_s=backlog.sends / drain if drain else 0.0,
+        requests_per_s=backlog.requests / drain if drain else 0.0,
         capacity_changes_per_hour=capacity,
         requests_per_hour=per_hour,
         utilisation=utilisation,
@@ -195,7 +271,7 @@ def plan(inputs: PlanInputs) -> Plan:
 
 
 def _steady(
-    inputs: PlanInputs, rate: float, capacity: float, requests: float, drain: float
+    inputs: PlanInputs, rate: float, requests: float, drain: float
 ) -> tuple[float, float | None]:
     """Requests/hour for the steady inflow, and the share of the rate limit they use."""
     volume = inputs.changes_per_hour
@@ -211,11 +287,7 @@ def _steady(
 
 
 def _replicas(
-    inputs: PlanInputs,
-    limits: dict[str, float],
-    rate: float,
-    capacity: float,
-    per_request: float,
+    inputs: PlanInputs, backlog: _Drain, reference: _Drain, rate: float, capacity: float
 ) -> tuple[int | None, str]:
     """Replicas (each with rate/replicas and its share of the IDs) to meet the target."""
     target = inputs.target_drain_s
@@ -223,24 +295,25 @@ def _replicas(
     if target is None and volume <= 0:
         return 1, "no target given: one worker"
     # The API's rate limit is the account's: replicas share it, only latency and CPU scale.
-    scalable = max(limits["latency"], limits["cpu"])
-    if target is not None:
-        budget = target - per_request
+    if target is not None and inputs.backlog:
+        limits = backlog.limits
+        budget = target - (inputs.latency_ms + inputs.overhead_ms) / 1000
         if budget <= 0 or limits["api_rate"] > budget:
             return None, (
                 f"unreachable: the API rate limit alone needs {limits['api_rate']:.0f} s; "
-                "raise the batch size or the API's limit"
+                "fewer requests (batch size, --max-waiting) or a higher limit could"
             )
-        count = max(1, math.ceil(scalable / budget))
+        count = max(1, math.ceil(max(limits["latency"], limits["cpu"]) / budget))
         return count, f"{count} worker(s), IDs partitioned by hash, --rate {rate / count:g} each"
-    sustained = capacity
-    if sustained <= 0:
+    if volume <= 0 or capacity <= 0:
         return 1, "nothing to drain"
-    if rate and limits["api_rate"] >= scalable:
-        return None if volume > capacity else 1, (
-            "bound by the API's rate limit: more workers do not help"
-            if volume > capacity
-            else "one worker keeps up"
+    if volume <= capacity:
+        return 1, f"one worker keeps up with {volume:,.0f} changes/hour"
+    limits = reference.limits
+    if rate and limits["api_rate"] >= max(limits["latency"], limits["cpu"]):
+        return None, (
+            f"unreachable: the API rate limit caps the account at {capacity:,.0f} changes/hour "
+            f"(at batch size {inputs.batch_size}); more workers do not help"
         )
-    count = max(1, math.ceil(volume / sustained))
-    return count, f"{count} worker(s) for {volume:,.0f} changes/hour"
+    count = max(1, math.ceil(volume / capacity))
+    return count, f"{count} worker(s) for {volume:,.0f} changes/hour, IDs partitioned by hash"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -152,45 +153,54 @@ def render(result: Plan) -> str:
     """The prediction for people."""
     i = result.inputs
     rate = f"{result.rate:g} requests/s" if result.rate else "no rate limit"
-    rows = [
-        ("rate that binds", rate),
-        (
-            "contact updates",
-            f"{result.sends:,.0f} after coalescing {i.backlog:,} changes "
-            f"over {i.contacts if i.contacts is not None else i.backlog:,} IDs",
-        ),
-        (
-            "requests",
-            f"{result.requests:,.0f} ({result.requests_new:,.0f} new, "
-            f"{result.requests_isolation:,.0f} isolating unknown IDs, "
-            f"{result.requests_retry:,.0f} retries); information bound "
-            f"{result.bound_requests:,.0f}",
-        ),
-        (
-            "drain time",
-            f"{_duration(result.drain_s)} (bound by {result.bottleneck}: rate "
-            f"{result.rate_s:.1f} s, latency {result.latency_s:.1f} s, CPU {result.cpu_s:.1f} s)",
-        ),
-        (
-            "throughput",
-            f"{result.changes_per_s:,.0f} changes/s, {result.contacts_per_s:,.0f} contacts/s, "
-            f"{result.requests_per_s:,.1f} requests/s",
-        ),
-        ("capacity", f"{result.capacity_changes_per_hour:,.0f} changes/hour per worker"),
-        (
-            "requests/hour",
-            f"{result.requests_per_hour:,.0f}"
-            + (
-                f" ({100 * result.utilisation:.0f}% of the rate limit)"
-                if result.utilisation is not None
-                else ""
+    rows = [("rate that binds", rate)]
+    if i.backlog:
+        contacts = i.contacts if i.contacts is not None else i.backlog
+        rows += [
+            (
+                "contact updates",
+                f"{result.sends:,.0f} after coalescing {i.backlog:,} changes over {contacts:,} IDs",
             ),
-        ),
-        (
-            "replicas",
-            f"{result.replicas if result.replicas is not None else '-'}: {result.replicas_note}",
-        ),
+            (
+                "requests",
+                f"{result.requests:,.0f} ({result.requests_new:,.0f} new, "
+                f"{result.requests_isolation:,.0f} isolating unknown IDs, "
+                f"{result.requests_retry:,.0f} retries); information bound "
+                f"{result.bound_requests:,.0f}",
+            ),
+            (
+                "drain time",
+                f"{_duration(result.drain_s)} (bound by {result.bottleneck}: rate "
+                f"{result.rate_s:.1f} s, latency {result.latency_s:.1f} s, "
+                f"CPU {result.cpu_s:.1f} s)",
+            ),
+            (
+                "throughput",
+                f"{result.changes_per_s:,.0f} changes/s, {result.contacts_per_s:,.0f} "
+                f"contacts/s, {result.requests_per_s:,.1f} requests/s",
+            ),
+        ]
+    share = (
+        f" ({100 * result.utilisation:.0f}% of the rate limit)"
+        if result.utilisation is not None
+        else ""
+    )
+    replicas = "-" if result.replicas is None else str(result.replicas)
+    rows += [
+        ("capacity", f"{result.capacity_changes_per_hour:,.0f} changes/hour per worker"),
+        ("requests/hour", f"{result.requests_per_hour:,.0f}{share}"),
+        ("replicas", f"{replicas}: {result.replicas_note}"),
     ]
+    if i.backlog > i.max_waiting:
+        held = plan(dataclasses.replace(i, max_waiting=i.backlog))
+        rows.append(
+            (
+                "max waiting",
+                f"the backlog is larger than --max-waiting {i.max_waiting:,}: changes to one ID "
+                f"merge only within that window; --max-waiting {i.backlog} would need "
+                f"{held.requests:,.0f} requests, {_duration(held.drain_s)}",
+            )
+        )
     if i.unknown_share > 0:
         best = best_batch_size(i.unknown_share)
         rows.append(("batch size", f"{best} needs the fewest requests per contact at this share"))

@@ -15,12 +15,18 @@ NOTES = (
     "requests needed = the information bound max(n/B, n·H(p)) for the n distinct IDs) or, for "
     "a stream, the time the input takes to arrive. The rate's token buckets start full, so a "
     "short run can beat it by up to one second's worth of requests.",
+    "contacts/s: distinct IDs settled (applied or dead-lettered) per second; updates/request: "
+    "contact updates applied per request (an ID sent twice counts twice).",
     "requests/contact: requests (429s left out) per distinct ID; × bound: that over the "
     "information bound per contact, max(1/B, H(p)).",
+    "× own requests/R: time over the time the rate allows for the requests the run did send "
+    "(429s left out): how fully it used the rate, whatever it sent.",
     "latency: change-to-ack, from the moment the change was read to the moment it was applied "
     "or dead-lettered (the worker's probe; the baselines' own clock).",
     "baselines replay only the first lines of the input (they are slow by design); their "
     "limits and bounds are computed for those lines.",
+    "problems under a table: lines not settled, contacts the simulated API does not hold as "
+    "last written (checked after each run), or other processes busy on the cores meanwhile.",
 )
 
 
@@ -62,11 +68,12 @@ RUN_HEADERS = [
     "lines",
     "time s",
     "× limit",
+    "× own requests/R",
     "changes/s",
     "contacts/s",
     "requests",
     "requests/s",
-    "contacts/request",
+    "updates/request",
     "requests/contact",
     "× bound",
     "isolation requests",
@@ -86,6 +93,7 @@ def run_row(row: Mapping[str, Any], name: str) -> list[Any]:
         row["lines"],
         row["elapsed_s"],
         row["time_ratio"],
+        row["own_rate_ratio"],
         row["changes_per_s"],
         row["contacts_per_s"],
         row["requests"],
@@ -111,6 +119,7 @@ def limit_row(limits: Mapping[str, Any], lines: int, name: str) -> list[Any]:
         limit_s,
         1.0 if limit_s else None,
         None,
+        None,
         (limits["contacts"] / limit_s) if limit_s else None,
         limits["requests_needed"],
         limits["rate"] or None,
@@ -130,11 +139,16 @@ def _side_by_side(variant: Mapping[str, Any]) -> str:
     rows = [run_row(variant["worker"], "contact-worker")]
     rows.append(limit_row(variant["limits"], variant["input"]["lines"], "limit (all lines)"))
     baselines = variant["baselines"]
-    if baselines:
-        first = variant["baseline_input"]["lines"]
-        for kind, row in baselines.items():
-            rows.append(run_row(row, f"{kind} (first {first:,} lines)"))
-        rows.append(limit_row(variant["baseline_limits"], first, f"limit (first {first:,})"))
+    shown: set[int] = set()
+    for kind, row in baselines.items():
+        first = row["input"]["lines"]
+        part = "all lines" if first == variant["input"]["lines"] else f"first {first:,} lines"
+        rows.append(run_row(row, f"{kind} ({part})"))
+    for row in baselines.values():
+        first = row["input"]["lines"]
+        if first not in shown and first != variant["input"]["lines"]:
+            shown.add(first)
+            rows.append(limit_row(row["limits"], first, f"limit (first {first:,} lines)"))
     problems = [
         f"- {who}: {'; '.join(r['problems'])}"
         for who, r in [("contact-worker", variant["worker"]), *baselines.items()]
@@ -162,12 +176,17 @@ def _isolation(variants: Sequence[Mapping[str, Any]]) -> str | None:
             f"{bound:.4f}",
             versus(limits["plain_halving_per_contact"]),
             versus(limits["worker_halving_per_contact"]),
+            versus(v["replay"]["plain_per_contact"]) if "replay" in v else "-",
+            versus(v["replay"]["per_contact"]) if "replay" in v else "-",
             versus(v["worker"]["requests_per_contact"]),
         ]
         for kind in ("per-change", "batch-fallback"):
             base = v["baselines"].get(kind)
-            base_bound = v.get("baseline_limits", {}).get("bound_per_contact", bound)
-            row.append(versus(base["requests_per_contact"], base_bound) if base else "-")
+            if base is None:
+                row.append("-")
+            else:
+                base_bound = base["limits"]["bound_per_contact"]
+                row.append(versus(base["requests_per_contact"], base_bound))
         rows.append(row)
     if not rows:
         return None
@@ -179,6 +198,8 @@ def _isolation(variants: Sequence[Mapping[str, Any]]) -> str | None:
         "bound max(1/B, H(p))",
         "plain halving (expected)",
         "worker's halving (expected)",
+        "plain halving (replayed)",
+        "worker's core (replayed)",
         "contact-worker (measured)",
         "per-change",
         "batch-fallback",
@@ -228,7 +249,8 @@ def markdown(data: Mapping[str, Any], charts: Sequence[tuple[str, str]], chart_n
     if data["goals"]:
         parts += ["## Goals", ""]
         goal_rows = [
-            [g["goal"], g["variant"], g["value"], g["target"], g["met"]] for g in data["goals"]
+            [g["goal"], g["variant"], _cell(g["value"], 3), g["target"], g["met"]]
+            for g in data["goals"]
         ]
         parts += [table(["goal", "variant", "value", "target", "met"], goal_rows), ""]
     parts += ["## Side by side: contact-worker, the baselines, the limits", ""]
@@ -244,7 +266,9 @@ def markdown(data: Mapping[str, Any], charts: Sequence[tuple[str, str]], chart_n
             "Expected figures are exact for independent unknown IDs in full batches of B: "
             "plain halving sends both halves of a refused batch; the worker's halving does not "
             "send the second half when the first was applied (it must hold the culprit). "
-            "Measured figures include every request of the run.",
+            "Replayed: this input through the worker's pure core (worker.core.scheduler) "
+            "against a pure model of the API, all of it read before sending (no timing), and "
+            "the same first batches halved plainly. Measured: every request of the real run.",
             "",
         ]
     parts += ["## The capacity model (`contact-worker plan`) against the measured runs", ""]

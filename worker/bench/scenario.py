@@ -88,8 +88,17 @@ class BaselineConfig:
     """Which baselines run, on how much of the stream."""
 
     kinds: tuple[str, ...] = BASELINE_KINDS
-    max_changes: int = 2_000
-    """They replay the first N lines only (they are slow by design); 0: no baselines."""
+    max_changes: int | tuple[tuple[str, int], ...] = 2_000
+    """They replay the first N lines only (they are slow by design); 0: no baselines. A
+    table ``{per-change = 500, batch-fallback = 10_000}`` sets it per baseline."""
+
+    def lines_for(self, kind: str) -> int:
+        """How many lines the baseline ``kind`` replays (0: it does not run)."""
+        if kind not in self.kinds:
+            return 0
+        if isinstance(self.max_changes, int):
+            return self.max_changes
+        return dict(self.max_changes).get(kind, 0)
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,15 @@ def _latency(value: object) -> str:
     return text
 
 
+def _max_changes(value: object) -> int | tuple[tuple[str, int], ...]:
+    if not isinstance(value, Mapping):
+        return _int(0)(value)
+    unknown = [k for k in value if k not in BASELINE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown baseline {unknown[0]!r}; known: {', '.join(BASELINE_KINDS)}")
+    return tuple((str(k), _int(0)(v)) for k, v in value.items())
+
+
 def _kinds(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("expected a list of baseline names")
@@ -233,7 +251,7 @@ CHECKS: dict[str, dict[str, Callable[[object], Any]]] = {
         "max_waiting": _int(1),
         "suspect_ttl_s": _float(0.0),
     },
-    "baselines": {"kinds": _kinds, "max_changes": _int(0)},
+    "baselines": {"kinds": _kinds, "max_changes": _max_changes},
     "run": {"timeout_s": _float(0.0), "time_goal": _float(0.0), "model_goal": _float(0.0)},
 }
 
