@@ -1,0 +1,284 @@
+"""Benchmark of the durable inputs (issue 4): changes/s and worker CPU per change.
+
+For each input (``jsonl:`` as the reference, ``redis://``, ``postgresql://``) and 1 or 3
+replicas: fill the input with the same generated stream (``contact-worker enqueue``), start the
+replicas (``contact-worker run``, each its own process) against ``contact-worker simulate`` at
+zero latency, and time until the input is empty and the simulator has applied every contact;
+then SIGTERM. The worker CPU is read from /proc before the stop. Then the ``sqlite:`` ingest:
+``POST /v1/changes`` with 1,000-change bodies, one client, accepted changes/s.
+
+    .venv/bin/python benchmarks/inputs.py [--changes 100000] [--contacts 20000]
+
+Needs the local Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, database test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from worker.bench.processes import SimulatorProcess, clean_env, cli_command, machine, proc_cpu_s
+from worker.sim.stream import StreamSpec, generate_lines
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def pending(uri: str, partitions: int) -> int:
+    """Changes still in the input."""
+    if uri.startswith("redis"):
+        stream = uri.split("stream=")[1].split("&")[0]
+        keys = [stream] if partitions == 1 else [f"{stream}:{p}" for p in range(partitions)]
+        return sum(
+            int(
+                subprocess.run(
+                    ["redis-cli", "-u", REDIS, "XLEN", k],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            for k in keys
+        )
+    schema = uri.split("schema=")[1].split("&")[0]
+    out = subprocess.run(
+        ["psql", PG, "-tAc", f"SELECT count(*) FROM {schema}.contact_changes"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out)
+
+
+def cleanup(uri: str, partitions: int) -> None:
+    """Drop what the run created."""
+    if uri.startswith("redis"):
+        stream = uri.split("stream=")[1].split("&")[0]
+        keys = subprocess.run(
+            ["redis-cli", "-u", REDIS, "--scan", "--pattern", f"{stream}*"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        if keys:
+            subprocess.run(
+                ["redis-cli", "-u", REDIS, "DEL", *keys], capture_output=True, check=True
+            )
+    else:
+        schema = uri.split("schema=")[1].split("&")[0]
+        subprocess.run(
+            ["psql", PG, "-qc", f"DROP SCHEMA IF EXISTS {schema} CASCADE"],
+            capture_output=True,
+            check=True,
+        )
+
+
+def run_input(
+    kind: str, replicas: int, data: bytes, sim: SimulatorProcess, startup_cpu_s: float, tmp: Path
+) -> dict[str, Any]:
+    """One measured run of one input with this many replicas."""
+    cli = cli_command()
+    env = clean_env() | {
+        "SMSGW_API_URL": sim.url,
+        "SMSGW_CLIENT_ID": "demo",
+        "SMSGW_CLIENT_SECRET": "demo-secret",
+        "WORKER_HTTP_PORT": "0",
+        "WORKER_RATE": "0",
+        "WORKER_LINGER_MS": "5",
+        "WORKER_LOG_LEVEL": "warning",
+    }
+    tag = uuid.uuid4().hex[:10]
+    partitions = 1 if replicas == 1 else 6
+    stats = sim.stats()
+    before, requests_before = stats["contacts_applied"], stats["requests"]
+    if kind == "jsonl":
+        path = tmp / "in.jsonl"
+        path.write_bytes(data)
+        uri = f"jsonl:{path}"
+        env["WORKER_DLQ"] = f"jsonl:{tmp / 'dead.jsonl'}"
+    elif kind == "redis":
+        uri = f"{REDIS}?stream=bench:{tag}&partitions={partitions}&consumer=c"
+    else:
+        uri = f"{PG}?schema=bench_{tag}&partitions={partitions}"
+    if kind != "jsonl":
+        subprocess.run([*cli, "init", "--to", uri], check=True, capture_output=True, env=env)
+        subprocess.run(
+            [*cli, "enqueue", "--to", uri], input=data, check=True, capture_output=True, env=env
+        )
+    started = time.monotonic()
+    procs = []
+    for i in range(replicas):
+        source = uri if kind != "redis" else uri.replace("consumer=c", f"consumer=r{i}")
+        procs.append(
+            subprocess.Popen([*cli, "run", "--source", source], env=env, stderr=subprocess.DEVNULL)
+        )
+    cpu: dict[int, float] = {}
+    first_request: float | None = None
+    try:
+        while True:
+            if first_request is None and sim.stats()["requests"] > requests_before:
+                first_request = time.monotonic()
+            for p in procs:
+                cpu[p.pid] = proc_cpu_s(p.pid) or cpu.get(p.pid, 0.0)
+            if kind == "jsonl":
+                if procs[0].poll() is not None:
+                    break
+            elif pending(uri, partitions) == 0 and sim.stats()["requests"] > 0:
+                time.sleep(0.05)  # the last acks follow the last answers
+                if pending(uri, partitions) == 0:
+                    break
+            if time.monotonic() - started > 600:
+                raise RuntimeError(f"{kind} x{replicas} did not drain in 600 s")
+            time.sleep(0.02)
+        # From the first request on: interpreter start-up is not the input's cost.
+        elapsed = time.monotonic() - (first_request or started)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(60)
+        if kind != "jsonl":
+            cleanup(uri, partitions)
+    changes = data.count(b"\n")
+    cpu_s = sum(cpu.values()) - replicas * startup_cpu_s
+    return {
+        "input": kind,
+        "replicas": replicas,
+        "changes": changes,
+        "seconds": round(elapsed, 2),
+        "changes_per_s": round(changes / elapsed),
+        "worker_cpu_s": round(cpu_s, 2),
+        "cpu_us_per_change": round(1e6 * cpu_s / changes, 2),
+        "contacts_applied": sim.stats()["contacts_applied"] - before,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ingest(sim: SimulatorProcess, lines: list[bytes], tmp: Path, bodies: int) -> dict[str, Any]:
+    """POST /v1/changes with 1,000-change bodies from one client: accepted changes/s."""
+    port = free_port()
+    env = clean_env() | {
+        "SMSGW_API_URL": sim.url,
+        "SMSGW_CLIENT_ID": "demo",
+        "SMSGW_CLIENT_SECRET": "demo-secret",
+        "WORKER_RATE": "0",
+        "WORKER_INGEST_TOKEN": "bench",
+        "WORKER_LOG_LEVEL": "warning",
+        "WORKER_HTTP_PORT": str(port),
+    }
+    proc = subprocess.Popen(
+        [*cli_command(), "run", "--source", f"sqlite:{tmp / 'spool.db'}?high_water=100000000"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/v1/changes"
+    chunks = [
+        b"[" + b",".join(line.rstrip(b"\n") for line in lines[i : i + 1000]) + b"]"
+        for i in range(0, min(len(lines), 1000 * bodies), 1000)
+    ]
+    headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        latencies = []
+        accepted = 0
+        started = time.monotonic()
+        for body in chunks:
+            t0 = time.monotonic()
+            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                accepted += json.loads(resp.read())["accepted"]
+            latencies.append(time.monotonic() - t0)
+        elapsed = time.monotonic() - started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    latencies.sort()
+    return {
+        "bodies": len(chunks),
+        "accepted": accepted,
+        "accepted_per_s": round(accepted / elapsed),
+        "p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
+        "p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 2),
+    }
+
+
+def main() -> None:
+    """Run every input, print a Markdown table, write benchmarks/results/inputs.json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--changes", type=int, default=100_000)
+    parser.add_argument("--contacts", type=int, default=20_000)
+    parser.add_argument("--bodies", type=int, default=100, help="ingest requests")
+    args = parser.parse_args()
+    lines = list(
+        generate_lines(
+            StreamSpec(changes=args.changes, contacts=args.contacts, unknown_share=0.0, invalid=0)
+        )
+    )
+    data = b"".join(lines)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        with SimulatorProcess(
+            ["--latency", "0", "--known-count", str(args.contacts)], tmp / "sim.log"
+        ) as sim:
+            # What a replica burns starting up, measured on a one-line input.
+            startup = run_input("jsonl", 1, lines[0], sim, 0.0, tmp)["worker_cpu_s"]
+            for kind, replicas in (
+                ("jsonl", 1),
+                ("redis", 1),
+                ("redis", 3),
+                ("postgresql", 1),
+                ("postgresql", 3),
+            ):
+                results.append(run_input(kind, replicas, data, sim, startup, tmp))
+                print(json.dumps(results[-1]), flush=True)
+            reference = results[0]["cpu_us_per_change"]
+            for row in results:
+                row["cpu_vs_jsonl"] = round(row["cpu_us_per_change"] / reference, 2)
+            ingested = ingest(sim, lines, tmp, args.bodies)
+    print("\n| input | replicas | changes/s | worker CPU µs/change | × jsonl |")
+    print("|---|---|---|---|---|")
+    for row in results:
+        print(
+            f"| {row['input']} | {row['replicas']} | {row['changes_per_s']:,} | "
+            f"{row['cpu_us_per_change']} | {row['cpu_vs_jsonl']} |"
+        )
+    print(
+        f"\ningest: {ingested['accepted_per_s']:,} accepted changes/s "
+        f"({ingested['bodies']} bodies of 1,000; p50 {ingested['p50_ms']} ms, "
+        f"p99 {ingested['p99_ms']} ms)"
+    )
+    out = Path(__file__).parent / "results" / "inputs.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(
+        json.dumps({"machine": machine(), "runs": results, "ingest": ingested}, indent=2)
+    )
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
