@@ -11,10 +11,8 @@ import collections
 import contextlib
 import ctypes
 import datetime
-import json
 import math
 import os
-import queue
 import shutil
 import signal
 import statistics
@@ -22,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ import orjson
 from worker.bench.processes import (  # shared with `contact-worker bench`
     BenchError,
     PeakWatcher,
+    SimulatorProcess,
     clean_env,
     cli_command,
     machine,
@@ -138,86 +136,6 @@ def proc_cpu_s(pid: int) -> float | None:
     fields = stat[stat.rindex(")") + 2 :].split()
     # Fields after "pid (comm) ": state is field 3, utime 14 and stime 15 (1-based).
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-class SimulatorProcess:
-    """``contact-worker simulate --port 0`` in its own process, stopped on exit of the block."""
-
-    def __init__(self, options: Sequence[str], log_path: Path, startup_timeout_s: float = 30.0):
-        self.options = list(options)
-        self.log_path = log_path
-        self.startup_timeout_s = startup_timeout_s
-        self.url = ""
-        self.proc: subprocess.Popen[str] | None = None
-        self._log: Any = None
-        self._cpu_at_start = 0.0
-
-    def __enter__(self) -> SimulatorProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")  # closed in stop()
-        command = [*cli_command(), "simulate", "--port", "0", *self.options]
-        self.proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env=clean_env(),
-            preexec_fn=_die_with_harness,
-        )
-        lines: queue.Queue[str] = queue.Queue()
-        stdout = self.proc.stdout
-        assert stdout is not None
-        threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-        try:
-            first = lines.get(timeout=self.startup_timeout_s)
-        except queue.Empty:
-            self.stop()
-            raise BenchError(
-                f"simulator did not say 'listening on' within {self.startup_timeout_s} s;"
-                f" log: {self.log_path}"
-            ) from None
-        if not first.startswith("listening on "):
-            code = self.proc.poll()
-            self.stop()
-            raise BenchError(
-                f"simulator failed to start (exit {code}, said {first.strip()!r});"
-                f" log: {self.log_path}"
-            )
-        self.url = first.removeprefix("listening on ").strip()
-        self._cpu_at_start = proc_cpu_s(self.proc.pid) or 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stats(self) -> dict[str, Any]:
-        """The simulator's counters (``GET /_sim/stats``)."""
-        with urllib.request.urlopen(self.url + "/_sim/stats", timeout=10) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-        return data
-
-    def cpu_s(self) -> float | None:
-        """CPU seconds the simulator spent since it said it was listening."""
-        if self.proc is None:
-            return None
-        now = proc_cpu_s(self.proc.pid)
-        return None if now is None else now - self._cpu_at_start
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s; always reaps the process and closes the log."""
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 @dataclass
