@@ -240,33 +240,47 @@ Page = list[tuple[bytes, bytes | int]]
 """Entries as (ID, the change field's value, or _MISSING / _DELETED)."""
 
 _READ_SCRIPT = """
--- XREADGROUP (never blocking inside a script), the reply flattened into three strings that
--- cost one parse each instead of five per entry: IDs, the change fields' sizes (-1 for an
--- entry without one, -2 for an entry deleted while pending), and the fields concatenated.
-local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
-                         'STREAMS', KEYS[1], ARGV[4])
+-- XREADGROUP over the streams KEYS[1..n] from the IDs ARGV[4..3+n] (never blocking inside a
+-- script), the reply flattened into strings that cost one parse each instead of five per
+-- entry: IDs, the change fields' sizes (-1 for an entry without one, -2 for an entry deleted
+-- while pending), the fields concatenated, and per stream that has entries its 0-based
+-- position in KEYS and its number of entries (in reply order).
+local n = #KEYS
+local args = {'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS'}
+for i = 1, n do args[6 + i] = KEYS[i] end
+for i = 1, n do args[6 + n + i] = ARGV[3 + i] end
+local reply = redis.call('XREADGROUP', unpack(args))
 if not reply then return false end
-local entries = reply[1][2]
-local ids, sizes, values, n = {}, {}, {}, 0
-for i = 1, #entries do
-  local entry = entries[i]
-  local fields, size = entry[2], -2
-  ids[i] = entry[1]
-  if fields then
-    size = -1
-    for j = 1, #fields, 2 do
-      if fields[j] == 'change' then
-        local value = fields[j + 1]
-        n = n + 1
-        values[n] = value
-        size = #value
-        break
+local position = {}
+for i = 1, n do position[KEYS[i]] = i - 1 end
+local ids, sizes, values, streams, m, v = {}, {}, {}, {}, 0, 0
+for s = 1, #reply do
+  local entries = reply[s][2]
+  if #entries > 0 then
+    streams[#streams + 1] = position[reply[s][1]] .. ' ' .. #entries
+  end
+  for i = 1, #entries do
+    local entry = entries[i]
+    local fields, size = entry[2], -2
+    m = m + 1
+    ids[m] = entry[1]
+    if fields then
+      size = -1
+      for j = 1, #fields, 2 do
+        if fields[j] == 'change' then
+          local value = fields[j + 1]
+          v = v + 1
+          values[v] = value
+          size = #value
+          break
+        end
       end
     end
+    sizes[m] = size
   end
-  sizes[i] = size
 end
-return {table.concat(ids, ' '), table.concat(sizes, ' '), table.concat(values)}
+return {table.concat(ids, ' '), table.concat(sizes, ' '), table.concat(values),
+        table.concat(streams, ' ')}
 """
 
 _ACK_SCRIPT = """
@@ -283,11 +297,12 @@ return acked
 """
 
 
-def _framed(reply: object) -> Page:
-    """The entries of a ``_READ_SCRIPT`` reply."""
+def _framed_pages(reply: object) -> list[tuple[int, Page]]:
+    """The entries of a ``_READ_SCRIPT`` reply, per stream read: (its position among the
+    script's keys, its entries), in reply order; streams without entries are left out."""
     if not reply:
         return []
-    id_text, size_text, body = cast(list[bytes], reply)
+    id_text, size_text, body, stream_text = cast(list[bytes], reply)
     if not id_text:
         return []
     page: Page = []
@@ -300,7 +315,22 @@ def _framed(reply: object) -> Page:
             start = end
         else:
             append((entry_id, size))
-    return page
+    counts = list(map(int, stream_text.split(b" ")))
+    if len(counts) == 2:
+        return [(counts[0], page)]
+    pages: list[tuple[int, Page]] = []
+    first = 0
+    for i in range(0, len(counts), 2):
+        last = first + counts[i + 1]
+        pages.append((counts[i], page[first:last]))
+        first = last
+    return pages
+
+
+def _framed(reply: object) -> Page:
+    """The entries of a one-stream ``_READ_SCRIPT`` reply."""
+    pages = _framed_pages(reply)
+    return pages[0][1] if pages else []
 
 
 def _unframed(entries: list[Entry]) -> Page:
@@ -799,6 +829,7 @@ class PartitionedRedisSource(Source):
         self._release_script = client.register_script(_RELEASE_LEASE)
         self._heartbeat_script = client.register_script(_HEARTBEAT)
         self._ack_script = client.register_script(_ACK_SCRIPT)
+        self._read_script = client.register_script(_READ_SCRIPT)
         try:
             await self._keep(client)
         except (RedisError, OSError) as exc:
@@ -1076,29 +1107,55 @@ class PartitionedRedisSource(Source):
             await self._check_orphans(client)
         scanning = {p: s.scan_from for p, s in held.items() if s.scan_from is not None}
         if scanning:
-            streams: dict[Any, Any] = {self.streams[p]: i for p, i in scanning.items()}
             self._reading = set(scanning)
             try:
-                reply = await client.xreadgroup(
-                    self.group, self.consumer, streams, count=self.count
-                )
+                pages = await self._read_pages(client, scanning)
             finally:
                 self._reading = set()
             done = set(scanning)
-            records = await self._records(reply, scanning=True, done=done)
+            records = await self._records(pages, scanning=True, done=done)
             for p in done:
                 if p in held:
                     held[p].scan_from = None
             return records
-        streams = {self.streams[p]: b">" for p in sorted(held)}
-        self._reading = set(held)
+        # A backlog is read through the script, whose reply is cheap to parse; only when there
+        # is none does a plain XREADGROUP wait for the next entries (as RedisStreamSource).
+        new: dict[int, bytes] = dict.fromkeys(sorted(held), b">")
+        self._reading = set(new)
         try:
-            reply = await client.xreadgroup(
-                self.group, self.consumer, streams, count=self.count, block=self._block_ms
-            )
+            pages = await self._read_pages(client, new)
+            # Only partitions still held (a lease may have gone during the script's read).
+            streams: dict[Any, Any] = {self.streams[p]: b">" for p in new if p in held}
+            if not pages and streams:
+                reply = await client.xreadgroup(
+                    self.group, self.consumer, streams, count=self.count, block=self._block_ms
+                )
+                pages = self._unframed_pages(reply)
         finally:
             self._reading = set()
-        return await self._records(reply, scanning=False, done=set())
+        return await self._records(pages, scanning=False, done=set())
+
+    async def _read_pages(self, client: Redis, starts: dict[int, bytes]) -> list[tuple[int, Page]]:
+        """XREADGROUP without blocking, through the script, over these partitions from these
+        IDs (``>``: new entries): (partition, its entries) per partition that has some."""
+        partitions = list(starts)
+        reply = await self._read_script(
+            keys=[self.streams[p] for p in partitions],
+            args=[self.group, self.consumer, self.count, *starts.values()],
+            client=client,
+        )
+        return [(partitions[i], page) for i, page in _framed_pages(reply)]
+
+    def _unframed_pages(self, reply: object) -> list[tuple[int, Page]]:
+        """The entries of a plain XREADGROUP reply over several partitions, per partition."""
+        index = {stream.encode(): p for p, stream in enumerate(self.streams)}
+        return [
+            (
+                index[key if isinstance(key, bytes) else str(key).encode()],
+                _unframed(cast(list[Entry], entries)),
+            )
+            for key, entries in cast(list[Any], reply or [])
+        ]
 
     async def _check_orphans(self, client: Redis) -> None:
         """Entries of a held partition pending at another consumer after the takeover: a
@@ -1145,15 +1202,14 @@ class PartitionedRedisSource(Source):
         self.claimed += taken
         log.info("claimed pending entries of a taken partition", partition=p, count=taken)
 
-    async def _records(self, reply: object, *, scanning: bool, done: set[int]) -> list[Record]:
+    async def _records(
+        self, pages: list[tuple[int, Page]], *, scanning: bool, done: set[int]
+    ) -> list[Record]:
         records: list[Record] = []
         vanished: dict[int, list[bytes]] = {}
-        index = {stream.encode(): p for p, stream in enumerate(self.streams)}
-        for key, entries in cast(list[Any], reply or []):
-            p = index[key if isinstance(key, bytes) else str(key).encode()]
+        for p, page in pages:
             if p not in self._held:
                 continue  # lost while the reply was on its way: the next holder reads them
-            page = _unframed(cast(list[Entry], entries))
             if scanning and page:
                 done.discard(p)
                 self._held[p].scan_from = page[-1][0]
