@@ -352,7 +352,40 @@ def _is_nogroup(exc: ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
 
-class RedisStreamSource(Source):
+class _RedisClient:
+    """What both Redis sources share: the client, and waiting out a server that is away."""
+
+    name: str
+    address: StreamAddress
+    reconnects: int
+    _client: Redis | None
+    _rand: Callable[[], float]
+
+    async def _back_off(self, what: str, failures: int, exc: Exception) -> None:
+        delay = RECONNECT_BACKOFF.delay(failures, self._rand())
+        if failures == 1:
+            self.reconnects += 1
+        log.warning(
+            "redis unavailable, retrying",
+            during=what,
+            server=self.address.display,
+            attempt=failures,
+            retry_in_s=round(delay, 3),
+            error=str(exc) or type(exc).__name__,
+        )
+        client = self._client
+        if client is not None:
+            # Idle pooled connections are dead too after a restart: drop them all at once.
+            await client.connection_pool.disconnect(inuse_connections=False)
+        await anyio.sleep(delay)
+
+    def _require_client(self) -> Redis:
+        if self._client is None:
+            raise SourceError(f"{self.name}: not open")
+        return self._client
+
+
+class RedisStreamSource(_RedisClient, Source):
     """Changes from a Redis stream through a consumer group; infinite (``read`` never ends)."""
 
     _read_script: AsyncScript
@@ -659,29 +692,6 @@ class RedisStreamSource(Source):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    async def _back_off(self, what: str, failures: int, exc: Exception) -> None:
-        delay = RECONNECT_BACKOFF.delay(failures, self._rand())
-        if failures == 1:
-            self.reconnects += 1
-        log.warning(
-            "redis unavailable, retrying",
-            during=what,
-            server=self.address.display,
-            attempt=failures,
-            retry_in_s=round(delay, 3),
-            error=str(exc) or type(exc).__name__,
-        )
-        client = self._client
-        if client is not None:
-            # Idle pooled connections are dead too after a restart: drop them all at once.
-            await client.connection_pool.disconnect(inuse_connections=False)
-        await anyio.sleep(delay)
-
-    def _require_client(self) -> Redis:
-        if self._client is None:
-            raise SourceError(f"{self.name}: not open")
-        return self._client
-
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """``redis:STREAM/ENTRY-ID``, several entry IDs joined by commas."""
         return f"{self.name}/" + ",".join(
@@ -744,7 +754,7 @@ class _Held:
     """Where the re-read of this consumer's own pending entries stands; None once done."""
 
 
-class PartitionedRedisSource(Source):
+class PartitionedRedisSource(_RedisClient, Source):
     """Changes from ``partitions`` streams ``<stream>:<p>``, each served by one replica at a time.
 
     A replica reads a partition only while it holds its lease, the key ``<stream>:<p>:lease``
@@ -1270,28 +1280,6 @@ class PartitionedRedisSource(Source):
                 return
 
     # -- helpers -----------------------------------------------------------------------------
-
-    async def _back_off(self, what: str, failures: int, exc: Exception) -> None:
-        delay = RECONNECT_BACKOFF.delay(failures, self._rand())
-        if failures == 1:
-            self.reconnects += 1
-        log.warning(
-            "redis unavailable, retrying",
-            during=what,
-            server=self.address.display,
-            attempt=failures,
-            retry_in_s=round(delay, 3),
-            error=str(exc) or type(exc).__name__,
-        )
-        client = self._client
-        if client is not None:
-            await client.connection_pool.disconnect(inuse_connections=False)
-        await anyio.sleep(delay)
-
-    def _require_client(self) -> Redis:
-        if self._client is None:
-            raise SourceError(f"{self.name}: not open")
-        return self._client
 
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """``redis:STREAM:P/ENTRY-ID``, several joined by commas."""
