@@ -36,6 +36,16 @@ PG = "postgresql://postgres@127.0.0.1:5432/test"
 SETTLE_S = 8.0
 """Time given to several replicas to share the partitions out (leases of 2 s, ticks of 2 s)."""
 REDIS = "redis://127.0.0.1:6379/0"
+RUNS = {
+    "jsonl": ("jsonl", 1, False),
+    "redis1": ("redis", 1, False),
+    "redis3": ("redis", 3, False),
+    "redis3-live": ("redis", 3, True),
+    "pg1": ("postgresql", 1, False),
+    "pg3": ("postgresql", 3, False),
+    "pg3-live": ("postgresql", 3, True),
+}
+"""name: (input, replicas, live)."""
 
 
 def pending(uri: str, partitions: int) -> int:
@@ -88,9 +98,22 @@ def cleanup(uri: str, partitions: int) -> None:
 
 
 def run_input(
-    kind: str, replicas: int, data: bytes, sim: SimulatorProcess, startup_cpu_s: float, tmp: Path
+    kind: str,
+    replicas: int,
+    data: bytes,
+    sim: SimulatorProcess,
+    startup_cpu_s: float,
+    tmp: Path,
+    *,
+    live: bool = False,
 ) -> dict[str, Any]:
-    """One measured run of one input with this many replicas."""
+    """One measured run of one input with this many replicas.
+
+    Several replicas are started and settled first. With ``live`` they consume the changes as
+    ``enqueue`` writes them; else they are paused (SIGSTOP) while the backlog is written and
+    resumed (SIGCONT) to drain it, like one replica or ``jsonl:`` reading a backlog. Their
+    leases outlast the pause, so the partitions stay where they were.
+    """
     cli = cli_command()
     env = clean_env() | {
         "SMSGW_API_URL": sim.url,
@@ -111,7 +134,8 @@ def run_input(
         uri = f"jsonl:{path}"
         env["WORKER_DLQ"] = f"jsonl:{tmp / 'dead.jsonl'}"
     elif kind == "redis":
-        uri = f"{REDIS}?stream=bench:{tag}&partitions={partitions}&lease_ms=2000&consumer=c"
+        lease_ms = 2000 if live or replicas == 1 else 9000
+        uri = f"{REDIS}?stream=bench:{tag}&partitions={partitions}&lease_ms={lease_ms}&consumer=c"
     else:
         uri = f"{PG}?schema=bench_{tag}&partitions={partitions}"
 
@@ -132,7 +156,10 @@ def run_input(
         # Steady state: the replicas share the partitions out before the backlog arrives, and
         # what they burnt starting up and settling is left out.
         procs = start()
-        time.sleep(SETTLE_S)
+        time.sleep(SETTLE_S if live else 2 * SETTLE_S)
+        if not live:
+            for p in procs:
+                p.send_signal(signal.SIGSTOP)
         baseline = {p.pid: proc_cpu_s(p.pid) or 0.0 for p in procs}
     started = time.monotonic()
     if kind != "jsonl":
@@ -140,6 +167,10 @@ def run_input(
             [*cli, "enqueue", "--to", uri], input=data, check=True, capture_output=True, env=env
         )
     enqueued_s = time.monotonic() - started
+    if replicas > 1 and not live:
+        started = time.monotonic()
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
     if replicas == 1:
         started = time.monotonic()
         procs = start()
@@ -163,7 +194,8 @@ def run_input(
                 raise RuntimeError(f"{kind} x{replicas} did not drain in 600 s")
             time.sleep(0.02)
         # One replica: from its first request on (start-up is not the input's cost). Several,
-        # already running: from the start of the enqueue, which they consume as it comes.
+        # already running: from their resumption (a backlog), or from the start of the enqueue
+        # (live: they consume it as it comes).
         elapsed = time.monotonic() - (first_request or started)
     finally:
         for p in procs:
@@ -181,6 +213,7 @@ def run_input(
     return {
         "input": kind,
         "replicas": replicas,
+        "mode": "live" if live else "backlog",
         "changes": changes,
         "seconds": round(elapsed, 2),
         "changes_per_s": round(changes / elapsed),
@@ -259,6 +292,12 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=100_000)
     parser.add_argument("--contacts", type=int, default=20_000)
     parser.add_argument("--bodies", type=int, default=100, help="ingest requests")
+    parser.add_argument(
+        "--only",
+        default=",".join(RUNS),
+        help=f"comma-separated runs among {', '.join(RUNS)} (jsonl is always run first)",
+    )
+    parser.add_argument("--no-ingest", action="store_true", help="skip the ingest figure")
     args = parser.parse_args()
     lines = list(
         generate_lines(
@@ -274,31 +313,28 @@ def main() -> None:
         ) as sim:
             # What a replica burns starting up, measured on a one-line input.
             startup = run_input("jsonl", 1, lines[0], sim, 0.0, tmp)["worker_cpu_s"]
-            for kind, replicas in (
-                ("jsonl", 1),
-                ("redis", 1),
-                ("redis", 3),
-                ("postgresql", 1),
-                ("postgresql", 3),
-            ):
-                results.append(run_input(kind, replicas, data, sim, startup, tmp))
+            wanted = ["jsonl", *(r for r in args.only.split(",") if r and r != "jsonl")]
+            for name in wanted:
+                kind, replicas, live = RUNS[name]
+                results.append(run_input(kind, replicas, data, sim, startup, tmp, live=live))
                 print(json.dumps(results[-1]), flush=True)
             reference = results[0]["cpu_us_per_change"]
             for row in results:
                 row["cpu_vs_jsonl"] = round(row["cpu_us_per_change"] / reference, 2)
-            ingested = ingest(sim, lines, tmp, args.bodies)
-    print("\n| input | replicas | changes/s | worker CPU µs/change | × jsonl |")
-    print("|---|---|---|---|---|")
+            ingested = None if args.no_ingest else ingest(sim, lines, tmp, args.bodies)
+    print("\n| input | replicas | mode | changes/s | worker CPU µs/change | × jsonl |")
+    print("|---|---|---|---|---|---|")
     for row in results:
         print(
-            f"| {row['input']} | {row['replicas']} | {row['changes_per_s']:,} | "
+            f"| {row['input']} | {row['replicas']} | {row['mode']} | {row['changes_per_s']:,} | "
             f"{row['cpu_us_per_change']} | {row['cpu_vs_jsonl']} |"
         )
-    print(
-        f"\ningest: {ingested['accepted_per_s']:,} accepted changes/s "
-        f"({ingested['bodies']} bodies of 1,000; p50 {ingested['p50_ms']} ms, "
-        f"p99 {ingested['p99_ms']} ms)"
-    )
+    if ingested:
+        print(
+            f"\ningest: {ingested['accepted_per_s']:,} accepted changes/s "
+            f"({ingested['bodies']} bodies of 1,000; p50 {ingested['p50_ms']} ms, "
+            f"p99 {ingested['p99_ms']} ms)"
+        )
     out = Path(__file__).parent / "results" / "inputs.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(

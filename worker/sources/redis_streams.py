@@ -59,6 +59,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
 from worker.core.partition import partition_of
+from worker.sources.ack_group import AckGroup
 from worker.sources.base import Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.redis")
@@ -399,6 +400,7 @@ class RedisStreamSource(_RedisClient, Source):
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        self._acks = AckGroup(self._write_acks)
         self.address = address
         self.stream = address.stream
         self.group = address.group
@@ -658,7 +660,11 @@ class RedisStreamSource(_RedisClient, Source):
     # -- acknowledging -----------------------------------------------------------------------
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
-        """XACK (and XDEL) these entries in one round trip, retrying until Redis takes it."""
+        """XACK (and XDEL) these entries, retrying until Redis takes it; acks that come while
+        one is in flight go together in the next round trip (:class:`AckGroup`)."""
+        await self._acks.ack(tokens)
+
+    async def _write_acks(self, tokens: Sequence[Hashable]) -> None:
         ids: list[bytes] = list(tokens)  # type: ignore[arg-type]
         if not ids:
             return
@@ -780,6 +786,7 @@ class PartitionedRedisSource(_RedisClient, Source):
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        self._acks = AckGroup(self._write_acks)
         self.address = address
         self.partitions = address.partitions
         self.streams = address.partition_streams
@@ -1247,7 +1254,11 @@ class PartitionedRedisSource(_RedisClient, Source):
     # -- acknowledging -----------------------------------------------------------------------
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
-        """XACK (and XDEL) these entries, one round trip per partition, retrying."""
+        """XACK (and XDEL) these entries, one round trip per partition, retrying; acks that
+        come while one is in flight go together in the next (:class:`AckGroup`)."""
+        await self._acks.ack(tokens)
+
+    async def _write_acks(self, tokens: Sequence[Hashable]) -> None:
         by_partition: dict[int, list[bytes]] = {}
         for token in tokens:
             p, entry_id = cast(PartitionToken, token)
