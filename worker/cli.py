@@ -48,7 +48,12 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         max_retries=settings.max_retries,
     )
     return EngineSettings(
-        scheduler, settings.rate, settings.concurrency, settings.drain_timeout_s, handle_signals
+        scheduler,
+        settings.rate,
+        settings.concurrency,
+        settings.drain_timeout_s,
+        handle_signals,
+        settings.progress_interval_s,
     )
 
 
@@ -128,11 +133,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """``contact-worker config``."""
+    from worker.config_cli import main as config_main
+
+    return config_main(args)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """``contact-worker plan``."""
     from worker.bench.plan_cli import main as plan_main
 
     return plan_main(args)
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    """``contact-worker dlq``."""
+    from worker.dlq.cli import main as dlq_main
+
+    return dlq_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="sync changes from a source into the API",
         description="Sync changes from a source into the API. Every "
-        "option also reads its environment variable (the flag wins).",
+        "option also reads its environment variable and the --config file "
+        "(flag, then variable, then file, then default).",
     )
     add_options(run)
     run.set_defaults(func=cmd_run)
+
+    from worker.config_cli import configure_parser as configure_config
+
+    config = commands.add_parser(
+        "config",
+        help="show the settings `run` would use and where each comes from",
+        description="Resolve the settings exactly as `run` does (flags, environment, --config "
+        "file, defaults) and print each with its origin; secrets masked. Exit 2 if `run` "
+        "would refuse them.",
+    )
+    configure_config(config)
+    config.set_defaults(func=cmd_config)
 
     from worker.demo import configure_parser as configure_demo
 
@@ -214,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     producer.configure_enqueue_parser(enqueue)
     enqueue.set_defaults(func=producer.main_enqueue)
+
+    from worker.dlq.cli import configure_parser as configure_dlq
+
+    dlq = commands.add_parser(
+        "dlq",
+        help="show dead letters; replay their changes into an input",
+        description="Look into a dead-letter store (the URI --dlq takes) and put the changes "
+        "of dead letters back into an input once their cause is fixed.",
+    )
+    configure_dlq(dlq)
+    dlq.set_defaults(func=cmd_dlq)
     return parser
 
 

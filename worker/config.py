@@ -1,13 +1,20 @@
-"""Settings of ``contact-worker run``: flag, else environment variable, else default."""
+"""Settings of ``contact-worker run``: flag, else environment variable, else configuration
+file, else default."""
 
 from __future__ import annotations
 
 import argparse
+import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from worker.core.scheduler import DEFAULT_MAX_WAITING
+
+if TYPE_CHECKING:
+    from worker.config_file import ConfigFile
 
 
 class ConfigError(ValueError):
@@ -170,10 +177,11 @@ class Settings:
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     suspect_ttl_s: float = 900.0
-    max_waiting: int = 50_000
+    max_waiting: int = DEFAULT_MAX_WAITING
     max_retries: int = 0
     log_format: str = "auto"
     log_level: str = "info"
+    progress_interval_s: float = 30.0
     ingest_token: Secret | None = None
 
 
@@ -181,6 +189,9 @@ _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 STORE_SCHEMES = ("postgresql:", "postgres:", "redis:", "rediss:", "sqlite:")
 """Inputs that are stores of their own: their dead letters stay there unless told otherwise."""
+
+CONFIG_FLAG, CONFIG_ENV = "--config", "WORKER_CONFIG"
+"""Where the configuration file is named: it is no setting itself, so not in OPTIONS."""
 
 OPTIONS: tuple[Option, ...] = (
     Option(
@@ -266,7 +277,7 @@ OPTIONS: tuple[Option, ...] = (
         "WORKER_HTTP_PORT",
         port,
         _DEFAULTS["http_port"],
-        "port of /healthz, /readyz and /metrics on 127.0.0.1 (0 = off)",
+        "port of /healthz, /readyz and /metrics, on all interfaces (0 = off)",
     ),
     Option(
         "follow",
@@ -357,6 +368,14 @@ OPTIONS: tuple[Option, ...] = (
         _DEFAULTS["log_level"],
         "least level logged",
     ),
+    Option(
+        "progress_interval_s",
+        "--progress-interval",
+        "WORKER_PROGRESS_INTERVAL",
+        non_negative_float,
+        _DEFAULTS["progress_interval_s"],
+        "seconds between progress log events (0 = none)",
+    ),
 )
 
 
@@ -382,42 +401,161 @@ def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...] = O
                 help=text,
                 metavar=option.field.split("_")[0].upper(),
             )
+    parser.add_argument(
+        CONFIG_FLAG,
+        dest="config",
+        default=None,
+        metavar="PATH",
+        help="TOML file of settings, keyed by the names `contact-worker config` shows; flags and"
+        f" environment variables win over it; env {CONFIG_ENV}",
+    )
 
 
-def resolve_values(
-    args: argparse.Namespace, environ: Mapping[str, str], options: tuple[Option, ...] = OPTIONS
-) -> dict[str, Any]:
-    """Each option's value, flag first, then environment, then default; errors name both."""
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    for option in options:
-        text = getattr(args, option.field, None)
-        origin = option.flag
-        if text is None and option.env in environ:
-            text, origin = environ[option.env], option.env
-        if text is None:
-            if option.required:
-                problems.append(f"{option.flag} (or {option.env}) is required")
-            values[option.field] = option.default
-            continue
-        try:
-            values[option.field] = option.parse(text)
-        except ValueError as exc:
-            problems.append(f"{origin}: {exc}")
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return values
+class Origin(enum.StrEnum):
+    """The layer a setting's value came from, highest first."""
+
+    FLAG = "flag"
+    ENV = "env"
+    FILE = "file"
+    DEFAULT = "default"
+    DERIVED = "derived"
+    """A default that follows another setting: ``dlq`` follows a store ``source``."""
+    MISSING = "missing"
+    """Required and given nowhere."""
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One setting's value, where it came from, and what is wrong with it if anything."""
+
+    option: Option
+    value: Any
+    origin: Origin
+    where: str | None = None
+    """The flag, the variable, the file, or for DERIVED the setting followed."""
+    problem: str | None = None
+
+    def describe(self) -> str:
+        """Where the value came from, for people: ``flag --rate``, ``file w.toml``, ``default``."""
+        if self.origin is Origin.DERIVED:
+            return f"default: from {self.where}"
+        return str(self.origin) if self.where is None else f"{self.origin} {self.where}"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Every setting with its origin, in option order, and every problem found."""
+
+    choices: tuple[Choice, ...]
+    problems: tuple[str, ...]
+    config_file: str | None = None
+
+    def settings(self) -> Settings:
+        """The validated settings; :class:`ConfigError` lists every problem at once."""
+        if self.problems:
+            raise ConfigError("; ".join(self.problems))
+        return Settings(**{choice.option.field: choice.value for choice in self.choices})
+
+
+def _pick(
+    option: Option, args: argparse.Namespace, environ: Mapping[str, str], file: ConfigFile | None
+) -> tuple[str | None, Origin, str | None]:
+    """The highest layer that gives ``option``: its text, the layer and the place."""
+    text = getattr(args, option.field, None)
+    if text is not None:
+        return text, Origin.FLAG, option.flag
+    if option.env in environ:
+        return environ[option.env], Origin.ENV, option.env
+    if file is not None and option.field in file.values:
+        return file.values[option.field], Origin.FILE, file.path
+    return None, Origin.DEFAULT, None
+
+
+def _choose(
+    option: Option, args: argparse.Namespace, environ: Mapping[str, str], file: ConfigFile | None
+) -> Choice:
+    text, origin, where = _pick(option, args, environ, file)
+    if text is None:
+        if option.required:
+            return Choice(option, None, Origin.MISSING, problem="required")
+        return Choice(option, option.default, Origin.DEFAULT)
+    try:
+        return Choice(option, option.parse(text), origin, where)
+    except ValueError as exc:
+        return Choice(option, None, origin, where, str(exc))
+
+
+def _derive_dlq(choices: list[Choice]) -> None:
+    """Without a ``dlq``, a store input keeps its dead letters; a file input writes a file."""
+    by_field = {choice.option.field: i for i, choice in enumerate(choices)}
+    if "dlq" not in by_field or "source" not in by_field:
+        return
+    dlq, source = choices[by_field["dlq"]], choices[by_field["source"]].value
+    if dlq.origin is not Origin.DEFAULT or dlq.value is not None:
+        return
+    if source and source.startswith(STORE_SCHEMES):
+        choices[by_field["dlq"]] = Choice(dlq.option, source, Origin.DERIVED, "source")
+    else:
+        choices[by_field["dlq"]] = Choice(dlq.option, _DEFAULTS["dlq"], Origin.DEFAULT)
+
+
+def _conflicts(values: Mapping[str, Any]) -> list[str]:
+    """Settings valid alone but not together."""
+    source, checkpoint = values.get("source"), values.get("checkpoint")
+    problems = []
+    if checkpoint and source and not source.startswith("jsonl:"):
+        problems.append("--checkpoint only applies to a jsonl: source")
+    if source == "jsonl:-" and (values.get("follow") or checkpoint):
+        problems.append("jsonl:- (stdin) cannot be used with --follow or --checkpoint")
+    return problems
+
+
+def _problem(choice: Choice, file: ConfigFile | None) -> str:
+    """The message naming the flag, the variable, or the file and key."""
+    option = choice.option
+    if choice.origin is Origin.MISSING:
+        also = f", or {option.field} in {file.path}" if file is not None else ""
+        return f"{option.flag} (or {option.env}{also}) is required"
+    where = f"{choice.where}: {option.field}" if choice.origin is Origin.FILE else choice.where
+    return f"{where}: {choice.problem}"
+
+
+def explain(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    file: ConfigFile | None = None,
+    options: tuple[Option, ...] = OPTIONS,
+) -> Resolution:
+    """Each setting from the flag, else the environment, else the file, else the default."""
+    choices = [_choose(option, args, environ, file) for option in options]
+    _derive_dlq(choices)
+    problems = [_problem(choice, file) for choice in choices if choice.problem is not None]
+    problems += _conflicts({choice.option.field: choice.value for choice in choices})
+    return Resolution(tuple(choices), tuple(problems), None if file is None else file.path)
+
+
+def config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The configuration file to read: ``--config``, else ``WORKER_CONFIG``, else none."""
+    path, origin = getattr(args, "config", None), CONFIG_FLAG
+    if path is None and CONFIG_ENV in environ:
+        path, origin = environ[CONFIG_ENV], CONFIG_ENV
+    if path is not None and not path.strip():
+        raise ConfigError(f"{origin}: must not be empty")
+    return path
+
+
+def resolution(args: argparse.Namespace, environ: Mapping[str, str]) -> Resolution:
+    """Read the configuration file if one is given, then explain every setting.
+
+    A missing, unreadable or invalid file raises :class:`ConfigError` at once; problems of
+    single settings are collected in the :class:`Resolution`.
+    """
+    from worker.config_file import load_config
+
+    path = config_path(args, environ)
+    return explain(args, environ, None if path is None else load_config(path))
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """The settings of ``run``, validated."""
-    values = resolve_values(args, environ)
-    if values["dlq"] is None:
-        store = values["source"] and values["source"].startswith(STORE_SCHEMES)
-        values["dlq"] = values["source"] if store else _DEFAULTS["dlq"]
-    settings = Settings(**values)
-    if settings.checkpoint and not settings.source.startswith("jsonl:"):
-        raise ConfigError("--checkpoint only applies to a jsonl: source")
-    if settings.source == "jsonl:-" and (settings.follow or settings.checkpoint):
-        raise ConfigError("jsonl:- (stdin) cannot be used with --follow or --checkpoint")
-    return settings
+    return resolution(args, environ).settings()

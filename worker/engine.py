@@ -3,6 +3,7 @@
 reader: source -> decode+validate -> scheduler (waits while the scheduler is full)
 senders (x concurrency): rate limiter -> next batch -> PATCH -> classify -> scheduler.resolve
     -> dead letters (durable) -> ack
+reporter (with a progress interval): one ``progress`` log event per interval
 Everything that decides lives in ``worker.core``; this module only waits, sends and writes.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import itertools
 import math
 import signal
 import time
@@ -27,13 +29,15 @@ from worker.core.classify import Action, Verdict, classify, classify_failure
 from worker.core.scheduler import Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
+from worker.obs.metrics import EngineHistograms
 from worker.sender import SEND_ERRORS, Response
 from worker.sources.base import Record, Source
 
 log = structlog.get_logger("worker.engine")
 
 READ_SLICE = 1024
-"""Records handed to the scheduler at a time between checks of its bound."""
+"""Records handed to the scheduler at a time between checks of its bound; the reader lets
+the senders run after each slice (the cadence ``worker.bench.model.sender_pace`` assumes)."""
 
 
 class Patcher(Protocol):
@@ -66,6 +70,8 @@ class EngineSettings:
     concurrency: int = 8
     drain_timeout_s: float = 30.0
     handle_signals: bool = True
+    progress_interval_s: float = 0.0
+    """Seconds between ``progress`` log events; 0 = none."""
 
 
 @dataclass(slots=True)
@@ -84,6 +90,20 @@ class EngineStats:
     def elapsed_s(self) -> float:
         """Seconds since the run started (until it finished)."""
         return (self.finished or time.monotonic()) - self.started
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressMark:
+    """Where the last ``progress`` event left the counters: its rates are measured from here."""
+
+    at: float
+    records: int
+    acked: int
+    rate_wait_s: float
+
+
+def _per_s(count: int, span_s: float) -> float:
+    return round(count / span_s, 1) if span_s > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +134,14 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.scheduler = Scheduler(self.settings.scheduler)
         self.stats = EngineStats()
+        self.histograms = EngineHistograms()
         self._clock = clock
         self._wall_clock = wall_clock
         rate = self.settings.rate
         self._limiter = AsyncLimiter(rate, 1.0) if rate > 0 else None
         self._changed = anyio.Event()
+        self._requests = itertools.count(1)
+        self._running = False
         self._reading_done = False
         self._stopping = False
         self._result: Result | None = None
@@ -153,9 +176,12 @@ class Engine:
     async def run(self) -> Result:
         """Run to the end; the source and sink are opened and closed by the caller."""
         self.stats.started = time.monotonic()
+        self._running = True
         async with anyio.create_task_group() as outer:
             if self.settings.handle_signals:
                 outer.start_soon(self._watch_signals)
+            if self.settings.progress_interval_s > 0:
+                outer.start_soon(self._report_progress, self.settings.progress_interval_s)
             async with anyio.create_task_group() as work:
                 self._work_scope = work.cancel_scope
                 work.start_soon(self._read)
@@ -163,6 +189,7 @@ class Engine:
                     work.start_soon(self._send_loop)
             outer.cancel_scope.cancel()
         self.stats.finished = time.monotonic()
+        self._running = False
         result = self._result or Result(Ending.DRAINED)
         log.info("summary", ending=result.ending.value, **self.summary())
         return result
@@ -189,21 +216,29 @@ class Engine:
             self._work_scope.cancel()
 
     async def _watch_signals(self) -> None:
+        # The receiver stays open while draining: a second signal must come here, not to the
+        # default handler, which would kill the process before the input and sink are closed.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if self._stopping:
-                    log.warning("second signal: stopping without draining", signal=signum.name)
-                    self.abort(Result(Ending.SHUTDOWN_TIMEOUT, message="interrupted twice"))
+                    self._interrupted(signum)
                     return
                 log.info("signal received", signal=signum.name)
                 self.shutdown()
                 break
-        await anyio.sleep(self.settings.drain_timeout_s)
+            with anyio.move_on_after(self.settings.drain_timeout_s):
+                async for signum in signals:
+                    self._interrupted(signum)
+                    return
         log.warning(
             "drain timeout: leaving unfinished changes unacknowledged",
             in_flight=self.scheduler.outstanding,
         )
         self.abort(Result(Ending.SHUTDOWN_TIMEOUT, message="drain timeout"))
+
+    def _interrupted(self, signum: signal.Signals) -> None:
+        log.warning("second signal: stopping without draining", signal=signum.name)
+        self.abort(Result(Ending.SHUTDOWN_TIMEOUT, message="interrupted twice"))
 
     async def _read(self) -> None:
         scheduler = self.scheduler
@@ -220,6 +255,7 @@ class Engine:
                     while not scheduler.has_room:
                         await self._wait_for_change(None)
                     await self._take(records[start : start + READ_SLICE])
+                    await anyio.lowlevel.checkpoint()
         self._reading_done = True
         scheduler.draining = True
         self._notify()
@@ -267,8 +303,22 @@ class Engine:
             await self._wait_for_change(None if planned is None else max(0.0, planned - now))
 
     async def _send(self, batch: Batch) -> None:
+        # Every log line of this request (dead letters, retries, a fatal answer) carries its
+        # ids; bound once per request, in this sender's own task context.
+        bound = structlog.contextvars.bind_contextvars(
+            batch=batch.number, request=next(self._requests)
+        )
+        try:
+            await self._send_bound(batch)
+        finally:
+            structlog.contextvars.reset_contextvars(**bound)
+
+    async def _send_bound(self, batch: Batch) -> None:
         body = batch.body()
+        histograms = self.histograms
+        histograms.batch_contacts.observe(len(batch.entries))
         self.stats.in_flight += 1
+        started = self._clock()
         try:
             response = await self.patcher.patch(body)
         except SEND_ERRORS as exc:
@@ -279,7 +329,9 @@ class Engine:
             )
         finally:
             self.stats.in_flight -= 1
-        settled = self.scheduler.resolve(batch, verdict, self._clock())
+        now = self._clock()
+        histograms.request_seconds.observe(now - started)
+        settled = self.scheduler.resolve(batch, verdict, now)
         log.debug(
             "batch",
             batch=batch.number,
@@ -325,8 +377,14 @@ class Engine:
     async def _carry_out(self, settled: Settled) -> None:
         if settled.dead:
             await self._dead_letter(settled.dead)
+            dead = [letter.entry for letter in settled.dead]
+            changes = sum(len(entry.tokens) for entry in dead)
+            self.histograms.acked(dead, changes, self._clock())
         if settled.applied:
-            await self._ack([token for entry in settled.applied for token in entry.tokens])
+            tokens = [token for entry in settled.applied for token in entry.tokens]
+            changes = len(tokens)
+            await self._ack(tokens)
+            self.histograms.acked(settled.applied, changes, self._clock())
 
     async def _ack(self, tokens: list[Hashable]) -> None:
         await self.source.ack(tokens)
@@ -380,12 +438,54 @@ class Engine:
     # -- reporting ---------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
-        """Whether the worker takes work now, and why not."""
+        """Whether the worker takes work now, and why not.
+
+        The reasons: ``running`` (ready); ``starting`` (the engine has not started: the source
+        is opened before it); ``auth`` or ``fatal`` (stopped by the API's answer); ``draining``
+        (a signal came: finishing in-flight work); ``stopped`` (the run is over).
+        """
         if self._result is not None and self._result.ending in (Ending.AUTH, Ending.FATAL):
             return False, self._result.ending.value
         if self._stopping:
             return False, "draining"
+        if not self._running:
+            return False, "starting" if self.stats.finished is None else "stopped"
         return True, "running"
+
+    def progress(self, since: ProgressMark | None = None) -> tuple[dict[str, Any], ProgressMark]:
+        """The ``progress`` event's fields, with rates since ``since``; and the mark for next."""
+        e, s = self.stats, self.scheduler.stats
+        now = time.monotonic()
+        mark = ProgressMark(now, e.records, e.acked, e.rate_wait_s)
+        last = since or ProgressMark(e.started, 0, 0, 0.0)
+        span = now - last.at
+        overall = now - e.started
+        rate_wait = e.rate_wait_s - last.rate_wait_s
+        fields = {
+            "elapsed_s": round(overall, 3),
+            "records_read": e.records,
+            "acked": e.acked,
+            "contacts_applied": s.contacts_applied,
+            "dead_letters": sum(s.dead_letters.values()) + e.invalid,
+            "retries": s.retries,
+            "waiting": self.scheduler.coalescer.changes_waiting,
+            "in_flight": e.in_flight,
+            "read_per_s": _per_s(e.records - last.records, span),
+            "acked_per_s": _per_s(e.acked - last.acked, span),
+            "acked_per_s_overall": _per_s(e.acked, overall),
+            "rate_wait_s": round(rate_wait, 3),
+            "rate_wait_share": round(rate_wait / (span * self.settings.concurrency), 3)
+            if span > 0
+            else 0.0,
+        }
+        return fields, mark
+
+    async def _report_progress(self, interval_s: float) -> None:
+        mark = None
+        while True:
+            await anyio.sleep(interval_s)
+            fields, mark = self.progress(mark)
+            log.info("progress", **fields)
 
     def summary(self) -> dict[str, Any]:
         """Counters of the run so far, as plain data."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import anyio
 import structlog
 from aiohttp import web
 
@@ -15,6 +18,46 @@ from worker.sender import Sender
 from worker.sources.base import Source, SourceError
 
 log = structlog.get_logger("worker.run")
+
+T = TypeVar("T")
+
+
+class _Stopped(Exception):
+    """SIGTERM/SIGINT came before the engine started."""
+
+
+async def _unless_stopped(work: Awaitable[T]) -> T:
+    """Await ``work``, unless SIGTERM/SIGINT comes first: then cancel it and raise _Stopped.
+
+    Before the engine runs (connecting to the source, the API check) nothing was read, so a
+    stop is clean at once. Without this the default action of SIGTERM would kill the process
+    (and as PID 1 in a container the signal would be ignored until the engine starts).
+    """
+    stopped = False
+    value: T | None = None
+    error: Exception | None = None
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        nonlocal stopped
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal received before the start: stopping", signal=signum.name)
+                stopped = True
+                scope.cancel()
+                return
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch, group.cancel_scope)
+        try:
+            value = await work
+        except Exception as exc:  # re-raised below, outside the task group
+            error = exc
+        group.cancel_scope.cancel()
+    if stopped:
+        raise _Stopped
+    if error is not None:
+        raise error
+    return value  # type: ignore[return-value]
 
 
 def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], None] | None:
@@ -43,17 +86,28 @@ def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], N
 
 
 async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -> Result | int:
-    """Run to the end; an int is an exit code for a failure before the engine started."""
-    from worker.cli import EXIT_FATAL, EXIT_USAGE, engine_settings
+    """Run to the end; an int is an exit code for a failure or a stop before the engine
+    started."""
+    from worker.cli import EXIT_OK
 
     try:
-        await source.open()
+        return await _run(settings, source, sink)
+    except _Stopped:
+        return EXIT_OK
+
+
+async def _run(settings: Settings, source: Source, sink: DeadLetterSink) -> Result | int:
+    from worker.cli import EXIT_FATAL, EXIT_USAGE, engine_settings
+    from worker.preflight import check_api
+
+    try:
+        await _unless_stopped(source.open())
     except SourceError as exc:
         print(f"contact-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         try:
-            await sink.open()
+            await _unless_stopped(sink.open())
         except DeadLetterError as exc:
             print(f"contact-worker: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -64,6 +118,14 @@ async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -
             concurrency=settings.concurrency,
             timeout_s=settings.request_timeout_s,
         ) as sender:
+            # Before the engine (which reads) and the status port (/readyz): a refused login
+            # or a misconfigured host stops the run with nothing read.
+            finding = await _unless_stopped(
+                check_api(sender, request_timeout_s=settings.request_timeout_s)
+            )
+            if finding.exit_code is not None:
+                print(f"contact-worker: {finding.message}", file=sys.stderr)
+                return finding.exit_code
             engine = Engine(source, sink, sender, engine_settings(settings))
             log.info(
                 "starting",

@@ -13,6 +13,9 @@ from worker.config import Secret
 SEND_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError, OSError)
 """What a request can fail with short of a response: all transient."""
 
+PROBE_BODY = b"[]"
+"""A request that applies nothing: the API still checks the credentials (error 122 after)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Response:
@@ -75,3 +78,11 @@ class Sender:
             status = resp.status
             data = b"" if status == 204 else await resp.read()
             return Response(status, data, resp.headers.get("Retry-After"))
+
+    async def probe(self, timeout_s: float) -> Response:
+        """Send the empty array ``[]``, which applies nothing (the start-up check); may raise
+        one of :data:`SEND_ERRORS`."""
+        assert self._session is not None, "use Sender as an async context manager"
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with self._session.patch(self.url, data=PROBE_BODY, timeout=timeout) as resp:
+            return Response(resp.status, await resp.read(), resp.headers.get("Retry-After"))

@@ -1,12 +1,27 @@
-"""Settings: flag > environment > default, validation, and the secret's redaction."""
+"""Settings: flag > environment > file > default, validation, and the secret's redaction."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from worker.config import OPTIONS, ConfigError, Secret, Settings, add_options, resolve
+from worker.config import (
+    OPTIONS,
+    ConfigError,
+    Origin,
+    Secret,
+    Settings,
+    add_options,
+    explain,
+    resolution,
+    resolve,
+)
+from worker.config_cli import render_json, render_table
+from worker.config_file import check_config
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -138,3 +153,272 @@ class TestRedactUri:
         )
         assert "redis://127.0.0.1:6379/0" == redact_uri("redis://127.0.0.1:6379/0")
         assert "jsonl:in.jsonl" == redact_uri("jsonl:in.jsonl")
+
+
+# -- the configuration file: a layer under flags and environment, over defaults --
+
+
+def toml_file(tmp_path: Path, text: str, name: str = "worker.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+CREDENTIALS = 'source = "jsonl:in.jsonl"\nclient_id = "id"\nclient_secret = "s3cr3t"\n'
+
+
+class TestFileLayer:
+    def test_four_layers(self, tmp_path: Path) -> None:
+        """Flag over environment over file over default, each setting on its own."""
+        path = toml_file(tmp_path, f"{CREDENTIALS}batch_size = 7\nrate = 3\nconcurrency = 5\n")
+        args = parse(["--config", path, "--batch-size", "9"])
+        env = {"WORKER_BATCH_SIZE": "8", "WORKER_RATE": "4"}
+        settings = resolve(args, env)
+        assert (9, 4.0, 5, 200.0) == (
+            settings.batch_size,  # flag, though the environment and the file give it too
+            settings.rate,  # environment, though the file gives it too
+            settings.concurrency,  # file
+            settings.linger_ms,  # default
+        )
+
+    def test_origins_named(self, tmp_path: Path) -> None:
+        """Each setting says which layer it came from, and where."""
+        path = toml_file(tmp_path, f"{CREDENTIALS}batch_size = 7\nrate = 3\n")
+        args = parse(["--config", path, "--batch-size", "9"])
+        result = resolution(args, {"WORKER_RATE": "4", "WORKER_CONFIG": "ignored.toml"})
+        origins = {c.option.field: c.describe() for c in result.choices}
+        assert {
+            "batch_size": "flag --batch-size",
+            "rate": "env WORKER_RATE",
+            "source": f"file {path}",
+            "linger_ms": "default",
+            "dlq": "default",
+        }.items() <= origins.items()
+        assert path == result.config_file
+
+    def test_file_named_by_the_environment(self, tmp_path: Path) -> None:
+        """WORKER_CONFIG names the file when --config is not given."""
+        path = toml_file(tmp_path, f"{CREDENTIALS}batch_size = 7\n")
+        assert 7 == resolve(parse([]), {"WORKER_CONFIG": path}).batch_size
+
+    def test_no_file_no_layer(self) -> None:
+        """Without --config or WORKER_CONFIG nothing is read and no origin is a file."""
+        result = resolution(parse(REQUIRED), {})
+        assert None is result.config_file
+        assert Origin.FILE not in {c.origin for c in result.choices}
+
+    def test_typed_and_text_values_alike(self, tmp_path: Path) -> None:
+        """TOML integers, floats and booleans, or strings the flags' parsers read, all work."""
+        text = (
+            f'{CREDENTIALS}batch_size = "10"\nlinger_ms = 5\nrate = 2.5\nfollow = true\n'
+            'http_port = "0"\nlog_level = "debug"\nmax_retries = 3\n'
+        )
+        settings = resolve(parse(["--config", toml_file(tmp_path, text)]), {})
+        assert (10, 5.0, 2.5, True, 0, "debug", 3) == (
+            settings.batch_size,
+            settings.linger_ms,
+            settings.rate,
+            settings.follow,
+            settings.http_port,
+            settings.log_level,
+            settings.max_retries,
+        )
+
+    def test_every_default_written_back_reads_the_same(self) -> None:
+        """A file holding each option's default as a TOML value resolves to the defaults:
+        every option's type is accepted in a file, new options included."""
+        data = {o.field: o.default for o in OPTIONS if o.default is not None}
+        data.update(source="jsonl:in.jsonl", client_id="id", client_secret="s3cr3t")
+        result = explain(parse([]), {}, check_config(data, "f.toml"))
+        assert {Origin.FILE} == {c.origin for c in result.choices if c.option.field in data}
+        assert resolve(parse(REQUIRED), {}) == result.settings()
+
+    def test_secret_from_the_file_stays_hidden(self, tmp_path: Path) -> None:
+        """A secret read from a file is as hidden as one from the environment."""
+        settings = resolve(parse(["--config", toml_file(tmp_path, CREDENTIALS)]), {})
+        assert "s3cr3t" == settings.client_secret.reveal()
+        assert "s3cr3t" not in repr(settings)
+
+    def test_switch_from_the_file_turned_off_by_the_environment(self, tmp_path: Path) -> None:
+        """`follow = true` in the file yields to WORKER_FOLLOW=false."""
+        path = toml_file(tmp_path, f"{CREDENTIALS}follow = true\n")
+        assert not resolve(parse(["--config", path]), {"WORKER_FOLLOW": "false"}).follow
+
+    def test_derived_dead_letters_from_a_file_source(self, tmp_path: Path) -> None:
+        """A store source from the file keeps its dead letters there, shown as derived."""
+        text = 'source = "redis://127.0.0.1:6379/0"\nclient_id = "i"\nclient_secret = "s"\n'
+        result = resolution(parse(["--config", toml_file(tmp_path, text)]), {})
+        dlq = next(c for c in result.choices if c.option.field == "dlq")
+        assert ("redis://127.0.0.1:6379/0", Origin.DERIVED, "default: from source") == (
+            dlq.value,
+            dlq.origin,
+            dlq.describe(),
+        )
+
+
+class TestFileErrors:
+    def error(self, tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+        path = toml_file(tmp_path, text)
+        with pytest.raises(ConfigError) as caught:
+            resolve(parse(["--config", path]), env or {})
+        return str(caught.value).replace(path, "FILE")
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("batchsize = 1\n", "FILE: unknown key 'batchsize' (did you mean 'batch_size'?)"),
+            ("batch-size = 1\n", "FILE: unknown key 'batch-size' (did you mean 'batch_size'?)"),
+            (
+                "request-timeout = 1\n",
+                "FILE: unknown key 'request-timeout' (did you mean 'request_timeout_s'?)",
+            ),
+            (
+                "WORKER_MAX_WAITING = 1\n",
+                "FILE: unknown key 'WORKER_MAX_WAITING' (did you mean 'max_waiting'?)",
+            ),
+            ("colour = 'red'\n", "FILE: unknown key 'colour'"),
+            ("[run]\nbatch_size = 1\n", "FILE: unknown table 'run'"),
+        ],
+    )
+    def test_unknown_keys_suggest_the_closest(
+        self, tmp_path: Path, text: str, message: str
+    ) -> None:
+        """An unknown key is named with the known key meant: flag and variable names too."""
+        assert message == self.error(tmp_path, CREDENTIALS + text)
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            (
+                "batch_size = true",
+                "FILE: batch_size: expected an integer (or a string), got a boolean",
+            ),
+            (
+                "batch_size = 1.5",
+                "FILE: batch_size: expected an integer (or a string), got a float",
+            ),
+            ("rate = false", "FILE: rate: expected a number (or a string), got a boolean"),
+            ("follow = 1", "FILE: follow: expected a boolean (or a string), got an integer"),
+            ("client_id = 12345", "FILE: client_id: expected a string, got an integer (quote it)"),
+            ("api_url = ['x']", "FILE: api_url: expected a string, got an array"),
+            ("checkpoint = 2026-01-01", "FILE: checkpoint: expected a string, got a date/time"),
+        ],
+    )
+    def test_wrong_types(self, tmp_path: Path, text: str, message: str) -> None:
+        """A TOML value of a type the setting does not hold names the file, key and types."""
+        base = CREDENTIALS.replace('client_id = "id"\n', "")
+        assert message in self.error(tmp_path, f"{base}{text}\n")
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("batch_size = 0", "FILE: batch_size: must be at least 1, got 0"),
+            ("rate = 'fast'", "FILE: rate: not a number: 'fast'"),
+            ("rate = inf", "FILE: rate: not a finite number: 'inf'"),
+            ("http_port = 70000", "FILE: http_port: must be a port number 0-65535"),
+            ("log_format = 'xml'", "FILE: log_format: must be one of auto, json, console"),
+            ("follow = 'maybe'", "FILE: follow: must be true or false"),
+        ],
+    )
+    def test_invalid_values_name_file_and_key(
+        self, tmp_path: Path, text: str, message: str
+    ) -> None:
+        """The flags' parsers validate the file's values; the error names the file and key."""
+        assert message in self.error(tmp_path, f"{CREDENTIALS}{text}\n")
+
+    def test_overridden_value_not_judged(self, tmp_path: Path) -> None:
+        """Like an overridden variable, a file value a flag replaces is not parsed."""
+        path = toml_file(tmp_path, f"{CREDENTIALS}batch_size = '0'\n")
+        assert 5 == resolve(parse(["--config", path, "--batch-size", "5"]), {}).batch_size
+
+    def test_all_problems_at_once(self, tmp_path: Path) -> None:
+        """Bad keys come together; bad values come together with those of flags and env."""
+        assert "'colur'" in self.error(tmp_path, "colur = 1\nbatch-size = 2\n")
+        message = self.error(tmp_path, "batch_size = 0\nrate = -1\n", {"WORKER_LINGER_MS": "x"})
+        for part in ("FILE: batch_size", "FILE: rate", "WORKER_LINGER_MS", "--source"):
+            assert part in message
+
+    def test_required_names_the_file_key(self, tmp_path: Path) -> None:
+        """A missing required setting says it may also be given in the file."""
+        message = self.error(tmp_path, 'client_id = "i"\nclient_secret = "s"\n')
+        assert "--source (or WORKER_SOURCE, or source in FILE) is required" == message
+
+    def test_bad_toml_says_where(self, tmp_path: Path) -> None:
+        """A syntax error names the file, line and column."""
+        message = self.error(tmp_path, 'source = "jsonl:-"\nbatch_size = \n')
+        assert "FILE: not valid TOML: Invalid value (at line 2, column 14)" == message
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A named file that is not there stops the run: no silent defaults."""
+        path = str(tmp_path / "absent.toml")
+        with pytest.raises(ConfigError, match="absent.toml: configuration file not found"):
+            resolve(parse(["--config", path]), {})
+
+    def test_unreadable_file(self, tmp_path: Path) -> None:
+        """A directory or non-UTF-8 bytes are named, not a traceback."""
+        with pytest.raises(ConfigError, match="cannot read"):
+            resolve(parse(["--config", str(tmp_path)]), {})
+        (tmp_path / "latin1.toml").write_bytes(b'client_id = "caf\xe9"\n')
+        with pytest.raises(ConfigError, match="latin1.toml: not UTF-8"):
+            resolve(parse(["--config", str(tmp_path / "latin1.toml")]), {})
+
+    def test_empty_config_variable(self) -> None:
+        """WORKER_CONFIG set but empty is an error, like any empty setting."""
+        with pytest.raises(ConfigError, match="WORKER_CONFIG: must not be empty"):
+            resolve(parse(REQUIRED), {"WORKER_CONFIG": ""})
+
+    def test_type_error_never_shows_a_secret(self, tmp_path: Path) -> None:
+        """A secret of the wrong type is reported without its value."""
+        text = 'source = "jsonl:-"\nclient_id = "i"\nclient_secret = 987654321\n'
+        message = self.error(tmp_path, text)
+        assert "client_secret: expected a string" in message
+        assert "987654321" not in message
+
+
+class TestShow:
+    def test_values_as_shown(self) -> None:
+        """`config` masks secrets, redacts URI passwords and marks what is missing."""
+        env = {
+            "WORKER_SOURCE": "postgresql://u:hunter2@db/x",
+            "SMSGW_CLIENT_SECRET": "s3cr3t",
+            "WORKER_RATE": "2.5",
+        }
+        result = explain(parse([]), env)
+        table = render_table(result)
+        assert "hunter2" not in table and "s3cr3t" not in table
+        rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()}
+        assert ["postgresql://u:***@db/x", "env", "WORKER_SOURCE"] == rows["source"]
+        assert ["postgresql://u:***@db/x", "default:", "from", "source"] == rows["dlq"]
+        assert ["***", "env", "SMSGW_CLIENT_SECRET"] == rows["client_secret"]
+        assert ["(required,", "missing)", "missing"] == rows["client_id"]
+        assert ["2.5", "env", "WORKER_RATE"] == rows["rate"]
+        assert ["200", "default"] == rows["linger_ms"]
+
+    def test_json(self) -> None:
+        """`config --json` gives each setting's value, origin, place and problem."""
+        env = {"WORKER_SOURCE": "jsonl:-", "SMSGW_CLIENT_ID": "i", "SMSGW_CLIENT_SECRET": "s3cr3t"}
+        data = json.loads(render_json(explain(parse(["--batch-size", "0"]), env)))
+        assert {
+            "value": "***",
+            "origin": "env",
+            "where": "SMSGW_CLIENT_SECRET",
+            "problem": None,
+        } == (data["settings"]["client_secret"])
+        assert {
+            "value": None,
+            "origin": "flag",
+            "where": "--batch-size",
+            "problem": "must be at least 1, got 0",
+        } == data["settings"]["batch_size"]
+        assert ["--batch-size: must be at least 1, got 0"] == data["problems"]
+        assert None is data["config_file"]
+
+
+def test_readme_sample_file_is_valid() -> None:
+    """The sample file of the README's "Configuration file" resolves without a problem."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Configuration file", 1)[1]
+    sample = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    file = check_config(tomllib.loads(sample), "worker.toml")
+    settings = explain(parse([]), {"SMSGW_CLIENT_SECRET": "s"}, file).settings()
+    assert (200, "json") == (settings.batch_size, settings.log_format)

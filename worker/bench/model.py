@@ -10,9 +10,14 @@ How many requests: changes coalesce per ID while they wait. With at most ``max_w
 changes held, an ID's changes merge within a sliding window of that many changes, so a backlog
 of ``N`` changes over ``n`` uniformly changed IDs needs ``n`` contact
 updates when it fits in the window, else ``N n / (W + n)`` (each ID's cycle: W changes
-waiting, then on average n changes until its next one). Updates go in batches of ``B``;
-a batch holding an unknown ID is halved as ``worker.core.split`` does (expected cost from
-:func:`worker.bench.bounds.expected_requests`); an unknown ID seen again is sent alone.
+waiting, then on average n changes until its next one). That holds when the senders are
+slower than the reader (the rate binds), so the window fills. When they are not, they keep
+fewer changes waiting: the reader yields to them once per slice of ``READ_SLICE`` changes,
+each sender completes at most one request per slice (fewer if its answer takes longer), so a
+share ``pace`` of the changes read goes out at once and ``N * pace`` updates are sent.
+Updates go in batches of ``B``; a batch holding an unknown ID is halved as
+``worker.core.split`` does (expected cost from :func:`worker.bench.bounds.expected_requests`);
+an unknown ID seen again is sent alone.
 Transient errors (share ``e``) cost ``1 / (1 - e)`` attempts per request.
 """
 
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from worker.bench.bounds import effective_rate, expected_requests, information_bound
+from worker.core.scheduler import DEFAULT_MAX_WAITING
 
 CPU_US_PER_CHANGE = 10.0
 """Worker CPU per change read (decode, validate, coalesce, ack), measured on a 2-core EPYC."""
@@ -33,7 +39,10 @@ OVERHEAD_MS = 1.0
 READ_US_PER_CHANGE = 6.0
 """How fast the worker reads and decodes a backlog, per change (measured)."""
 READ_CHUNK_CHANGES = 5_000
-"""Changes the reader decodes without yielding (one 256 KiB read of ~50-byte lines)."""
+"""Changes the reader decodes per read (one 256 KiB read of ~50-byte lines)."""
+READ_SLICE = 1024
+"""Changes the reader hands to the scheduler before it yields to the senders
+(``worker.engine.READ_SLICE``)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,7 @@ class PlanInputs:
     worker_rate: float = 0.0
     """The worker's own --rate; 0: set to the API's rate."""
     linger_ms: float = 200.0
-    max_waiting: int = 50_000
+    max_waiting: int = DEFAULT_MAX_WAITING
     error_rate: float = 0.0
     """Share of requests that fail transiently (5xx, timeouts) and are retried."""
     target_drain_s: float | None = None
@@ -128,14 +137,27 @@ class Plan:
         return data
 
 
-def coalesced_sends(changes: int, contacts: int, max_waiting: int) -> float:
+def coalesced_sends(changes: int, contacts: int, max_waiting: int, pace: float = 0.0) -> float:
     """Contact updates a backlog of ``changes`` to ``contacts`` distinct IDs needs, once the
-    changes to one ID merge while they wait (within a window of ``max_waiting`` changes)."""
+    changes to one ID merge while they wait (within a window of ``max_waiting`` changes), and
+    the senders send a share ``pace`` of the changes as they are read (:func:`sender_pace`)."""
     if changes <= 0 or contacts <= 0:
         return 0.0
-    if changes <= max_waiting:
-        return float(contacts)
-    return max(float(contacts), changes * contacts / (max_waiting + contacts))
+    window = contacts if changes <= max_waiting else changes * contacts / (max_waiting + contacts)
+    return min(float(changes), max(float(contacts), window, changes * pace))
+
+
+def sender_pace(inputs: PlanInputs, rate: float) -> float:
+    """Updates sent per change read while a backlog is being read, when nothing else holds the
+    senders back: each of them completes one request per reader slice at most (the reader
+    does not yield within one), fewer when its round trip outlasts the slice, and never more
+    than the rate limit allows."""
+    slice_s = READ_SLICE * inputs.read_us_per_change / 1e6
+    round_trip = (inputs.latency_ms + inputs.overhead_ms) / 1000
+    requests = inputs.concurrency * (min(1.0, slice_s / round_trip) if round_trip > 0 else 1.0)
+    if rate:
+        requests = min(requests, rate * slice_s)
+    return min(1.0, requests * inputs.batch_size / READ_SLICE)
 
 
 def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
@@ -211,7 +233,7 @@ class _Drain:
 
 def _drain(inputs: PlanInputs, backlog: int, contacts: int, rate: float) -> _Drain:
     """Requests and time to drain ``backlog`` changes to ``contacts`` distinct IDs."""
-    sends = coalesced_sends(backlog, contacts, inputs.max_waiting)
+    sends = coalesced_sends(backlog, contacts, inputs.max_waiting, sender_pace(inputs, rate))
     if backlog == inputs.backlog:
         sends = min(float(backlog), sends + early_sends(inputs, contacts, rate))
     new, isolation, retry = _requests(sends, contacts, inputs, inputs.batch_size)

@@ -18,6 +18,7 @@ from worker.bench.model import (
     PlanInputs,
     plan,
 )
+from worker.core.scheduler import DEFAULT_MAX_WAITING
 
 
 def _number(kind: Any, low: float, *, strict: bool = False) -> Any:
@@ -83,7 +84,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         help="the worker's --rate if below the API's (0 = the API's)",
     )
     add("--linger-ms", type=_number(float, 0), default=200.0, help="the worker's (200)")
-    add("--max-waiting", type=_number(int, 1), default=50_000, help="the worker's (50000)")
+    add(
+        "--max-waiting",
+        type=_number(int, 1),
+        default=DEFAULT_MAX_WAITING,
+        help=f"the worker's ({DEFAULT_MAX_WAITING})",
+    )
     add(
         "--error-rate",
         type=_share,

@@ -18,7 +18,7 @@ from worker.bench.bounds import INFERRED, PLAIN, halving_requests
 from worker.core.batch import Batch, BatchLimits, Purpose
 from worker.core.change import Change, decode
 from worker.core.classify import Action, Verdict
-from worker.core.scheduler import Scheduler, SchedulerSettings
+from worker.core.scheduler import DEFAULT_MAX_WAITING, Scheduler, SchedulerSettings
 
 APPLIED = Verdict(Action.APPLIED, 204)
 NOT_FOUND = Verdict(Action.ISOLATE, 404, "404", "contact not found", reason="not_found")
@@ -60,7 +60,7 @@ def replay(
     is_known: Callable[[str], bool],
     *,
     batch_size: int,
-    max_waiting: int = 50_000,
+    max_waiting: int = DEFAULT_MAX_WAITING,
 ) -> Replay:
     """Run the input through the scheduler, one request at a time, answered at once."""
     limits = BatchLimits(max_items=batch_size, max_bytes=1 << 30, linger_s=0.0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker.core.scheduler import DEFAULT_MAX_WAITING
 from worker.sim.latency import parse_latency
 
 BASELINE_KINDS = ("per-change", "batch-fallback")
@@ -79,7 +80,7 @@ class WorkerConfig:
     """Requests/s; 0: no limit."""
     concurrency: int = 8
     request_timeout_s: float = 30.0
-    max_waiting: int = 50_000
+    max_waiting: int = DEFAULT_MAX_WAITING
     suspect_ttl_s: float = 900.0
 
 

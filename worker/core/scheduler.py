@@ -20,6 +20,10 @@ from worker.core.classify import Action, Verdict
 from worker.core.coalesce import Coalescer, Entry
 from worker.core.split import DeadLetter, culprit, halves, release_held, split_known_bad
 
+DEFAULT_MAX_WAITING = 200_000
+"""Changes held in memory by default before reading pauses: a backlog up to this size coalesces
+per ID in full when the API's rate is what limits (about 130 bytes per change held)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
@@ -27,7 +31,7 @@ class SchedulerSettings:
 
     limits: BatchLimits = BatchLimits()
     backoff: Backoff = Backoff()
-    max_waiting: int = 50_000
+    max_waiting: int = DEFAULT_MAX_WAITING
     """Changes held before the source is slowed down."""
     suspect_ttl_s: float = 900.0
     """How long an ID found missing is sent alone."""

@@ -32,7 +32,7 @@ without a usable ``ID`` is stored as it is, also with ``contact_id`` ``''``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import asyncpg
@@ -106,34 +106,37 @@ async def init(uri: str) -> None:
         await conn.close()
 
 
-async def enqueue(uri: str, lines: Iterable[bytes | str]) -> int:
-    """Insert one row per non-blank JSONL line, in line order; the number of rows inserted.
-
-    With ``partitions=P`` (P > 1) in the URI each row gets ``partition_of(contact_id, P)``."""
-    target = parse_uri(uri)
-    partitions = target.partitions
+def insert_rows(outbox: str, partitions: int) -> tuple[str, Callable[[list[str]], list[Any]]]:
+    """The INSERT of rows (contact IDs, changes) in their order into ``outbox``, and what
+    turns the contact IDs into the statement's arguments after the changes (the partitions
+    when there are several, nothing else)."""
     if partitions > 1:
         insert = (
-            f"INSERT INTO {target.outbox} (contact_id, change, partition)"
+            f"INSERT INTO {outbox} (contact_id, change, partition)"
             " SELECT contact_id, change::jsonb, part"
             " FROM unnest($1::text[], $2::text[], $3::int[])"
             " WITH ORDINALITY AS u(contact_id, change, part, n)"
             " ORDER BY n"
         )
-    else:
-        insert = (
-            f"INSERT INTO {target.outbox} (contact_id, change)"
-            " SELECT contact_id, change::jsonb"
-            " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(contact_id, change, n)"
-            " ORDER BY n"
-        )
+        return insert, lambda ids: [[partition_of(key, partitions) for key in ids]]
+    insert = (
+        f"INSERT INTO {outbox} (contact_id, change)"
+        " SELECT contact_id, change::jsonb"
+        " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(contact_id, change, n)"
+        " ORDER BY n"
+    )
+    return insert, lambda ids: []
+
+
+async def enqueue(uri: str, lines: Iterable[bytes | str]) -> int:
+    """Insert one row per non-blank JSONL line, in line order; the number of rows inserted.
+
+    With ``partitions=P`` (P > 1) in the URI each row gets ``partition_of(contact_id, P)``."""
+    target = parse_uri(uri)
+    insert, extra = insert_rows(target.outbox, target.partitions)
 
     async def write(conn: Any, ids: list[str], changes: list[str]) -> None:
-        if partitions > 1:
-            parts = [partition_of(key, partitions) for key in ids]
-            await conn.execute(insert, ids, changes, parts)
-        else:
-            await conn.execute(insert, ids, changes)
+        await conn.execute(insert, ids, changes, *extra(ids))
 
     conn = await _connect(target)
     count = 0

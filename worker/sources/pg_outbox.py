@@ -64,6 +64,7 @@ import structlog
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
 from worker.core.partition import partition_of
+from worker.sources.ack_group import AckGroup
 from worker.sources.base import Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.pg_outbox")
@@ -88,10 +89,13 @@ ALTER TABLE {table} ADD COLUMN IF NOT EXISTS partition integer NOT NULL DEFAULT 
 CREATE INDEX IF NOT EXISTS {name}_part ON {table} (partition, id);
 
 CREATE TABLE IF NOT EXISTS {table}_dead (
-    id         bigserial   PRIMARY KEY,
-    letter     jsonb       NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    id          bigserial   PRIMARY KEY,
+    letter      jsonb       NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    replayed_at timestamptz
 );
+
+ALTER TABLE {table}_dead ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
 
 CREATE OR REPLACE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -475,6 +479,7 @@ class PgOutboxSource(Source):
         self._lock_pid = 0
         self._oid = 0
         self._rebalancer: asyncio.Task[None] | None = None
+        self._acks = AckGroup(self._write_acks)
         self._rebalance_wake = anyio.Event()
         self._gains = 0
         """Partitions taken so far: a claim that overlapped a take must not move the cursor
@@ -914,7 +919,11 @@ class PgOutboxSource(Source):
     # -- acknowledging -----------------------------------------------------------------------
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
-        """Delete these rows: one statement, retried until the database takes it."""
+        """Delete these rows: one statement, retried until the database takes it; acks that
+        come while one is in flight go together in the next (:class:`AckGroup`)."""
+        await self._acks.ack(tokens)
+
+    async def _write_acks(self, tokens: Sequence[Hashable]) -> None:
         if not tokens:
             return
         self._raise_failure()

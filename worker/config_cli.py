@@ -1,0 +1,95 @@
+"""``contact-worker config``: the settings ``run`` would use, and where each one came from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from worker.config import Choice, Origin, Resolution, Secret, add_options, redact_uri, resolution
+
+MISSING_TEXT, INVALID_TEXT, NONE_TEXT = "(required, missing)", "(invalid)", "(none)"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``run`` (so a user sees what ``run`` with them would use), and ``--json``."""
+    add_options(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+
+
+def shown(value: Any) -> Any:
+    """A value as it may be shown: secrets masked, passwords in URIs redacted."""
+    if isinstance(value, Secret):
+        return "***"
+    if isinstance(value, str):
+        return redact_uri(value)
+    return value
+
+
+def value_text(choice: Choice) -> str:
+    """The VALUE column: the shown value, or why there is none."""
+    if choice.origin is Origin.MISSING:
+        return MISSING_TEXT
+    if choice.problem is not None:
+        return INVALID_TEXT
+    value = shown(choice.value)
+    if value is None:
+        return NONE_TEXT
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # 200, not 200.0: as a user writes it
+    return str(value)
+
+
+def render_table(result: Resolution) -> str:
+    """The file's name, then aligned columns SETTING, VALUE, FROM, one line per setting."""
+    rows = [("SETTING", "VALUE", "FROM")]
+    rows += [(c.option.field, value_text(c), c.describe()) for c in result.choices]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"configuration file: {result.config_file}"] if result.config_file else []
+    lines += [
+        f"{key:<{widths[0]}}  {value:<{widths[1]}}  {origin}".rstrip()
+        for key, value, origin in rows
+    ]
+    return "\n".join(lines)
+
+
+def render_json(result: Resolution) -> str:
+    """``{"config_file", "settings": {KEY: {value, origin, where, problem}}, "problems"}``."""
+    settings = {
+        c.option.field: {
+            "value": None if c.problem is not None else shown(c.value),
+            "origin": str(c.origin),
+            "where": c.where,
+            "problem": c.problem,
+        }
+        for c in result.choices
+    }
+    data = {
+        "config_file": result.config_file,
+        "settings": settings,
+        "problems": list(result.problems),
+    }
+    return json.dumps(data, indent=2)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the effective settings; exit 2, naming every problem, if ``run`` would refuse them.
+
+    A configuration file that cannot be read or has unknown keys raises ConfigError (exit 2
+    without a table): there is no knowing what it meant to set.
+    """
+    from worker.cli import EXIT_OK, EXIT_USAGE
+
+    result = resolution(args, os.environ)
+    try:
+        print(render_json(result) if args.json else render_table(result), flush=True)
+    except BrokenPipeError:  # `contact-worker config | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if result.problems:
+        print(f"contact-worker: {'; '.join(result.problems)}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK

@@ -1,0 +1,238 @@
+"""The worker's Prometheus metrics: cheap histograms the engine fills, read at scrape time.
+
+Counters and gauges are not kept here at all: the collector reads the engine's and the
+scheduler's own counters when Prometheus scrapes, so nothing is counted twice on the hot path.
+Histograms need observations as the work happens; :class:`Buckets` keeps them as a plain list
+of counts (one ``bisect`` and one addition per observation), and the collector turns them into
+Prometheus histograms at scrape time. Every name and meaning is listed in the README
+("Probes and metrics").
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from worker.core.coalesce import Entry
+    from worker.engine import Engine
+
+PREFIX = "contact_worker_"
+
+REQUEST_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Bucket bounds of a request's duration: up to the default request timeout and beyond."""
+BATCH_CONTACTS = (1, 2, 5, 10, 25, 50, 100, 200, 500, 1000)
+"""Bucket bounds of the contacts in one request."""
+ACK_SECONDS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
+"""Bucket bounds of change-to-ack latency: from a quiet stream to a backlog of an hour."""
+
+
+class Buckets:
+    """A histogram as Prometheus counts it (``le`` upper bounds), without locks or labels.
+
+    Only the event loop's thread touches it, scrapes included, so a plain list is enough.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        """Observations per bucket (not cumulative); the last one is ``+Inf``."""
+        self.sum = 0.0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        """Count ``value`` (``times`` over)."""
+        self.counts[bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
+    @property
+    def count(self) -> int:
+        """Observations so far."""
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, observations <= le)`` pairs, ending with ``+Inf``: Prometheus' form."""
+        pairs, total = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            pairs.append((_le(bound), float(total)))
+        return pairs
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+@dataclass(slots=True)
+class EngineHistograms:
+    """What the engine observes as it works: per request, per batch, per acknowledged change."""
+
+    request_seconds: Buckets = field(default_factory=lambda: Buckets(REQUEST_SECONDS))
+    batch_contacts: Buckets = field(default_factory=lambda: Buckets(BATCH_CONTACTS))
+    ack_seconds: Buckets = field(default_factory=lambda: Buckets(ACK_SECONDS))
+
+    def acked(self, entries: list[Entry], changes: int, now: float) -> None:
+        """These entries (``changes`` changes in all) were acknowledged at ``now``.
+
+        Each change counts once, measured from its entry's oldest change's arrival. This runs
+        per request, so it avoids a Python-level loop per entry where it can: the entries
+        created from one read share one arrival time (the same float object), and a request's
+        entries nearly always come from one read: one comprehension and one ``list.count``
+        (identity comparisons) then settle all of them.
+        """
+        if not entries:
+            return
+        latency = self.ack_seconds
+        bounds, counts = latency.bounds, latency.counts
+        sinces = [entry.since for entry in entries]
+        first = sinces[0]
+        if sinces.count(first) == len(sinces):
+            waited = now - first
+            counts[bisect_left(bounds, waited)] += changes
+            latency.sum += waited * changes
+            return
+        total = 0.0
+        for entry in entries:
+            weight = len(entry.tokens)
+            waited = now - entry.since
+            counts[bisect_left(bounds, waited)] += weight
+            total += waited * weight
+        latency.sum += total
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    # CounterMetricFamily appends _total to the sample name: the family is named without it.
+    return CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
+def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(PREFIX + name, doc, labels=[label])
+    for key, count in sorted(values.items()):
+        family.add_metric([key], count)
+    return family
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+
+def _histogram(name: str, doc: str, buckets: Buckets) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        PREFIX + name, doc, buckets=buckets.cumulative(), sum_value=buckets.sum
+    )
+
+
+class EngineCollector(Collector):
+    """Reads the engine's counters and histograms at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values."""
+        engine = self.engine
+        e, s, h = engine.stats, engine.scheduler.stats, engine.histograms
+        coalescer = engine.scheduler.coalescer
+        yield _counter("changes_read", "Records read from the source", e.records)
+        yield _counter("changes_invalid", "Records dead-lettered as invalid, never sent", e.invalid)
+        yield _counter(
+            "changes_coalesced",
+            "Changes merged into a waiting change of the same ID (requests saved)",
+            coalescer.coalesced,
+        )
+        yield _counter("changes_applied", "Changes applied by the API", s.changes_applied)
+        yield _counter(
+            "changes_acked",
+            "Records acknowledged to the source (applied or dead-lettered)",
+            e.acked,
+        )
+        yield _counter(
+            "contacts_applied",
+            "Contacts applied by the API (merged changes count once)",
+            s.contacts_applied,
+        )
+        yield _labelled(
+            "requests",
+            "PATCH requests by HTTP status (error: no answer)",
+            "status",
+            dict(s.requests),
+        )
+        yield _counter(
+            "isolation_requests",
+            "Requests spent on finding unknown or rejected IDs",
+            s.isolation_requests,
+        )
+        yield _labelled(
+            "dead_letters",
+            "Changes dead-lettered, by reason",
+            "reason",
+            dict(s.dead_letters) | {"invalid": e.invalid},
+        )
+        yield _counter("retries", "Requests that failed transiently and will be retried", s.retries)
+        yield _counter(
+            "rate_limit_wait_seconds",
+            "Time senders waited on the rate limiter, summed over senders",
+            e.rate_wait_s,
+        )
+        yield _gauge("in_flight_requests", "Requests sent and not answered yet", e.in_flight)
+        yield _gauge(
+            "waiting_changes",
+            "Changes read and not sent yet (the backlog in memory)",
+            coalescer.changes_waiting,
+        )
+        yield _gauge(
+            "rate_limit_requests_per_second",
+            "Most requests per second the worker sends (--rate; 0 = no limit)",
+            engine.settings.rate,
+        )
+        yield _gauge(
+            "concurrency_limit",
+            "Most requests in flight at once (--concurrency)",
+            engine.settings.concurrency,
+        )
+        yield _gauge(
+            "batch_size_limit",
+            "Most contacts per request now (--batch-size, lowered after a 413)",
+            engine.scheduler.ceiling,
+        )
+        ready, _ = engine.readiness()
+        yield _gauge("ready", "1 while /readyz answers 200, else 0", 1.0 if ready else 0.0)
+        yield _histogram(
+            "request_duration_seconds", "Time from sending a PATCH to its answer", h.request_seconds
+        )
+        yield _histogram("batch_size_contacts", "Contacts per PATCH request", h.batch_contacts)
+        yield _histogram(
+            "change_ack_latency_seconds",
+            "Time from reading a change to acknowledging it (applied or dead-lettered);"
+            " merged changes count from the oldest one's arrival",
+            h.ack_seconds,
+        )
