@@ -20,6 +20,7 @@ import argparse
 import json
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -300,6 +301,13 @@ def main() -> None:
         help=f"comma-separated runs among {', '.join(RUNS)} (jsonl is always run first)",
     )
     parser.add_argument("--no-ingest", action="store_true", help="skip the ingest figure")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every run (jsonl first in each): the table shows medians and the range"
+        " of each round's ratio to that round's jsonl run",
+    )
     args = parser.parse_args()
     lines = list(
         generate_lines(
@@ -314,23 +322,34 @@ def main() -> None:
             ["--latency", "0", "--known-count", str(args.contacts)], tmp / "sim.log"
         ) as sim:
             wanted = ["jsonl", *(r for r in args.only.split(",") if r and r != "jsonl")]
-            for name in wanted:
-                kind, replicas, partitions, live = RUNS[name]
-                results.append(
-                    run_input(kind, replicas, data, sim, tmp, partitions=partitions, live=live)
-                )
-                print(json.dumps(results[-1]), flush=True)
-            reference = results[0]["cpu_us_per_change"]
-            for row in results:
-                row["cpu_vs_jsonl"] = round(row["cpu_us_per_change"] / reference, 2)
+            for round_no in range(args.repeat):
+                first = len(results)
+                for name in wanted:
+                    kind, replicas, partitions, live = RUNS[name]
+                    row = run_input(
+                        kind, replicas, data, sim, tmp, partitions=partitions, live=live
+                    )
+                    results.append(row | {"name": name, "round": round_no})
+                    print(json.dumps(results[-1]), flush=True)
+                reference = results[first]["cpu_us_per_change"]
+                for row in results[first:]:
+                    row["cpu_vs_jsonl"] = round(row["cpu_us_per_change"] / reference, 2)
             ingested = None if args.no_ingest else ingest(sim, lines, tmp, args.bodies)
-    print("\n| input | replicas | partitions | mode | changes/s | worker CPU µs/change | × jsonl |")
+    rounds = f" (median of {args.repeat})" if args.repeat > 1 else ""
+    print(
+        f"\n| input | replicas | partitions | mode | changes/s{rounds}"
+        f" | worker CPU µs/change{rounds} | × jsonl (median, range) |"
+    )
     print("|---|---|---|---|---|---|---|")
-    for row in results:
+    for name in wanted:
+        rows = [row for row in results if row["name"] == name]
+        ratios = sorted(row["cpu_vs_jsonl"] for row in rows)
+        row = rows[0]
         print(
             f"| {row['input']} | {row['replicas']} | {row['partitions']} | {row['mode']} | "
-            f"{row['changes_per_s']:,} | "
-            f"{row['cpu_us_per_change']} | {row['cpu_vs_jsonl']} |"
+            f"{statistics.median(r['changes_per_s'] for r in rows):,.0f} | "
+            f"{statistics.median(r['cpu_us_per_change'] for r in rows):.1f} | "
+            f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) |"
         )
     if ingested:
         print(
