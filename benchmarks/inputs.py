@@ -39,6 +39,7 @@ SETTLE_S = 8.0
 REDIS = "redis://127.0.0.1:6379/0"
 RUNS = {
     "jsonl": ("jsonl", 1, 1, False),
+    "jsonl3": ("jsonl", 3, 1, False),
     "redis1": ("redis", 1, 1, False),
     "redis1-p6": ("redis", 1, 6, False),
     "redis3": ("redis", 3, 6, False),
@@ -109,6 +110,8 @@ def run_input(
     *,
     partitions: int = 1,
     live: bool = False,
+    startup_cpu_s: float = 0.0,
+    whole: bool = False,
 ) -> dict[str, Any]:
     """One measured run of one input with this many replicas.
 
@@ -131,9 +134,12 @@ def run_input(
     stats = sim.stats()
     before, requests_before = stats["contacts_applied"], stats["requests"]
     if kind == "jsonl":
-        path = tmp / "in.jsonl"
-        path.write_bytes(data)
-        uri = f"jsonl:{path}"
+        # Several replicas of a file: each its own share of the lines (a reference for what
+        # several processes on these 2 cores cost, whatever the input).
+        lines = data.splitlines(keepends=True)
+        for i in range(replicas):
+            (tmp / f"in{i}.jsonl").write_bytes(b"".join(lines[i::replicas]))
+        uri = f"jsonl:{tmp / 'in{i}.jsonl'}"
         env["WORKER_DLQ"] = f"jsonl:{tmp / 'dead.jsonl'}"
     elif kind == "redis":
         lease_ms = 2000 if live or replicas == 1 else 9000
@@ -144,7 +150,12 @@ def run_input(
     def start() -> list[subprocess.Popen[bytes]]:
         return [
             subprocess.Popen(
-                [*cli, "run", "--source", uri.replace("consumer=c", f"consumer=r{i}")],
+                [
+                    *cli,
+                    "run",
+                    "--source",
+                    uri.replace("consumer=c", f"consumer=r{i}").replace("{i}", str(i)),
+                ],
                 env=env,
                 stderr=subprocess.DEVNULL,
             )
@@ -154,7 +165,7 @@ def run_input(
     baseline: dict[int, float] = {}
     if kind != "jsonl":
         subprocess.run([*cli, "init", "--to", uri], check=True, capture_output=True, env=env)
-    if replicas > 1:
+    if replicas > 1 and kind != "jsonl":
         # Steady state: the replicas share the partitions out before the backlog arrives, and
         # what they burnt starting up and settling is left out.
         procs = start()
@@ -169,18 +180,18 @@ def run_input(
             [*cli, "enqueue", "--to", uri], input=data, check=True, capture_output=True, env=env
         )
     enqueued_s = time.monotonic() - started
-    if replicas > 1 and not live:
+    if replicas > 1 and not live and kind != "jsonl":
         started = time.monotonic()
         for p in procs:
             p.send_signal(signal.SIGCONT)
-    if replicas == 1:
+    if replicas == 1 or kind == "jsonl":
         started = time.monotonic()
         procs = start()
     cpu: dict[int, float] = {}
     first_request: float | None = None
     try:
         while True:
-            if replicas == 1 and first_request is None:
+            if replicas == 1 and first_request is None and not whole:
                 if sim.stats()["requests"] > requests_before:
                     first_request = time.monotonic()
                     # The CPU of the drain only: start-up (imports, connecting, the API check)
@@ -189,7 +200,7 @@ def run_input(
             for p in procs:
                 cpu[p.pid] = proc_cpu_s(p.pid) or cpu.get(p.pid, 0.0)
             if kind == "jsonl":
-                if procs[0].poll() is not None:
+                if all(p.poll() is not None for p in procs):
                     break
             elif pending(uri, partitions) == 0 and sim.stats()["requests"] > 0:
                 time.sleep(0.05)  # the last acks follow the last answers
@@ -212,6 +223,10 @@ def run_input(
             cleanup(uri, partitions)
     changes = data.count(b"\n")
     cpu_s = sum(cpu.values()) - sum(baseline.values())
+    if kind == "jsonl" and replicas > 1:
+        # Started together, they cannot be told apart at a first request: their start-up,
+        # measured alone on a one-line file, is taken off instead.
+        cpu_s -= replicas * startup_cpu_s
     return {
         "input": kind,
         "replicas": replicas,
@@ -322,12 +337,23 @@ def main() -> None:
             ["--latency", "0", "--known-count", str(args.contacts)], tmp / "sim.log"
         ) as sim:
             wanted = ["jsonl", *(r for r in args.only.split(",") if r and r != "jsonl")]
+            startup = 0.0
+            if "jsonl3" in wanted:  # what one replica burns starting up, on a one-line file
+                one = run_input("jsonl", 1, data[: data.index(b"\n") + 1], sim, tmp, whole=True)
+                startup = one["worker_cpu_s"]
             for round_no in range(args.repeat):
                 first = len(results)
                 for name in wanted:
                     kind, replicas, partitions, live = RUNS[name]
                     row = run_input(
-                        kind, replicas, data, sim, tmp, partitions=partitions, live=live
+                        kind,
+                        replicas,
+                        data,
+                        sim,
+                        tmp,
+                        partitions=partitions,
+                        live=live,
+                        startup_cpu_s=startup,
                     )
                     results.append(row | {"name": name, "round": round_no})
                     print(json.dumps(results[-1]), flush=True)

@@ -111,7 +111,7 @@ def http_url(text: str) -> str:
     """An http(s) URL with a host."""
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+        raise ValueError(f"must be an http:// or https:// URL, got {redact_uri(text)!r}")
     return text.rstrip("/")
 
 

@@ -8,7 +8,16 @@ import os
 import sys
 from typing import Any
 
-from worker.config import Choice, Origin, Resolution, Secret, add_options, redact_uri, resolution
+from worker.config import (
+    Choice,
+    ConfigError,
+    Origin,
+    Resolution,
+    Secret,
+    add_options,
+    redact_uri,
+    resolution,
+)
 
 MISSING_TEXT, INVALID_TEXT, NONE_TEXT = "(required, missing)", "(invalid)", "(none)"
 
@@ -89,7 +98,22 @@ def main(args: argparse.Namespace) -> int:
         print(render_json(result) if args.json else render_table(result), flush=True)
     except BrokenPipeError:  # `contact-worker config | head`: the reader had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if result.problems:
-        print(f"contact-worker: {'; '.join(result.problems)}", file=sys.stderr)
+    problems = list(result.problems) or _input_problems(result)
+    if problems:
+        print(f"contact-worker: {'; '.join(problems)}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _input_problems(result: Resolution) -> list[str]:
+    """What ``run`` would refuse in the input and dead-letter URIs (parsed, not connected)."""
+    from worker.deadletters import open_sink
+    from worker.sources import open_source
+
+    try:
+        settings = result.settings()
+        open_source(settings.source, follow=settings.follow, checkpoint=settings.checkpoint)
+        open_sink(settings.dlq)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []

@@ -26,6 +26,7 @@ import aiohttp
 import structlog
 
 from worker.cli import EXIT_AUTH, EXIT_USAGE
+from worker.config import redact_uri
 from worker.core.classify import Action, classify, classify_failure
 from worker.sender import SEND_ERRORS, Response, Sender
 
@@ -139,7 +140,7 @@ async def check_api(
         finding = judge_failure(exc)
     else:
         finding = judge_response(response, wall_clock())
-    fields = {"url": sender.url, "status": finding.status, "error": finding.error}
+    fields = {"url": redact_uri(sender.url), "status": finding.status, "error": finding.error}
     if finding.outcome is Outcome.ACCEPTED:
         log.info("api check passed", **fields)
     elif finding.outcome is Outcome.UNCERTAIN:

@@ -131,7 +131,7 @@ async def _run(settings: Settings, source: Source, sink: DeadLetterSink) -> Resu
                 "starting",
                 source=redact_uri(settings.source),
                 dlq=redact_uri(settings.dlq),
-                api_url=settings.api_url,
+                api_url=redact_uri(settings.api_url),
                 batch_size=settings.batch_size,
                 rate=settings.rate,
                 concurrency=settings.concurrency,
@@ -150,7 +150,7 @@ async def _run(settings: Settings, source: Source, sink: DeadLetterSink) -> Resu
                     status = serve_status(
                         engine, settings.http_port, configure=_ingest(settings, source)
                     )
-                    await status.__aenter__()
+                    await _unless_stopped(status.__aenter__())
                 except OSError as exc:
                     print(
                         f"contact-worker: cannot serve --http-port {settings.http_port}: "

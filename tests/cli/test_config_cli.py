@@ -111,6 +111,16 @@ class TestConfigCommand:
         assert ["(invalid)", "file", str(path)] == rows(result.stdout)["batch_size"]
         assert f"{path}: batch_size: must be at least 1, got 0" in result.stderr
 
+    def test_an_input_run_would_refuse_exits_2(self) -> None:
+        """The input's URI is parsed as `run` parses it (not connected): a bad one is an
+        error here too, its password not shown."""
+        env = clean_env(SMSGW_CLIENT_ID="demo", SMSGW_CLIENT_SECRET=SECRET)
+        result = config(["--source", "redis://:hunter2@127.0.0.1:99999/0"], env)
+        assert 2 == result.returncode
+        assert "bad port" in result.stderr
+        assert "hunter2" not in result.stdout + result.stderr
+        assert 0 == config(["--source", "redis://127.0.0.1:6379/0"], env).returncode
+
     def test_unknown_key_stops_before_the_table(self, tmp_path: Path) -> None:
         """A file with an unknown key is refused whole, with the key it probably meant."""
         path = write_config(tmp_path, "batch-size = 10\n")

@@ -193,3 +193,33 @@ class TestReplay:
             "replay", f"jsonl:{dead}", "--to", f"jsonl:{out}", "--json"
         ).json()["replayed"]
         assert [MISSING[0], MISSING[0]] == [json.loads(x) for x in out.read_text().splitlines()]
+
+
+class TestTargetFile:
+    def test_a_last_line_cut_short_is_not_glued_to(self, dlq: Dlq, tmp_path: Path) -> None:
+        """A target file whose last line has no newline gets one first: the replayed change
+        stays a line of its own, valid, not part of the cut line."""
+        dead = tmp_path / "dead.jsonl"
+        dead.write_text(
+            json.dumps({"reason": "not_found", "change": {"ID": "35"}, "at": "t"}) + "\n"
+        )
+        out = tmp_path / "out.jsonl"
+        out.write_bytes(b'{"ID": "1", "lastname": "a"}')
+        assert {"not_found": 1} == dlq(
+            "replay", f"jsonl:{dead}", "--to", f"jsonl:{out}", "--json"
+        ).json()["replayed"]
+        lines = out.read_bytes().splitlines()
+        assert [b'{"ID": "1", "lastname": "a"}', b'{"ID":"35"}'] == lines
+
+    def test_replaying_into_the_dead_letter_file_itself_is_refused(
+        self, dlq: Dlq, tmp_path: Path
+    ) -> None:
+        dead = tmp_path / "dead.jsonl"
+        dead.write_text(json.dumps({"reason": "not_found", "change": {"ID": "35"}, "at": "t"}))
+        before = dead.read_bytes()
+        outcome = dlq(
+            "replay", f"jsonl:{dead}", "--to", f"jsonl:{tmp_path}/../{tmp_path.name}/dead.jsonl"
+        )
+        assert 2 == outcome.code
+        assert "is the dead-letter file itself" in outcome.stderr
+        assert before == dead.read_bytes()

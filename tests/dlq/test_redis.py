@@ -145,6 +145,32 @@ class TestReplay:
         assert "another `dlq replay`" in result.stderr
         assert 0 == client.xlen(stream)
 
+    def test_a_lock_taken_over_meanwhile_stops_the_replay(
+        self, client: redis.Redis, stream: str
+    ) -> None:
+        """Between two pages the lock ran out and another replay took it: the first stops
+        (StoreBusy) instead of renewing the other's lock and sending the same letters."""
+        from worker.dlq.stores import open_store
+        from worker.dlq.stores.base import StoreBusy
+
+        add_letters(
+            client, f"{stream}:dead", [{"reason": "not_found", "change": c} for c in MISSING]
+        )
+
+        async def two_pages() -> None:
+            store = open_store(f"{REDIS}?stream={stream}")
+            await store.open(replay=True)
+            try:
+                assert await store.read(1)
+                client.set(f"{stream}:dead:replaying", "another replay", px=10_000)
+                with pytest.raises(StoreBusy, match="lock ran out"):
+                    await store.read(1)
+            finally:
+                await store.close()
+
+        anyio.run(two_pages)
+        assert b"another replay" == client.get(f"{stream}:dead:replaying")  # left alone
+
     def test_a_key_that_is_not_a_stream(self, dlq: Dlq, client: redis.Redis, stream: str) -> None:
         """A dead-letter key of another type is a clear error, exit 2."""
         client.set(f"{stream}:dead", "x")

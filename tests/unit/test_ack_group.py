@@ -93,3 +93,29 @@ async def test_a_failed_write_fails_those_waiting_for_it_and_later_acks() -> Non
     assert store.durable == {1}
     with pytest.raises(SourceError):
         await group.ack([4])
+
+
+async def test_acks_of_one_turn_of_the_loop_go_in_one_write() -> None:
+    """Senders whose answers came together ack in the same turn: one round trip for all."""
+    store = Store()
+    store.gate.set()
+    group = AckGroup(store.write)
+    async with anyio.create_task_group() as tg:
+        for n in range(5):
+            tg.start_soon(group.ack, [n])
+    assert [sorted(w) for w in store.writes] == [[0, 1, 2, 3, 4]]
+    assert store.durable == {0, 1, 2, 3, 4}
+
+
+async def test_a_cancelled_leader_leaves_the_queued_acks_to_the_others() -> None:
+    """Cancelled before its write, the first caller's tokens stay queued and the next caller
+    writes them with its own: nobody waits for a write that never comes."""
+    store = Store()
+    store.gate.set()
+    group = AckGroup(store.write)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await group.ack(["lost-leader"])
+    assert store.writes == []
+    await group.ack(["next"])
+    assert store.writes == [["lost-leader", "next"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import anyio
@@ -123,6 +124,10 @@ def main_replay(args: argparse.Namespace) -> int:
         target = open_target(args.to)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    if _same_file(args.uri, args.to):
+        return _fail(
+            f"--to {args.to} is the dead-letter file itself: replay into an input", EXIT_USAGE
+        )
     planner = Planner(reasons, args.limit)
     try:
         report = anyio.run(lambda: replay(store, target, planner, dry_run=args.dry_run))
@@ -143,3 +148,18 @@ def main(args: argparse.Namespace) -> int:
     """Run the ``dlq`` action the command line chose."""
     code: int = args.dlq_func(args)
     return code
+
+
+def _same_file(store_uri: str, target_uri: str) -> bool:
+    """Whether both URIs name the same existing ``jsonl:`` file (a ``sqlite:`` spool may replay
+    into itself: its dead letters and its input are two tables)."""
+    paths = []
+    for uri in (store_uri, target_uri):
+        scheme, _, rest = uri.partition(":")
+        if scheme != "jsonl":
+            return False
+        paths.append(rest.split("?", 1)[0])
+    try:
+        return os.path.samefile(paths[0], paths[1])
+    except OSError:
+        return False

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 
-from worker.config import ConfigError
+from worker.config import ConfigError, redact_uri
 
 Enqueue = Callable[[str, Iterable[bytes]], Awaitable[int]]
 
@@ -32,15 +32,27 @@ class Target:
 async def _append_jsonl(uri: str, lines: Iterable[bytes]) -> int:
     path = uri.partition(":")[2]
     data = [line + b"\n" for line in lines]
+    count = len(data)
 
     def append() -> None:
-        with open(path, "ab") as f:
+        created = not os.path.exists(path)
+        with open(path, "ab+") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a last line cut short: never glue a change onto it
+                    data.insert(0, b"\n")
             f.write(b"".join(data))
             f.flush()
             os.fsync(f.fileno())
+        if created:  # the new file's name must survive a power cut too, like the marks
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     await anyio.to_thread.run_sync(append)
-    return len(data)
+    return count
 
 
 def open_target(uri: str) -> Target:
@@ -69,6 +81,6 @@ def open_target(uri: str) -> Target:
         options = sqlite_spool.parse_uri(uri)
         return Target(uri, f"sqlite:{options.path} changes", sqlite_spool.enqueue)
     raise ConfigError(
-        f"unsupported input {uri!r} for --to: use sqlite:PATH, redis://..., postgresql://..."
+        f"unsupported input {redact_uri(uri)!r} for --to: use sqlite:PATH, redis://..., postgresql://..."
         " (as `contact-worker enqueue --to` takes) or jsonl:PATH (a file to run)"
     )

@@ -48,8 +48,16 @@ class AckGroup:
                 await self._flush()
 
     async def _flush(self) -> None:
-        batch, self._queued = self._queued, []
         self._writing = True
+        try:
+            # One turn of the event loop first: senders whose answers came in together
+            # acknowledge together, in this write.
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            self._writing = False
+            self._wake_all()
+            raise
+        batch, self._queued = self._queued, []
         self._started += 1
         try:
             await self._write(batch)
@@ -62,8 +70,11 @@ class AckGroup:
         finally:
             self._finished = self._started
             self._writing = False
-            self._done.set()
-            self._done = anyio.Event()
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        self._done.set()
+        self._done = anyio.Event()
 
     def _raise_error(self) -> None:
         error = self._error

@@ -291,14 +291,17 @@ return {table.concat(ids, ' '), table.concat(sizes, ' '), table.concat(values),
 """
 
 _ACK_SCRIPT = """
--- XACK (and XDEL if ARGV[2] is 1) the space-separated IDs of ARGV[3], atomically.
-local ids = {}
-for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
+-- For each stream KEYS[k]: XACK (and XDEL if ARGV[2] is 1) the space-separated IDs of
+-- ARGV[2 + k], atomically.
 local acked = 0
-for i = 1, #ids, 1000 do
-  local last = math.min(i + 999, #ids)
-  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, last))
-  if ARGV[2] == '1' then redis.call('XDEL', KEYS[1], unpack(ids, i, last)) end
+for k = 1, #KEYS do
+  local ids = {}
+  for id in string.gmatch(ARGV[2 + k], '%S+') do ids[#ids + 1] = id end
+  for i = 1, #ids, 1000 do
+    local last = math.min(i + 999, #ids)
+    acked = acked + redis.call('XACK', KEYS[k], ARGV[1], unpack(ids, i, last))
+    if ARGV[2] == '1' then redis.call('XDEL', KEYS[k], unpack(ids, i, last)) end
+  end
 end
 return acked
 """
@@ -1284,8 +1287,8 @@ class PartitionedRedisSource(_RedisClient, Source):
         for token in tokens:
             p, entry_id = cast(PartitionToken, token)
             by_partition.setdefault(p, []).append(entry_id)
+        await self._ack_partitions(by_partition)
         for p, ids in by_partition.items():
-            await self._ack_partition(p, ids)
             handed = self._handed[p]
             for entry_id in ids:
                 handed.discard(entry_id)
@@ -1294,14 +1297,17 @@ class PartitionedRedisSource(_RedisClient, Source):
             self.acked += len(ids)
 
     async def _ack_partition(self, p: int, ids: list[bytes]) -> None:
+        await self._ack_partitions({p: ids})
+
+    async def _ack_partitions(self, by_partition: dict[int, list[bytes]]) -> None:
+        """XACK (and XDEL) the entries of several partitions in one round trip, retrying."""
+        keys = [self.streams[p] for p in by_partition]
+        args: list[bytes | str | int] = [self.group, int(self.address.delete_acked)]
+        args += [b" ".join(ids) for ids in by_partition.values()]
         failures = 0
         while True:
             try:
-                await self._ack_script(
-                    keys=[self.streams[p]],
-                    args=[self.group, int(self.address.delete_acked), b" ".join(ids)],
-                    client=self._require_client(),
-                )
+                await self._ack_script(keys=keys, args=args, client=self._require_client())
                 return
             except TRANSIENT_ERRORS as exc:
                 failures += 1
@@ -1309,7 +1315,10 @@ class PartitionedRedisSource(_RedisClient, Source):
             except ResponseError as exc:
                 if not _is_nogroup(exc):
                     raise SourceError(self._explain(exc)) from exc
-                return
+                if len(by_partition) > 1:  # one stream lost its group: ack the others alone
+                    for p, ids in by_partition.items():
+                        await self._ack_partitions({p: ids})
+                return  # the group, and its pending list, are gone: nothing left to ack
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -36,6 +36,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 _FIELD = LETTER_FIELD.encode()
 
 
@@ -123,7 +128,14 @@ class RedisStore(DeadLetterStore):
             ids = [entry_id for entry_id, _ in entries]
             flags = await client.hmget(self.replayed_key, ids)
             if self._lock_token is not None:
-                await client.pexpire(self.lock_key, LOCK_TTL_MS)
+                renewed = await client.eval(
+                    _RENEW, 1, self.lock_key, self._lock_token, LOCK_TTL_MS
+                )
+                if not renewed:  # it ran out and another replay may hold it now: stop
+                    raise StoreBusy(
+                        f"{self.name}: the replay lock ran out (a page took more than"
+                        f" {LOCK_TTL_MS // 1000} s); another replay may be running: stopped"
+                    )
         except (RedisError, OSError) as exc:
             raise self._error(exc) from exc
         self._after = ids[-1]
