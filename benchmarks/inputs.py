@@ -142,7 +142,7 @@ def run_input(
         uri = f"jsonl:{tmp / 'in{i}.jsonl'}"
         env["WORKER_DLQ"] = f"jsonl:{tmp / 'dead.jsonl'}"
     elif kind == "redis":
-        lease_ms = 2000 if live or replicas == 1 else 9000
+        lease_ms = 2000 if live or replicas == 1 else 20_000
         uri = f"{REDIS}?stream=bench:{tag}&partitions={partitions}&lease_ms={lease_ms}&consumer=c"
     else:
         uri = f"{PG}?schema=bench_{tag}&partitions={partitions}"
@@ -169,7 +169,7 @@ def run_input(
         # Steady state: the replicas share the partitions out before the backlog arrives, and
         # what they burnt starting up and settling is left out.
         procs = start()
-        time.sleep(SETTLE_S if live else 2 * SETTLE_S)
+        time.sleep(SETTLE_S if live else 3 * SETTLE_S)
         if not live:
             for p in procs:
                 p.send_signal(signal.SIGSTOP)
