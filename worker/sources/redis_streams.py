@@ -75,11 +75,11 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTime
 RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=5.0)
 READ_SLICE = 1024
 """Records handed out per ``read`` of a partitioned source (the engine's slice)."""
-READ_LINGER_S = 0.005
+READ_LINGER_S = 0.02
 """After a read that returned only a few entries (the input is fed as it goes), wait this long
 before the next: entries then come a page at a time instead of one round trip each, for a few
-milliseconds of latency (the engine's --linger-ms is 200 by default)."""
-SMALL_READ = 64
+milliseconds of latency (20 ms at most; the engine's --linger-ms is 200 by default)."""
+SMALL_READ = 256
 """Fewer entries than this in a read make the next one wait READ_LINGER_S."""
 CLAIM_MARGIN_S = 0.1
 """Slack on top of ``claim_idle_ms`` so that entries idle since our start are surely claimable."""
