@@ -7,9 +7,7 @@ is measured, and how, is explained in ``pipeline.py``'s docstring.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import ctypes
 import datetime
 import math
 import os
@@ -27,13 +25,17 @@ from typing import Any
 
 import orjson
 
+from worker.bench.harness import read_log
 from worker.bench.processes import (  # shared with `contact-worker bench`
     BenchError,
     PeakWatcher,
+    Quiet,
     SimulatorProcess,
     clean_env,
     cli_command,
+    die_with_harness,
     machine,
+    proc_cpu_s,
     status_mb,
     system_busy_s,
 )
@@ -45,22 +47,9 @@ DATA = RESULTS / "data"
 LOGS = RESULTS / "logs"
 BIN = Path(sys.executable).parent
 CLIENT_ID, CLIENT_SECRET = "demo", "demo-secret"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PR_SET_PDEATHSIG = 1
 
 
 # -- commands -----------------------------------------------------------------------------------
-
-
-def _die_with_harness() -> None:
-    """In the child before exec: get SIGKILL when the harness dies (PR_SET_PDEATHSIG).
-
-    A harness killed without unwinding (SIGKILL, a closed session) must not leave a simulator
-    or a worker running and skewing the next measurements. SIGKILL, not SIGTERM: a worker
-    would answer SIGTERM by draining for up to its drain timeout, into a simulator gone too.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def py_spy_path() -> Path | None:
@@ -127,17 +116,6 @@ def log(message: str) -> None:
     print(f"[pipeline] {message}", file=sys.stderr, flush=True)
 
 
-def proc_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a live process, from /proc/PID/stat (None if gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # Fields after "pid (comm) ": state is field 3, utime 14 and stime 15 (1-based).
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 @dataclass
 class WorkerRun:
     """One finished worker process: what it cost and what it said."""
@@ -192,26 +170,6 @@ class WorkerRun:
         data["cpu_s"] = self.cpu_s
         data["other_cpu_pct"] = self.other_cpu_pct
         return data
-
-
-def _read_log(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """The summary event and a count of every event name in a worker's JSON-lines log."""
-    summary: dict[str, Any] = {}
-    events: collections.Counter[str] = collections.Counter()
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.startswith(b"{"):
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            name = obj.get("event")
-            if isinstance(name, str):
-                events[name] += 1
-                if name == "summary":
-                    summary = obj
-    return summary, dict(events)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -270,7 +228,7 @@ def run_worker(
             stderr=out,
             env=env,
             cwd=RESULTS,
-            preexec_fn=_die_with_harness,
+            preexec_fn=die_with_harness,
         )
         watcher = PeakWatcher(proc.pid)
 
@@ -295,7 +253,7 @@ def run_worker(
             raise BenchError(f"worker {label} still running after {timeout_s:.0f} s: killed")
     proc.returncode = os.waitstatus_to_exitcode(reaped["status"])
     usage = reaped["usage"]
-    summary, events = _read_log(log_path)
+    summary, events = read_log(log_path)
     if proc.returncode != 0:
         raise BenchError(
             f"worker {label} exited {proc.returncode}; log {log_path}:\n{_tail(log_path)}"
@@ -317,32 +275,7 @@ def run_worker(
     )
 
 
-@dataclass
-class Quiet:
-    """How long to wait, before each run, for other processes to leave the cores alone."""
-
-    max_wait_s: float = 120.0
-    threshold_cores: float = 0.25
-    window_s: float = 2.0
-
-    def wait(self) -> float:
-        """Wait until the machine's busy CPU is under the threshold; the last load seen."""
-        deadline = time.monotonic() + self.max_wait_s
-        warned = False
-        while True:
-            before = system_busy_s()
-            time.sleep(self.window_s)
-            load = (system_busy_s() - before) / self.window_s
-            if load < self.threshold_cores or time.monotonic() >= deadline:
-                if load >= self.threshold_cores:
-                    log(f"machine still busy ({load:.2f} cores used by others): measuring anyway")
-                return load
-            if not warned:
-                log(f"waiting for a quiet machine: others use {load:.2f} cores")
-                warned = True
-
-
-QUIET = Quiet()
+QUIET = Quiet(max_wait_s=120.0)
 """Set from the command line in main()."""
 
 
@@ -361,7 +294,7 @@ def run_pair(
     of the machine less the worker's, the simulator's and the harness's.
     """
     with SimulatorProcess(sim_options, LOGS / f"{label}-sim.log") as sim:
-        load_before = QUIET.wait()
+        load_before = QUIET.wait(log)
         assert sim.proc is not None
         sim_before = proc_cpu_s(sim.proc.pid) or 0.0
         busy_before, own_before = system_busy_s(), _own_cpu_s()

@@ -625,7 +625,11 @@ class PgOutboxSource(Source):
             with anyio.move_on_after(max(0.0, self._last_sweep + self.poll_s - self._clock())):
                 await self._wake.wait()
 
-    async def _claim(self, after: int) -> list[Record]:
+    async def _claimed_rows(
+        self, recover: str, claim: Callable[[Any, str], Awaitable[list[Any]]]
+    ) -> tuple[list[Any], str, float]:
+        """One claim (``claim(connection, token)``) in a short transaction, retried: its rows in
+        id order, its token, and when it started."""
         self._claim_no += 1
         token = f"{self._mine}{self._claim_no}"
         tried = False
@@ -635,17 +639,11 @@ class PgOutboxSource(Source):
             if tried:
                 # The last attempt may have committed before its answer was lost: take those
                 # rows first, or they would be skipped (as ours) and sent out of order.
-                rows = await conn.fetch(self._sql.recover, token, self.lease_s)
+                rows = await conn.fetch(recover, token, self.lease_s)
                 if rows:
                     return rows  # type: ignore[no-any-return]
             tried = True
-            return await in_transaction(
-                conn,
-                self._lock_sql,
-                lambda: conn.fetch(
-                    self._sql.claim, after, self._mine, self.batch, token, self.lease_s
-                ),
-            )
+            return await in_transaction(conn, self._lock_sql, lambda: claim(conn, token))
 
         started = self._clock()
         rows = await retrying(
@@ -657,9 +655,19 @@ class PgOutboxSource(Source):
             on_retry=self._count_retry,
         )
         self.stats.claims += 1
+        rows.sort(key=_first)
+        return rows, token, started
+
+    async def _claim(self, after: int) -> list[Record]:
+        claim = self._sql.claim
+        rows, _, started = await self._claimed_rows(
+            self._sql.recover,
+            lambda conn, token: conn.fetch(
+                claim, after, self._mine, self.batch, token, self.lease_s
+            ),
+        )
         if not rows:
             return []
-        rows.sort(key=_first)
         deadline = started + self.lease_s
         pending = self._pending
         records: list[Record] = []
@@ -698,42 +706,18 @@ class PgOutboxSource(Source):
         held = sorted(self._held)
         if not held or self._locks is None:
             return []
-        self._claim_no += 1
-        token = f"{self._mine}{self._claim_no}"
-        tried = False
         sql = self._sql
         pid = self._lock_pid
         oid = self._oid
         gains = self._gains
-
-        async def attempt(conn: Any) -> list[Any]:
-            nonlocal tried
-            if tried:
-                rows = await conn.fetch(sql.recover_p, token, self.lease_s)
-                if rows:
-                    return rows  # type: ignore[no-any-return]
-            tried = True
-            return await in_transaction(
-                conn,
-                self._lock_sql,
-                lambda: conn.fetch(
-                    sql.claim_p, after, self._mine, self.batch, token, self.lease_s, held, pid, oid
-                ),
-            )
-
-        started = self._clock()
-        rows = await retrying(
-            "claim",
-            self.name,
-            self._pool,
-            attempt,
-            backoff=self._backoff,
-            on_retry=self._count_retry,
+        rows, token, started = await self._claimed_rows(
+            sql.recover_p,
+            lambda conn, token: conn.fetch(
+                sql.claim_p, after, self._mine, self.batch, token, self.lease_s, held, pid, oid
+            ),
         )
-        self.stats.claims += 1
         if not rows:
             return []
-        rows.sort(key=_first)
         deadline = started + self.lease_s
         pending = self._pending
         part = self._part

@@ -389,6 +389,33 @@ class _RedisClient:
             await client.connection_pool.disconnect(inuse_connections=False)
         await anyio.sleep(delay)
 
+    def _init_client(
+        self,
+        address: StreamAddress,
+        consumer: str | None,
+        clock: Callable[[], float],
+        rand: Callable[[], float],
+    ) -> None:
+        """The state both sources start with."""
+        self.address = address
+        self.group = address.group
+        self.consumer = consumer or address.consumer or default_consumer()
+        self.count = address.count
+        self.name = f"redis:{address.stream}"
+        self._clock = clock
+        self._rand = rand
+        self._client = None
+        self._acks = AckGroup(self._write_acks)
+        self._small_read = False
+        """The last read brought fewer than SMALL_READ entries: the next waits READ_LINGER_S."""
+        self.entries_read = 0
+        self.claimed = 0
+        self.acked = 0
+        self.reconnects = 0
+
+    async def _write_acks(self, tokens: Sequence[Hashable]) -> None:
+        raise NotImplementedError
+
     def _require_client(self) -> Redis:
         if self._client is None:
             raise SourceError(f"{self.name}: not open")
@@ -409,21 +436,12 @@ class RedisStreamSource(_RedisClient, Source):
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self._acks = AckGroup(self._write_acks)
-        self._small_read = False
-        self.address = address
+        self._init_client(address, consumer, clock, rand)
         self.stream = address.stream
-        self.group = address.group
-        self.consumer = consumer or address.consumer or default_consumer()
-        self.count = address.count
         self.block_ms = address.block_ms
         self.claim_idle_ms = address.claim_idle_ms
-        self.name = f"redis:{address.stream}"
         self._claim_interval_s = max(MIN_CLAIM_INTERVAL_S, address.claim_idle_ms / 1000)
         self._poll_s = min(1.0, max(0.02, address.claim_idle_ms / 10_000))
-        self._clock = clock
-        self._rand = rand
-        self._client: Redis | None = None
         # Entries handed to the engine and not acked yet: a re-read of the pending list must
         # skip them, or an old change could overtake a newer one of the same contact.
         self._in_flight: set[bytes] = set()
@@ -431,10 +449,6 @@ class RedisStreamSource(_RedisClient, Source):
         self._scan_from: bytes | None = None
         self._needs_recovery = True
         self._next_claim_at = 0.0
-        self.entries_read = 0
-        self.claimed = 0
-        self.acked = 0
-        self.reconnects = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -799,21 +813,12 @@ class PartitionedRedisSource(_RedisClient, Source):
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self._acks = AckGroup(self._write_acks)
-        self._small_read = False
-        self.address = address
+        self._init_client(address, consumer, clock, rand)
         self.partitions = address.partitions
         self.streams = address.partition_streams
-        self.group = address.group
-        self.consumer = consumer or address.consumer or default_consumer()
-        self.count = address.count
         self.lease_ms = address.lease_ms
-        self.name = f"redis:{address.stream}"
         self.members_key = f"{address.stream}:members"
         self._block_ms = max(1, min(address.block_ms, address.lease_ms // 3))
-        self._clock = clock
-        self._rand = rand
-        self._client: Redis | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._held: dict[int, _Held] = {}
         self._valid_until: dict[int, float] = {}
@@ -835,10 +840,6 @@ class PartitionedRedisSource(_RedisClient, Source):
         """Partitions named in the XREADGROUP in progress: not released before it returns."""
         self._next_check_at = 0.0
         self.live = 1
-        self.entries_read = 0
-        self.claimed = 0
-        self.acked = 0
-        self.reconnects = 0
         self.lost = 0
         self.given_back = 0
 
