@@ -2,7 +2,8 @@
 
 reader: source -> decode+validate -> scheduler (waits while the scheduler is full)
 senders (x concurrency): rate limiter -> next batch -> PATCH -> classify -> scheduler.resolve
-    -> dead letters (durable) -> ack
+    -> dead letters (durable) -> the acknowledger's queue (waits while it is full)
+acknowledger: everything queued since its last write -> source.ack, one call at a time
 reporter (with a progress interval): one ``progress`` log event per interval
 Everything that decides lives in ``worker.core``; this module only waits, sends and writes.
 """
@@ -15,7 +16,7 @@ import itertools
 import math
 import signal
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from aiolimiter import AsyncLimiter
 from worker.core.batch import Batch
 from worker.core.change import Change, Invalid, decode
 from worker.core.classify import Action, Verdict, classify, classify_failure
+from worker.core.coalesce import Entry
 from worker.core.scheduler import Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
@@ -38,6 +40,10 @@ log = structlog.get_logger("worker.engine")
 READ_SLICE = 1024
 """Records handed to the scheduler at a time between checks of its bound; the reader lets
 the senders run after each slice (the cadence ``worker.bench.model.sender_pace`` assumes)."""
+
+ACK_BACKLOG = 50_000
+"""Changes settled and not yet acknowledged above which the senders wait for the acknowledger
+(the acknowledgements' bounded queue)."""
 
 
 class Patcher(Protocol):
@@ -140,6 +146,15 @@ class Engine:
         rate = self.settings.rate
         self._limiter = AsyncLimiter(rate, 1.0) if rate > 0 else None
         self._changed = anyio.Event()
+        # Settled changes waiting for the acknowledger: their tokens, and for the change-to-ack
+        # histogram the entries they came in (with how many changes each group carried).
+        self._ack_tokens: list[Hashable] = []
+        self._ack_entries: list[tuple[list[Entry], int]] = []
+        self._ack_queued = anyio.Event()
+        self._ack_taken = anyio.Event()
+        self._producers = 0
+        """Reader and senders still running: the acknowledger stops once none is and its
+        queue is empty."""
         self._requests = itertools.count(1)
         self._running = False
         self._reading_done = False
@@ -184,9 +199,11 @@ class Engine:
                 outer.start_soon(self._report_progress, self.settings.progress_interval_s)
             async with anyio.create_task_group() as work:
                 self._work_scope = work.cancel_scope
-                work.start_soon(self._read)
+                self._producers = 1 + self.settings.concurrency
+                work.start_soon(self._producing, self._read)
                 for _ in range(self.settings.concurrency):
-                    work.start_soon(self._send_loop)
+                    work.start_soon(self._producing, self._send_loop)
+                work.start_soon(self._acknowledge)
             outer.cancel_scope.cancel()
         self.stats.finished = time.monotonic()
         self._running = False
@@ -239,6 +256,15 @@ class Engine:
     def _interrupted(self, signum: signal.Signals) -> None:
         log.warning("second signal: stopping without draining", signal=signum.name)
         self.abort(Result(Ending.SHUTDOWN_TIMEOUT, message="interrupted twice"))
+
+    async def _producing(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run the reader or a sender; the last to end lets the acknowledger finish."""
+        try:
+            await task()
+        finally:
+            self._producers -= 1
+            if self._producers == 0:
+                self._ack_queued.set()
 
     async def _read(self) -> None:
         scheduler = self.scheduler
@@ -377,18 +403,43 @@ class Engine:
     async def _carry_out(self, settled: Settled) -> None:
         if settled.dead:
             await self._dead_letter(settled.dead)
-            dead = [letter.entry for letter in settled.dead]
-            changes = sum(len(entry.tokens) for entry in dead)
-            self.histograms.acked(dead, changes, self._clock())
         if settled.applied:
             tokens = [token for entry in settled.applied for token in entry.tokens]
-            changes = len(tokens)
-            await self._ack(tokens)
-            self.histograms.acked(settled.applied, changes, self._clock())
+            await self._ack(tokens, settled.applied)
 
-    async def _ack(self, tokens: list[Hashable]) -> None:
-        await self.source.ack(tokens)
-        self.stats.acked += len(tokens)
+    async def _ack(self, tokens: list[Hashable], entries: list[Entry] | None = None) -> None:
+        """Queue these tokens for the acknowledger (``entries``, if given, are what they
+        carried, for the change-to-ack histogram); wait first while its queue is full."""
+        while len(self._ack_tokens) >= ACK_BACKLOG:
+            await self._ack_taken.wait()
+        self._ack_tokens += tokens
+        if entries:
+            self._ack_entries.append((entries, len(tokens)))
+        self._ack_queued.set()
+
+    async def _acknowledge(self) -> None:
+        """Acknowledge, one ``source.ack`` at a time, everything queued since the last one.
+
+        The senders do not wait for the store's round trip: acknowledgements settled while
+        one is being written go together in the next (group commit), and a sender goes on to
+        its next request as soon as its answer is settled and its dead letters are written.
+        """
+        while True:
+            if not self._ack_tokens:
+                if self._producers == 0:
+                    return
+                self._ack_queued = anyio.Event()
+                await self._ack_queued.wait()
+                continue
+            tokens, self._ack_tokens = self._ack_tokens, []
+            entries, self._ack_entries = self._ack_entries, []
+            self._ack_taken.set()
+            self._ack_taken = anyio.Event()
+            await self.source.ack(tokens)
+            self.stats.acked += len(tokens)
+            now = self._clock()
+            for group, changes in entries:
+                self.histograms.acked(group, changes, now)
 
     async def _dead_letter(self, letters: list[DeadLetter]) -> None:
         at, describe = self._wall_clock(), self.source.describe
@@ -404,7 +455,8 @@ class Engine:
             )
             for letter in letters
         ]
-        await self._store_dead(records, [t for letter in letters for t in letter.entry.tokens])
+        entries = [letter.entry for letter in letters]
+        await self._store_dead(records, [t for entry in entries for t in entry.tokens], entries)
 
     async def _dead_letter_invalid(self, invalid: list[Invalid]) -> None:
         at, describe = self._wall_clock(), self.source.describe
@@ -421,7 +473,12 @@ class Engine:
         ]
         await self._store_dead(records, [item.token for item in invalid])
 
-    async def _store_dead(self, records: list[dict[str, Any]], tokens: list[Hashable]) -> None:
+    async def _store_dead(
+        self,
+        records: list[dict[str, Any]],
+        tokens: list[Hashable],
+        entries: list[Entry] | None = None,
+    ) -> None:
         """Write dead letters durably, then (only then) acknowledge what they carried."""
         await self.dead_letters.write(records)
         for letter in records:
@@ -433,7 +490,7 @@ class Engine:
                 error=letter["error"],
                 detail=letter["detail"],
             )
-        await self._ack(tokens)
+        await self._ack(tokens, entries)
 
     # -- reporting ---------------------------------------------------------------------------
 

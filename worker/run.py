@@ -166,9 +166,20 @@ async def _run(settings: Settings, source: Source, sink: DeadLetterSink) -> Resu
                 matched, rest = group.split((DeadLetterError, SourceError))
                 if rest is not None or matched is None:
                     raise
-                for error in matched.exceptions:
+                for error in _leaves(matched):
                     print(f"contact-worker: {error}", file=sys.stderr)
                 return EXIT_FATAL
     finally:
         await sink.close()
         await source.close()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions of a group and of the groups nested in it (task groups nest)."""
+    out: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            out += _leaves(error)
+        else:
+            out.append(error)
+    return out

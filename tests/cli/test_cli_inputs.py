@@ -168,3 +168,33 @@ def test_sqlite_spool_ingest_end_to_end(tmp_path: Path) -> None:
         assert "tok-123" not in stderr
     finally:
         gw.stop()
+
+
+def test_input_error_while_running_is_reported(tmp_path: Path) -> None:
+    """An input that breaks while the engine runs (the stream replaced by a string) stops the
+    run with exit 1 and the source's own message, not the task groups' wrapping."""
+    name = f"cli_{uuid.uuid4().hex[:12]}"
+    uri = f"{REDIS}?stream={name}&consumer=cli-test&block_ms=100"
+    gw = Gateway("--known-count", "100")
+    try:
+        subprocess.run([BIN, "init", "--to", uri], check=True, capture_output=True, timeout=60)
+        proc = subprocess.Popen(
+            [BIN, "run", "--source", uri],
+            env=worker_env(gw, tmp_path),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while not redis_cli("XINFO", "CONSUMERS", name, "contact-worker"):
+            assert time.monotonic() < deadline, "the worker never read"
+            time.sleep(0.1)
+        redis_cli("DEL", name)
+        redis_cli("SET", name, "not a stream")
+        _, stderr = proc.communicate(timeout=30)
+        print(stderr)
+        assert 1 == proc.returncode, stderr
+        assert f"key '{name}' exists and is not a stream" in stderr
+        assert "TaskGroup" not in stderr
+    finally:
+        gw.stop()
+        redis_cli("DEL", name)

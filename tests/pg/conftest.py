@@ -43,7 +43,11 @@ class Db:
         )
 
     async def activity(self, condition: str) -> int:
-        """How many of the worker's connections match this pg_stat_activity condition."""
+        """How many of the worker's connections match this pg_stat_activity condition.
+
+        Fresh on every call, also inside a transaction (where PostgreSQL would otherwise keep
+        answering from the snapshot taken by the transaction's first look)."""
+        await self.admin.execute("SELECT pg_stat_clear_snapshot()")
         return await self.admin.fetchval(  # type: ignore[no-any-return]
             f"SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND {condition}",
             self.app,

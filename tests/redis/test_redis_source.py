@@ -23,7 +23,7 @@ from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 from worker.sources.base import SourceError
 from worker.sources.redis_enqueue import enqueue, init
-from worker.sources.redis_streams import RedisStreamSource, parse_uri
+from worker.sources.redis_streams import RedisStreamSource, _framed_pages, parse_uri
 from worker.sources.redis_streams import from_uri as source_from_uri
 
 pytestmark = pytest.mark.anyio
@@ -414,3 +414,134 @@ class TestEngine:
         assert applied_in_order(sim.history)
         assert expected_state(before + after) == sim.contacts
         assert 0 == await pending(private_redis.url, "c")
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+async def test_stream_deleted_under_a_blocked_read(
+    redis_url: str, prefix: str, partitions: int
+) -> None:
+    """Deleting the stream while a read waits on it (Redis ends the wait with UNBLOCKED) is
+    not fatal: the group is recreated and what is written next is read."""
+    uri = f"{redis_url}?stream={prefix}&block_ms=2000&partitions={partitions}&lease_ms=1000"
+    await init(uri)
+    source = source_from_uri(uri, consumer="c1")
+    await source.open()
+    client = Redis.from_url(redis_url)
+    got: list[Any] = []
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+
+                async def reader() -> None:
+                    while not got:
+                        got.extend(await source.read())
+
+                tg.start_soon(reader)
+                await anyio.sleep(0.5)  # the reader waits in XREADGROUP ... BLOCK
+                keys = [prefix] if partitions == 1 else [f"{prefix}:{p}" for p in range(partitions)]
+                assert await client.delete(*keys) == partitions
+                await anyio.sleep(0.3)
+                await enqueue(uri, [b'{"ID": 1, "extra1": "a"}'])
+        assert [value for _, value in got] == [b'{"ID": 1, "extra1": "a"}']
+    finally:
+        await client.aclose()
+        await source.close()
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+async def test_entries_of_any_shape_are_read_whole(
+    redis_url: str, prefix: str, partitions: int
+) -> None:
+    """A page is read in bulk when every entry has a one-line change; an entry whose change
+    spans lines (another producer's pretty JSON) or that has no change field is still read
+    whole, in stream order, on both paths."""
+    uri = f"{redis_url}?stream={prefix}&block_ms=100&partitions={partitions}&lease_ms=1000"
+    await init(uri)
+    key = prefix if partitions == 1 else f"{prefix}:0"
+    client = Redis.from_url(redis_url)
+    plain = [b'{"ID": %d}' % i for i in range(5)]
+    mixed = [b'{"ID": 7,\n "extra1": "a\\nb"}', b'{"ID": 8}', None, b"", b'{"ID": 9}\n']
+    for value in plain + mixed:
+        await client.xadd(key, {"change": value} if value is not None else {"other": "x"})
+    source = source_from_uri(uri, consumer="c1")
+    await source.open()
+    try:
+        got: list[bytes] = []
+        with anyio.fail_after(20):
+            while len(got) < len(plain) + len(mixed):
+                records = await source.read()
+                got += [value for _, value in records]
+                await source.ack([token for token, _ in records])
+        assert got == plain + [b"" if v is None else v for v in mixed]
+    finally:
+        await client.aclose()
+        await source.close()
+
+
+def test_framed_pages_split_plain_and_sized_replies() -> None:
+    """The read script's two reply shapes, one stream or several."""
+    plain = _framed_pages([b"1-0 2-0 3-0", b"", b"a\nb\nc", b"1 2 0 1"])
+    assert [(p, page.ids, page.values, page.plain) for p, page in plain] == [
+        (1, [b"1-0", b"2-0"], [b"a", b"b"], True),
+        (0, [b"3-0"], [b"c"], True),
+    ]
+    sized = _framed_pages([b"1-0 2-0 3-0 4-0", b"3 -1 -2 2", b"a\nbcd", b"0 2 2 2"])
+    assert [(p, page.ids, page.values, page.plain) for p, page in sized] == [
+        (0, [b"1-0", b"2-0"], [b"a\nb", -1], False),
+        (2, [b"3-0", b"4-0"], [-2, b"cd"], False),
+    ]
+    assert _framed_pages(False) == []
+
+
+async def test_a_full_page_has_the_next_read_ahead(redis_url: str, prefix: str) -> None:
+    """After a full page the next one is read while the engine takes it in (so it is pending
+    at the consumer already), and is handed out, in order, by the next read."""
+    uri = f"{redis_url}?stream={prefix}&count=10&block_ms=100"
+    await init(uri)
+    await enqueue(uri, [b'{"ID": %d}' % i for i in range(25)])
+    source = from_uri(uri, consumer="c1")
+    await source.open()
+    client = Redis.from_url(redis_url)
+    try:
+        got: list[bytes] = []
+        with anyio.fail_after(10):
+            while len(got) < 10:
+                got += [value for _, value in await source.read()]
+            await wait_until(lambda: source._ahead is not None and source._ahead.done())
+        assert 20 == (await client.xpending(prefix, "contact-worker"))["pending"]
+        with anyio.fail_after(10):
+            while len(got) < 25:
+                got += [value for _, value in await source.read()]
+        assert got == [b'{"ID": %d}' % i for i in range(25)]
+    finally:
+        await client.aclose()
+        await source.close()
+
+
+async def test_a_page_read_ahead_and_never_handed_out_is_claimable_at_once(
+    redis_url: str, prefix: str
+) -> None:
+    """A consumer that stops with a page read ahead lets it go: the next consumer (another
+    name, the default 30 s claim_idle_ms) reads it first, in order, without waiting."""
+    uri = f"{redis_url}?stream={prefix}&count=10&block_ms=100"
+    await init(uri)
+    await enqueue(uri, [b'{"ID": %d}' % i for i in range(15)])
+    first = from_uri(uri, consumer="c1")
+    await first.open()
+    try:
+        page = await first.read()
+        await first.ack([token for token, _ in page])
+        await wait_until(lambda: first._ahead is not None and first._ahead.done())
+    finally:
+        await first.close()
+    second = from_uri(uri, consumer="c2")
+    await second.open()
+    try:
+        got: list[bytes] = []
+        with anyio.fail_after(5):  # far less than claim_idle_ms
+            while len(got) < 5:
+                records = await second.read()
+                got += [value for _, value in records]
+        assert got == [b'{"ID": %d}' % i for i in range(10, 15)]
+    finally:
+        await second.close()

@@ -64,7 +64,6 @@ import structlog
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
 from worker.core.partition import partition_of
-from worker.sources.ack_group import AckGroup
 from worker.sources.base import Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.pg_outbox")
@@ -289,6 +288,33 @@ def _drop(conn: Any) -> None:
         conn.terminate()
 
 
+CANCEL_GRACE_S = 5.0
+"""How long a cancelled database operation is given to finish before it is cancelled too."""
+
+
+async def _unhurried(op: Callable[[], Awaitable[T]]) -> T:
+    """Run ``op``; if the caller is cancelled meanwhile, let ``op`` finish first (for up to
+    CANCEL_GRACE_S), then raise the cancellation.
+
+    asyncpg cancelled half way leaves work behind: a connection cancelled while it is being
+    opened leaves a TLS negotiation whose failure nobody retrieves (an error logged by the event
+    loop), a query cancelled leaves a cancel request sent on a connection of its own. A reader
+    stopped at shutdown mid-claim so finishes its claim (its rows are released by ``close``).
+    """
+    task = asyncio.ensure_future(op())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE_S):
+            await asyncio.wait([task])
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # retrieved: its outcome no longer matters
+        else:
+            task.cancel()
+        raise
+
+
 async def retrying(
     what: str,
     target: str,
@@ -300,19 +326,23 @@ async def retrying(
 ) -> T:
     """Run ``op`` on a pooled connection until it succeeds, waiting out connection failures
     with capped backoff; a connection that failed is dropped, never reused."""
+
+    async def once() -> T:
+        async with pool.acquire() as conn:
+            try:
+                return await op(conn)
+            except TRANSIENT_ERRORS:
+                _drop(conn)
+                raise
+            except asyncpg.InterfaceError as exc:
+                if not _gone(conn):
+                    raise  # a real misuse, not an outage
+                raise ConnectionResetError(f"connection lost: {exc}") from exc
+
     attempt = 0
     while True:
         try:
-            async with pool.acquire() as conn:
-                try:
-                    result = await op(conn)
-                except TRANSIENT_ERRORS:
-                    _drop(conn)
-                    raise
-                except asyncpg.InterfaceError as exc:
-                    if not _gone(conn):
-                        raise  # a real misuse, not an outage
-                    raise ConnectionResetError(f"connection lost: {exc}") from exc
+            result = await _unhurried(once)
         except TRANSIENT_ERRORS as exc:
             attempt += 1
             delay = backoff.delay(attempt, random.random())
@@ -479,7 +509,6 @@ class PgOutboxSource(Source):
         self._lock_pid = 0
         self._oid = 0
         self._rebalancer: asyncio.Task[None] | None = None
-        self._acks = AckGroup(self._write_acks)
         self._rebalance_wake = anyio.Event()
         self._gains = 0
         """Partitions taken so far: a claim that overlapped a take must not move the cursor
@@ -903,11 +932,7 @@ class PgOutboxSource(Source):
     # -- acknowledging -----------------------------------------------------------------------
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
-        """Delete these rows: one statement, retried until the database takes it; acks that
-        come while one is in flight go together in the next (:class:`AckGroup`)."""
-        await self._acks.ack(tokens)
-
-    async def _write_acks(self, tokens: Sequence[Hashable]) -> None:
+        """Delete these rows: one statement, retried until the database takes it."""
         if not tokens:
             return
         self._raise_failure()

@@ -43,6 +43,7 @@ import time
 import zlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -59,7 +60,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
 from worker.core.partition import partition_of
-from worker.sources.ack_group import AckGroup
 from worker.sources.base import Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.redis")
@@ -84,6 +84,10 @@ SMALL_READ = 256
 CLAIM_MARGIN_S = 0.1
 """Slack on top of ``claim_idle_ms`` so that entries idle since our start are surely claimable."""
 MIN_CLAIM_INTERVAL_S = 0.1
+AHEAD_RELEASE_WAIT_S = 5.0
+"""How long close() waits for a read ahead still on its way, to release what it brought."""
+RELEASED_IDLE_MS = 2**31 - 1
+"""The idle time given to entries let go at close: claimable by the next consumer at once."""
 _START = b"0-0"
 
 _OWN_PARAMS = frozenset(
@@ -243,15 +247,40 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 _MISSING = -1
 _DELETED = -2
-Page = list[tuple[bytes, bytes | int]]
-"""Entries as (ID, the change field's value, or _MISSING / _DELETED)."""
 
-_READ_SCRIPT = """
+
+class Page:
+    """Entries of one stream, in stream order, as two parallel lists; its length is theirs."""
+
+    __slots__ = ("ids", "values", "plain")
+
+    def __init__(self, ids: list[bytes], values: list[bytes | int], plain: bool) -> None:
+        self.ids = ids
+        self.values = values
+        """Each entry's change field, or _MISSING (none) / _DELETED (deleted while pending)."""
+        self.plain = plain
+        """Every value is a change field (no _MISSING nor _DELETED): the bulk path applies."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"Page({self.ids!r}, {self.values!r}, {self.plain!r})"
+
+    @property
+    def last_id(self) -> bytes:
+        return self.ids[-1]
+
+
+_EMPTY = Page([], [], True)
+
+_READ_SCRIPT = r"""
 -- XREADGROUP over the streams KEYS[1..n] from the IDs ARGV[4..3+n] (never blocking inside a
 -- script), the reply flattened into strings that cost one parse each instead of five per
 -- entry: IDs, the change fields' sizes (-1 for an entry without one, -2 for an entry deleted
--- while pending), the fields concatenated, and per stream that has entries its 0-based
--- position in KEYS and its number of entries (in reply order).
+-- while pending; empty when every entry has a change without a newline, then joined by
+-- newlines), the fields concatenated, and per stream that has entries its 0-based position in
+-- KEYS and its number of entries (in reply order).
 local n = #KEYS
 local args = {'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS'}
 for i = 1, n do args[6 + i] = KEYS[i] end
@@ -261,6 +290,7 @@ if not reply then return false end
 local position = {}
 for i = 1, n do position[KEYS[i]] = i - 1 end
 local ids, sizes, values, streams, m, v = {}, {}, {}, {}, 0, 0
+local plain = true
 for s = 1, #reply do
   local entries = reply[s][2]
   if #entries > 0 then
@@ -279,12 +309,19 @@ for s = 1, #reply do
           v = v + 1
           values[v] = value
           size = #value
+          if plain and string.find(value, '\n', 1, true) then plain = false end
           break
         end
       end
     end
+    if size < 0 then plain = false end
     sizes[m] = size
   end
+end
+if plain and m > 0 then
+  -- Every entry has a change without a newline (as enqueue writes them): the values joined by
+  -- newlines, split in one call by the reader; the sizes are left out.
+  return {table.concat(ids, ' '), '', table.concat(values, '\n'), table.concat(streams, ' ')}
 end
 return {table.concat(ids, ' '), table.concat(sizes, ' '), table.concat(values),
         table.concat(streams, ' ')}
@@ -315,24 +352,36 @@ def _framed_pages(reply: object) -> list[tuple[int, Page]]:
     id_text, size_text, body, stream_text = cast(list[bytes], reply)
     if not id_text:
         return []
-    page: Page = []
-    append = page.append
-    start = 0
-    for entry_id, size in zip(id_text.split(b" "), map(int, size_text.split(b" ")), strict=True):
-        if size >= 0:
-            end = start + size
-            append((entry_id, body[start:end]))
-            start = end
-        else:
-            append((entry_id, size))
+    ids = id_text.split(b" ")
+    values: list[bytes | int]
+    if not size_text:  # every entry has a change, none with a newline
+        values = body.split(b"\n")  # type: ignore[assignment]
+        plain = True
+    else:
+        values = []
+        append = values.append
+        start = 0
+        for size in map(int, size_text.split(b" ")):
+            if size >= 0:
+                end = start + size
+                append(body[start:end])
+                start = end
+            else:
+                append(size)
+        plain = _MISSING not in values and _DELETED not in values
+    if len(values) != len(ids):
+        raise ValueError(f"malformed read reply: {len(ids)} IDs, {len(values)} values")
     counts = list(map(int, stream_text.split(b" ")))
     if len(counts) == 2:
-        return [(counts[0], page)]
+        return [(counts[0], Page(ids, values, plain))]
     pages: list[tuple[int, Page]] = []
     first = 0
     for i in range(0, len(counts), 2):
         last = first + counts[i + 1]
-        pages.append((counts[i], page[first:last]))
+        part = values[first:last]
+        pages.append(
+            (counts[i], Page(ids[first:last], part, plain or all(type(v) is bytes for v in part)))
+        )
         first = last
     return pages
 
@@ -340,15 +389,19 @@ def _framed_pages(reply: object) -> list[tuple[int, Page]]:
 def _framed(reply: object) -> Page:
     """The entries of a one-stream ``_READ_SCRIPT`` reply."""
     pages = _framed_pages(reply)
-    return pages[0][1] if pages else []
+    return pages[0][1] if pages else _EMPTY
 
 
 def _unframed(entries: list[Entry]) -> Page:
     """The entries of a plain XREADGROUP reply, in the script's shape."""
-    return [
-        (entry_id, fields.get(CHANGE_FIELD, _MISSING) if fields else _DELETED)
-        for entry_id, fields in entries
+    values: list[bytes | int] = [
+        fields.get(CHANGE_FIELD, _MISSING) if fields else _DELETED for _, fields in entries
     ]
+    return Page(
+        [entry_id for entry_id, _ in entries],
+        values,
+        _MISSING not in values and _DELETED not in values,
+    )
 
 
 def _entries(reply: object) -> list[Entry]:
@@ -359,7 +412,9 @@ def _entries(reply: object) -> list[Entry]:
 
 
 def _is_nogroup(exc: ResponseError) -> bool:
-    return str(exc).startswith("NOGROUP")
+    """The group, or its whole stream, is gone: NOGROUP, or UNBLOCKED (Redis 7 ends a blocked
+    XREADGROUP that way when the key or the group is deleted under it)."""
+    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 class _RedisClient:
@@ -405,16 +460,12 @@ class _RedisClient:
         self._clock = clock
         self._rand = rand
         self._client = None
-        self._acks = AckGroup(self._write_acks)
         self._small_read = False
         """The last read brought fewer than SMALL_READ entries: the next waits READ_LINGER_S."""
         self.entries_read = 0
         self.claimed = 0
         self.acked = 0
         self.reconnects = 0
-
-    async def _write_acks(self, tokens: Sequence[Hashable]) -> None:
-        raise NotImplementedError
 
     def _require_client(self) -> Redis:
         if self._client is None:
@@ -449,6 +500,7 @@ class RedisStreamSource(_RedisClient, Source):
         self._scan_from: bytes | None = None
         self._needs_recovery = True
         self._next_claim_at = 0.0
+        self._ahead: asyncio.Task[list[Record]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -482,10 +534,13 @@ class RedisStreamSource(_RedisClient, Source):
         return f"{where}: {exc}"
 
     async def close(self) -> None:
-        """Unregister this consumer if it holds nothing, then disconnect."""
-        client, self._client = self._client, None
+        """Let go of a page read ahead and not handed out, unregister this consumer if it holds
+        nothing, then disconnect."""
+        client = self._client
         if client is None:
             return
+        await self._release_ahead(client)
+        self._client = None
         try:
             # Atomic, so that no entry is delivered to the consumer between check and delete
             # (DELCONSUMER drops its pending entries, which would then never be read again).
@@ -504,10 +559,80 @@ class RedisStreamSource(_RedisClient, Source):
             unacked=len(self._in_flight),
         )
 
+    async def _release_ahead(self, client: Redis) -> None:
+        """A page read ahead and never handed out is pending at this consumer: mark it idle for
+        long, so that the next consumer claims it at once instead of after claim_idle_ms."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        with anyio.move_on_after(AHEAD_RELEASE_WAIT_S):
+            await asyncio.wait([ahead])
+        if not ahead.done():
+            ahead.cancel()
+            return
+        if ahead.cancelled() or ahead.exception() is not None:
+            return
+        ids: list[Any] = [token for token, _ in ahead.result()]
+        if not ids:
+            return
+        self._in_flight.difference_update(ids)
+        try:
+            await client.xclaim(
+                self.stream, self.group, self.consumer, 0, ids, idle=RELEASED_IDLE_MS, justid=True
+            )
+        except (RedisError, OSError) as exc:
+            log.info(
+                "entries read ahead left pending: claimable after claim_idle_ms",
+                count=len(ids),
+                error=str(exc),
+            )
+            return
+        log.info("entries read ahead released", count=len(ids), consumer=self.consumer)
+
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self) -> Sequence[Record]:
-        """The next entries in stream order, waiting for some; reconnects as long as it takes."""
+        """The next entries in stream order, waiting for some; reconnects as long as it takes.
+
+        After a full page, the next page is read ahead while the engine takes this one in (one
+        round trip less to wait for in a backlog); it is handed out by the next call, or made
+        claimable at once by :meth:`close` if none comes.
+        """
+        records = await self._take_ahead()
+        if not records:
+            records = await self._read_next()
+        if (
+            len(records) >= self.count
+            and not self._needs_recovery
+            and self._scan_from is None
+            and self._clock() < self._next_claim_at
+        ):
+            self._ahead = asyncio.get_running_loop().create_task(self._read_ahead())
+        return records
+
+    async def _read_ahead(self) -> list[Record]:
+        """One read of new entries through the script (it never blocks)."""
+        page = await self._read_page(self._require_client(), b">")
+        return await self._records(page, skip_in_flight=False)
+
+    async def _take_ahead(self) -> list[Record]:
+        """The page read ahead, if any; nothing if it failed (the next read recovers: entries
+        may have been delivered with the answer lost)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return []
+        try:
+            # Shielded: a reader stopped meanwhile leaves the page to close(), not half read.
+            records = await asyncio.shield(ahead)
+        except (RedisError, OSError) as exc:
+            log.info("read ahead failed: reading again", error=str(exc))
+            self._needs_recovery = True
+            return []
+        if records:
+            self.entries_read += len(records)
+        return records
+
+    async def _read_next(self) -> list[Record]:
         failures = 0
         if self._small_read:
             await anyio.sleep(READ_LINGER_S)
@@ -646,7 +771,7 @@ class RedisStreamSource(_RedisClient, Source):
             self._scan_from = None
             self._acked_while_scanning.clear()
             return []
-        self._scan_from = page[-1][0]
+        self._scan_from = page.last_id
         return await self._records(page, skip_in_flight=True)
 
     async def _read_page(self, client: Redis, start: bytes) -> Page:
@@ -659,11 +784,15 @@ class RedisStreamSource(_RedisClient, Source):
 
     async def _records(self, page: Page, *, skip_in_flight: bool) -> list[Record]:
         in_flight = self._in_flight
+        if page.plain and not skip_in_flight:
+            # The usual page: new entries, each with its change. In bulk, no branches.
+            in_flight.update(page.ids)
+            return list(zip(page.ids, page.values, strict=True))  # type: ignore[arg-type]
         acked = self._acked_while_scanning
         records: list[Record] = []
         append = records.append
         vanished: list[bytes] = []
-        for entry_id, value in page:
+        for entry_id, value in zip(page.ids, page.values, strict=True):
             if skip_in_flight and (entry_id in in_flight or entry_id in acked):
                 continue
             if type(value) is int:
@@ -687,11 +816,8 @@ class RedisStreamSource(_RedisClient, Source):
     # -- acknowledging -----------------------------------------------------------------------
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
-        """XACK (and XDEL) these entries, retrying until Redis takes it; acks that come while
-        one is in flight go together in the next round trip (:class:`AckGroup`)."""
-        await self._acks.ack(tokens)
-
-    async def _write_acks(self, tokens: Sequence[Hashable]) -> None:
+        """XACK (and XDEL) these entries in one round trip, retrying until Redis takes it (the
+        engine acknowledges everything settled since its last call at once)."""
         ids: list[bytes] = list(tokens)  # type: ignore[arg-type]
         if not ids:
             return
@@ -709,9 +835,7 @@ class RedisStreamSource(_RedisClient, Source):
                 break  # the group, and its pending list, are gone: nothing left to ack
         if self._scan_from is not None:
             self._acked_while_scanning.update(ids)
-        in_flight = self._in_flight
-        for entry_id in ids:
-            in_flight.discard(entry_id)
+        self._in_flight.difference_update(ids)
         self.acked += len(ids)
 
     async def _xack(self, client: Redis, ids: list[bytes]) -> None:
@@ -1247,16 +1371,17 @@ class PartitionedRedisSource(_RedisClient, Source):
         for p, page in pages:
             if p not in self._held:
                 continue  # lost while the reply was on its way: the next holder reads them
-            if scanning and page:
+            if scanning and page.ids:
                 done.discard(p)
-                self._held[p].scan_from = page[-1][0]
+                self._held[p].scan_from = page.last_id
             handed = self._handed[p]
-            if not scanning and all(type(value) is bytes for _, value in page):
+            if not scanning and page.plain:
                 # The usual page: new entries, each with its change. In bulk, no branches.
-                handed.update([entry_id for entry_id, _ in page])
-                records += [((p, entry_id), value) for entry_id, value in page]  # type: ignore[misc]
+                handed.update(page.ids)
+                tokens = zip(repeat(p), page.ids, strict=False)
+                records += zip(tokens, page.values, strict=True)  # type: ignore[arg-type]
                 continue
-            for entry_id, value in page:
+            for entry_id, value in zip(page.ids, page.values, strict=True):
                 if scanning and entry_id in handed:
                     continue
                 if type(value) is int:
@@ -1279,20 +1404,16 @@ class PartitionedRedisSource(_RedisClient, Source):
     # -- acknowledging -----------------------------------------------------------------------
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
-        """XACK (and XDEL) these entries, one round trip per partition, retrying; acks that
-        come while one is in flight go together in the next (:class:`AckGroup`)."""
-        await self._acks.ack(tokens)
-
-    async def _write_acks(self, tokens: Sequence[Hashable]) -> None:
+        """XACK (and XDEL) these entries of all partitions in one round trip, retrying."""
         by_partition: dict[int, list[bytes]] = {}
-        for token in tokens:
-            p, entry_id = cast(PartitionToken, token)
-            by_partition.setdefault(p, []).append(entry_id)
+        for p, entry_id in cast(Sequence[PartitionToken], tokens):
+            ids = by_partition.get(p)
+            if ids is None:
+                by_partition[p] = ids = []
+            ids.append(entry_id)
         await self._ack_partitions(by_partition)
         for p, ids in by_partition.items():
-            handed = self._handed[p]
-            for entry_id in ids:
-                handed.discard(entry_id)
+            self._handed[p].difference_update(ids)
             if p in self._releasing:
                 self._releasing[p] -= len(ids)
             self.acked += len(ids)

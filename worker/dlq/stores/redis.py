@@ -128,9 +128,7 @@ class RedisStore(DeadLetterStore):
             ids = [entry_id for entry_id, _ in entries]
             flags = await client.hmget(self.replayed_key, ids)
             if self._lock_token is not None:
-                renewed = await client.eval(
-                    _RENEW, 1, self.lock_key, self._lock_token, LOCK_TTL_MS
-                )
+                renewed = await client.eval(_RENEW, 1, self.lock_key, self._lock_token, LOCK_TTL_MS)
                 if not renewed:  # it ran out and another replay may hold it now: stop
                     raise StoreBusy(
                         f"{self.name}: the replay lock ran out (a page took more than"
