@@ -7,7 +7,8 @@ zero latency, and time from the first request until the input is empty; then SIG
 replicas are started first and given time to share the partitions out, so the figure is the
 steady state, not the start-up rebalancing. The worker CPU is read from /proc before the stop.
 Then the ``sqlite:`` ingest: ``POST /v1/changes`` with 1,000-change bodies, one client,
-accepted changes/s.
+accepted changes/s; and the fsync cost: 1,000-change appends to the spool committed as the ingest
+does (``synchronous=FULL``) against the same without fsync.
 
     .venv/bin/python benchmarks/inputs.py [--changes 100000] [--contacts 20000]
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import statistics
@@ -308,6 +310,52 @@ def ingest(sim: SimulatorProcess, lines: list[bytes], tmp: Path, bodies: int) ->
     }
 
 
+def fsync_cost(lines: list[bytes], tmp: Path, bodies: int) -> dict[str, Any]:
+    """What durability costs one ingest request: 1,000-change appends through the worker's own
+    spool, committed as the ingest commits them (``synchronous=FULL``: the write-ahead log is
+    fsynced before the 202) or, for comparison only, with ``synchronous=OFF`` (no fsync, what a
+    spool would do if it gave up durability), alternately on one spool so that both see the
+    same file and cache; plus one ``os.fsync`` of a 4 KiB write on the same disk. Medians, ms."""
+    import anyio
+
+    from worker.sources.sqlite_spool import Spool
+
+    chunks = [
+        [line.rstrip(b"\n") for line in lines[i : i + 1000]]
+        for i in range(0, min(len(lines), 1000 * bodies), 1000)
+    ]
+
+    async def appends() -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {"FULL": [], "OFF": []}
+        async with Spool(str(tmp / "fsync.db")) as spool:
+            for n, chunk in enumerate(chunks * 2):
+                mode = "FULL" if n % 2 else "OFF"
+                pragma = f"PRAGMA synchronous={mode}"
+                await spool._call(lambda conn, pragma=pragma: conn.execute(pragma))  # type: ignore[misc]
+                started = time.perf_counter()
+                await spool.append(chunk)
+                times[mode].append(time.perf_counter() - started)
+        return times
+
+    times = anyio.run(appends)
+    fsyncs = []
+    with open(tmp / "fsync.probe", "wb") as probe:
+        for _ in range(100):
+            probe.write(b"x" * 4096)
+            probe.flush()
+            started = time.perf_counter()
+            os.fsync(probe.fileno())
+            fsyncs.append(time.perf_counter() - started)
+    p50_full, p50_off = statistics.median(times["FULL"]), statistics.median(times["OFF"])
+    return {
+        "appends": len(times["FULL"]),
+        "p50_full_ms": round(1000 * p50_full, 2),
+        "p50_off_ms": round(1000 * p50_off, 2),
+        "fsync_ms": round(1000 * (p50_full - p50_off), 2),
+        "disk_fsync_p50_ms": round(1000 * statistics.median(fsyncs), 2),
+    }
+
+
 def main() -> None:
     """Run every input, print a Markdown table, write benchmarks/results/inputs.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -365,6 +413,8 @@ def main() -> None:
                 for row in results[first:]:
                     row["cpu_vs_jsonl"] = round(row["cpu_us_per_change"] / reference, 2)
             ingested = None if args.no_ingest else ingest(sim, lines, tmp, args.bodies)
+            if ingested:
+                ingested["fsync"] = fsync_cost(lines, tmp, args.bodies)
     rounds = f" (median of {args.repeat})" if args.repeat > 1 else ""
     print(
         f"\n| input | replicas | partitions | mode | changes/s{rounds}"
@@ -386,6 +436,15 @@ def main() -> None:
             f"\ningest: {ingested['accepted_per_s']:,} accepted changes/s "
             f"({ingested['bodies']} bodies of 1,000; p50 {ingested['p50_ms']} ms, "
             f"p99 {ingested['p99_ms']} ms)"
+        )
+        fsync = ingested["fsync"]
+        print(
+            f"spool append of 1,000 changes (p50 of {fsync['appends']}): "
+            f"{fsync['p50_full_ms']} ms with synchronous=FULL (as the ingest commits), "
+            f"{fsync['p50_off_ms']} ms with synchronous=OFF: the fsync costs "
+            f"{fsync['fsync_ms']} ms per request, "
+            f"{100 * fsync['fsync_ms'] / ingested['p50_ms']:.0f}% of the ingest's p50 "
+            f"(one fsync of this disk: {fsync['disk_fsync_p50_ms']} ms)"
         )
     out = Path(__file__).parent / "results" / "inputs.json"
     out.parent.mkdir(exist_ok=True)

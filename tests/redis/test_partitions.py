@@ -185,6 +185,34 @@ class TestLeases:
             await client.aclose()
         assert 1 <= source.lost
 
+    async def test_a_page_read_ahead_goes_with_a_lost_partition(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """After a full read the next one is read ahead into the buffer; losing the partition
+        drops it there, so nothing read ahead of a lost partition is ever handed out."""
+        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100&count=10"
+        await init(uri)
+        source = partitioned(uri, "a")
+        source.revoke = lambda drop: 0
+        p0 = [k for k in map(str, range(1, 1000)) if partition_of(k, 2) == 0][:30]
+        await enqueue(uri, [orjson.dumps({"ID": k}) for k in p0])
+        await source.open()
+        client = Redis.from_url(redis_url)
+        try:
+            first = await source.read()
+            assert p0[:10] == [orjson.loads(value)["ID"] for _, value in first]
+            await wait_until(lambda: source._ahead is not None and source._ahead.done())
+            assert 10 == len(source._buffer)  # the next page, on its way before it was asked
+            await client.set(f"{prefix}:0:lease", "thief", px=60_000)
+            await wait_until(lambda: source.held == [1])
+            assert [] == source._buffer
+            with anyio.move_on_after(0.5):
+                again = await source.read()
+                pytest.fail(f"handed out records of a partition it lost: {again}")
+        finally:
+            await source.close()
+            await client.aclose()
+
     async def test_deleted_lease_key_is_lost_or_retaken(self, redis_url: str, prefix: str) -> None:
         """Deleting a lease key under a holder: its renewal fails (compare-and-pexpire finds
         nothing), so it revokes; no two consumers ever read one partition."""

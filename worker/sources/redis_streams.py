@@ -952,6 +952,8 @@ class PartitionedRedisSource(_RedisClient, Source):
         self._handed: dict[int, set[bytes]] = {p: set() for p in range(self.partitions)}
         """Per partition: entries handed to the engine and not acknowledged yet."""
         self._buffer: list[Record] = []
+        self._full_read = False
+        """The last read brought at least ``count`` records: a backlog, worth reading ahead."""
         """Records read but not handed out yet (at most one engine slice goes out at a time)."""
         self._revoke_again: set[int] = set()
         """Partitions whose changes must be revoked once more on the next ``read``: records the
@@ -960,6 +962,8 @@ class PartitionedRedisSource(_RedisClient, Source):
         """Partitions of the records the last ``read`` returned: the engine may still be
         taking them in (it waits for room between slices)."""
         self._wake = asyncio.Event()
+        self._ahead: asyncio.Task[None] | None = None
+        """The next read, started when the last slice of a full read was handed out."""
         self._reading: set[int] = set()
         """Partitions named in the XREADGROUP in progress: not released before it returns."""
         self._next_check_at = 0.0
@@ -1012,12 +1016,15 @@ class PartitionedRedisSource(_RedisClient, Source):
         return f"{where}: {exc}"
 
     async def close(self) -> None:
-        """Stop the keeper, release every lease, leave the member set, disconnect."""
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+        """Stop the keeper, release every lease, leave the member set, disconnect. What a read
+        ahead brought and was never handed out is pending here: whoever takes the partition
+        next claims it at once."""
+        for task in (self._keeper, self._ahead):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._keeper = self._ahead = None
         client, self._client = self._client, None
         if client is None:
             return
@@ -1192,7 +1199,12 @@ class PartitionedRedisSource(_RedisClient, Source):
     # -- reading -----------------------------------------------------------------------------
 
     async def read(self) -> Sequence[Record]:
-        """The next records of the held partitions, waiting for some."""
+        """The next records of the held partitions, waiting for some.
+
+        When the last slice of a full read is handed out, the next read starts at once (its
+        records join the buffer, where losing a partition finds them) while the engine takes
+        the slice in.
+        """
         failures = 0
         while True:
             self._revoke_late()
@@ -1200,13 +1212,19 @@ class PartitionedRedisSource(_RedisClient, Source):
                 out = self._buffer[:READ_SLICE]
                 del self._buffer[:READ_SLICE]
                 self._last_slice = {cast(PartitionToken, token)[0] for token, _ in out}
+                if not self._buffer and self._full_read and self._ahead is None:
+                    self._ahead = asyncio.get_running_loop().create_task(self._read_ahead())
                 return out
             if self._small_read:
                 self._small_read = False
                 await anyio.sleep(READ_LINGER_S)
                 continue  # partitions may have been lost meanwhile: revoke first
             try:
-                records = await self._read_step(self._require_client())
+                ahead, self._ahead = self._ahead, None
+                if ahead is not None:
+                    await ahead  # its records are in the buffer
+                else:
+                    await self._read_ahead()
             except TRANSIENT_ERRORS as exc:
                 failures += 1
                 for state in self._held.values():
@@ -1225,11 +1243,18 @@ class PartitionedRedisSource(_RedisClient, Source):
                 await anyio.sleep(RECONNECT_BACKOFF.base_s)
                 continue
             failures = 0
-            if records:
-                self.entries_read += len(records)
-                self._small_read = len(records) < SMALL_READ
-                self._buffer = records
-                # The loop revokes again, then hands out the first slice.
+            # The loop revokes again, then hands out the first slice.
+
+    async def _read_ahead(self) -> None:
+        """One read step; its records go to the buffer as soon as they are in."""
+        records = await self._read_step(self._require_client())
+        if not records:
+            self._full_read = False
+            return
+        self.entries_read += len(records)
+        self._small_read = len(records) < SMALL_READ
+        self._full_read = len(records) >= self.count
+        self._buffer += records
 
     def _revoke_late(self) -> None:
         """Revoke again the partitions lost or given back since the last read (synchronous:
