@@ -194,7 +194,7 @@ class TestLeases:
         await init(uri)
         source = partitioned(uri, "a")
         source.revoke = lambda drop: 0
-        p0 = [k for k in map(str, range(1, 1000)) if partition_of(k, 2) == 0][:30]
+        p0 = [k for k in map(str, range(1, 1000)) if partition_of(k, 2) == 0][:40]
         await enqueue(uri, [orjson.dumps({"ID": k}) for k in p0])
         await source.open()
         client = Redis.from_url(redis_url)
@@ -203,6 +203,10 @@ class TestLeases:
             assert p0[:10] == [orjson.loads(value)["ID"] for _, value in first]
             await wait_until(lambda: source._ahead is not None and source._ahead.done())
             assert 10 == len(source._buffer)  # the next page, on its way before it was asked
+            second = await source.read()
+            assert p0[10:20] == [orjson.loads(value)["ID"] for _, value in second]
+            # Handing out a page read ahead starts the next read ahead in its turn.
+            await wait_until(lambda: len(source._buffer) == 10)
             await client.set(f"{prefix}:0:lease", "thief", px=60_000)
             await wait_until(lambda: source.held == [1])
             assert [] == source._buffer

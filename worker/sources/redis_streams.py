@@ -618,16 +618,19 @@ class RedisStreamSource(_RedisClient, Source):
     async def _take_ahead(self) -> list[Record]:
         """The page read ahead, if any; nothing if it failed (the next read recovers: entries
         may have been delivered with the answer lost)."""
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead
         if ahead is None:
             return []
         try:
-            # Shielded: a reader stopped meanwhile leaves the page to close(), not half read.
+            # Shielded, and still in _ahead while awaited: a reader stopped meanwhile leaves
+            # the page to close(), which releases it.
             records = await asyncio.shield(ahead)
         except (RedisError, OSError) as exc:
+            self._ahead = None
             log.info("read ahead failed: reading again", error=str(exc))
             self._needs_recovery = True
             return []
+        self._ahead = None
         if records:
             self.entries_read += len(records)
         return records
@@ -1212,6 +1215,10 @@ class PartitionedRedisSource(_RedisClient, Source):
                 out = self._buffer[:READ_SLICE]
                 del self._buffer[:READ_SLICE]
                 self._last_slice = {cast(PartitionToken, token)[0] for token, _ in out}
+                ahead = self._ahead
+                if ahead is not None and ahead.done() and not ahead.cancelled():
+                    if ahead.exception() is None:
+                        self._ahead = None  # its records are in the buffer already
                 if not self._buffer and self._full_read and self._ahead is None:
                     self._ahead = asyncio.get_running_loop().create_task(self._read_ahead())
                 return out
@@ -1424,7 +1431,24 @@ class PartitionedRedisSource(_RedisClient, Source):
                 count=len(ids),
             )
             await self._ack_partition(p, ids)
+        if vanished:
+            records = self._still_held(records)
         return records
+
+    def _still_held(self, records: list[Record]) -> list[Record]:
+        """These records less those of partitions lost or given back meanwhile (un-handed:
+        the next holder reads them)."""
+        held = self._held
+        kept: list[Record] = []
+        for record in records:
+            p, entry_id = cast(PartitionToken, record[0])
+            if p in held:
+                kept.append(record)
+                continue
+            self._handed[p].discard(entry_id)
+            if p in self._releasing:
+                self._releasing[p] -= 1
+        return kept
 
     # -- acknowledging -----------------------------------------------------------------------
 
