@@ -3,7 +3,7 @@ task writes them, everything settled since its last write at once, through a bou
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from pathlib import Path
 
 import anyio
@@ -14,7 +14,7 @@ from tests.engine.test_engine import stream
 from worker import engine as engine_module
 from worker.config import Secret
 from worker.deadletters.jsonl import JsonlDeadLetters
-from worker.engine import Ending, Engine, EngineSettings, Result
+from worker.engine import Ending, Engine, Result
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 from worker.sources.base import Record, Source
@@ -28,6 +28,7 @@ class HeldAcks(Source):
     it records every ``ack`` call and notices calls that overlap."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.inner = JsonlSource(str(path))
         self.name = self.inner.name
         self.gate = anyio.Event()
@@ -59,22 +60,36 @@ class HeldAcks(Source):
 
 
 async def run_held(
-    tmp_path: Path, changes: list[object], es: EngineSettings, source: HeldAcks, sim: Simulator
+    tmp_path: Path,
+    changes: list[object],
+    source: HeldAcks,
+    sim: Simulator,
+    while_held: Callable[[], Awaitable[None]],
 ) -> tuple[Engine, Result]:
-    """Run the engine on ``source`` against ``sim`` while the test body (the caller's task
-    group) opens the gate; returns the engine and its result."""
-    async with serve(sim) as url:
-        sink = JsonlDeadLetters(str(tmp_path / "dead.jsonl"))
-        await source.open()
-        await sink.open()
-        try:
-            async with Sender(url, "demo", Secret("demo-secret"), timeout_s=5.0) as sender:
-                engine = Engine(source, sink, sender, es)
-                result = await engine.run()
-        finally:
-            await sink.close()
-            await source.close()
-    return engine, result
+    """Write ``changes`` for ``source``, run the engine on it against ``sim`` (batches of 10,
+    2 senders) beside ``while_held``, which runs once the first acknowledgement is held and
+    opens the gate; the engine and its result."""
+    write_lines(source.path, changes)
+    out: list[tuple[Engine, Result]] = []
+
+    async def run() -> None:
+        async with serve(sim) as url:
+            sink = JsonlDeadLetters(str(tmp_path / "dead.jsonl"))
+            await source.open()
+            await sink.open()
+            try:
+                async with Sender(url, "demo", Secret("demo-secret"), timeout_s=5.0) as sender:
+                    engine = Engine(source, sink, sender, settings(batch=10, concurrency=2))
+                    out.append((engine, await engine.run()))
+            finally:
+                await sink.close()
+                await source.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_until(lambda: len(source.calls) == 1)
+        await while_held()
+    return out[0]
 
 
 async def wait_until(predicate: object, timeout_s: float = 20.0) -> None:
@@ -87,24 +102,17 @@ async def test_senders_go_on_while_an_acknowledgement_is_written(tmp_path: Path)
     """While the first acknowledgement is held, requests go on; the next write carries
     everything settled meanwhile; writes never overlap; every record is acknowledged once."""
     changes = stream(600, 600, seed=3)
-    source = HeldAcks(write_lines(tmp_path / "in.jsonl", changes))
+    source = HeldAcks(tmp_path / "in.jsonl")
     sim = Simulator(SimConfig())
-    es = settings(batch=10, concurrency=2)
-    out: dict[str, object] = {}
 
-    async def main() -> None:
-        out["engine"], out["result"] = await run_held(tmp_path, changes, es, source, sim)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(main)
-        await wait_until(lambda: len(source.calls) == 1)
+    async def while_held() -> None:
         # The first write is held: the senders carry on regardless.
         await wait_until(lambda: sim.stats.contacts_applied >= 300)
         assert 1 == len(source.calls)
         source.gate.set()
-    engine = out["engine"]
-    assert isinstance(engine, Engine)
-    assert Ending.DRAINED == out["result"].ending  # type: ignore[attr-defined]
+
+    engine, result = await run_held(tmp_path, changes, source, sim, while_held)
+    assert Ending.DRAINED == result.ending
     assert expected_state(changes) == sim.contacts
     assert not source.overlapped
     acked = [token for call in source.calls for token in call]
@@ -120,22 +128,17 @@ async def test_the_acknowledgement_queue_is_bounded(
     wait for one; once it takes them, the run finishes with everything acknowledged."""
     monkeypatch.setattr(engine_module, "ACK_BACKLOG", 50)
     changes = stream(1000, 1000, seed=4)
-    source = HeldAcks(write_lines(tmp_path / "in.jsonl", changes))
+    source = HeldAcks(tmp_path / "in.jsonl")
     sim = Simulator(SimConfig())
-    es = settings(batch=10, concurrency=2)
-    out: dict[str, object] = {}
 
-    async def main() -> None:
-        out["engine"], out["result"] = await run_held(tmp_path, changes, es, source, sim)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(main)
-        await wait_until(lambda: len(source.calls) == 1)
+    async def while_held() -> None:
         held = len(source.calls[0])
         await anyio.sleep(0.5)  # ample time to send the rest, were the senders not held
         # The write held, the 50 queued behind it, and one batch per sender on its way.
         assert sim.stats.contacts_applied <= held + 50 + 2 * 10
         source.gate.set()
-    assert Ending.DRAINED == out["result"].ending  # type: ignore[attr-defined]
+
+    _, result = await run_held(tmp_path, changes, source, sim, while_held)
+    assert Ending.DRAINED == result.ending
     assert expected_state(changes) == sim.contacts
     assert sorted(t for call in source.calls for t in call) == list(range(1000))
