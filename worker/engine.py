@@ -323,6 +323,10 @@ class Engine:
                 return planned
             if scheduler.fatal is not None:
                 return None
+            quiet = scheduler.settle_quiet(now)
+            if quiet is not None:  # lone 404s no 2xx came to confirm, and none can come now
+                await self._carry_out(quiet)
+                continue
             if self._reading_done and scheduler.idle:
                 self._notify()  # let the other senders see it too
                 return None
@@ -393,6 +397,18 @@ class Engine:
                 detail=verdict.detail,
             )
             self.abort(Result(Ending.AUTH, verdict, message))
+        elif verdict.action is Action.FOREIGN:
+            message = (
+                f"stopped sending: HTTP {verdict.status} {verdict.detail}; nothing was"
+                " dead-lettered or acknowledged on account of it"
+            )
+            log.error(
+                "api.foreign_answer",
+                status=verdict.status,
+                error=verdict.error,
+                detail=verdict.detail,
+            )
+            self.abort(Result(Ending.FATAL, verdict, message))
         else:
             message = f"fatal API response: {verdict.describe()}"
             log.error(
@@ -498,11 +514,16 @@ class Engine:
         """Whether the worker takes work now, and why not.
 
         The reasons: ``running`` (ready); ``starting`` (the engine has not started: the source
-        is opened before it); ``auth`` or ``fatal`` (stopped by the API's answer); ``draining``
-        (a signal came: finishing in-flight work); ``stopped`` (the run is over).
+        is opened before it); ``auth`` or ``fatal`` (stopped by the API's answer);
+        ``foreign_answer`` (stopped by an answer that cannot be the API's, such as a proxy's
+        404 page); ``draining`` (a signal came: finishing in-flight work); ``stopped`` (the run
+        is over).
         """
-        if self._result is not None and self._result.ending in (Ending.AUTH, Ending.FATAL):
-            return False, self._result.ending.value
+        result = self._result
+        if result is not None and result.ending in (Ending.AUTH, Ending.FATAL):
+            if result.verdict is not None and result.verdict.action is Action.FOREIGN:
+                return False, "foreign_answer"
+            return False, result.ending.value
         if self._stopping:
             return False, "draining"
         if not self._running:

@@ -8,7 +8,9 @@ handshake or certificate that fails. The decisions here are pure; :func:`check_a
 the one request and logs what was decided.
 
 - refused credentials or access: exit 3; one request only, never a loop (1002 locks the account)
-- a host name that does not exist, failed TLS: exit 2, a configuration error
+- a host name that does not exist, failed TLS, or 404/405 to ``PATCH []`` (nothing at that URL
+  takes contacts: a wrong path, or a proxy's page; ``[]`` holds no ID that could be unknown):
+  exit 2, a configuration error
 - no answer, a transient answer (429, 5xx, 105), an unexpected one: a warning, and the run
   starts anyway: the engine retries without limit, the API may be having a bad hour
 """
@@ -27,7 +29,7 @@ import structlog
 
 from worker.cli import EXIT_AUTH, EXIT_USAGE
 from worker.config import redact_uri
-from worker.core.classify import Action, classify, classify_failure
+from worker.core.classify import WRONG_URL_STATUSES, Action, classify, classify_failure
 from worker.sender import SEND_ERRORS, Response, Sender
 
 log = structlog.get_logger("worker.preflight")
@@ -82,7 +84,7 @@ class Finding:
         return _EXIT_CODES.get(self.outcome)
 
 
-def judge_response(response: Response, now_wall: datetime.datetime) -> Finding:
+def judge_response(response: Response, now_wall: datetime.datetime, url: str = "") -> Finding:
     """Decide what the API's answer to ``[]`` says about the credentials."""
     verdict = classify(response.status, response.body, response.retry_after, now_wall)
     status, error = verdict.status, verdict.error
@@ -95,9 +97,21 @@ def judge_response(response: Response, now_wall: datetime.datetime) -> Finding:
         return Finding(Outcome.UNCERTAIN, message, status, error)
     if verdict.action is Action.APPLIED or error in ACCEPTED_CODES:
         return Finding(Outcome.ACCEPTED, "the API accepted the credentials", status, error)
-    hint = f"; {_API_URL}" if status in (404, 405) else ""
-    message = f"unexpected answer to an empty request ({verdict.describe()}{hint}): starting anyway"
+    if status in WRONG_URL_STATUSES:
+        # An empty array names no ID, so this cannot be "unknown ID": the URL is wrong.
+        shown = _shown_body(response.body)
+        message = (
+            f"HTTP {status} to PATCH [] at {redact_uri(url)}: nothing there takes"
+            f" contacts{shown}; {_API_URL}: the base URL, without /v1/contact"
+        )
+        return Finding(Outcome.MISCONFIGURED, message, status, error)
+    message = f"unexpected answer to an empty request ({verdict.describe()}): starting anyway"
     return Finding(Outcome.UNCERTAIN, message, status, error)
+
+
+def _shown_body(body: bytes) -> str:
+    text = " ".join(body[:100].decode("utf-8", errors="replace").split())
+    return f" (answer: {text!r})" if text else ""
 
 
 def judge_failure(exc: BaseException) -> Finding:
@@ -139,7 +153,7 @@ async def check_api(
     except SEND_ERRORS as exc:
         finding = judge_failure(exc)
     else:
-        finding = judge_response(response, wall_clock())
+        finding = judge_response(response, wall_clock(), sender.url)
     fields = {"url": redact_uri(sender.url), "status": finding.status, "error": finding.error}
     if finding.outcome is Outcome.ACCEPTED:
         log.info("api check passed", **fields)

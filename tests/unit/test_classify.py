@@ -80,17 +80,31 @@ class TestClassifyIsolate:
         expected = Verdict(Action.ISOLATE, 404, "404", "Contact not found", reason="not_found")
         assert expected == classify(404, NOT_FOUND_BODY, None, NOW_WALL)
 
-    def test_404_without_body(self) -> None:
-        """404 without a body is still not_found."""
-        assert Verdict(Action.ISOLATE, 404, reason="not_found") == classify(
-            404, b"", None, NOW_WALL
-        )
+    @pytest.mark.parametrize(
+        "body",
+        [b"", b"<html><h1>404: Not Found</h1></html>", b"404: Not Found", b"[]", b'{"a": 1}'],
+    )
+    def test_404_that_is_not_the_apis_error_is_foreign(self, body: bytes) -> None:
+        """A 404 without the API's JSON error (a proxy's page, a wrong URL) cannot be about
+        unknown IDs: it stops sending instead of dead-lettering (DESIGN 8)."""
+        verdict = classify(404, body, None, NOW_WALL)
+        assert (Action.FOREIGN, 404) == (verdict.action, verdict.status)
+        assert verdict.detail is not None and "--api-url" in verdict.detail
+
+    @pytest.mark.parametrize("status", [400, 404, 422])
+    @pytest.mark.parametrize("code", ["114", "122"])
+    def test_empty_request_codes_on_a_batch_are_foreign(self, status: int, code: str) -> None:
+        """"Empty request" answered to a request that carried contacts: something between us
+        and the API lost the body, no verdict on any change."""
+        assert Action.FOREIGN == classify(status, error_body(code), None, NOW_WALL).action
 
     @pytest.mark.parametrize("code", ["139", "123"])
     def test_400_with_a_change_error_is_rejected(self, code: str) -> None:
-        """400 with 139 (invalid parameters) or 123 (object without ID) isolates as rejected."""
+        """400 with 139 (invalid parameters) or 123 (object without ID) isolates as rejected,
+        a verdict taken as certain."""
         expected = Verdict(Action.ISOLATE, 400, code, "nope", reason="rejected")
         assert expected == classify(400, error_body(code), None, NOW_WALL)
+        assert classify(400, error_body(code), None, NOW_WALL).certain
 
     def test_400_rejected_keeps_the_api_message(self) -> None:
         """The API's code and message are kept for the dead letter."""
@@ -98,10 +112,22 @@ class TestClassifyIsolate:
         assert ("139", "Missing or invalid parameters") == (verdict.error, verdict.detail)
 
     @pytest.mark.parametrize("status", [400, 409, 422])
-    def test_other_4xx_are_rejected(self, status: int) -> None:
-        """Other 4xx without a known code isolate as rejected."""
-        verdict = classify(status, b"", None, NOW_WALL)
-        assert (Action.ISOLATE, "rejected") == (verdict.action, verdict.reason)
+    @pytest.mark.parametrize("code", ["9999", "rejected", "140"])
+    def test_undocumented_codes_isolate_without_certainty(self, status: int, code: str) -> None:
+        """An API error with a code not documented as a verdict on a change isolates as
+        rejected, but uncertain: nothing is inferred and a lone change must see it repeat."""
+        verdict = classify(status, error_body(code), None, NOW_WALL)
+        assert (Action.ISOLATE, "rejected", False) == (
+            verdict.action,
+            verdict.reason,
+            verdict.certain,
+        )
+
+    @pytest.mark.parametrize("status", [400, 409, 422])
+    @pytest.mark.parametrize("body", [b"", b"<html>Bad Request</html>"])
+    def test_other_4xx_without_the_apis_error_are_foreign(self, status: int, body: bytes) -> None:
+        """A 4xx whose body is not the API's JSON error is no verdict on a change."""
+        assert Action.FOREIGN == classify(status, body, None, NOW_WALL).action
 
 
 class TestClassifyRetry:
@@ -194,14 +220,11 @@ class TestNonJsonBodies:
         """An object without ``error`` gives no code; errorMsg alone is the detail."""
         assert (None, "hm") == parse_error_body(b'{"errorMsg": "hm"}')
 
-    def test_html_404_is_still_not_found(self) -> None:
-        """A proxy's HTML 404 still isolates."""
+    def test_html_404_is_foreign(self) -> None:
+        """A proxy's HTML 404 stops sending; its text is quoted in the detail."""
         verdict = classify(404, b"<h1>Not Found</h1>", None, NOW_WALL)
-        assert (Action.ISOLATE, "not_found", "<h1>Not Found</h1>") == (
-            verdict.action,
-            verdict.reason,
-            verdict.detail,
-        )
+        assert Action.FOREIGN == verdict.action
+        assert verdict.detail is not None and "<h1>Not Found</h1>" in verdict.detail
 
     @settings(max_examples=300, deadline=None)
     @given(
@@ -275,7 +298,25 @@ class TestClassifyFailure:
     def test_exception_with_message(self) -> None:
         """The detail names the exception and its message."""
         expected = Verdict(Action.RETRY, None, None, "TimeoutError: read timed out")
-        assert expected == classify_failure(TimeoutError("read timed out"))
+        assert expected.detail == classify_failure(TimeoutError("read timed out")).detail
+
+    def test_a_timeout_may_have_been_applied(self) -> None:
+        """A request given up at its timeout may still be applied by the API (item 4)."""
+        assert classify_failure(TimeoutError("read timed out")).maybe_applied
+
+    def test_a_refused_connection_was_never_sent(self) -> None:
+        """No connection, no request: nothing can be applied late."""
+        assert not classify_failure(ConnectionRefusedError()).maybe_applied
+
+    def test_aiohttp_connector_errors_were_never_sent(self) -> None:
+        """aiohttp's could-not-connect errors (by class, whatever the subclass)."""
+        import aiohttp
+        from aiohttp.client_reqrep import ConnectionKey
+
+        key = ConnectionKey("h", 1, False, True, None, None, None)
+        exc = aiohttp.ClientConnectorError(key, OSError(111, "refused"))
+        assert not classify_failure(exc).maybe_applied
+        assert classify_failure(aiohttp.ServerDisconnectedError()).maybe_applied
 
     def test_exception_without_message(self) -> None:
         """An exception without a message is named alone."""

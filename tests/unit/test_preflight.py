@@ -63,12 +63,21 @@ class TestAnswers:
         assert (Outcome.UNCERTAIN, None) == (finding.outcome, finding.exit_code)
         assert finding.message.endswith("starting anyway")
 
-    def test_wrong_path_is_a_hint_not_a_failure(self) -> None:
-        """404 to ``[]`` (no ID to be unknown) hints at --api-url, yet starts: the API's own
-        answer to ``[]`` is not documented, and a false alarm must not stop production."""
-        finding = answer(404)
-        assert (Outcome.UNCERTAIN, None) == (finding.outcome, finding.exit_code)
+    @pytest.mark.parametrize("status", [404, 405])
+    @pytest.mark.parametrize(
+        "body", [b"", b"<html><body><h1>404 Not Found</h1></body></html>", b'{"error":"404"}']
+    )
+    def test_wrong_path_exits_2(self, status: int, body: bytes) -> None:
+        """404 or 405 to ``[]``: an empty array names no ID that could be unknown, so the URL
+        is wrong (a path off, a proxy's page): exit 2 naming --api-url, before anything is
+        read; a run would otherwise dead-letter the whole input as not_found."""
+        response = Response(status, body, None)
+        finding = judge_response(response, NOW_WALL, "http://h:1/api/v1/contact")
+        assert (Outcome.MISCONFIGURED, 2) == (finding.outcome, finding.exit_code)
         assert "--api-url" in finding.message
+        assert "http://h:1/api/v1/contact" in finding.message
+        if body.startswith(b"<html>"):
+            assert "404 Not Found" in finding.message
 
     def test_other_rejection_starts_with_a_warning(self) -> None:
         """Any other 4xx (here 139) passed the credentials check: start, say what came."""

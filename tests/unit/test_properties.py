@@ -30,8 +30,13 @@ EPOCH_WALL = datetime.datetime(2026, 11, 26, 14, 0, 0, tzinfo=datetime.UTC)
 """The wall clock at fake time 0."""
 
 TEXT_FIELDS = ("lastname", "firstname", "extra1", "extra2")
-TRANSIENTS = ("503", "429-seconds", "429-date", "105", "timeout", "lost")
-"""Transient failures the model can inject; ``lost`` is applied, but the answer never comes."""
+TRANSIENTS = ("503", "429-seconds", "429-date", "105", "timeout", "lost", "late")
+"""Transient failures the model can inject; ``lost`` is applied, but the answer never comes;
+``late`` times out, and the API applies it later anyway (within the timeout grace)."""
+
+LATE_S = (0.05, 0.5, 3.0)
+"""How long after its timeout the API applies a ``late`` request."""
+TIMEOUT_GRACE_S = 5.0
 
 
 def wall(now: float) -> datetime.datetime:
@@ -63,6 +68,14 @@ class ModelApi:
             return 404, NOT_FOUND_BODY
         self.apply(batch, objs)
         return 204, b""
+
+    def answer_late(self, batch: Batch, objs: list[dict[str, Any]]) -> None:
+        """A request the client gave up on, reaching the API now: applied unless refused."""
+        if self.max_array is not None and len(objs) > self.max_array:
+            return
+        if any(str(obj["ID"]) in self.unknown for obj in objs):
+            return
+        self.apply(batch, objs)
 
     def apply(self, batch: Batch, objs: list[dict[str, Any]]) -> None:
         """Write every object, in order."""
@@ -111,6 +124,15 @@ class Run:
     settled_dead: list[tuple[object, str]] = field(default_factory=list)
     requests: int = 0
     most_outstanding: int = 0
+    late: list[tuple[float, Batch, list[dict[str, Any]]]] = field(default_factory=list)
+    """Requests given up on by the client that the API will still apply, and when."""
+
+    def apply_late(self, until: float) -> None:
+        """Let the API apply the late requests due by ``until``, in time order."""
+        self.late.sort(key=lambda item: item[0])
+        while self.late and self.late[0][0] <= until:
+            _, batch, objs = self.late.pop(0)
+            self.api.answer_late(batch, objs)
 
 
 @dataclass(frozen=True)
@@ -143,6 +165,9 @@ def drive(data: st.DataObject, shape: Shape) -> Run:
         backoff=Backoff(base_s=0.1, cap_s=2.0),
         max_waiting=data.draw(st.integers(*shape.max_waiting), label="max_waiting"),
         suspect_ttl_s=data.draw(st.sampled_from([0.05, 1.0, 100.0]), label="suspect_ttl_s"),
+        # 0: every lone 404 dead at once; 50: held for a 2xx (never reached: <= 40 changes).
+        max_not_found_run=data.draw(st.sampled_from([0, 50]), label="max_not_found_run"),
+        timeout_grace_s=TIMEOUT_GRACE_S,
     )
     budget = data.draw(st.integers(0, 8), label="transient budget") if shape.transients else 0
     max_array = data.draw(shape.max_array, label="max_array")
@@ -167,6 +192,12 @@ def drive(data: st.DataObject, shape: Shape) -> Run:
             check_handed_out(handed, outstanding, scheduler)
             outstanding.append(handed)
             run.most_outstanding = max(run.most_outstanding, len(outstanding))
+        # As the engine does before it waits: lone 404s nothing can confirm any more.
+        quiet = scheduler.settle_quiet(now)
+        if quiet is not None:
+            assert not quiet.applied
+            run.settled_dead += [(t, d.reason) for d in quiet.dead for t in d.entry.tokens]
+            continue
         # Feed a chunk from the source, as far as there is room.
         added = 0
         if fed < len(stream):
@@ -189,23 +220,26 @@ def drive(data: st.DataObject, shape: Shape) -> Run:
             if budget and data.draw(st.booleans(), label="fail?"):
                 budget -= 1
                 failure = data.draw(st.sampled_from(TRANSIENTS), label="failure")
-            verdict = respond(api, batch, failure, now)
+            verdict = respond(run, batch, failure, now)
             run.requests += 1
             settled = scheduler.resolve(batch, verdict, now)
             assert None is settled.fatal
             run.settled_applied += [t for e in settled.applied for t in e.tokens]
             run.settled_dead += [(t, d.reason) for d in settled.dead for t in d.entry.tokens]
             now += data.draw(st.sampled_from([0.0, 0.01, 0.2]), label="dt")
+            run.apply_late(now)
         elif added or pile_up:
             continue
         elif isinstance(wake, float):
             assert wake > now, "asked to wait for a time already reached"
             now = wake
+            run.apply_late(now)
         else:
             assert fed == len(stream), "nothing to do while the source still has changes"
             break
     else:
         raise AssertionError("the run did not end")
+    run.apply_late(float("inf"))  # a slow server applies what it still holds, however late
     stats = scheduler.stats
     # What the run went through (pytest --hypothesis-show-statistics).
     event(f"most requests outstanding at once: {min(run.most_outstanding, 3)}+")
@@ -215,14 +249,16 @@ def drive(data: st.DataObject, shape: Shape) -> Run:
         ("inferred culprit", stats.inferred_culprits),
         ("shrink", stats.shrinks),
         ("retry", stats.retries),
+        ("fenced ID", stats.fenced),
         ("coalesced change", scheduler.coalescer.coalesced),
     ]:
         event(f"{name}: {'yes' if count else 'no'}")
     return run
 
 
-def respond(api: ModelApi, batch: Batch, failure: str | None, now: float) -> Verdict:
+def respond(run: Run, batch: Batch, failure: str | None, now: float) -> Verdict:
     """The verdict of one request: the model's answer through the real classifier."""
+    api = run.api
     now_wall = wall(now)
     if failure is None:
         status, body = api.answer(batch)
@@ -239,6 +275,10 @@ def respond(api: ModelApi, batch: Batch, failure: str | None, now: float) -> Ver
     if failure == "lost":
         status, _ = api.answer(batch)  # maybe applied; the answer is lost on the way back
         return classify_failure(ConnectionResetError(f"lost a {status}"))
+    if failure == "late":
+        objs = orjson.loads(batch.body())
+        assert isinstance(objs, list)
+        run.late.append((now + LATE_S[len(run.late) % len(LATE_S)], batch, objs))
     return classify_failure(TimeoutError())
 
 

@@ -29,7 +29,11 @@ def scheduler(
     rand: float = 0.5,
     **options: Any,
 ) -> Scheduler:
-    """A scheduler with the given limits, its random draws fixed at ``rand``."""
+    """A scheduler with the given limits, its random draws fixed at ``rand``.
+
+    Lone 404s are dead at once unless a test sets ``max_not_found_run`` (TestNotFoundRun).
+    """
+    options.setdefault("max_not_found_run", 0)
     limits = BatchLimits(max_items=max_items, max_bytes=1 << 20, linger_s=linger_s)
     backoff = Backoff(base_s=0.1, cap_s=30.0)
     return Scheduler(

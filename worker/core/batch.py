@@ -46,6 +46,13 @@ class Batch:
     """Why the batch this one was split from failed (for culprits found by inference)."""
     held: Batch | None = field(default=None, repr=False)
     """The other half of a failed batch, sent (or split) only once this one is resolved."""
+    abandoned_at: float | None = None
+    """When a send of this batch was last given up without an answer (it may still be
+    applied by the API): its IDs are fenced from newer values for a grace period after."""
+    same_answers: int = 0
+    """How many times in a row ``last_answer`` came for this (lone) batch."""
+    last_answer: tuple[int | None, str | None] | None = None
+    """The last (status, error code) with an undocumented code, while confirming it."""
 
     def body(self) -> bytes:
         """The JSON array to PATCH."""

@@ -22,6 +22,19 @@ AUTH_CODES: dict[str, str] = {
 TRANSIENT_CODES = frozenset({"105"})
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
+DATA_CODES: dict[str, str] = {
+    "123": "object without ID",
+    "139": "missing or invalid parameters",
+}
+"""The documented verdicts on a change's data: a lone change answered so is rejected at once."""
+
+EMPTY_CODES = frozenset({"114", "122"})
+""""Empty request" and "no contacts sent": never a verdict on a change we sent (a proxy or a
+wrong URL that dropped the body)."""
+
+WRONG_URL_STATUSES = frozenset({404, 405})
+"""Answers to ``PATCH []`` that mean nothing at that URL takes contacts (start-up check)."""
+
 
 class Action(enum.Enum):
     """What the engine does with a request's outcome."""
@@ -34,6 +47,9 @@ class Action(enum.Enum):
     RETRY = "retry"
     FATAL_AUTH = "fatal_auth"
     FATAL = "fatal"
+    FOREIGN = "foreign"
+    """An error answer that cannot be the API's verdict on the changes sent (a proxy's or a
+    web server's page, a wrong URL): stop sending; dead-letter and acknowledge nothing for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +63,12 @@ class Verdict:
     retry_after_s: float | None = None
     reason: str | None = None
     """For ISOLATE: the dead-letter reason a lone culprit gets, ``not_found`` or ``rejected``."""
+    certain: bool = True
+    """For ISOLATE: False when the error code is not documented as a verdict on a change, so a
+    lone change is dead-lettered only once the same answer repeats, and nothing is inferred."""
+    maybe_applied: bool = False
+    """For RETRY without a response: the request may have reached the API and may still be
+    applied late (a timeout, a connection lost after sending)."""
 
     def describe(self) -> str:
         """A one-line human account, e.g. for the fatal exit message."""
@@ -57,6 +79,17 @@ class Verdict:
         if self.detail:
             parts.append(self.detail)
         return ": ".join(parts)
+
+
+def is_api_error(body: bytes) -> bool:
+    """Whether ``body`` is the API's JSON error object (``{"error": ..., "errorMsg": ...}``)."""
+    if not body or body.lstrip()[:1] != b"{":
+        return False
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and ("error" in obj or "errorMsg" in obj)
 
 
 def parse_error_body(body: bytes) -> tuple[str | None, str | None]:
@@ -101,7 +134,7 @@ def parse_retry_after(value: str | None, now_wall: datetime.datetime) -> float |
 def classify(
     status: int, body: bytes, retry_after: str | None, now_wall: datetime.datetime
 ) -> Verdict:
-    """Decide what a response means for the request's changes."""
+    """Decide what a response means for the request's changes (DESIGN 4-6 and 8)."""
     if 200 <= status < 300:
         return Verdict(Action.APPLIED, status)
     error, detail = parse_error_body(body)
@@ -110,17 +143,42 @@ def classify(
         return Verdict(Action.FATAL_AUTH, status, error, detail)
     if status >= 500 or status in TRANSIENT_STATUSES or error in TRANSIENT_CODES:
         return Verdict(Action.RETRY, status, error, detail, wait)
-    if status == 404:
-        return Verdict(Action.ISOLATE, status, error, detail, reason="not_found")
-    if status == 413:
+    if status == 413:  # a proxy's own 413 page is as true as the API's: the body is too large
         return Verdict(Action.SHRINK, status, error, detail, reason="rejected")
     if 400 <= status < 500:
-        return Verdict(Action.ISOLATE, status, error, detail, reason="rejected")
+        if not is_api_error(body):
+            why = "not the API's JSON error"
+            return Verdict(Action.FOREIGN, status, error, _foreign(why, detail))
+        if error in EMPTY_CODES:
+            why = f"error {error}: the API saw no contacts in a request that carried some"
+            return Verdict(Action.FOREIGN, status, error, _foreign(why, detail))
+        if status == 404:
+            return Verdict(Action.ISOLATE, status, error, detail, reason="not_found")
+        certain = error in DATA_CODES
+        return Verdict(Action.ISOLATE, status, error, detail, reason="rejected", certain=certain)
     return Verdict(Action.FATAL, status, error, detail or "unexpected response status")
 
 
+def _foreign(why: str, detail: str | None) -> str:
+    shown = f" ({detail[:120]!r})" if detail else ""
+    return (
+        f"an answer that cannot be the API's verdict on the changes sent: {why}{shown};"
+        " is --api-url (SMSGW_API_URL) right, or does a proxy answer for the API?"
+    )
+
+
 def classify_failure(exc: BaseException) -> Verdict:
-    """A request that got no response (timeout, refused or dropped connection) is retried."""
+    """A request that got no response (timeout, refused or dropped connection) is retried.
+
+    Unless the connection was never made, the API may have received the request and may
+    still apply it after we gave up on it (``maybe_applied``).
+    """
     name = type(exc).__name__
     text = str(exc)
-    return Verdict(Action.RETRY, None, None, f"{name}: {text}" if text else name)
+    detail = f"{name}: {text}" if text else name
+    # The HTTP edge's "could not connect" errors (aiohttp's ClientConnectorError and kin),
+    # named rather than imported: the core does no I/O and imports no client.
+    never_sent = isinstance(exc, ConnectionRefusedError) or any(
+        cls.__name__ == "ClientConnectorError" for cls in type(exc).__mro__
+    )
+    return Verdict(Action.RETRY, None, None, detail, maybe_applied=not never_sent)

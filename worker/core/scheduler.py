@@ -38,6 +38,15 @@ class SchedulerSettings:
     max_suspects: int = 100_000
     max_retries: int = 0
     """Transient failures of one request before giving up (fatal); 0 = never give up."""
+    confirm_tries: int = 3
+    """Identical answers with an undocumented error code a lone change needs before it is
+    dead-lettered ``rejected`` (retried with backoff in between)."""
+    max_not_found_run: int = 10
+    """Lone contacts answered 404 in a row, with no request applied in between, at which the
+    404s are taken for a wrong URL or a wrong account and sending stops (0 = never)."""
+    timeout_grace_s: float = 60.0
+    """After a request was abandoned (timeout, connection lost after sending) the API may
+    still apply it: its IDs take no newer values until this long after it was abandoned."""
 
 
 @dataclass(slots=True)
@@ -66,6 +75,10 @@ class SchedulerStats:
     inferred_culprits: int = 0
     retries: int = 0
     shrinks: int = 0
+    confirmations: int = 0
+    """Lone changes re-sent to confirm an answer with an undocumented error code."""
+    fenced: int = 0
+    """IDs held back from newer values after a request of theirs was abandoned."""
 
     @property
     def isolation_requests(self) -> int:
@@ -97,6 +110,10 @@ class Scheduler:
         self._outstanding = 0
         self._numbers = 0
         self._suspects: dict[str, float] = {}
+        self._unconfirmed: list[tuple[DeadLetter, float | None]] = []
+        """Lone 404s since the last applied request: dead-lettered once a 2xx shows the API
+        answers (or nothing is left to send), dropped unwritten if the run turns fatal."""
+        self._fences: list[tuple[float, str]] = []
 
     # -- input -----------------------------------------------------------------------------
 
@@ -118,6 +135,7 @@ class Scheduler:
             and self._outstanding == 0
             and not self._urgent
             and not self._delayed
+            and not self._unconfirmed
         )
 
     @property
@@ -138,6 +156,7 @@ class Scheduler:
             return None
         if now < self.paused_until:
             return self.paused_until
+        fence_due = self._lift_fences(now)
         if self._urgent:
             return self._hand_out(self._urgent.popleft())
         if self._delayed and self._delayed[0][0] <= now:
@@ -153,10 +172,31 @@ class Scheduler:
                 return self._hand_out(self._urgent.popleft())
             due = None
         wake = None if due is True else due
-        if self._delayed:
-            first = self._delayed[0][0]
-            wake = first if wake is None else min(wake, first)
+        for first in (self._delayed[0][0] if self._delayed else None, fence_due):
+            if first is not None:
+                wake = first if wake is None else min(wake, first)
         return wake
+
+    def _lift_fences(self, now: float) -> float | None:
+        """Let newer changes of IDs whose grace has passed go; when the next fence ends."""
+        fences = self._fences
+        while fences and fences[0][0] <= now:
+            self.coalescer.release(heapq.heappop(fences)[1])
+        return fences[0][0] if fences else None
+
+    def settle_quiet(self, now: float) -> Settled | None:
+        """Dead letters of lone 404s held for a 2xx, once nothing is left that could bring one.
+
+        The engine asks when it would otherwise wait: with no request out, none to retry and
+        no change ready, no answer can come to contradict those 404s.
+        """
+        if not self._unconfirmed or self._outstanding or self._urgent or self._delayed:
+            return None
+        if self.coalescer.ready_count or self.fatal is not None:
+            return None
+        settled = Settled()
+        self._confirm_not_found(now, settled)
+        return settled
 
     def _hand_out(self, batch: Batch) -> Batch:
         self._outstanding += 1
@@ -200,45 +240,74 @@ class Scheduler:
         settled = Settled()
         action = verdict.action
         if action is Action.APPLIED:
-            self._applied(batch.entries, settled)
+            if self._unconfirmed:
+                self._confirm_not_found(now, settled)
+            self._applied(batch.entries, settled, self._fence_until(batch))
             if batch.held is not None:
                 held = release_held(batch)
                 assert held is not None and held.failure is not None
                 if len(held.entries) == 1:
                     self.stats.inferred_culprits += 1
-                self._known_bad(held.entries, held.failure, now, settled)
+                self._known_bad(held.entries, held.failure, now, settled, held)
         elif action is Action.RETRY:
             self._retry(batch, verdict, now, settled)
         elif action is Action.ISOLATE:
             self._release_held(batch)
-            self._known_bad(batch.entries, verdict, now, settled)
+            if not verdict.certain:
+                self._doubtful(batch, verdict, now, settled)
+            elif len(batch.entries) == 1 and verdict.reason == "not_found":
+                self._lone_not_found(batch, verdict, now, settled)
+            else:
+                self._known_bad(batch.entries, verdict, now, settled, batch)
         elif action is Action.SHRINK:
             self._release_held(batch)
             self.stats.shrinks += 1
             self.ceiling = max(1, min(self.ceiling, len(batch.entries) // 2))
             if len(batch.entries) == 1:
-                self._dead([culprit(batch.entries[0], verdict)], now, settled)
+                letter = culprit(batch.entries[0], verdict)
+                self._dead([letter], now, settled, self._fence_until(batch))
             else:
-                self._urgent.extend(halves(batch, self._number))
+                self._urgent.extend(self._inherit(batch, halves(batch, self._number)))
         else:
             self.fatal = verdict
             settled.fatal = verdict
         return settled
 
-    def _applied(self, entries: list[Entry], settled: Settled) -> None:
+    def _fence_until(self, batch: Batch) -> float | None:
+        if batch.abandoned_at is None or self.settings.timeout_grace_s <= 0:
+            return None
+        return batch.abandoned_at + self.settings.timeout_grace_s
+
+    def _release(self, key: str, fence_until: float | None) -> None:
+        if fence_until is None:
+            self.coalescer.release(key)
+        else:
+            # Still "in flight" for the coalescer: an abandoned request may yet be applied.
+            heapq.heappush(self._fences, (fence_until, key))
+            self.stats.fenced += 1
+
+    def _applied(
+        self, entries: list[Entry], settled: Settled, fence_until: float | None = None
+    ) -> None:
         stats = self.stats
         for entry in entries:
-            self.coalescer.release(entry.key)
+            self._release(entry.key, fence_until)
             stats.changes_applied += len(entry.tokens)
             if self._suspects:
                 self._suspects.pop(entry.key, None)
         stats.contacts_applied += len(entries)
         settled.applied.extend(entries)
 
-    def _dead(self, letters: list[DeadLetter], now: float, settled: Settled) -> None:
+    def _dead(
+        self,
+        letters: list[DeadLetter],
+        now: float,
+        settled: Settled,
+        fence_until: float | None = None,
+    ) -> None:
         for letter in letters:
             key = letter.entry.key
-            self.coalescer.release(key)
+            self._release(key, fence_until)
             self.stats.dead_letters[letter.reason] += len(letter.entry.tokens)
             self.stats.dead_entries[letter.reason] += 1
             if letter.reason == "not_found":
@@ -254,13 +323,78 @@ class Scheduler:
             del suspects[next(iter(suspects))]
 
     def _known_bad(
-        self, entries: list[Entry], failure: Verdict, now: float, settled: Settled
+        self,
+        entries: list[Entry],
+        failure: Verdict,
+        now: float,
+        settled: Settled,
+        parent: Batch | None = None,
     ) -> None:
         plan = split_known_bad(entries, failure, self._number)
         if isinstance(plan, DeadLetter):
-            self._dead([plan], now, settled)
+            self._dead([plan], now, settled, None if parent is None else self._fence_until(parent))
         else:
+            if parent is not None:
+                self._inherit(parent, [plan] if plan.held is None else [plan, plan.held])
             self._urgent.append(plan)
+
+    @staticmethod
+    def _inherit(parent: Batch, parts: list[Batch]) -> list[Batch]:
+        """Parts of a batch once abandoned carry that on: the API may yet apply the whole."""
+        if parent.abandoned_at is not None:
+            for part in parts:
+                part.abandoned_at = parent.abandoned_at
+        return parts
+
+    def _lone_not_found(
+        self, batch: Batch, verdict: Verdict, now: float, settled: Settled
+    ) -> None:
+        """A lone contact answered 404: held for a 2xx that shows the API answers for real."""
+        letter = culprit(batch.entries[0], verdict)
+        limit = self.settings.max_not_found_run
+        if not limit:
+            self._dead([letter], now, settled, self._fence_until(batch))
+            return
+        self._unconfirmed.append((letter, self._fence_until(batch)))
+        if len(self._unconfirmed) >= limit:
+            detail = (
+                f"{len(self._unconfirmed)} lone contacts answered 404 in a row with no request"
+                " applied in between: taken for a wrong --api-url or a wrong account, not for"
+                " unknown IDs (if they are unknown, raise --max-not-found-run or set it to 0);"
+                f" last: {verdict.describe()}"
+            )
+            self.fatal = Verdict(Action.FOREIGN, verdict.status, verdict.error, detail)
+            settled.fatal = self.fatal
+
+    def _confirm_not_found(self, now: float, settled: Settled) -> None:
+        held, self._unconfirmed = self._unconfirmed, []
+        for letter, fence_until in held:
+            self._dead([letter], now, settled, fence_until)
+
+    def _doubtful(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
+        """An error code the API does not document as a verdict on a change: never inferred.
+
+        A group is split in halves that are both sent; a lone change is re-sent with backoff
+        until the same answer has come ``confirm_tries`` times in a row, and only then
+        dead-lettered ``rejected``: a passing fault must not cost a valid change.
+        """
+        if len(batch.entries) > 1:
+            self._urgent.extend(self._inherit(batch, halves(batch, self._number, Purpose.ISOLATE)))
+            return
+        answer = (verdict.status, verdict.error)
+        batch.same_answers = batch.same_answers + 1 if batch.last_answer == answer else 1
+        batch.last_answer = answer
+        tries = self.settings.confirm_tries
+        if batch.same_answers >= tries:
+            detail = f"{verdict.detail or ''} (the same answer {tries} times)".strip()
+            letter = DeadLetter(batch.entries[0], "rejected", verdict.status, verdict.error, detail)
+            self._dead([letter], now, settled, self._fence_until(batch))
+            return
+        self.stats.confirmations += 1
+        delay = self.settings.backoff.delay(batch.same_answers, self._rand())
+        batch.not_before = now + delay
+        heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
+        settled.retry_in_s = delay
 
     def _release_held(self, batch: Batch) -> None:
         held = release_held(batch)
@@ -270,6 +404,8 @@ class Scheduler:
 
     def _retry(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
         batch.attempt += 1
+        if verdict.maybe_applied:
+            batch.abandoned_at = now
         self.stats.retries += 1
         limit = self.settings.max_retries
         if limit and batch.attempt > limit:

@@ -52,10 +52,13 @@ def release_held(batch: Batch) -> Batch | None:
     return held
 
 
-def halves(batch: Batch, number: Callable[[], int]) -> list[Batch]:
-    """Both halves of a batch refused as too large, both to be sent."""
+def halves(
+    batch: Batch, number: Callable[[], int], purpose: Purpose = Purpose.SHRINK
+) -> list[Batch]:
+    """Both halves of a batch, both to be sent: refused as too large, or refused with an
+    answer too doubtful to infer anything from."""
     middle = len(batch.entries) // 2
     return [
-        Batch(batch.entries[:middle], number(), Purpose.SHRINK),
-        Batch(batch.entries[middle:], number(), Purpose.SHRINK),
+        Batch(batch.entries[:middle], number(), purpose),
+        Batch(batch.entries[middle:], number(), purpose),
     ]
