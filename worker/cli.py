@@ -46,6 +46,9 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         max_waiting=settings.max_waiting,
         suspect_ttl_s=settings.suspect_ttl_s,
         max_retries=settings.max_retries,
+        confirm_tries=settings.confirm_tries,
+        max_not_found_run=settings.max_not_found_run,
+        timeout_grace_s=settings.timeout_grace_s,
     )
     return EngineSettings(
         scheduler,

@@ -179,6 +179,9 @@ class Settings:
     suspect_ttl_s: float = 900.0
     max_waiting: int = DEFAULT_MAX_WAITING
     max_retries: int = 0
+    max_not_found_run: int = 10
+    confirm_tries: int = 3
+    timeout_grace_s: float = 60.0
     log_format: str = "auto"
     log_level: str = "info"
     progress_interval_s: float = 30.0
@@ -343,6 +346,31 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_int,
         _DEFAULTS["max_retries"],
         "transient failures of one request before exiting 1 (0 = retry forever)",
+    ),
+    Option(
+        "max_not_found_run",
+        "--max-not-found-run",
+        "WORKER_MAX_NOT_FOUND_RUN",
+        non_negative_int,
+        _DEFAULTS["max_not_found_run"],
+        "lone contacts answered 404 in a row, nothing applied in between, that stop sending"
+        " as a wrong URL or account (0 = never)",
+    ),
+    Option(
+        "confirm_tries",
+        "--confirm-tries",
+        "WORKER_CONFIRM_TRIES",
+        positive_int,
+        _DEFAULTS["confirm_tries"],
+        "identical answers with an undocumented error code before a lone change is rejected",
+    ),
+    Option(
+        "timeout_grace_s",
+        "--timeout-grace",
+        "WORKER_TIMEOUT_GRACE",
+        non_negative_float,
+        _DEFAULTS["timeout_grace_s"],
+        "seconds an ID of a request given up at its timeout takes no newer values",
     ),
     Option(
         "ingest_token",

@@ -55,6 +55,7 @@ def settings(
     max_retries: int = 0,
     backoff: Backoff | None = None,
     max_waiting: int = 50_000,
+    **scheduler_options: Any,
 ) -> EngineSettings:
     """Engine settings tuned for fast tests (short linger, short backoff)."""
     return EngineSettings(
@@ -63,6 +64,7 @@ def settings(
             backoff=backoff or Backoff(base_s=0.01, cap_s=0.1),
             max_waiting=max_waiting,
             max_retries=max_retries,
+            **scheduler_options,
         ),
         rate=rate,
         concurrency=concurrency,
@@ -79,6 +81,7 @@ async def run_engine(
     *,
     client_secret: str = "demo-secret",
     checkpoint: bool = False,
+    request_timeout_s: float = 5.0,
 ) -> Run:
     """Write the changes to a file and run the worker on it until it ends."""
     source_path = write_lines(tmp_path / "in.jsonl", changes)
@@ -98,7 +101,7 @@ async def run_engine(
                 sim_config.client_id,
                 Secret(client_secret),
                 concurrency=es.concurrency,
-                timeout_s=5.0,
+                timeout_s=request_timeout_s,
             ) as sender:
                 engine = Engine(source, sink, sender, es)
                 result = await engine.run()

@@ -58,6 +58,36 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         metavar="CODE",
         help="answer every authenticated request 403 with this code (116, 200, 1403)",
     )
+    p.add_argument(
+        "--foreign-404-share",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of requests answered 404 with an HTML page, as a proxy would (1 = wrong URL)",
+    )
+    p.add_argument(
+        "--foreign-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the foreign 404s begin after N requests (1 = after a worker's start-up check)",
+    )
+    p.add_argument(
+        "--odd-code-share",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of requests answered 400 with an undocumented error code (--odd-code)",
+    )
+    p.add_argument("--odd-code", default="9999", metavar="CODE", help="that code (9999)")
+    p.add_argument(
+        "--slow-share",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of requests applied only after --slow-ms more, however long the client waits",
+    )
+    p.add_argument("--slow-ms", type=float, default=0.0, metavar="MS", help="that delay (0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault draws (0)")
     p.add_argument(
         "--record-history",
@@ -88,6 +118,12 @@ def _config(args: argparse.Namespace) -> SimConfig:
         seed=args.seed,
         record_history=args.record_history,
         disabled_code=args.disabled_code,
+        foreign_404_share=args.foreign_404_share,
+        foreign_after=args.foreign_after,
+        odd_code_share=args.odd_code_share,
+        odd_code=args.odd_code,
+        slow_share=args.slow_share,
+        slow_ms=args.slow_ms,
     )
 
 

@@ -60,6 +60,9 @@ _BODY_122 = _error("122", "no contacts sent")
 _BODY_123 = _error("123", "object without ID")
 _BODY_404 = _error("404", "contact not found")
 _JSON = "application/json"
+_FOREIGN_404 = (
+    b"<html><head><title>404 Not Found</title></head><body><h1>404: Not Found</h1></body></html>"
+)
 
 
 _PHONE_CHARS = frozenset("+0123456789 ")
@@ -133,13 +136,31 @@ class SimConfig:
     seed: int = 0
     record_history: bool = False
     disabled_code: str | None = None
+    # Answers that are not the API's: a proxy's HTML 404 page for a share of the requests (1.0
+    # is a wrong URL), and 400 with an undocumented error code.
+    foreign_404_share: float = 0.0
+    foreign_after: int = 0
+    """The foreign 404s begin after this many requests (1: after a worker's start-up check)."""
+    odd_code_share: float = 0.0
+    odd_code: str = "9999"
+    # A share of the requests held `slow_ms` before they are applied, however long the client
+    # waits: a server that applies a request after its client has given up on it.
+    slow_share: float = 0.0
+    slow_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not 400 <= self.auth_status <= 499:
             raise ValueError(f"auth_status must be a 4xx status, got {self.auth_status}")
         if self.known_count is not None and self.known_count < 0:
             raise ValueError(f"known_count must be >= 0, got {self.known_count}")
-        for name in ("unknown_share", "transient_error_rate", "drop_rate"):
+        for name in (
+            "unknown_share",
+            "transient_error_rate",
+            "drop_rate",
+            "foreign_404_share",
+            "odd_code_share",
+            "slow_share",
+        ):
             share = getattr(self, name)
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {share}")
@@ -147,10 +168,16 @@ class SimConfig:
             math.isfinite(self.rate_limit) and self.rate_limit > 0
         ):
             raise ValueError(f"rate_limit must be > 0 requests/s, got {self.rate_limit}")
+        if self.foreign_after < 0:
+            raise ValueError(f"foreign_after must be >= 0, got {self.foreign_after}")
         if self.max_array is not None and self.max_array < 1:
             raise ValueError(f"max_array must be >= 1, got {self.max_array}")
         if self.disabled_code is not None and not self.disabled_code:
             raise ValueError("disabled_code must be a non-empty code such as 116")
+        if not self.odd_code:
+            raise ValueError("odd_code must be a non-empty code such as 9999")
+        if not (math.isfinite(self.slow_ms) and self.slow_ms >= 0):
+            raise ValueError(f"slow_ms must be a finite number >= 0, got {self.slow_ms}")
         parse_latency(self.latency)
 
     def to_json(self) -> dict[str, object]:
@@ -217,6 +244,12 @@ _CONFIG_COERCERS: dict[str, Callable[[object], Any]] = {
     "seed": _as_int,
     "record_history": _as_bool,
     "disabled_code": _optional(_as_str),
+    "foreign_404_share": _as_float,
+    "foreign_after": _as_int,
+    "odd_code_share": _as_float,
+    "odd_code": _as_str,
+    "slow_share": _as_float,
+    "slow_ms": _as_float,
 }
 
 
@@ -227,6 +260,9 @@ class SimStats:
     requests: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
     dropped: int = 0
+    foreign_404: int = 0
+    odd_code: int = 0
+    slow: int = 0
     objects_received: int = 0
     contacts_applied: int = 0
     max_ids_per_request: int = 0
@@ -411,11 +447,26 @@ class Simulator:
             if rng.random() < 0.5:
                 return self._answer(503, _BODY_503)
             return self._answer(400, _BODY_105)
+        if (
+            cfg.foreign_404_share
+            and stats.requests > cfg.foreign_after
+            and rng.random() < cfg.foreign_404_share
+        ):
+            stats.foreign_404 += 1
+            stats.by_status[404] = stats.by_status.get(404, 0) + 1
+            stats.last_request_at = time.monotonic()
+            return web.Response(status=404, body=_FOREIGN_404, content_type="text/html")
+        if cfg.odd_code_share and rng.random() < cfg.odd_code_share:
+            stats.odd_code += 1
+            return self._answer(400, _error(cfg.odd_code, "undocumented error"))
 
         if cfg.latency != self._latency_spec:
             self._latency = parse_latency(cfg.latency)
             self._latency_spec = cfg.latency
         delay = self._latency(rng)
+        if cfg.slow_share and rng.random() < cfg.slow_share:
+            stats.slow += 1
+            delay += cfg.slow_ms / 1000.0
 
         body = await request.read()
         stats.bytes_received += len(body)
