@@ -48,7 +48,7 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         max_retries=settings.max_retries,
         confirm_tries=settings.confirm_tries,
         max_not_found_run=settings.max_not_found_run,
-        timeout_grace_s=settings.timeout_grace_s,
+        timeout_grace_s=timeout_grace_s(settings),
     )
     return EngineSettings(
         scheduler,
@@ -58,6 +58,14 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         handle_signals,
         settings.progress_interval_s,
     )
+
+
+def timeout_grace_s(settings: Settings) -> float:
+    """How long an abandoned request's IDs are fenced: as set, else twice the timeout (a
+    server that has not applied a request by then is taken to have dropped it)."""
+    if settings.timeout_grace_s is not None:
+        return settings.timeout_grace_s
+    return 2.0 * settings.request_timeout_s
 
 
 def tune_gc() -> None:

@@ -181,7 +181,8 @@ class Settings:
     max_retries: int = 0
     max_not_found_run: int = 10
     confirm_tries: int = 3
-    timeout_grace_s: float = 60.0
+    timeout_grace_s: float | None = None
+    """None: twice --request-timeout."""
     log_format: str = "auto"
     log_level: str = "info"
     progress_interval_s: float = 30.0
@@ -369,8 +370,9 @@ OPTIONS: tuple[Option, ...] = (
         "--timeout-grace",
         "WORKER_TIMEOUT_GRACE",
         non_negative_float,
-        _DEFAULTS["timeout_grace_s"],
-        "seconds an ID of a request given up at its timeout takes no newer values",
+        None,
+        "seconds an ID of a request given up at its timeout takes no newer values"
+        " (default: twice --request-timeout)",
     ),
     Option(
         "ingest_token",

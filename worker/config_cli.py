@@ -21,6 +21,9 @@ from worker.config import (
 
 MISSING_TEXT, INVALID_TEXT, NONE_TEXT = "(required, missing)", "(invalid)", "(none)"
 
+DERIVED_TEXT = {"timeout_grace_s": "(twice request_timeout_s)"}
+"""What an unset setting with a derived default stands for."""
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """The flags of ``run`` (so a user sees what ``run`` with them would use), and ``--json``."""
@@ -45,7 +48,7 @@ def value_text(choice: Choice) -> str:
         return INVALID_TEXT
     value = shown(choice.value)
     if value is None:
-        return NONE_TEXT
+        return DERIVED_TEXT.get(choice.option.field, NONE_TEXT)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

@@ -245,7 +245,7 @@ class TestOwnershipProperties:
             for r in replicas:
                 r.round(store, now, live, 0.0)
                 now += LEASE_S / 3 / live
-                for p, holders in handing_out(replicas, now).items():
+                for holders in handing_out(replicas, now).values():
                     assert len(holders) <= 1
         share = fair_share(partitions, live)
         counts = [len(r.own.held()) for r in replicas]
