@@ -6,6 +6,8 @@ import fcntl
 import json
 import resource
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -362,3 +364,46 @@ class TestTornLines:
             f"(byte {torn_at}, {limit - torn_at} bytes) is not a JSON object"
             in (summary["notes"][0])
         )
+
+    def test_a_write_that_failed_half_way_is_fenced_before_the_next(self, tmp_path: Path) -> None:
+        """In one process: a write cut short (the file size limit reached, then lifted) leaves
+        a torn line; the next write fences it first, so its letter is a whole line."""
+        code = (
+            "import json, resource, signal, sys\n"
+            "import anyio\n"
+            "from worker.deadletters.base import DeadLetterError\n"
+            "from worker.deadletters.jsonl import JsonlDeadLetters\n"
+            "async def main(path, letters):\n"
+            "    sink = JsonlDeadLetters(path)\n"
+            "    await sink.open()\n"
+            "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))\n"
+            "    try:\n"
+            "        await sink.write(letters[:-1])\n"
+            "    except DeadLetterError:\n"
+            "        print('failed', flush=True)\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))\n"
+            "    await sink.write(letters[-1:])\n"
+            "    await sink.close()\n"
+            "anyio.run(main, sys.argv[1], json.loads(sys.argv[2]))\n"
+        )
+        dead = tmp_path / "dead.jsonl"
+        letters = [letter(i) for i in range(1, 12)]
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(dead), json.dumps(letters)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert 0 == result.returncode, result.stderr
+        failed, logged = result.stdout.split("\n", 1)  # structlog's default: stdout
+        assert "failed" == failed
+        assert "dead_letters.torn_line" in logged
+        data = dead.read_bytes()
+        left, fenced = data[:1000], data[1000:]
+        *whole, torn = left.split(b"\n")
+        assert torn  # the failed write left a torn line
+        assert letters[: len(whole)] == [orjson.loads(line) for line in whole]
+        assert b"\n" + orjson.dumps(letter(11)) + b"\n" == fenced
