@@ -84,6 +84,7 @@ class TestShow:
 
 
 class TestReplay:
+    @pytest.mark.slow
     def test_round_trip(self, dlq: Dlq, gateway: Gateway, tmp_path: Path) -> None:
         """not_found letters of a real run, replayed into a file once the contacts exist, are
         applied by the next run; a second replay replays nothing; the sidecar keeps the lines."""

@@ -199,6 +199,7 @@ def schema() -> Iterator[str]:
     psql(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
+@pytest.mark.slow
 def test_three_replicas_one_killed_and_restarted_keep_order(tmp_path: Path, schema: str) -> None:
     """3 `run` replicas on one outbox with 6 partitions; one is SIGKILLed mid-run and
     restarted, changes keep coming: every change is applied, per-ID sequence numbers never go

@@ -292,6 +292,7 @@ class TestAcknowledgement:
 
 
 class TestCrashedWorker:
+    @pytest.mark.slow
     async def test_rows_of_a_killed_worker_come_back_before_newer_ones(self, db: Db) -> None:
         """A worker killed (-9) holding claimed rows: a second worker waits for the lease to
         run out, then sends those rows before any newer row (per-ID order at the API)."""
@@ -329,6 +330,7 @@ class TestCrashedWorker:
 
 
 class TestLeases:
+    @pytest.mark.slow
     async def test_lease_renewed_while_in_flight_released_on_close(self, db: Db) -> None:
         """Rows handed out stay claimed past their first lease (renewed), so another worker
         gets nothing, not even newer rows; once the first closes they are the other's."""

@@ -137,6 +137,7 @@ class TestLeases:
         finally:
             await a.close()
 
+    @pytest.mark.slow
     async def test_give_back_waits_for_requests_in_flight(
         self, redis_url: str, prefix: str
     ) -> None:
@@ -344,6 +345,7 @@ def held_by(client: SyncRedis, prefix: str, partitions: int, name: bytes) -> lis
     return [p for p in range(partitions) if client.get(f"{prefix}:{p}:lease") == name]
 
 
+@pytest.mark.slow
 def test_scale_out_three_replicas_one_killed(
     tmp_path: Path, sync_redis: SyncRedis, sync_prefix: str
 ) -> None:
