@@ -290,10 +290,15 @@ class Engine:
         scheduler = self.scheduler
         now = self._clock()
         invalid: list[Invalid] = []
+        misfiled = self.source.misfiled if self.source.files_by_key else None
         for token, line in records:
             item = decode(line, token)
             if type(item) is Change:
-                scheduler.add(item, now)
+                problem = None if misfiled is None else misfiled(token, item.key)
+                if problem is None:
+                    scheduler.add(item, now)
+                else:
+                    invalid.append(Invalid(problem, token, change=item.fields))
             else:
                 invalid.append(item)  # type: ignore[arg-type]
         self.stats.records += len(records)

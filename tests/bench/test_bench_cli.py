@@ -87,6 +87,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
     return out, json.loads((out / "report.json").read_text()), done.stdout
 
 
+@pytest.mark.slow
 class TestBenchEndToEnd:
     def test_report_json(self, report: tuple[Path, dict[str, Any], str]) -> None:
         """report.json holds the machine, the goals and, per variant, every figure."""

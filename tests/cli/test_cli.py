@@ -192,6 +192,7 @@ class TestExitCodes:
 
 
 class TestSignalsAndCrashes:
+    @pytest.mark.slow
     def test_sigterm_drains_and_exits_0(self, tmp_path: Path) -> None:
         """SIGTERM while following a file: stop reading, finish in-flight requests, ack, exit 0;
         the checkpoint covers everything that was applied."""
@@ -233,6 +234,7 @@ class TestSignalsAndCrashes:
         finally:
             gw.stop()
 
+    @pytest.mark.slow
     def test_resume_after_kill_9(self, tmp_path: Path) -> None:
         """A worker killed with SIGKILL mid-run resumes from its checkpoint: the second run
         reads only the unfinished tail, and the API ends with every last-written value."""

@@ -77,6 +77,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         redis_cli("DEL", name, f"{name}:dead")
 
 
+@pytest.mark.slow
 def test_input_end_to_end(tmp_path: Path, store: Store) -> None:
     """`init --to` prepares the input, `enqueue --to` fills it from JSONL on stdin, `run`
     applies every change (the invalid line dead-lettered in the input's own store) and exits
@@ -170,6 +171,7 @@ def test_sqlite_spool_ingest_end_to_end(tmp_path: Path) -> None:
         gw.stop()
 
 
+@pytest.mark.slow
 def test_input_error_while_running_is_reported(tmp_path: Path) -> None:
     """An input that breaks while the engine runs (the stream replaced by a string) stops the
     run with exit 1 and the source's own message, not the task groups' wrapping."""

@@ -105,6 +105,7 @@ def value(samples: Samples, name: str) -> float:
 
 
 class TestMetricsDuringARun:
+    @pytest.mark.slow
     def test_every_family_scraped_mid_run_and_consistent_at_the_end(
         self, slow_gateway: Gateway, tmp_path: Path
     ) -> None:
@@ -142,6 +143,7 @@ class TestMetricsDuringARun:
             code, stderr = worker.stop()
             assert 0 == code, stderr
 
+    @pytest.mark.slow
     def test_readyz_draining_while_slow_requests_finish(self, tmp_path: Path) -> None:
         """After SIGTERM, /readyz answers 503 "draining" while the last requests (0.5 s each)
         finish; then the worker exits 0 with every change applied."""
@@ -170,6 +172,7 @@ class TestMetricsDuringARun:
         finally:
             gw.stop()
 
+    @pytest.mark.slow
     def test_second_signal_while_draining_stops_at_once(self, tmp_path: Path) -> None:
         """A second SIGTERM during the drain stops without waiting for the requests left:
         a clean exit 0 (nothing more acknowledged), not death by the signal."""
@@ -198,6 +201,7 @@ class TestMetricsDuringARun:
 
 
 class TestLogs:
+    @pytest.mark.slow
     def test_progress_events_in_json_logs(self, tmp_path: Path) -> None:
         """`--progress-interval 0.2` logs `progress` events at info with the documented keys."""
         gw = Gateway("--known-count", "200", "--latency", "50")

@@ -136,6 +136,7 @@ class TestRefusedCredentials:
         assert "the API refused the credentials or access: HTTP 403: error 1403" in stderr
         assert "auth failure: stopping" in event_names(stderr)
 
+    @pytest.mark.slow
     def test_a_redis_stream_is_not_even_read(self, tmp_path: Path) -> None:
         """With a consumer group, refused credentials leave the group exactly as it was:
         nothing delivered to the worker, nothing pending."""
@@ -296,6 +297,7 @@ class TestTlsAlwaysVerified:
 
 
 class TestApiUnavailable:
+    @pytest.mark.slow
     def test_connection_refused_starts_and_retries(self, tmp_path: Path, source: list[str]) -> None:
         """Nothing listens at the API's port: a warning, then the run starts and retries
         (the API may be back any minute); SIGTERM ends it with exit 0, nothing acked."""
@@ -346,6 +348,7 @@ class TestApiUnavailable:
 
 
 class TestReadiness:
+    @pytest.mark.slow
     def test_the_status_port_opens_after_the_check(self, tmp_path: Path) -> None:
         """While the check waits for its answer, /readyz does not answer at all (the status
         port is not open yet); once it passed, the worker becomes ready."""
@@ -381,6 +384,7 @@ class TestReadiness:
 
 
 class TestStopBeforeTheStart:
+    @pytest.mark.slow
     def test_sigterm_during_the_check_exits_0_with_nothing_read(self, tmp_path: Path) -> None:
         """A stop that comes while the check waits for its answer (or while the source
         connects) ends the run at once, cleanly: exit 0, nothing read, no checkpoint."""

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import fcntl
 import json
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
-from tests.cli.test_cli import Gateway, run, worker_env
+import anyio
+import orjson
+import pytest
+import structlog
+
+from tests.cli.test_cli import Gateway, events, run, worker_env
 from tests.dlq.conftest import (
     DEAD,
     MISSING,
@@ -17,6 +27,8 @@ from tests.dlq.conftest import (
     input_bytes,
     reasons,
 )
+from worker.deadletters.base import record
+from worker.deadletters.jsonl import JsonlDeadLetters
 
 
 def first_run(gw: Gateway, tmp_path: Path) -> Path:
@@ -72,6 +84,7 @@ class TestShow:
 
 
 class TestReplay:
+    @pytest.mark.slow
     def test_round_trip(self, dlq: Dlq, gateway: Gateway, tmp_path: Path) -> None:
         """not_found letters of a real run, replayed into a file once the contacts exist, are
         applied by the next run; a second replay replays nothing; the sidecar keeps the lines."""
@@ -223,3 +236,175 @@ class TestTargetFile:
         assert 2 == outcome.code
         assert "is the dead-letter file itself" in outcome.stderr
         assert before == dead.read_bytes()
+
+
+def letter(i: int) -> dict[str, Any]:
+    """A dead letter as the sink writes it (``reason`` first)."""
+    return record("not_found", change={"ID": str(i), "lastname": "x"}, source=f"in.jsonl:{i}")
+
+
+async def append(path: Path, letters: list[dict[str, Any]]) -> None:
+    """Open the sink on ``path``, write these letters, close it."""
+    sink = JsonlDeadLetters(str(path))
+    await sink.open()
+    try:
+        await sink.write(letters)
+    finally:
+        await sink.close()
+
+
+class TestTornLines:
+    def test_the_sink_fences_a_torn_last_line(self, dlq: Dlq, tmp_path: Path) -> None:
+        """A file whose last line was cut short: `dlq show` notes it (uncounted: it may be
+        being written); the sink, on open, ends it with a newline and logs where it starts,
+        so the letters written next are whole lines of their own and `dlq show` counts them
+        and reports the torn line as unreadable."""
+        dead = tmp_path / "dead.jsonl"
+        whole = b"".join(orjson.dumps(letter(i)) + b"\n" for i in (1, 2))
+        torn = orjson.dumps(letter(3))[:25]
+        dead.write_bytes(whole + torn)
+        before = dlq("show", f"jsonl:{dead}", "--json").json()
+        assert (2, 0) == (before["letters"], before["unreadable"])
+        assert [f"line 3 (byte {len(whole)}, {len(torn)} bytes) has no newline"] == [
+            note[: note.index(":")] for note in before["notes"]
+        ]
+
+        with structlog.testing.capture_logs() as logs:
+            anyio.run(append, dead, [letter(4), letter(5)])
+
+        assert [{"event": "dead_letters.torn_line", "offset": len(whole), "bytes": len(torn)}] == [
+            {k: e[k] for k in ("event", "offset", "bytes")}
+            for e in logs
+            if e["event"] == "dead_letters.torn_line"
+        ]
+        lines = dead.read_bytes().split(b"\n")
+        assert torn == lines[2]
+        assert [1, 2, 4, 5] == [
+            int(orjson.loads(line)["change"]["ID"]) for line in lines if line and line != torn
+        ]
+        after = dlq("show", f"jsonl:{dead}", "--json").json()
+        assert (5, 1, {"not_found": 4}) == (after["letters"], after["unreadable"], reasons(after))
+        assert [f"line 3 (byte {len(whole)}, {len(torn)} bytes) is not a JSON object"] == [
+            note[: note.index(":")] for note in after["notes"]
+        ]
+
+    def test_a_sink_on_a_whole_file_changes_nothing(self, tmp_path: Path) -> None:
+        """A file that ends with a newline (or is empty) is appended to as it is."""
+        dead = tmp_path / "dead.jsonl"
+        whole = orjson.dumps(letter(1)) + b"\n"
+        dead.write_bytes(whole)
+        with structlog.testing.capture_logs() as logs:
+            anyio.run(append, dead, [letter(2)])
+        assert [] == [e for e in logs if e["event"] == "dead_letters.torn_line"]
+        assert whole + orjson.dumps(letter(2)) + b"\n" == dead.read_bytes()
+
+    def test_a_letter_glued_to_a_torn_one_is_read(self, dlq: Dlq, tmp_path: Path) -> None:
+        """A line where a whole letter follows a torn one (a file written before torn lines
+        were fenced): `dlq show` counts the torn part unreadable and the whole letter as
+        a letter, and says so; `dlq replay` replays the whole letter."""
+        dead = tmp_path / "dead.jsonl"
+        glued = orjson.dumps(letter(2))[:30] + orjson.dumps(letter(3)) + b"\n"
+        dead.write_bytes(orjson.dumps(letter(1)) + b"\n" + glued + b"[1]\n")
+        summary = dlq("show", f"jsonl:{dead}", "--json").json()
+        assert (4, 2, {"not_found": 2}) == (
+            summary["letters"],
+            summary["unreadable"],
+            reasons(summary),
+        )
+        assert ["holds a torn letter (30 bytes)", "is not a JSON object"] == [
+            note.split(") ", 1)[1].split(" with")[0].split(":")[0] for note in summary["notes"]
+        ]
+        table = dlq("show", f"jsonl:{dead}").stdout
+        assert "note: line 2 (byte" in table
+        assert "note: line 3 (byte" in table
+        out = tmp_path / "out.jsonl"
+        report = dlq("replay", f"jsonl:{dead}", "--to", f"jsonl:{out}", "--json").json()
+        assert {"not_found": 2} == report["replayed"]
+        assert ["1", "3"] == [json.loads(x)["ID"] for x in out.read_text().splitlines()]
+
+    @pytest.mark.slow
+    def test_a_run_cut_short_by_a_full_disk_leaves_nothing_glued(
+        self, dlq: Dlq, gateway: Gateway, tmp_path: Path
+    ) -> None:
+        """A run whose dead-letter write fails half way (a file size limit stands in for the
+        full disk) exits non-zero with a torn last line; the next run fences it and logs
+        where it starts: each letter it writes is a whole line, and `dlq show` counts them and
+        reports the torn line as unreadable."""
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(b"".join(b'{"ID": %d, "nickname": "x"}\n' % i for i in range(1, 41)))
+        env = worker_env(gateway, tmp_path)
+        dead = tmp_path / "dead.jsonl"
+        limit = 3000
+
+        def full_disk() -> None:  # in the child, before it runs the worker
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        first = run(["--source", f"jsonl:{source}"], env, preexec_fn=full_disk)
+        assert 0 != first.returncode
+        left = dead.read_bytes()
+        assert limit == len(left)
+        torn_at = left.rindex(b"\n") + 1
+        assert torn_at < limit  # a torn last line
+
+        second = run(["--source", f"jsonl:{source}"], env)
+        assert 0 == second.returncode, second.stderr
+        fenced = [e for e in events(second.stderr) if e["event"] == "dead_letters.torn_line"]
+        assert [(torn_at, limit - torn_at)] == [(e["offset"], e["bytes"]) for e in fenced]
+        lines = dead.read_bytes().split(b"\n")
+        assert b"" == lines.pop()
+        torn = lines.pop(left.count(b"\n"))
+        assert left[torn_at:] == torn
+        letters = [orjson.loads(line) for line in lines]
+        assert {"invalid"} == {d["reason"] for d in letters}
+        assert list(range(1, 41)) == [d["change"]["ID"] for d in letters][-40:]
+        summary = dlq("show", f"jsonl:{dead}", "--json").json()
+        assert (len(letters) + 1, 1) == (summary["letters"], summary["unreadable"])
+        assert 1 == len(summary["notes"])
+        assert (
+            f"(byte {torn_at}, {limit - torn_at} bytes) is not a JSON object"
+            in (summary["notes"][0])
+        )
+
+    def test_a_write_that_failed_half_way_is_fenced_before_the_next(self, tmp_path: Path) -> None:
+        """In one process: a write cut short (the file size limit reached, then lifted) leaves
+        a torn line; the next write fences it first, so its letter is a whole line."""
+        code = (
+            "import json, resource, signal, sys\n"
+            "import anyio\n"
+            "from worker.deadletters.base import DeadLetterError\n"
+            "from worker.deadletters.jsonl import JsonlDeadLetters\n"
+            "async def main(path, letters):\n"
+            "    sink = JsonlDeadLetters(path)\n"
+            "    await sink.open()\n"
+            "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))\n"
+            "    try:\n"
+            "        await sink.write(letters[:-1])\n"
+            "    except DeadLetterError:\n"
+            "        print('failed', flush=True)\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))\n"
+            "    await sink.write(letters[-1:])\n"
+            "    await sink.close()\n"
+            "anyio.run(main, sys.argv[1], json.loads(sys.argv[2]))\n"
+        )
+        dead = tmp_path / "dead.jsonl"
+        letters = [letter(i) for i in range(1, 12)]
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(dead), json.dumps(letters)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert 0 == result.returncode, result.stderr
+        failed, logged = result.stdout.split("\n", 1)  # structlog's default: stdout
+        assert "failed" == failed
+        assert "dead_letters.torn_line" in logged
+        data = dead.read_bytes()
+        left, fenced = data[:1000], data[1000:]
+        *whole, torn = left.split(b"\n")
+        assert torn  # the failed write left a torn line
+        assert letters[: len(whole)] == [orjson.loads(line) for line in whole]
+        assert b"\n" + orjson.dumps(letter(11)) + b"\n" == fenced

@@ -65,6 +65,7 @@ def insert_letters(schema: str, letters: list[dict[str, object]]) -> None:
 
 
 class TestRoundTrip:
+    @pytest.mark.slow
     def test_show_replay_run_again(
         self, dlq: Dlq, gateway: Gateway, schema: str, tmp_path: Path
     ) -> None:
@@ -154,6 +155,7 @@ class TestReplay:
         assert 2 == result.code
         assert "does not exist" in result.stderr and "contact-worker init" in result.stderr
 
+    @pytest.mark.slow
     @pytest.mark.anyio
     async def test_a_second_replay_at_once_is_refused(self, schema: str, tmp_path: Path) -> None:
         """While another session holds the table's replay lock, a replay exits 1."""

@@ -52,6 +52,7 @@ def add_letters(client: redis.Redis, dead: str, letters: list[dict[str, object]]
 
 
 class TestRoundTrip:
+    @pytest.mark.slow
     def test_show_replay_run_again(
         self, dlq: Dlq, gateway: Gateway, client: redis.Redis, stream: str, tmp_path: Path
     ) -> None:

@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import anyio
+import pytest
 
 from tests.cli.test_cli import Gateway
 from tests.dlq.conftest import (
@@ -35,6 +36,7 @@ def counts(spool: Path) -> tuple[int, int, int]:
     return int(waiting), int(dead), int(marked)
 
 
+@pytest.mark.slow
 def test_show_replay_run_again(dlq: Dlq, gateway: Gateway, tmp_path: Path) -> None:
     """A real run dead-letters into the spool; replayed into the same spool, the changes are
     appended and marked in one transaction; the next run applies them; a second replay sends

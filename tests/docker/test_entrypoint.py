@@ -131,6 +131,7 @@ def wait_for(predicate: Any, attempts: int = 300) -> None:
 
 
 class TestEntrypoint:
+    @pytest.mark.slow
     def test_serves_ingests_applies_and_drains_on_sigterm(
         self, container: Container, gateway: Gateway, tmp_path: Path
     ) -> None:

@@ -18,6 +18,7 @@ from tests.engine.harness import expected_state, settings
 from tests.engine.test_engine import applied_in_order, stream
 from tests.pg.conftest import Db
 from worker.config import ConfigError, Secret
+from worker.core.partition import partition_of
 from worker.deadletters.base import DeadLetterError
 from worker.deadletters.pg_table import PgDeadLetters
 from worker.engine import Ending, Engine, EngineSettings, Result
@@ -174,6 +175,92 @@ class TestRoundTrip:
         assert list(range(201 - len(rows), 201)) == [row["id"] for row in rows]
 
 
+class TestMisfiledRows:
+    async def test_row_whose_contact_id_is_not_its_id_is_dead_lettered_and_acked(
+        self, db: Db
+    ) -> None:
+        """A row filed under one contact_id whose change names another ID (string or integer)
+        is dead-lettered ``invalid`` naming both, never sent, and deleted; the rest applied
+        (a line holding a NUL travels as text: decoded, and not misfiled)."""
+        rows = [
+            ("1", {"ID": "1", "lastname": "one"}),
+            ("100012", {"ID": "100013", "lastname": "wrong"}),
+            ("2", {"ID": 3, "lastname": "wrong too"}),
+            ("3", {"ID": 3, "lastname": "three"}),
+            ("100013", {"ID": "100013", "firstname": "right"}),
+        ]
+        await db.admin.executemany(
+            f"INSERT INTO {db.outbox} (contact_id, change) VALUES ($1, $2::jsonb)",
+            [(key, orjson.dumps(change).decode()) for key, change in rows],
+        )
+        nul = {"ID": 4, "lastname": "a\u0000b"}  # jsonb refuses NUL: the row holds the text
+        await enqueue(db.uri(), [orjson.dumps(nul)])
+
+        run = await run_until_acked(
+            db, 6, SimConfig(known_ids=frozenset({"1", "3", "4", "100013"}))
+        )
+
+        assert {
+            "1": {"lastname": "one"},
+            "3": {"lastname": "three"},
+            "4": {"lastname": "a\u0000b"},
+            "100013": {"firstname": "right"},
+        } == run.sim.contacts
+        assert [] == await db.rows()
+        letters = [orjson.loads(text) for text in await db.dead()]
+        assert [("invalid", "100013"), ("invalid", 3)] == [
+            (d["reason"], d["change"]["ID"]) for d in letters
+        ]
+        assert "'100013'" in letters[0]["detail"]
+        assert "contact_id '100012'" in letters[0]["detail"]
+        assert "ID '3'" in letters[1]["detail"]
+        assert "contact_id '2'" in letters[1]["detail"]
+        assert letters[0]["source"].startswith(f"postgresql:{db.outbox}/")
+
+    async def test_row_in_another_partition_than_its_contact_id_is_dead_lettered(
+        self, db: Db
+    ) -> None:
+        """Partitioned, a row whose ``partition`` is not the one of its ID is dead-lettered
+        ``invalid`` naming both partitions, never sent, and deleted; so is a row whose
+        contact_id (from which its partition came) is not its ID."""
+        p5 = partition_of("5", 4)
+        rows = [
+            ("5", {"ID": "5", "lastname": "five"}, p5),
+            ("6", {"ID": "6", "lastname": "wrong"}, (partition_of("6", 4) + 1) % 4),
+            ("7", {"ID": "8", "lastname": "wrong too"}, partition_of("7", 4)),
+            ("8", {"ID": 8, "lastname": "eight"}, partition_of("8", 4)),
+        ]
+        await db.admin.executemany(
+            f"INSERT INTO {db.outbox} (contact_id, change, partition) VALUES ($1, $2::jsonb, $3)",
+            [(key, orjson.dumps(change).decode(), p) for key, change, p in rows],
+        )
+        nul = {"ID": 9, "lastname": "a\u0000b"}  # the row holds the text; 9 keeps its partition
+        await enqueue(db.uri(partitions=4), [orjson.dumps(nul)])
+
+        run = await run_until_acked(
+            db,
+            5,
+            SimConfig(known_ids=frozenset({"5", "6", "8", "9"})),
+            partitions=4,
+            rebalance_s=0.2,
+            poll_s=0.2,
+        )
+
+        assert {
+            "5": {"lastname": "five"},
+            "8": {"lastname": "eight"},
+            "9": {"lastname": "a\u0000b"},
+        } == run.sim.contacts
+        assert [] == await db.rows()
+        letters = {str(d["change"]["ID"]): d for d in map(orjson.loads, await db.dead())}
+        assert {"invalid"} == {d["reason"] for d in letters.values()}
+        assert ["6", "8"] == sorted(letters)
+        right = partition_of("6", 4)
+        assert f"partition {right} of 4" in letters["6"]["detail"]
+        assert f"(partition {(right + 1) % 4})" in letters["6"]["detail"]
+        assert "contact_id '7'" in letters["8"]["detail"]
+
+
 class TestAcknowledgement:
     async def test_rows_deleted_only_after_apply_no_transaction_held(self, db: Db) -> None:
         """While requests are in flight their rows are claimed and still there, and none of
@@ -205,6 +292,7 @@ class TestAcknowledgement:
 
 
 class TestCrashedWorker:
+    @pytest.mark.slow
     async def test_rows_of_a_killed_worker_come_back_before_newer_ones(self, db: Db) -> None:
         """A worker killed (-9) holding claimed rows: a second worker waits for the lease to
         run out, then sends those rows before any newer row (per-ID order at the API)."""
@@ -242,6 +330,7 @@ class TestCrashedWorker:
 
 
 class TestLeases:
+    @pytest.mark.slow
     async def test_lease_renewed_while_in_flight_released_on_close(self, db: Db) -> None:
         """Rows handed out stay claimed past their first lease (renewed), so another worker
         gets nothing, not even newer rows; once the first closes they are the other's."""
@@ -435,6 +524,8 @@ class TestProducer:
         assert ("", '"{\\"ID\\": true}"') != outbox_row(b'{"ID": true}')
         assert ("", '{"ID": true}') == outbox_row(b'{"ID": true}')
         assert None is outbox_row(b" \r\n")
+        nul = b'{"ID": 5, "lastname": "a\\u0000b"}'  # jsonb refuses NUL: the text, keyed
+        assert ("5", orjson.dumps(nul.decode()).decode()) == outbox_row(nul)
 
     def test_readme_ddl_names_the_default_table(self) -> None:
         """The DDL constant is the README's: the default table, no schema."""

@@ -21,7 +21,11 @@ from redis.exceptions import RedisError
 from tests.cli.test_cli import BIN, Gateway, worker_env
 from tests.engine.harness import expected_state
 from tests.engine.test_engine import applied_in_order, stream
+from tests.redis.test_redis_source import dead_letters, pending, run
 from worker.core.partition import partition_of
+from worker.deadletters.redis_stream import from_uri as sink_from_uri
+from worker.engine import Engine
+from worker.sim.gateway import SimConfig, Simulator
 from worker.sources.redis_enqueue import enqueue, init
 from worker.sources.redis_streams import PartitionedRedisSource, from_uri
 
@@ -70,6 +74,40 @@ class TestProducer:
             await client.aclose()
 
 
+class TestMisfiledEntries:
+    async def test_change_in_another_partitions_stream_is_dead_lettered_and_acked(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """A change appended to a stream other than its ID's partition is dead-lettered
+        ``invalid`` naming both partitions, never sent, and acknowledged; the rest applied."""
+        uri = f"{redis_url}?stream={prefix}&partitions=4&lease_ms=1000&block_ms=100"
+        await init(uri)
+        right = partition_of("100013", 4)
+        wrong = (right + 1) % 4
+        client = Redis.from_url(redis_url)
+        try:
+            await client.xadd(f"{prefix}:{wrong}", {"change": b'{"ID": 100013, "lastname": "x"}'})
+        finally:
+            await client.aclose()
+        good = [{"ID": i, "lastname": str(i)} for i in range(1, 9)]
+        await enqueue(uri, [orjson.dumps(c) for c in [*good, {"ID": "100013", "extra1": "y"}]])
+        sim = Simulator(SimConfig(known_count=200_000))
+
+        async def scenario(engine: Engine) -> None:
+            await wait_until(lambda: engine.stats.acked >= 10)
+
+        await run(from_uri(uri, consumer="c"), sink_from_uri(uri), sim, scenario)
+
+        assert expected_state([*good, {"ID": "100013", "extra1": "y"}]) == sim.contacts
+        letters = await dead_letters(redis_url, f"{prefix}:dead")
+        assert [("invalid", 100013)] == [(d["reason"], d["change"]["ID"]) for d in letters]
+        assert f"partition {right} of 4" in letters[0]["detail"]
+        assert f"stream {prefix}:{wrong} (partition {wrong})" in letters[0]["detail"]
+        assert letters[0]["source"].startswith(f"redis:{prefix}:{wrong}/")
+        for p in range(4):
+            assert 0 == await pending(redis_url, f"{prefix}:{p}")
+
+
 class TestLeases:
     async def test_two_sources_split_four_partitions(self, redis_url: str, prefix: str) -> None:
         """The first source takes all four; once a second joins, it gives two back and the
@@ -99,6 +137,7 @@ class TestLeases:
         finally:
             await a.close()
 
+    @pytest.mark.slow
     async def test_give_back_waits_for_requests_in_flight(
         self, redis_url: str, prefix: str
     ) -> None:
@@ -306,6 +345,7 @@ def held_by(client: SyncRedis, prefix: str, partitions: int, name: bytes) -> lis
     return [p for p in range(partitions) if client.get(f"{prefix}:{p}:lease") == name]
 
 
+@pytest.mark.slow
 def test_scale_out_three_replicas_one_killed(
     tmp_path: Path, sync_redis: SyncRedis, sync_prefix: str
 ) -> None:

@@ -21,7 +21,7 @@ from worker.deadletters.redis_stream import from_uri as sink_from_uri
 from worker.engine import Ending, Engine, EngineSettings, Result
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
-from worker.sources.base import SourceError
+from worker.sources.base import Source, SourceError
 from worker.sources.redis_enqueue import enqueue, init
 from worker.sources.redis_streams import RedisStreamSource, _framed_pages, parse_uri
 from worker.sources.redis_streams import from_uri as source_from_uri
@@ -73,7 +73,7 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> 
 
 
 async def run(
-    source: RedisStreamSource,
+    source: Source,
     sink: RedisStreamDeadLetters,
     sim: Simulator,
     scenario: Scenario,

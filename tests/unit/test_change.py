@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.core.change import FIELDS, TEXT_FIELDS, Change, Invalid, decode, key_of, validate
+from worker.core.change import (
+    FIELDS,
+    TEXT_FIELDS,
+    Change,
+    Invalid,
+    decode,
+    key_mismatch,
+    key_of,
+    validate,
+)
 
 
 def invalid(line: bytes) -> Invalid:
@@ -305,3 +314,15 @@ class TestDecodeProperties:
         result = decode(orjson.dumps({**obj, name: wrong}), "tok")
         assert isinstance(result, Invalid)
         assert f"field {name!r} " in result.reason
+
+
+class TestKeyMismatch:
+    def test_same_string_form_is_no_problem_another_names_both(self) -> None:
+        """A change filed under its own ID's string form belongs there (an integer ID 123
+        is filed under '123'); under another key, the problem names both."""
+        change = decode(b'{"ID": 123, "lastname": "x"}', 1)
+        assert isinstance(change, Change)
+        assert None is key_mismatch(change.key, "123", "contact_id")
+        problem = key_mismatch("100013", "100012", "contact_id")
+        assert problem is not None
+        assert "ID '100013' does not match the contact_id '100012'" in problem

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from worker.core.change import Change
 from worker.core.coalesce import Coalescer
-from worker.core.partition import partition_of
+from worker.core.partition import partition_mismatch, partition_of
 
 
 class TestPartitionOf:
@@ -58,3 +58,16 @@ class TestForget:
         assert "a" == c.pop().key
         c.add(change("a", 3), 0.0)
         assert None is c.peek()  # "a" is in flight: its new change waits
+
+
+class TestPartitionMismatch:
+    def test_right_partition_is_no_problem_another_names_both(self) -> None:
+        """A change in its ID's partition belongs there; in another, the problem names the
+        ID, the partition it belongs to and the one it was filed in."""
+        right = partition_of("123", 6)
+        assert None is partition_mismatch("123", right, 6, "stream s:4")
+        wrong = (right + 1) % 6
+        problem = partition_mismatch("123", wrong, 6, f"stream s:{wrong}")
+        assert problem is not None
+        assert f"ID '123' belongs to partition {right} of 6" in problem
+        assert f"stream s:{wrong} (partition {wrong})" in problem

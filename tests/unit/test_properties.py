@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -336,6 +337,7 @@ def check_promises(run: Run) -> None:
     assert scheduler.coalescer.changes_waiting == 0
 
 
+@pytest.mark.slow
 class TestCorePromises:
     """The promises of DESIGN 1-5 over generated streams, interleavings and answers."""
 

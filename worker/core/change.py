@@ -142,3 +142,18 @@ def decode(line: bytes, token: Hashable) -> Change | Invalid:
     if type(obj) is dict:
         return Invalid(problem, token, change=obj)
     return Invalid(problem, token, raw=line.decode("utf-8", errors="replace"))
+
+
+def key_mismatch(key: str, filed: str, where: str) -> str | None:
+    """Why a change whose ``ID`` has the string form ``key`` does not belong to a record the
+    input filed under the key ``filed`` (``where`` names that field), or None if it does.
+
+    The input orders (and partitions) its records by the key beside the change, so a change
+    filed under another contact's key would be sent outside that contact's order.
+    """
+    if key == filed:
+        return None
+    return (
+        f"ID {key!r} does not match the {where} {filed!r} the input filed it under:"
+        " not sent (its order and partition come from the latter)"
+    )

@@ -86,9 +86,10 @@ async def collect(store: DeadLetterStore, *, top: int = 5) -> Summary:
         tally = Tally()
         while page := await store.read():
             tally.add(page)
+        notes = tuple(store.notes())
     finally:
         await store.close()
-    return tally.summary(store.name, top=top)
+    return tally.summary(store.name, top=top, notes=notes)
 
 
 def main_show(args: argparse.Namespace) -> int:

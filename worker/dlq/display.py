@@ -40,6 +40,7 @@ def print_summary(console: Console, summary: Summary) -> None:
     console.print(f"[bold]Dead letters in {summary.store}[/bold]", highlight=False)
     if not summary.letters:
         console.print("none")
+        _print_notes(console, summary)
         return
     span = f", {summary.oldest} .. {summary.newest}" if summary.oldest else ""
     console.print(
@@ -49,6 +50,7 @@ def print_summary(console: Console, summary: Summary) -> None:
     )
     if summary.unreadable:
         console.print(f"{_n(summary.unreadable)} unreadable (not a JSON object)", highlight=False)
+    _print_notes(console, summary)
     console.print()
     reasons = _table("reason", "letters", "replayed", "no change")
     for reason, count in summary.by_reason.items():
@@ -65,6 +67,11 @@ def print_summary(console: Console, summary: Summary) -> None:
         for reason, detail, n in summary.top_details:
             details.add_row(_n(n), reason, detail or "-")
         console.print(details)
+
+
+def _print_notes(console: Console, summary: Summary) -> None:
+    for note in summary.notes:
+        console.print(f"note: {note}", highlight=False)
 
 
 def _reasons(counts: Counter[str]) -> str:

@@ -88,6 +88,8 @@ class Summary:
     """``(reason, detail, count)``, most common first."""
     oldest: str | None
     newest: str | None
+    notes: tuple[str, ...] = ()
+    """What the store noticed while reading: lines torn or not letters, and where."""
 
     def to_json(self) -> dict[str, Any]:
         """The summary as JSON-ready data (``dlq show --json``)."""
@@ -112,6 +114,7 @@ class Summary:
             ],
             "oldest": self.oldest,
             "newest": self.newest,
+            "notes": list(self.notes),
         }
 
 
@@ -154,8 +157,8 @@ class Tally:
                 if self.newest is None or at > self.newest:
                     self.newest = at
 
-    def summary(self, store: str, *, top: int = 5) -> Summary:
-        """The report so far, with the ``top`` most common details."""
+    def summary(self, store: str, *, top: int = 5, notes: tuple[str, ...] = ()) -> Summary:
+        """The report so far, with the ``top`` most common details and the store's notes."""
         by_reason = dict(sorted(self.by_reason.items(), key=lambda kv: (-kv[1].letters, kv[0])))
         by_error = dict(sorted(self.by_error.items(), key=lambda kv: (-kv[1], kv[0])))
         details = sorted(self.details.items(), key=lambda kv: (-kv[1], kv[0]))[: max(top, 0)]
@@ -170,4 +173,5 @@ class Tally:
             top_details=[(reason, detail, n) for (reason, detail), n in details],
             oldest=self.oldest,
             newest=self.newest,
+            notes=notes,
         )

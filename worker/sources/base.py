@@ -27,6 +27,10 @@ class Source(abc.ABC):
     loses a partition; the engine forgets those waiting changes (unacknowledged) and returns how
     many. Requests already in flight still finish."""
 
+    files_by_key: bool = False
+    """Whether the input files records under a key beside the change (a column, a partition's
+    stream): the engine then asks :meth:`misfiled` about every valid change."""
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect, position at the first record not yet acknowledged."""
 
@@ -41,6 +45,12 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """Where these records came from, for dead letters (e.g. ``in.jsonl:17``)."""
+
+    def misfiled(self, token: Hashable, key: str) -> str | None:
+        """Why the valid change with coalescing key ``key`` does not belong where the input
+        filed its record, or None. Such a change is dead-lettered ``invalid`` (and its record
+        acknowledged), never sent: the input ordered and partitioned it by the other key."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Persist progress and let go of resources."""

@@ -8,12 +8,14 @@ The wire format, for producers in any language: one row per change in the outbox
 
 - ``change`` (jsonb) is one change object, exactly as a line of a ``jsonl:`` input.
 - ``contact_id`` (text) is the string form of the change's ``ID`` (``123`` and ``"123"`` are both
-  ``'123'``). The worker reads the ID from ``change``; ``contact_id`` is for people and indexes.
+  ``'123'``). The worker sends the ID in ``change``; a row whose ``contact_id`` differs from it is
+  dead-lettered ``invalid`` (it was ordered and partitioned as another contact's).
 - ``partition`` (integer, default 0): with ``partitions=P`` (P > 1) on the workers' URI, set it to
   CRC-32 (IEEE, as zlib, Java's ``CRC32`` and Go's ``crc32.ChecksumIEEE`` compute it) of the
   UTF-8 bytes of ``contact_id``, modulo P (:func:`worker.core.partition.partition_of`); in SQL,
   for example with a producer-side function. Every producer and every replica must use the same P.
-  Rows with another value are never claimed. With P = 1 leave it at its default.
+  Rows with another value are never claimed; a row in another partition than its ID's is
+  dead-lettered ``invalid``. With P = 1 leave it at its default.
 - ``id``, ``created_at``, ``claimed_by`` and ``claimed_until`` are left to their defaults.
 - Insert the row in the same transaction as the write it reports (the transactional outbox).
   Changes to one contact are sent in ``id`` order, so insert after the statement that locks that
@@ -26,8 +28,10 @@ dead-lettered ``invalid`` in ``<table>_dead`` and its row deleted, like any fini
 
 ``enqueue`` (``contact-worker enqueue --to``) stores a line that is not valid JSON as a JSON
 string holding the line's text, with ``contact_id`` ``''``; the worker decodes that text as the
-``jsonl:`` source would, so the dead letter shows the original line in ``raw``. A valid JSON line
-without a usable ``ID`` is stored as it is, also with ``contact_id`` ``''``.
+``jsonl:`` source would, so the dead letter shows the original line in ``raw``. A line holding a
+NUL character (``\\u0000``, which jsonb refuses) is stored the same way, with its ID's
+``contact_id``. A valid JSON line without a usable ``ID`` is stored as it is, also with
+``contact_id`` ``''``.
 """
 
 from __future__ import annotations
@@ -70,9 +74,11 @@ def outbox_row(line: bytes | str) -> tuple[str, str] | None:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return "", _raw(data)
-    if b"\\u0000" in data:
-        return "", _raw(data)  # jsonb refuses NUL characters; the worker decodes the text
     key = key_of(obj.get("ID")) if type(obj) is dict else None
+    if b"\\u0000" in data:
+        # jsonb refuses NUL characters: the worker decodes the text. The row keeps its
+        # contact_id (and so its partition): it is still that contact's change.
+        return key or "", _raw(data)
     return key or "", data.decode()
 
 

@@ -63,7 +63,8 @@ import structlog
 
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
-from worker.core.partition import partition_of
+from worker.core.change import key_mismatch
+from worker.core.partition import partition_mismatch, partition_of
 from worker.sources.base import Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.pg_outbox")
@@ -463,6 +464,8 @@ class OutboxStats:
 class PgOutboxSource(Source):
     """Rows of an outbox table, in ``id`` order; an infinite source (``read`` never ends)."""
 
+    files_by_key = True  # contact_id (and partition) beside the change
+
     def __init__(
         self,
         target: OutboxUri,
@@ -504,6 +507,9 @@ class PgOutboxSource(Source):
         partition -> (rows forgotten by the engine, when to unlock anyway)."""
         self._part: dict[int, int] = {}
         """Rows handed out (partitioned): id -> partition."""
+        self._filed: dict[int, str] = {}
+        """Rows handed out whose contact_id is not the text of their change's ID (until the
+        engine checked them, or they are acknowledged): id -> contact_id."""
         self._locks: Any = None
         """The lock connection: its session holds the member and partition locks."""
         self._lock_pid = 0
@@ -574,6 +580,7 @@ class PgOutboxSource(Source):
                 )
         self._pending.clear()
         self._part.clear()
+        self._filed.clear()
         self._held.clear()
         self._draining.clear()
         await self._close_locks()  # after the release: the next owner finds the rows free
@@ -701,8 +708,10 @@ class PgOutboxSource(Source):
         pending = self._pending
         records: list[Record] = []
         append = records.append
-        for row_id, text in rows:
+        for row_id, text, filed in rows:
             pending[row_id] = deadline
+            if filed is not None:
+                self._filed[row_id] = filed
             append((row_id, text.encode()))
         self._cursor = rows[-1][0]
         self.stats.rows_claimed += len(rows)
@@ -753,12 +762,14 @@ class PgOutboxSource(Source):
         still = self._held  # a partition may have gone while the claim ran
         records: list[Record] = []
         stale: list[int] = []
-        for row_id, p, text in rows:
+        for row_id, p, text, filed in rows:
             if p not in still:
                 stale.append(row_id)
                 continue
             pending[row_id] = deadline
             part[row_id] = p
+            if filed is not None:
+                self._filed[row_id] = filed
             records.append((row_id, text.encode()))
         if stale:
             release = sql.release_ids
@@ -951,7 +962,25 @@ class PgOutboxSource(Source):
         for row_id in ids:
             pending.pop(row_id, None)
             part.pop(row_id, None)
+        if self._filed:  # rows that were invalid anyway: the engine never asked about them
+            for row_id in ids:
+                self._filed.pop(row_id, None)
         self.stats.rows_acked += len(ids)
+
+    def misfiled(self, token: Hashable, key: str) -> str | None:
+        """A row whose ``contact_id`` is not the string form of its change's ``ID``, or (with
+        partitions) whose ``partition`` is not the one of its ID, is dead-lettered: it was
+        ordered and partitioned by a key that is not the contact it changes."""
+        filed = self._filed.pop(cast(int, token), None)
+        if filed is not None:
+            problem = key_mismatch(key, filed, "contact_id")
+            if problem is not None:
+                return problem
+        if self.partitions > 1:
+            p = self._part.get(cast(int, token))
+            if p is not None:
+                return partition_mismatch(key, p, self.partitions, f"{self.label} row {token}")
+        return None
 
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """``postgresql:table/id``, several ids joined by commas."""
@@ -1016,11 +1045,18 @@ def _first(row: Any) -> Any:
     return row[0]
 
 
-# A line that was not JSON travels as a JSON string with contact_id '' (see pg_enqueue): hand
-# its text to the decoder, which dead-letters it like the jsonl: source would.
+# A line that was not JSON (or held a NUL, which jsonb refuses) travels as a JSON string (see
+# pg_enqueue): hand its text to the decoder, which dead-letters it like the jsonl: source would
+# (or takes it, NUL and all). A change is an object, so a string is never meant as one.
 _PAYLOAD = (
-    "CASE WHEN t.contact_id = '' AND jsonb_typeof(t.change) = 'string'"
-    " THEN t.change #>> '{}' ELSE t.change::text END"
+    "CASE WHEN jsonb_typeof(t.change) = 'string' THEN t.change #>> '{}' ELSE t.change::text END"
+)
+# The row's contact_id where it differs from the text of the change's ID (NULL mostly: the
+# usual row costs nothing more); the source compares the string forms itself. A raw line
+# (above) has its ID in its text: its contact_id, unless '' (no ID: the decoder says so).
+_FILED = (
+    "CASE WHEN jsonb_typeof(t.change) = 'string' THEN NULLIF(t.contact_id, '')"
+    " ELSE NULLIF(t.contact_id, t.change ->> 'ID') END"
 )
 
 
@@ -1046,11 +1082,11 @@ WHERE t.id = ANY(ARRAY(
     WHERE id < (SELECT coalesce(min(id), 9223372036854775807) FROM candidate
                 WHERE claimed_until > now())
 ))
-RETURNING t.id, {_PAYLOAD}"""
+RETURNING t.id, {_PAYLOAD}, {_FILED}"""
         self.recover = f"""
 UPDATE {table} AS t SET claimed_until = now() + make_interval(secs => $2)
 WHERE claimed_by = $1
-RETURNING t.id, {_PAYLOAD}"""
+RETURNING t.id, {_PAYLOAD}, {_FILED}"""
         self.renew = f"""
 UPDATE {table} SET claimed_until = now() + make_interval(secs => $3)
 WHERE id = ANY($1::bigint[]) AND starts_with(claimed_by, $2)
@@ -1105,8 +1141,8 @@ WHERE t.id = ANY(ARRAY(
     ORDER BY id
     LIMIT $3
 ))
-RETURNING t.id, t.partition, {_PAYLOAD}"""
+RETURNING t.id, t.partition, {_PAYLOAD}, {_FILED}"""
         self.recover_p = f"""
 UPDATE {table} AS t SET claimed_until = now() + make_interval(secs => $2)
 WHERE claimed_by = $1
-RETURNING t.id, t.partition, {_PAYLOAD}"""
+RETURNING t.id, t.partition, {_PAYLOAD}, {_FILED}"""

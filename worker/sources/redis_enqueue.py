@@ -18,7 +18,8 @@ Partitioned (``partitions=P``, P > 1): the streams are ``KEY:0`` .. ``KEY:P-1`` 
 to ``KEY:p`` with ``p = CRC-32(UTF-8 bytes of the ID's string form) mod P``
 (:func:`worker.core.partition.partition_of`; zlib's / Java's / Go's IEEE CRC-32; an integer ID
 ``123`` hashes as ``"123"``). Every producer must use this hash and the same P, or the changes of
-one contact land in two partitions and lose their order. Lines that are not a JSON object with an
+one contact land in two partitions and lose their order: a change found in another partition's
+stream is dead-lettered ``invalid``, never sent. Lines that are not a JSON object with an
 ``ID`` go to partition 0 (the worker dead-letters them). The keys ``KEY:p:lease`` and
 ``KEY:members`` belong to the workers (leases and live replicas): do not write them.
 

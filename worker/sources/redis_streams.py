@@ -59,7 +59,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
-from worker.core.partition import partition_of
+from worker.core.partition import partition_mismatch, partition_of
 from worker.sources.base import Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.redis")
@@ -930,7 +930,13 @@ class PartitionedRedisSource(_RedisClient, Source):
     (``XAUTOCLAIM``, idle 0: the lease says their consumer is gone), then this consumer's own
     pending entries are re-read in stream order, and only then new ones: per contact the order
     holds across the move. Tokens are ``(partition, entry ID)``.
+
+    A change whose ID belongs to another partition than its stream's is dead-lettered
+    ``invalid`` (:meth:`misfiled`): the replica holding the right one may send the contact's
+    other changes meanwhile.
     """
+
+    files_by_key = True  # the stream a change was appended to is its partition
 
     def __init__(
         self,
@@ -1492,6 +1498,11 @@ class PartitionedRedisSource(_RedisClient, Source):
                 return  # the group, and its pending list, are gone: nothing left to ack
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def misfiled(self, token: Hashable, key: str) -> str | None:
+        """Why a change does not belong in the partition whose stream it was appended to."""
+        p = cast(PartitionToken, token)[0]
+        return partition_mismatch(key, p, self.partitions, f"stream {self.streams[p]}")
 
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """``redis:STREAM:P/ENTRY-ID``, several joined by commas."""

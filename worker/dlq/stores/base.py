@@ -42,6 +42,10 @@ class DeadLetterStore(abc.ABC):
     async def mark(self, keys: Sequence[str], at: str) -> None:
         """Remember durably that these letters were replayed at ``at`` (UTC, ISO 8601)."""
 
+    def notes(self) -> list[str]:
+        """What a person should know about what was read: lines torn or not letters, say."""
+        return []
+
     def holds_input(self, uri: str) -> bool:
         """Whether the input ``uri`` lives in this store, so that a replay into it can write
         the changes and mark their letters in one transaction (:meth:`insert_and_mark`)."""

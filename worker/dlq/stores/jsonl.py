@@ -16,7 +16,10 @@ refuses to go on (move the sidecar away with the old file). A replay holds an ex
 file cannot both send a letter.
 
 The end is the file's size at :meth:`JsonlStore.open`; a last line without its newline is being
-written and is left for the next run.
+written (or was torn) and is left for the next run, with a note. A line that is not a JSON object
+(a torn letter the sink fenced, a foreign line) is read as unreadable, with a note naming its line
+and byte offset. A line where a whole letter follows a torn one (written before the sink fenced
+torn lines) gives both: the torn part unreadable, the whole letter as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ from worker.dlq.summary import Stored
 
 SIDECAR_SUFFIX = ".replayed"
 SIDECAR_VERSION = 1
+MAX_NOTES = 10
+"""Notes kept about odd lines; the rest are only counted."""
+_LETTER_START = b'{"reason":'
+"""How every letter the sink writes begins (``reason`` is its first key; inside a JSON string
+a quote is escaped, so a whole letter never holds this)."""
 
 
 class LineRanges:
@@ -84,6 +92,17 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _after_torn(line: bytes) -> tuple[int, dict[str, Any]] | None:
+    """A whole letter appended onto a torn one in this line: where it starts, and it."""
+    start = line.find(_LETTER_START, 1)
+    while start > 0:
+        letter = _parse(line[start:])
+        if letter is not None:
+            return start, letter
+        start = line.find(_LETTER_START, start + 1)
+    return None
+
+
 def _write_atomically(path: str, data: bytes) -> None:
     """Replace ``path`` by ``data``: a crash leaves the old content or the new, whole."""
     tmp = path + ".tmp"
@@ -112,6 +131,19 @@ class JsonlStore(DeadLetterStore):
         self._position = 0
         self._line = 0
         self._first_line_sha256: str | None = None
+        self._notes: list[str] = []
+        self._more_notes = 0
+
+    def notes(self) -> list[str]:
+        """Lines that are torn or not letters: which, where, and what was made of them."""
+        more = [f"... and {self._more_notes} more such lines"] if self._more_notes else []
+        return [*self._notes, *more]
+
+    def _note(self, text: str) -> None:
+        if len(self._notes) < MAX_NOTES:
+            self._notes.append(text)
+        else:
+            self._more_notes += 1
 
     async def open(self, *, replay: bool = False) -> None:
         """Open the file, fix its end, load the sidecar; lock the file for a replay."""
@@ -175,16 +207,43 @@ class JsonlStore(DeadLetterStore):
             while len(page) < size and self._position < self._end:
                 line = f.readline()
                 if not line.endswith(b"\n") or self._position + len(line) > self._end:
+                    if not line.endswith(b"\n"):
+                        self._note(
+                            f"line {self._line + 1} (byte {self._position}, {len(line)} bytes)"
+                            " has no newline: a letter being written, or one torn (a full disk,"
+                            " a crash); not counted. The worker fences a torn line when it"
+                            " next opens the file"
+                        )
                     self._end = self._position  # a line being written: the next run reads it
                     break
+                offset = self._position
                 self._position += len(line)
                 self._line += 1
                 if line.strip():
-                    number = self._line
-                    page.append(Stored(str(number), _parse(line), number in self.replayed))
+                    page += self._letters(self._line, offset, line)
         except OSError as exc:
             raise StoreError(f"cannot read dead letters {self.path}: {exc.strerror}") from exc
         return page
+
+    def _letters(self, number: int, offset: int, line: bytes) -> list[Stored]:
+        """The letters of one whole line: one, or an unreadable one (a torn letter, a foreign
+        line), or a torn one and the whole letter appended onto it."""
+        key, replayed = str(number), number in self.replayed
+        letter = _parse(line)
+        if letter is not None:
+            return [Stored(key, letter, replayed)]
+        where = f"line {number} (byte {offset}, {len(line) - 1} bytes)"
+        found = _after_torn(line)
+        if found is None:
+            self._note(f"{where} is not a JSON object: a torn letter, or a foreign line")
+            return [Stored(key, None, replayed)]
+        start, letter = found
+        self._note(
+            f"{where} holds a torn letter ({start} bytes) with a whole one appended onto it"
+            " (written before torn lines were fenced): the torn part is counted unreadable,"
+            " the whole letter read"
+        )
+        return [Stored(key, None, replayed), Stored(key, letter, replayed)]
 
     async def mark(self, keys: Sequence[str], at: str) -> None:
         """Add these line numbers to the sidecar and replace it atomically (fsynced)."""
