@@ -220,6 +220,7 @@ class TestOwnershipProperties:
             live = sum(r.alive for r in replicas)
             if action == "round" and replica.alive:
                 replica.round(store, now, live, delay)
+                now += 2 * delay  # the replies come back no sooner than this
             elif action == "die":
                 replica.alive = False  # its leases expire in the store on their own
             elif action == "revive" and not replica.alive:
