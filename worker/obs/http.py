@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from worker.obs.metrics import status_registry
@@ -73,13 +72,13 @@ class _Admission:
         self.server: web.Server | None = None
         """aiohttp's protocol factory, set once the app runner is set up."""
         self.max_connections = max_connections
-        self.busy: dict[RequestHandler, int] = {}
+        self.busy: dict[web.RequestHandler, int] = {}
         """Connections with a request in a handler now (and how many: pipelining)."""
         self.shed = 0
 
-    def open_connections(self) -> list[RequestHandler]:
+    def open_connections(self) -> list[web.RequestHandler]:
         """Connections open and not closing, oldest first."""
-        out: list[RequestHandler] = []
+        out: list[web.RequestHandler] = []
         if self.server is None:
             return out
         for handler in self.server.connections:  # in the order they were made
