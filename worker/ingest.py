@@ -12,6 +12,8 @@ Answers (all JSON):
 - ``400`` with the same shape when no item is valid; ``400 {"error": ..., "accepted": 0,
   "rejected": []}`` when the body is empty or not JSON at all.
 - ``401 {"error": ...}`` (with ``WWW-Authenticate: Bearer``) when the token is missing or wrong.
+- ``408 {"error": ...}`` (and the connection closed) when the body did not arrive in full within
+  ``body_timeout_s`` (default 30 s) of the handler starting to read it: nothing was stored.
 - ``413 {"error": ...}`` when the body is larger than ``max_body_bytes`` (after decompression).
 - ``503 {"error": ...}`` with ``Retry-After`` when the spool holds ``high_water`` rows or more
   (backpressure: nothing was stored, send the same request again later), or when the database
@@ -63,6 +65,10 @@ THREAD_PARSE_BYTES = 256 * 1024
 """Bodies larger than this are parsed in a worker thread, so the engine's loop keeps running."""
 
 DISABLED = "ingest disabled: set WORKER_INGEST_TOKEN"
+
+DEFAULT_BODY_TIMEOUT_S = 30.0
+"""Time a request body has to arrive in full: a client that stops sending is answered 408
+instead of holding its connection (and a place under the status port's cap) for good."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +166,7 @@ def add_ingest_routes(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     high_water: int = DEFAULT_HIGH_WATER,
     retry_after_s: int = DEFAULT_RETRY_AFTER_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> None:
     """Add ``POST /v1/changes`` storing into ``spool`` (call before the app starts).
 
@@ -167,7 +174,7 @@ def add_ingest_routes(
     does not apply to this route. ``token`` None or empty answers every request 503 (see the
     module doc).
     """
-    ingest = _Ingest(spool, token, max_body_bytes, high_water, retry_after_s)
+    ingest = _Ingest(spool, token, max_body_bytes, high_water, retry_after_s, body_timeout_s)
     app[INGEST_STATS] = ingest.stats
     app.router.add_post(INGEST_PATH, ingest.handle)
 
@@ -180,6 +187,7 @@ class _Ingest:
         max_body_bytes: int,
         high_water: int,
         retry_after_s: int,
+        body_timeout_s: float,
     ) -> None:
         self.spool = spool
         # An empty token would let "Bearer " in: it disables the ingest like no token at all.
@@ -187,6 +195,7 @@ class _Ingest:
         self.max_body_bytes = max_body_bytes
         self.high_water = high_water
         self.retry_after = str(retry_after_s)
+        self.body_timeout_s = body_timeout_s
         self.stats = IngestStats()
 
     def _answer(
@@ -226,7 +235,20 @@ class _Ingest:
                 },
                 {"Retry-After": self.retry_after},
             )
-        body = await self._read_body(request)
+        body: bytes | None = None
+        with anyio.move_on_after(self.body_timeout_s) as reading:
+            body = await self._read_body(request)
+        if reading.cancelled_caught:
+            log.info("ingest body timeout", remote=request.remote, timeout_s=self.body_timeout_s)
+            answer = self._answer(
+                408,
+                {
+                    "error": f"request body not complete within {self.body_timeout_s:g} s;"
+                    " nothing stored, send it again"
+                },
+            )
+            answer.force_close()  # what is left of the body is not worth waiting for
+            return answer
         if body is None:
             return self._answer(413, too_large)
         if len(body) > THREAD_PARSE_BYTES:

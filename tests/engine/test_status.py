@@ -11,17 +11,18 @@ import aiohttp
 import anyio
 import pytest
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.engine.harness import run_engine, settings, write_lines
 from tests.engine.test_engine import stream
+from worker import __version__
 from worker.config import Secret
 from worker.core.coalesce import Entry
 from worker.deadletters.jsonl import JsonlDeadLetters
 from worker.engine import Ending, Engine
 from worker.obs.http import serve_status
-from worker.obs.metrics import ACK_SECONDS, Buckets, EngineCollector, EngineHistograms
+from worker.obs.metrics import ACK_SECONDS, Buckets, EngineHistograms, status_registry
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 from worker.sources.jsonl import JsonlSource
@@ -49,8 +50,33 @@ FAMILIES = {
     "contact_worker_request_duration_seconds": "histogram",
     "contact_worker_batch_size_contacts": "histogram",
     "contact_worker_change_ack_latency_seconds": "histogram",
+    "contact_worker_input_available": "gauge",
+    "contact_worker_input_reconnects": "counter",
+    "contact_worker_input_unacked_records": "gauge",
+    "contact_worker_build_info": "gauge",
 }
-"""Every metric family the README lists, and its type (counters' samples end in _total)."""
+"""Every metric family /metrics always has, and its type (counters' samples end in _total)."""
+
+PORT_FAMILIES = {
+    "contact_worker_status_connections": "gauge",
+    "contact_worker_status_connections_shed": "counter",
+}
+"""The status port's own families (there whenever the port serves /metrics)."""
+
+INPUT_FAMILIES = {
+    "contact_worker_input_partitions_held": "gauge",
+    "contact_worker_input_leases_lost": "counter",
+    "contact_worker_input_spool_depth": "gauge",
+}
+"""Families of the inputs they apply to: partitioned ones, ones with leases, the spool."""
+
+PROCESS_FAMILIES = {
+    "process_cpu_seconds": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_open_fds": "gauge",
+    "process_start_time_seconds": "gauge",
+}
+"""Some of prometheus_client's standard ``process_*`` families (Linux)."""
 
 PROGRESS_KEYS = {
     "elapsed_s",
@@ -83,10 +109,8 @@ def parse(text: str) -> tuple[dict[str, str], Samples]:
 
 
 def scrape(engine: Engine) -> tuple[dict[str, str], Samples]:
-    """What /metrics would answer now, parsed."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(engine))
-    return parse(generate_latest(registry).decode())
+    """What /metrics would answer now (less the port's families), parsed."""
+    return parse(generate_latest(status_registry(engine)).decode())
 
 
 def labelled(samples: Samples, name: str, label: str) -> dict[str, float]:
@@ -102,7 +126,7 @@ class TestReadme:
         rows = re.findall(r"^\| `(contact_worker_\w+)` \| (\w+) \|", readme, re.M)
         expected = {
             (name + "_total" if kind == "counter" else name, kind)
-            for name, kind in FAMILIES.items()
+            for name, kind in (FAMILIES | PORT_FAMILIES | INPUT_FAMILIES).items()
         }
         assert expected == set(rows)
         assert len(rows) == len(expected)
@@ -182,7 +206,9 @@ class TestEndpoints:
                     async with http.get(base + "/metrics") as resp:
                         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
                         types, samples = parse(await resp.text())
-                    assert FAMILIES == {n: t for n, t in types.items() if n in FAMILIES}
+                    everywhere = FAMILIES | PORT_FAMILIES | PROCESS_FAMILIES
+                    assert everywhere == {n: t for n, t in types.items() if n in everywhere}
+                    assert not INPUT_FAMILIES.keys() & types.keys()  # a file has none of them
                     assert samples[("contact_worker_changes_read_total", ())] == 401
                     assert (
                         samples[("contact_worker_dead_letters_total", (("reason", "invalid"),))]
@@ -191,6 +217,17 @@ class TestEndpoints:
                     assert samples[("contact_worker_requests_total", (("status", "204"),))] >= 5
                     assert samples[("contact_worker_contacts_applied_total", ())] >= 50
                     assert samples[("contact_worker_ready", ())] == 1
+                    assert samples[("contact_worker_input_available", ())] == 1
+                    assert samples[("contact_worker_input_reconnects_total", ())] == 0
+                    # Read and not acknowledged: what the engine holds, no more.
+                    unacked = samples[("contact_worker_input_unacked_records", ())]
+                    acked = samples[("contact_worker_changes_acked_total", ())]
+                    assert 0 <= unacked == 401 - acked
+                    build = labelled(samples, "contact_worker_build_info", "version")
+                    assert {__version__: 1.0} == build
+                    assert samples[("contact_worker_status_connections", ())] >= 1
+                    assert samples[("contact_worker_status_connections_shed_total", ())] == 0
+                    assert samples[("process_resident_memory_bytes", ())] > 0
                     engine.shutdown()
                     async with http.get(base + "/readyz") as resp:
                         assert (503, "draining") == (resp.status, (await resp.json())["reason"])
@@ -259,6 +296,11 @@ class TestMetrics:
         assert {"not_found": summary["dead_letters"]["not_found"], "invalid": 2} == dead
         assert value("contact_worker_isolation_requests_total") > 0
         assert 0 == value("contact_worker_in_flight_requests")
+        assert (1, 0, 0) == (
+            value("contact_worker_input_available"),
+            value("contact_worker_input_reconnects_total"),
+            value("contact_worker_input_unacked_records"),
+        )
         assert 0 == value("contact_worker_waiting_changes")
         assert (0, 4, 20) == (
             value("contact_worker_rate_limit_requests_per_second"),

@@ -10,11 +10,13 @@ Prometheus histograms at scrape time. Every name and meaning is listed in the RE
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,9 +25,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from worker import __version__
+from worker.obs.readiness import readiness
+
 if TYPE_CHECKING:
     from worker.core.coalesce import Entry
     from worker.engine import Engine
+    from worker.obs.http import PortStatistics
+    from worker.sources.base import SourceStatistics
 
 PREFIX = "contact_worker_"
 
@@ -224,8 +231,9 @@ class EngineCollector(Collector):
             "Most contacts per request now (--batch-size, lowered after a 413)",
             engine.scheduler.ceiling,
         )
-        ready, _ = engine.readiness()
+        ready = readiness(engine).ready
         yield _gauge("ready", "1 while /readyz answers 200, else 0", 1.0 if ready else 0.0)
+        yield from _input(engine.source.statistics())
         yield _histogram(
             "request_duration_seconds", "Time from sending a PATCH to its answer", h.request_seconds
         )
@@ -236,3 +244,83 @@ class EngineCollector(Collector):
             " merged changes count from the oldest one's arrival",
             h.ack_seconds,
         )
+
+
+def _input(stats: SourceStatistics) -> Iterator[Metric]:
+    """The input's own state; the partition, lease and spool families only where they apply."""
+    yield _gauge(
+        "input_available",
+        "1 while the input can be read, 0 while it is unreachable (reconnecting)",
+        1.0 if stats.available else 0.0,
+    )
+    yield _counter(
+        "input_reconnects", "Outages of the input it set out to reconnect after", stats.reconnects
+    )
+    yield _gauge(
+        "input_unacked_records",
+        "Records handed to the engine and not acknowledged to the input yet",
+        stats.unacked,
+    )
+    if stats.partitions_held is not None:
+        yield _gauge(
+            "input_partitions_held", "Partitions this replica reads now", stats.partitions_held
+        )
+    if stats.leases_lost:
+        yield _labelled(
+            "input_leases_lost",
+            "Leases lost to expiry or another replica, by kind (partition, row)",
+            "kind",
+            dict(stats.leases_lost),
+        )
+    if stats.spool_depth is not None:
+        yield _gauge(
+            "input_spool_depth",
+            "Changes stored in the input and not acknowledged yet (read or not)",
+            stats.spool_depth,
+        )
+
+
+class BuildInfo(Collector):
+    """``contact_worker_build_info{version, python}``: always 1, the labels are the point."""
+
+    def collect(self) -> Iterator[Metric]:
+        """The one series."""
+        family = GaugeMetricFamily(
+            PREFIX + "build_info",
+            "The worker's version and Python's (always 1)",
+            labels=["version", "python"],
+        )
+        family.add_metric([__version__, platform.python_version()], 1.0)
+        yield family
+
+
+class PortCollector(Collector):
+    """The status port's connections."""
+
+    def __init__(self, statistics: Callable[[], PortStatistics]) -> None:
+        self.statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values."""
+        stats = self.statistics()
+        yield _gauge("status_connections", "Connections open on the status port", stats.connections)
+        yield _counter(
+            "status_connections_shed",
+            "Status port connections closed to stay within its cap (idle ones evicted, new"
+            " ones refused)",
+            stats.shed,
+        )
+
+
+def status_registry(
+    engine: Engine, port: Callable[[], PortStatistics] | None = None
+) -> CollectorRegistry:
+    """What /metrics serves: the engine and its input, the port, the build, ``process_*``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine))
+    registry.register(BuildInfo())
+    if port is not None:
+        registry.register(PortCollector(port))
+    # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ... (Linux).
+    ProcessCollector(registry=registry)
+    return registry

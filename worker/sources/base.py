@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from types import MappingProxyType
+from typing import NamedTuple
 
 Record = tuple[Hashable, bytes]
 """A source record: the token that acknowledges it, and the JSON text of one change."""
@@ -11,6 +13,60 @@ Record = tuple[Hashable, bytes]
 
 class SourceError(Exception):
     """The source cannot be opened or read (bad path, bad checkpoint, broker gone)."""
+
+
+NOTHING_LOST: Mapping[str, int] = MappingProxyType({})
+
+
+class SourceStatistics(NamedTuple):
+    """What an input says about itself (read by /readyz and /metrics); the defaults fit an
+    input with nothing to report."""
+
+    available: bool = True
+    """False while the input cannot be read or acknowledged (its server is unreachable); it
+    reconnects meanwhile, and is available again after its first success."""
+    problem: str = ""
+    """Why it is not available: the failing operations and their last errors."""
+    reconnects: int = 0
+    """Outages the input set out to reconnect after (one per failing operation's streak)."""
+    unacked: int = 0
+    """Records handed to the engine and not acknowledged yet."""
+    partitions_held: int | None = None
+    """Partitions this replica reads now (None: the input is not partitioned)."""
+    leases_lost: Mapping[str, int] = NOTHING_LOST
+    """Leases lost to expiry or to another replica, by kind (``partition``, ``row``); empty
+    for inputs without leases."""
+    spool_depth: int | None = None
+    """Changes stored in the input and not acknowledged, read or not (None: not known)."""
+
+
+class Outages:
+    """Which of an input's operations fail now, and why: bookkeeping for ``statistics()``.
+
+    Each operation that retries its failures (read, ack, a lease keeper) reports every failure
+    and its next success under its own name, so one that recovered does not hide another that
+    still fails.
+    """
+
+    def __init__(self) -> None:
+        self._failing: dict[str, str] = {}
+        self.started = 0
+        """Streaks of failures begun, over all operations."""
+
+    def failed(self, operation: str, error: str) -> None:
+        """``operation`` failed with ``error`` (and will be retried)."""
+        if operation not in self._failing:
+            self.started += 1
+        self._failing[operation] = error
+
+    def recovered(self, operation: str) -> None:
+        """``operation`` succeeded."""
+        self._failing.pop(operation, None)
+
+    @property
+    def problem(self) -> str:
+        """The failing operations with their last errors; empty while none fails."""
+        return "; ".join(f"{op}: {error}" for op, error in sorted(self._failing.items()))
 
 
 class Source(abc.ABC):
@@ -54,3 +110,7 @@ class Source(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Persist progress and let go of resources."""
+
+    def statistics(self) -> SourceStatistics:
+        """The input's state now (cheap, no I/O: called on every probe and scrape)."""
+        return SourceStatistics()

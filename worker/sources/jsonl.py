@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import orjson
 
-from worker.sources.base import Record, Source, SourceError
+from worker.sources.base import Record, Source, SourceError, SourceStatistics
 
 CHUNK_BYTES = 256 * 1024
 
@@ -95,6 +95,9 @@ class JsonlSource(Source):
         self._saved_line = 0
         self._saved_at = 0.0
         self.lines_read = 0
+        self.records_read = 0
+        """Lines handed out (blank ones are not)."""
+        self.lines_acked = 0
 
     async def open(self) -> None:
         """Open the input and skip what an earlier run's checkpoint says is done."""
@@ -179,10 +182,12 @@ class JsonlSource(Source):
                 self.progress.ack(line)
         self._line, self._offset = line_no, offset
         self.lines_read += len(lines)
+        self.records_read += len(records)
         return records
 
     async def ack(self, tokens: Sequence[Hashable]) -> None:
         """Mark lines done; save the checkpoint now and then."""
+        self.lines_acked += len(tokens)
         if not self.checkpoint:
             return  # nobody reads the progress: a finite file is simply read again
         progress = self.progress
@@ -214,6 +219,10 @@ class JsonlSource(Source):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def statistics(self) -> SourceStatistics:
+        """Lines handed out and not acknowledged."""
+        return SourceStatistics(unacked=self.records_read - self.lines_acked)
 
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """``name:line`` (1-based), several lines joined by commas."""

@@ -65,7 +65,7 @@ from worker.config import ConfigError
 from worker.core.backoff import Backoff
 from worker.core.change import key_mismatch
 from worker.core.partition import partition_mismatch, partition_of
-from worker.sources.base import Record, Source, SourceError
+from worker.sources.base import Outages, Record, Source, SourceError, SourceStatistics
 
 log = structlog.get_logger("worker.sources.pg_outbox")
 
@@ -324,9 +324,11 @@ async def retrying(
     *,
     backoff: Backoff,
     on_retry: Callable[[], None] | None = None,
+    outages: Outages | None = None,
 ) -> T:
     """Run ``op`` on a pooled connection until it succeeds, waiting out connection failures
-    with capped backoff; a connection that failed is dropped, never reused."""
+    with capped backoff; a connection that failed is dropped, never reused. ``outages`` hears
+    each failure and the success, as ``what``."""
 
     async def once() -> T:
         async with pool.acquire() as conn:
@@ -357,8 +359,12 @@ async def retrying(
             )
             if on_retry is not None:
                 on_retry()
+            if outages is not None:
+                outages.failed(what, describe_error(exc))
             await anyio.sleep(delay)
             continue
+        if outages is not None:
+            outages.recovered(what)
         if attempt:
             log.info("postgresql available again", op=what, target=target, attempts=attempt + 1)
         return result
@@ -480,6 +486,8 @@ class PgOutboxSource(Source):
         self.lease_s = target.lease_s
         self.poll_s = target.poll_s
         self.stats = OutboxStats()
+        self.outages = Outages()
+        """The operations failing now (for ``statistics``)."""
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
         self._mine = self.worker_id + ":"
         self._backoff = backoff
@@ -689,6 +697,7 @@ class PgOutboxSource(Source):
             attempt,
             backoff=self._backoff,
             on_retry=self._count_retry,
+            outages=self.outages,
         )
         self.stats.claims += 1
         rows.sort(key=_first)
@@ -780,6 +789,7 @@ class PgOutboxSource(Source):
                 lambda conn: conn.execute(release, stale, token),
                 backoff=self._backoff,
                 on_retry=self._count_retry,
+                outages=self.outages,
             )
         if gains == self._gains:
             self._cursor = rows[-1][0]
@@ -919,7 +929,9 @@ class PgOutboxSource(Source):
                 try:
                     await self.rebalance()
                     attempt = 0
+                    self.outages.recovered("partitions")
                 except (*DATABASE_ERRORS, asyncpg.InterfaceError) as exc:
+                    self.outages.failed("partitions", describe_error(exc))
                     self._lose_all(f"lock connection failed: {describe_error(exc)}")
                     attempt += 1
                     wait = min(wait, self._backoff.delay(attempt, random.random()))
@@ -956,6 +968,7 @@ class PgOutboxSource(Source):
             lambda conn: conn.execute(delete, ids),
             backoff=self._backoff,
             on_retry=self._count_retry,
+            outages=self.outages,
         )
         pending = self._pending
         part = self._part
@@ -1014,6 +1027,7 @@ class PgOutboxSource(Source):
             lambda conn: conn.fetch(renew, due, self._mine, self.lease_s),
             backoff=self._backoff,
             on_retry=self._count_retry,
+            outages=self.outages,
         )
         deadline = now + self.lease_s
         pending = self._pending
@@ -1039,6 +1053,24 @@ class PgOutboxSource(Source):
     def in_flight(self) -> int:
         """Rows handed out and not acknowledged yet."""
         return len(self._pending)
+
+    def statistics(self) -> SourceStatistics:
+        """Reachable or not (and why), reconnects, rows in flight, partitions held, leases
+        lost (rows whose lease ran out; partitions lost with the lock connection)."""
+        problem = self.outages.problem
+        stats = self.stats
+        partitioned = self.partitions > 1
+        lost = {"row": stats.rows_lost}
+        if partitioned:
+            lost["partition"] = stats.partitions_lost
+        return SourceStatistics(
+            available=not problem,
+            problem=f"{self.target.display}: {problem}" if problem else "",
+            reconnects=self.outages.started,
+            unacked=len(self._pending),
+            partitions_held=len(self._held) if partitioned else None,
+            leases_lost=lost,
+        )
 
 
 def _first(row: Any) -> Any:

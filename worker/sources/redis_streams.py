@@ -60,7 +60,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
 from worker.core.partition import partition_mismatch, partition_of
-from worker.sources.base import Record, Source, SourceError
+from worker.sources.base import Outages, Record, Source, SourceError, SourceStatistics
 
 log = structlog.get_logger("worker.sources.redis")
 
@@ -423,6 +423,7 @@ class _RedisClient:
     name: str
     address: StreamAddress
     reconnects: int
+    outages: Outages
     _client: Redis | None
     _rand: Callable[[], float]
 
@@ -430,6 +431,7 @@ class _RedisClient:
         delay = RECONNECT_BACKOFF.delay(failures, self._rand())
         if failures == 1:
             self.reconnects += 1
+        self.outages.failed(what, str(exc) or type(exc).__name__)
         log.warning(
             "redis unavailable, retrying",
             during=what,
@@ -466,6 +468,8 @@ class _RedisClient:
         self.claimed = 0
         self.acked = 0
         self.reconnects = 0
+        self.outages = Outages()
+        """The operations failing now (for ``statistics``)."""
 
     def _require_client(self) -> Redis:
         if self._client is None:
@@ -659,6 +663,7 @@ class RedisStreamSource(_RedisClient, Source):
                 self._needs_recovery = True
                 await anyio.sleep(RECONNECT_BACKOFF.base_s)
                 continue
+            self.outages.recovered("read")
             if failures:
                 log.info("redis reachable again", server=self.address.display, failures=failures)
                 failures = 0
@@ -836,6 +841,7 @@ class RedisStreamSource(_RedisClient, Source):
                 if not _is_nogroup(exc):
                     raise SourceError(self._explain(exc)) from exc
                 break  # the group, and its pending list, are gone: nothing left to ack
+        self.outages.recovered("ack")
         if self._scan_from is not None:
             self._acked_while_scanning.update(ids)
         self._in_flight.difference_update(ids)
@@ -861,6 +867,16 @@ class RedisStreamSource(_RedisClient, Source):
     def pending_in_run(self) -> int:
         """Entries handed out and not acknowledged yet."""
         return len(self._in_flight)
+
+    def statistics(self) -> SourceStatistics:
+        """Reachable or not (and why), reconnects, entries handed out and not acked."""
+        problem = self.outages.problem
+        return SourceStatistics(
+            available=not problem,
+            problem=f"redis {self.address.display}: {problem}" if problem else "",
+            reconnects=self.reconnects,
+            unacked=len(self._in_flight),
+        )
 
 
 _DELETE_IDLE_CONSUMER = """
@@ -1084,10 +1100,12 @@ class PartitionedRedisSource(_RedisClient, Source):
             try:
                 await self._keep(client)
                 failures = 0
+                self.outages.recovered("leases")
             except (RedisError, OSError) as exc:
                 failures += 1
                 if failures == 1:
                     self.reconnects += 1
+                self.outages.failed("leases", str(exc) or type(exc).__name__)
                 log.warning(
                     "redis unavailable for leases, retrying",
                     server=self.address.display,
@@ -1256,6 +1274,7 @@ class PartitionedRedisSource(_RedisClient, Source):
                 await anyio.sleep(RECONNECT_BACKOFF.base_s)
                 continue
             failures = 0
+            self.outages.recovered("read")
             # The loop revokes again, then hands out the first slice.
 
     async def _read_ahead(self) -> None:
@@ -1485,6 +1504,7 @@ class PartitionedRedisSource(_RedisClient, Source):
         while True:
             try:
                 await self._ack_script(keys=keys, args=args, client=self._require_client())
+                self.outages.recovered("ack")
                 return
             except TRANSIENT_ERRORS as exc:
                 failures += 1
@@ -1492,6 +1512,7 @@ class PartitionedRedisSource(_RedisClient, Source):
             except ResponseError as exc:
                 if not _is_nogroup(exc):
                     raise SourceError(self._explain(exc)) from exc
+                self.outages.recovered("ack")  # it answered
                 if len(by_partition) > 1:  # one stream lost its group: ack the others alone
                     for p, ids in by_partition.items():
                         await self._ack_partitions({p: ids})
@@ -1515,6 +1536,19 @@ class PartitionedRedisSource(_RedisClient, Source):
     def pending_in_run(self) -> int:
         """Entries handed out and not acknowledged yet."""
         return sum(len(h) for h in self._handed.values())
+
+    def statistics(self) -> SourceStatistics:
+        """Reachable or not (and why), reconnects, entries handed out and not acked,
+        partitions held and partition leases lost."""
+        problem = self.outages.problem
+        return SourceStatistics(
+            available=not problem,
+            problem=f"redis {self.address.display}: {problem}" if problem else "",
+            reconnects=self.reconnects,
+            unacked=self.pending_in_run(),
+            partitions_held=len(self._held),
+            leases_lost={"partition": self.lost},
+        )
 
 
 def from_uri(

@@ -69,7 +69,7 @@ import structlog
 
 from worker.config import ConfigError
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
-from worker.sources.base import Record, Source, SourceError
+from worker.sources.base import Record, Source, SourceError, SourceStatistics
 
 log = structlog.get_logger("worker.sources.sqlite")
 
@@ -467,6 +467,7 @@ class SqliteSpoolSource(Source):
         self._cursor = 0
         """The highest id handed out: rows at or below it are in the engine's hands."""
         self.rows_read = 0
+        self.rows_acked = 0
 
     @classmethod
     def from_uri(cls, uri: str) -> SqliteSpoolSource:
@@ -514,6 +515,7 @@ class SqliteSpoolSource(Source):
             await self.spool.delete(cast("list[int]", tokens))
         except SpoolError as exc:
             raise SourceError(str(exc)) from exc
+        self.rows_acked += len(tokens)
 
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """``sqlite:spool.db/42``, several ids joined by commas."""
@@ -524,6 +526,16 @@ class SqliteSpoolSource(Source):
         spool, self._spool = self._spool, None
         if spool is not None:
             await release_spool(spool)
+
+    def statistics(self) -> SourceStatistics:
+        """Rows handed out and not acknowledged; the spool's depth (rows stored, read or not).
+
+        Always available: a local file that fails stops the run instead (SourceError)."""
+        spool = self._spool
+        return SourceStatistics(
+            unacked=self.rows_read - self.rows_acked,
+            spool_depth=spool.rows if spool is not None else None,
+        )
 
 
 class SqliteDeadLetters(DeadLetterSink):
