@@ -10,14 +10,14 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from worker.core.backoff import MAX_RETRY_AFTER_S, Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose, fill, flush_due
 from worker.core.change import Change
 from worker.core.classify import Action, Verdict
-from worker.core.coalesce import Coalescer, Entry
+from worker.core.coalesce import Coalescer, Covers, Entry
 from worker.core.split import DeadLetter, culprit, halves, release_held, split_known_bad
 
 DEFAULT_MAX_WAITING = 200_000
@@ -48,6 +48,35 @@ class Settled:
     dead: list[DeadLetter] = field(default_factory=list)
     fatal: Verdict | None = None
     retry_in_s: float | None = None
+
+
+@dataclass(slots=True)
+class Replay:
+    """A replay range the source is reading (DESIGN 9): what may have been read before a crash.
+
+    The IDs it covers are held (not sent) until the source has handed the whole range out, so
+    that every change of the range is coalesced per ID before any of it is sent again.
+    """
+
+    name: Hashable
+    covers: Covers | None
+    """The IDs of the range (None: every ID)."""
+    since: float
+    changes: int = 0
+    """Changes to covered IDs taken in while the range was held."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayEnd:
+    """How a replay range's hold ended."""
+
+    name: Hashable
+    changes: int
+    ids: int
+    """IDs that the end of the hold made ready."""
+    held_s: float
+    complete: bool
+    """False when the hold ended before the whole range was read (max-waiting was reached)."""
 
 
 @dataclass(slots=True)
@@ -97,12 +126,15 @@ class Scheduler:
         self._outstanding = 0
         self._numbers = 0
         self._suspects: dict[str, float] = {}
+        self._replays: dict[Hashable, Replay] = {}
 
     # -- input -----------------------------------------------------------------------------
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change from the source."""
         self.stats.changes += 1
+        if self._replays:
+            self._count_replayed(change.key)
         self.coalescer.add(change, now)
 
     @property
@@ -284,3 +316,58 @@ class Scheduler:
         batch.not_before = now + delay
         heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
         settled.retry_in_s = delay
+
+    # -- replay ranges (DESIGN 9) ------------------------------------------------------------
+
+    def start_replay(self, name: Hashable, covers: Covers | None, now: float) -> bool:
+        """The source begins a replay range: hold the IDs it covers; False if already held."""
+        if name in self._replays:
+            return False
+        self._replays[name] = Replay(name, covers, now)
+        self.coalescer.hold(name, covers)
+        return True
+
+    def end_replay(self, name: Hashable, now: float, *, complete: bool = True) -> ReplayEnd | None:
+        """The source handed the whole range out: its IDs may be sent; None if not held."""
+        replay = self._replays.pop(name, None)
+        if replay is None:
+            return None
+        ids = self.coalescer.unhold(name)
+        return ReplayEnd(name, replay.changes, ids, now - replay.since, complete)
+
+    def end_replays_when_full(self, now: float) -> list[ReplayEnd]:
+        """With max-waiting reached, nothing held could ever be sent nor more be read: end every
+        hold, although its range is not read to the end (the README's limit of DESIGN 9)."""
+        if not self._replays or self.has_room:
+            return []
+        return self._end_all(now, complete=False)
+
+    def end_all_replays(self, now: float) -> list[ReplayEnd]:
+        """The input ended: everything it had was read, every range is complete."""
+        return self._end_all(now, complete=True)
+
+    def drop_replays(self) -> list[Entry]:
+        """Stopping before the ranges were read: forget the held changes (unacknowledged, read
+        again by the next run) rather than send part of a range."""
+        if not self._replays:
+            return []
+        coalescer = self.coalescer
+        forgotten = coalescer.forget(coalescer.is_held)
+        for name in list(self._replays):
+            del self._replays[name]
+            coalescer.unhold(name)
+        return forgotten
+
+    @property
+    def replaying(self) -> list[Hashable]:
+        """The names of the replay ranges held now."""
+        return list(self._replays)
+
+    def _end_all(self, now: float, *, complete: bool) -> list[ReplayEnd]:
+        ended = [self.end_replay(name, now, complete=complete) for name in list(self._replays)]
+        return [end for end in ended if end is not None]
+
+    def _count_replayed(self, key: str) -> None:
+        for replay in self._replays.values():
+            if replay.covers is None or replay.covers(key):
+                replay.changes += 1
