@@ -28,8 +28,9 @@ from worker.sender import Sender
 from worker.sim.gateway import CONTACT_PATH, SimConfig, Simulator, serve
 from worker.sources.base import Source
 
-TRAPS = (1, 2, 3)
-"""The contacts whose old change comes first and newer change last."""
+TRAPS = tuple(range(1, 9))
+"""The contacts whose old change comes first and newer change last (in both partitions of
+two: 4 to 7 in 0, the others in 1)."""
 
 
 def backlog(filler: int) -> list[dict[str, Any]]:
