@@ -320,7 +320,7 @@ class Engine:
                     break
                 # Slices keep the bound on waiting changes close, whatever the chunk size.
                 for start in range(0, len(records), READ_SLICE):
-                    while not scheduler.has_room:
+                    while not scheduler.may_read:
                         self._replay_ended(scheduler.end_replays_when_full(self._clock()))
                         await self._wait_for_change(None)
                     await self._take(records[start : start + READ_SLICE])

@@ -10,6 +10,8 @@ import anyio
 import asyncpg
 import pytest
 
+from tests.cli.replay_kill import changes as kill_changes
+from tests.cli.replay_kill import feed, gateway, kill_twice_then_finish
 from tests.engine.replay import backlog, expected, lines, regressions, run_replay
 from tests.pg.conftest import BASE_DSN, Db
 from worker.engine import Ending, Engine
@@ -86,3 +88,20 @@ class TestPartitionedOutboxReplay:
         assert {f"{source.name}:0", f"{source.name}:1"} == set(done)
         assert all(e["complete"] for e in done.values())
         assert len(changes) == sum(e["changes"] for e in done.values())
+
+
+@pytest.mark.slow
+async def test_kill_9_twice_mid_run(db: Db, tmp_path: Path) -> None:
+    """A real `run` on the outbox, killed twice mid-run and restarted (the killed one's
+    leases run 2 s): no contact ever went back."""
+    items = kill_changes()
+    uri = db.uri(lease_s=2, poll_s=0.2)
+    feed(uri, items)
+    gw = gateway()
+    try:
+        events = await anyio.to_thread.run_sync(
+            lambda: kill_twice_then_finish(gw, tmp_path, ["--source", uri], items, finite=False)
+        )
+    finally:
+        gw.stop()
+    assert [True] == [e["complete"] for e in events if e["event"] == "source.replay_done"]

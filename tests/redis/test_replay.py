@@ -10,6 +10,8 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
+from tests.cli.replay_kill import changes as kill_changes
+from tests.cli.replay_kill import feed, gateway, kill_twice_then_finish
 from tests.engine.replay import backlog, expected, lines, regressions, run_replay
 from worker.engine import Ending, Engine
 from worker.sources.redis_enqueue import enqueue, init
@@ -86,3 +88,20 @@ class TestPartitionedReplay:
         assert set(streams) == set(done)
         assert all(e["complete"] for e in done.values())
         assert len(changes) == sum(e["changes"] for e in done.values())
+
+
+@pytest.mark.slow
+async def test_kill_9_twice_mid_run(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """A real `run` on a stream, killed twice mid-run and restarted (a stable consumer name,
+    so it re-reads its own pending entries at once): no contact ever went back."""
+    items = kill_changes()
+    uri = f"{redis_url}?stream={prefix}:c&consumer=w1&block_ms=200"
+    feed(uri, items)
+    gw = gateway()
+    try:
+        events = await anyio.to_thread.run_sync(
+            lambda: kill_twice_then_finish(gw, tmp_path, ["--source", uri], items, finite=False)
+        )
+    finally:
+        gw.stop()
+    assert [True] == [e["complete"] for e in events if e["event"] == "source.replay_done"]

@@ -150,20 +150,33 @@ class TestSchedulerReplay:
         assert end is not None and (3, 3) == (end.changes, end.ids)
         assert ["1", "3", "5"] == sent_keys(s)
 
+    def test_a_held_range_reads_up_to_twice_max_waiting(self) -> None:
+        """While a range is held, reading goes on past max-waiting, up to twice it (what the
+        crashed run held: its waiting changes and those in flight)."""
+        s = scheduler(max_waiting=2)
+        s.start_replay("a", None, now=0.0)
+        for i in range(1, 4):
+            s.add(change(i, f"t{i}", extra1="x"), 0.0)
+        assert (False, True) == (s.has_room, s.may_read)
+        s.add(change(4, "t4", extra1="x"), 0.0)
+        assert not s.may_read
+        s.end_replay("a", now=0.0)
+        assert not s.may_read  # without a hold, max-waiting again
+
     def test_a_full_scheduler_ends_every_hold_incomplete(self) -> None:
-        """At max-waiting nothing held could go nor more be read: every hold ends, marked
-        incomplete; with room left, none does."""
-        s = scheduler(max_waiting=3)
+        """At twice max-waiting nothing held could go nor more be read: every hold ends, marked
+        incomplete; below it, none does."""
+        s = scheduler(max_waiting=2)
         s.start_replay("a", None, now=0.0)
         s.start_replay("b", odd, now=0.0)
-        s.add(change(1, "t1", extra1="x"), 0.0)
-        s.add(change(2, "t2", extra1="x"), 0.0)
+        for i in range(1, 4):
+            s.add(change(i, f"t{i}", extra1="x"), 0.0)
         assert [] == s.end_replays_when_full(1.0)
-        s.add(change(3, "t3", extra1="x"), 0.0)
+        s.add(change(4, "t4", extra1="x"), 0.0)
         ends = s.end_replays_when_full(1.0)
         assert [("a", False), ("b", False)] == [(e.name, e.complete) for e in ends]
         assert [] == s.replaying
-        assert ["1", "2", "3"] == sent_keys(s, 1.0)
+        assert ["1", "2", "3", "4"] == sent_keys(s, 1.0)
 
     def test_the_end_of_input_completes_every_range(self) -> None:
         """A finite input read to its end: every range was read."""

@@ -25,6 +25,12 @@ DEFAULT_MAX_WAITING = 200_000
 per ID in full when the API's rate is what limits (about 130 bytes per change held)."""
 
 
+REPLAY_ALLOWANCE = 2
+"""While a replay range is held, reading goes on up to this many times max-waiting before
+sending must start: the range is what the crashed run held (its waiting changes, and those in
+flight or not yet acknowledged), a little more than max-waiting when it was full."""
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
     """Everything the scheduler decides with."""
@@ -141,6 +147,15 @@ class Scheduler:
     def has_room(self) -> bool:
         """Whether the source may hand over more changes."""
         return self.coalescer.changes_waiting < self.settings.max_waiting
+
+    @property
+    def may_read(self) -> bool:
+        """Whether the source may hand over more changes: while there is room, or while a
+        replay range is held, up to REPLAY_ALLOWANCE times max-waiting."""
+        limit = self.settings.max_waiting
+        if self._replays:
+            limit *= REPLAY_ALLOWANCE
+        return self.coalescer.changes_waiting < limit
 
     @property
     def idle(self) -> bool:
@@ -336,9 +351,10 @@ class Scheduler:
         return ReplayEnd(name, replay.changes, ids, now - replay.since, complete)
 
     def end_replays_when_full(self, now: float) -> list[ReplayEnd]:
-        """With max-waiting reached, nothing held could ever be sent nor more be read: end every
-        hold, although its range is not read to the end (the README's limit of DESIGN 9)."""
-        if not self._replays or self.has_room:
+        """With the replay allowance of max-waiting reached, nothing held could ever be sent
+        nor more be read: end every hold, although its range is not read to the end (the
+        README's limit of DESIGN 9)."""
+        if not self._replays or self.may_read:
             return []
         return self._end_all(now, complete=False)
 
