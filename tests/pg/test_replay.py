@@ -49,6 +49,38 @@ class TestOutboxReplay:
         assert (True, len(changes)) == (done["complete"], done["changes"])
         assert [] == await db.rows()
 
+    async def test_a_stop_during_the_replay_sends_none_of_it(self, db: Db, tmp_path: Path) -> None:
+        """The dead worker's newer rows are still leased (another worker may yet send them):
+        the older rows claimed meanwhile stay held, and a stop then sends none of them; they
+        stay in the outbox, released, for the next start."""
+        changes = backlog(100)
+        await enqueue(db.uri(), lines(changes))
+        half = len(changes) // 2
+        await claim_all_as_dead(db, lease_s=600)
+        await db.admin.execute(
+            f"UPDATE {db.outbox} SET claimed_until = now() - interval '1 second'"
+            f" WHERE id <= (SELECT min(id) FROM {db.outbox}) + $1",
+            half - 1,
+        )
+        source = PgOutboxSource.from_uri(db.uri(batch=1000, poll_s=0.2))
+
+        async def stop_once_held(engine: Engine) -> None:
+            with anyio.fail_after(20):
+                while engine.stats.records < half:  # noqa: ASYNC110 - counters
+                    await anyio.sleep(0.005)
+            await anyio.sleep(0.5)  # long enough for a request, had one been allowed
+            engine.shutdown()
+
+        run = await run_replay(tmp_path, source, len(changes), during=stop_once_held)
+        assert Ending.SHUTDOWN == run.result.ending
+        assert 1 == run.sim.stats.requests  # the seeding one only
+        assert 0 == run.engine.stats.acked
+        [dropped] = run.events("source.replay_dropped")
+        assert half == dropped["changes"]
+        rows = await db.rows()
+        assert len(changes) == len(rows)
+        assert half == sum(row["claimed_by"] is None for row in rows)
+
 
 class TestPartitionedOutboxReplay:
     async def test_partitions_taken_at_the_start_and_mid_run_are_replayed_whole(
