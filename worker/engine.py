@@ -180,6 +180,8 @@ class Engine:
 
     def replay_started(self, name: str, covers: Callable[[str], bool] | None) -> None:
         """Hold the IDs of this replay range until the source has read it to its end."""
+        if self._stopping:
+            return  # nothing more is read: a hold now would only keep changes from draining
         if self.scheduler.start_replay(name, covers, self._clock()):
             log.info("source.replay_started", range=name, ids="all" if covers is None else "some")
 
@@ -204,7 +206,7 @@ class Engine:
                 log.warning(
                     "source.replay_done",
                     **fields,
-                    why="max-waiting reached before the range was read: sending starts; a"
+                    why="twice --max-waiting held before the range was read: sending starts; a"
                     " contact whose newer change lies further in the range may regress briefly",
                 )
         if ends:

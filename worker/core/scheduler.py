@@ -82,7 +82,8 @@ class ReplayEnd:
     """IDs that the end of the hold made ready."""
     held_s: float
     complete: bool
-    """False when the hold ended before the whole range was read (max-waiting was reached)."""
+    """False when the hold ended before the whole range was read (the replay allowance of
+    max-waiting was reached)."""
 
 
 @dataclass(slots=True)

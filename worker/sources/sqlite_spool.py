@@ -505,6 +505,8 @@ class SqliteSpoolSource(Source):
         try:
             self._replay_to = await self._spool.last_id()
         except SpoolError as exc:
+            spool, self._spool = self._spool, None
+            await release_spool(spool)
             raise SourceError(str(exc)) from exc
         if self._replay_to:
             self._ranges.begin(self.name)
