@@ -28,7 +28,7 @@ from worker.core.batch import Batch
 from worker.core.change import Change, Invalid, decode
 from worker.core.classify import Action, Verdict, classify, classify_failure
 from worker.core.coalesce import Entry
-from worker.core.scheduler import Scheduler, SchedulerSettings, Settled
+from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
 from worker.obs.metrics import EngineHistograms
@@ -163,6 +163,7 @@ class Engine:
         self._reader_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
         source.revoke = self.revoke
+        source.replay = self
 
     def revoke(self, drop: Callable[[str], bool]) -> int:
         """Forget the waiting changes of the IDs ``drop`` selects, unacknowledged."""
@@ -174,6 +175,42 @@ class Engine:
             )
             self._notify()
         return changes
+
+    # -- replay ranges (DESIGN 9: the source's ReplayListener) ------------------------------
+
+    def replay_started(self, name: str, covers: Callable[[str], bool] | None) -> None:
+        """Hold the IDs of this replay range until the source has read it to its end."""
+        if self._stopping:
+            return  # nothing more is read: a hold now would only keep changes from draining
+        if self.scheduler.start_replay(name, covers, self._clock()):
+            log.info("source.replay_started", range=name, ids="all" if covers is None else "some")
+
+    def replay_done(self, name: str) -> None:
+        """The range was read: its IDs, coalesced, may be sent."""
+        end = self.scheduler.end_replay(name, self._clock())
+        if end is not None:
+            self._replay_ended([end])
+
+    def _replay_ended(self, ends: list[ReplayEnd]) -> None:
+        for end in ends:
+            fields = {
+                "range": end.name,
+                "changes": end.changes,
+                "ids": end.ids,
+                "held_s": round(end.held_s, 3),
+                "complete": end.complete,
+            }
+            if end.complete:
+                log.info("source.replay_done", **fields)
+            else:
+                log.warning(
+                    "source.replay_done",
+                    **fields,
+                    why="twice --max-waiting held before the range was read: sending starts; a"
+                    " contact whose newer change lies further in the range may regress briefly",
+                )
+        if ends:
+            self._notify()
 
     # -- wake-ups ----------------------------------------------------------------------------
 
@@ -221,6 +258,13 @@ class Engine:
             self._reader_scope.cancel()
         self._reading_done = True
         self.scheduler.draining = True
+        dropped = self.scheduler.drop_replays()
+        if dropped:
+            log.info(
+                "source.replay_dropped",
+                ids=len(dropped),
+                changes=sum(len(entry.tokens) for entry in dropped),
+            )
         if self._result is None:
             self._result = Result(Ending.SHUTDOWN)
         self._notify()
@@ -278,12 +322,15 @@ class Engine:
                     break
                 # Slices keep the bound on waiting changes close, whatever the chunk size.
                 for start in range(0, len(records), READ_SLICE):
-                    while not scheduler.has_room:
+                    while not scheduler.may_read:
+                        self._replay_ended(scheduler.end_replays_when_full(self._clock()))
                         await self._wait_for_change(None)
                     await self._take(records[start : start + READ_SLICE])
                     await anyio.lowlevel.checkpoint()
         self._reading_done = True
         scheduler.draining = True
+        if not self._stopping:  # the input ended: every range was read
+            self._replay_ended(scheduler.end_all_replays(self._clock()))
         self._notify()
 
     async def _take(self, records: Sequence[Record]) -> None:

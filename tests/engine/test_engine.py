@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.engine.harness import expected_state, run_engine, settings
@@ -198,7 +199,10 @@ class TestAuth:
         assert run.sim.stats.requests <= 4
         assert 0 == run.engine.stats.acked
         assert [] == run.dead
-        assert not (tmp_path / "cp.json").exists()
+        # The checkpoint says how far was read (DESIGN 9); its acknowledged prefix is empty.
+        checkpoint = orjson.loads((tmp_path / "cp.json").read_bytes())
+        assert (0, 0) == (checkpoint["line"], checkpoint["offset"])
+        assert checkpoint["read_to"] >= (tmp_path / "in.jsonl").stat().st_size
 
     async def test_account_disabled_is_fatal(self, tmp_path: Path) -> None:
         """A 403 with code 116 (access disabled) stops the run with AUTH."""
@@ -215,6 +219,4 @@ class TestCheckpoint:
         assert run.source is not None
         size = (tmp_path / "in.jsonl").stat().st_size
         assert size == run.source.progress.offset
-        import orjson
-
         assert size == orjson.loads((tmp_path / "cp.json").read_bytes())["offset"]

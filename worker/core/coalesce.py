@@ -10,6 +10,9 @@ from typing import Any
 
 from worker.core.change import Change
 
+Covers = Callable[[str], bool]
+"""Which contact IDs a hold covers (None in its place: every ID)."""
+
 
 @dataclass(slots=True)
 class Entry:
@@ -28,9 +31,10 @@ class Entry:
 class Coalescer:
     """Holds waiting changes per ID and hands out, oldest first, the IDs that may be sent now.
 
-    An ID is *ready* when it has waiting changes and no request in flight. Changes to an ID in
-    flight keep merging and become ready only when :meth:`release` says the older request ended,
-    so per-ID order holds whatever happens to that request.
+    An ID is *ready* when it has waiting changes, no request in flight and no hold covering it.
+    Changes to an ID in flight keep merging and become ready only when :meth:`release` says the
+    older request ended, so per-ID order holds whatever happens to that request. A *hold*
+    (:meth:`hold`) keeps the IDs it covers waiting, still merging, until :meth:`unhold`.
     """
 
     def __init__(self) -> None:
@@ -45,6 +49,9 @@ class Coalescer:
         """Changes held here (merged or not): what the source's bound is measured against."""
         self.coalesced = 0
         """Changes merged into an already waiting change of the same ID."""
+        self._holds: dict[Hashable, Covers | None] = {}
+        self._held: set[str] = set()
+        """Waiting IDs, not in flight, that a hold keeps out of the ready queues."""
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change; later values win over earlier ones of the same ID."""
@@ -60,7 +67,10 @@ class Coalescer:
         self._seq += 1
         self._waiting[key] = Entry(key, change.fields, [change.token], self._seq, now)
         if key not in self._in_flight:
-            self._fresh.append(key)
+            if self._holds and self.is_held(key):
+                self._held.add(key)
+            else:
+                self._fresh.append(key)
 
     @property
     def ready_count(self) -> int:
@@ -107,7 +117,10 @@ class Coalescer:
         self._in_flight.discard(key)
         entry = self._waiting.get(key)
         if entry is not None:
-            heapq.heappush(self._again, (entry.seq, key))
+            if self._holds and self.is_held(key):
+                self._held.add(key)
+            else:
+                heapq.heappush(self._again, (entry.seq, key))
 
     def forget(self, drop: Callable[[str], bool]) -> list[Entry]:
         """Remove the waiting changes of the IDs ``drop`` selects (a partition this replica lost).
@@ -122,6 +135,7 @@ class Coalescer:
         for entry in gone:
             del self._waiting[entry.key]
             self.changes_waiting -= len(entry.tokens)
+        self._held -= keys
         self._fresh = deque(key for key in self._fresh if key not in keys)
         self._again = [item for item in self._again if item[1] not in keys]
         heapq.heapify(self._again)
@@ -130,3 +144,47 @@ class Coalescer:
     def is_in_flight(self, key: str) -> bool:
         """Whether a request holding ``key`` has not ended yet."""
         return key in self._in_flight
+
+    # -- holds -----------------------------------------------------------------------------
+
+    def hold(self, name: Hashable, covers: Covers | None) -> None:
+        """Keep the IDs ``covers`` selects (None: every ID) from being ready until
+        :meth:`unhold` of ``name``; their changes keep merging meanwhile."""
+        self._holds[name] = covers
+        if covers is None:
+            moved = set(self._fresh) | {key for _, key in self._again}
+        else:
+            moved = {key for key in self._fresh if covers(key)}
+            moved |= {key for _, key in self._again if covers(key)}
+        if not moved:
+            return
+        self._held |= moved
+        self._fresh = deque(key for key in self._fresh if key not in moved)
+        self._again = [item for item in self._again if item[1] not in moved]
+        heapq.heapify(self._again)
+
+    def unhold(self, name: Hashable) -> int:
+        """End the hold ``name``; the IDs no other hold covers become ready, oldest first.
+        Returns how many did."""
+        if name not in self._holds:
+            return 0
+        del self._holds[name]
+        freed = [key for key in self._held if not self.is_held(key)]
+        for key in freed:
+            self._held.discard(key)
+            heapq.heappush(self._again, (self._waiting[key].seq, key))
+        return len(freed)
+
+    def is_held(self, key: str) -> bool:
+        """Whether a hold covers ``key``."""
+        return any(covers is None or covers(key) for covers in self._holds.values())
+
+    @property
+    def holds(self) -> list[Hashable]:
+        """The names of the holds in force."""
+        return list(self._holds)
+
+    @property
+    def ids_held(self) -> int:
+        """Waiting IDs that only a hold keeps from being ready."""
+        return len(self._held)

@@ -10,19 +10,25 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from worker.core.backoff import MAX_RETRY_AFTER_S, Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose, fill, flush_due
 from worker.core.change import Change
 from worker.core.classify import Action, Verdict
-from worker.core.coalesce import Coalescer, Entry
+from worker.core.coalesce import Coalescer, Covers, Entry
 from worker.core.split import DeadLetter, culprit, halves, release_held, split_known_bad
 
 DEFAULT_MAX_WAITING = 200_000
 """Changes held in memory by default before reading pauses: a backlog up to this size coalesces
 per ID in full when the API's rate is what limits (about 130 bytes per change held)."""
+
+
+REPLAY_ALLOWANCE = 2
+"""While a replay range is held, reading goes on up to this many times max-waiting before
+sending must start: the range is what the crashed run held (its waiting changes, and those in
+flight or not yet acknowledged), a little more than max-waiting when it was full."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,36 @@ class Settled:
     dead: list[DeadLetter] = field(default_factory=list)
     fatal: Verdict | None = None
     retry_in_s: float | None = None
+
+
+@dataclass(slots=True)
+class Replay:
+    """A replay range the source is reading (DESIGN 9): what may have been read before a crash.
+
+    The IDs it covers are held (not sent) until the source has handed the whole range out, so
+    that every change of the range is coalesced per ID before any of it is sent again.
+    """
+
+    name: Hashable
+    covers: Covers | None
+    """The IDs of the range (None: every ID)."""
+    since: float
+    changes: int = 0
+    """Changes to covered IDs taken in while the range was held."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayEnd:
+    """How a replay range's hold ended."""
+
+    name: Hashable
+    changes: int
+    ids: int
+    """IDs that the end of the hold made ready."""
+    held_s: float
+    complete: bool
+    """False when the hold ended before the whole range was read (the replay allowance of
+    max-waiting was reached)."""
 
 
 @dataclass(slots=True)
@@ -114,18 +150,30 @@ class Scheduler:
         """Lone 404s since the last applied request: dead-lettered once a 2xx shows the API
         answers (or nothing is left to send), dropped unwritten if the run turns fatal."""
         self._fences: list[tuple[float, str]] = []
+        self._replays: dict[Hashable, Replay] = {}
 
     # -- input -----------------------------------------------------------------------------
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change from the source."""
         self.stats.changes += 1
+        if self._replays:
+            self._count_replayed(change.key)
         self.coalescer.add(change, now)
 
     @property
     def has_room(self) -> bool:
         """Whether the source may hand over more changes."""
         return self.coalescer.changes_waiting < self.settings.max_waiting
+
+    @property
+    def may_read(self) -> bool:
+        """Whether the source may hand over more changes: while there is room, or while a
+        replay range is held, up to REPLAY_ALLOWANCE times max-waiting."""
+        limit = self.settings.max_waiting
+        if self._replays:
+            limit *= REPLAY_ALLOWANCE
+        return self.coalescer.changes_waiting < limit
 
     @property
     def idle(self) -> bool:
@@ -192,7 +240,7 @@ class Scheduler:
         """
         if not self._unconfirmed or self._outstanding or self._urgent or self._delayed:
             return None
-        if self.coalescer.ready_count or self.fatal is not None:
+        if self.coalescer.ready_count or self.coalescer.ids_held or self.fatal is not None:
             return None
         settled = Settled()
         self._confirm_not_found(now, settled)
@@ -420,3 +468,59 @@ class Scheduler:
         batch.not_before = now + delay
         heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
         settled.retry_in_s = delay
+
+    # -- replay ranges (DESIGN 9) ------------------------------------------------------------
+
+    def start_replay(self, name: Hashable, covers: Covers | None, now: float) -> bool:
+        """The source begins a replay range: hold the IDs it covers; False if already held."""
+        if name in self._replays:
+            return False
+        self._replays[name] = Replay(name, covers, now)
+        self.coalescer.hold(name, covers)
+        return True
+
+    def end_replay(self, name: Hashable, now: float, *, complete: bool = True) -> ReplayEnd | None:
+        """The source handed the whole range out: its IDs may be sent; None if not held."""
+        replay = self._replays.pop(name, None)
+        if replay is None:
+            return None
+        ids = self.coalescer.unhold(name)
+        return ReplayEnd(name, replay.changes, ids, now - replay.since, complete)
+
+    def end_replays_when_full(self, now: float) -> list[ReplayEnd]:
+        """With the replay allowance of max-waiting reached, nothing held could ever be sent
+        nor more be read: end every hold, although its range is not read to the end (the
+        README's limit of DESIGN 9)."""
+        if not self._replays or self.may_read:
+            return []
+        return self._end_all(now, complete=False)
+
+    def end_all_replays(self, now: float) -> list[ReplayEnd]:
+        """The input ended: everything it had was read, every range is complete."""
+        return self._end_all(now, complete=True)
+
+    def drop_replays(self) -> list[Entry]:
+        """Stopping before the ranges were read: forget the held changes (unacknowledged, read
+        again by the next run) rather than send part of a range."""
+        if not self._replays:
+            return []
+        coalescer = self.coalescer
+        forgotten = coalescer.forget(coalescer.is_held)
+        for name in list(self._replays):
+            del self._replays[name]
+            coalescer.unhold(name)
+        return forgotten
+
+    @property
+    def replaying(self) -> list[Hashable]:
+        """The names of the replay ranges held now."""
+        return list(self._replays)
+
+    def _end_all(self, now: float, *, complete: bool) -> list[ReplayEnd]:
+        ended = [self.end_replay(name, now, complete=complete) for name in list(self._replays)]
+        return [end for end in ended if end is not None]
+
+    def _count_replayed(self, key: str) -> None:
+        for replay in self._replays.values():
+            if replay.covers is None or replay.covers(key):
+                replay.changes += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 Record = tuple[Hashable, bytes]
 """A source record: the token that acknowledges it, and the JSON text of one change."""
@@ -67,6 +67,21 @@ class Outages:
     def problem(self) -> str:
         """The failing operations with their last errors; empty while none fails."""
         return "; ".join(f"{op}: {error}" for op, error in sorted(self._failing.items()))
+class ReplayListener(Protocol):
+    """Who hears of a source's replay ranges (the engine; DESIGN 9).
+
+    A replay range is what may have been read before a crash: the records after a checkpoint,
+    the rows a spool held at the start, pending stream entries, claimed outbox rows. The
+    listener holds the IDs a range covers (nothing of them is sent) until the range was read.
+    """
+
+    def replay_started(self, name: str, covers: Callable[[str], bool] | None) -> None:
+        """Called before the first record of the range ``name`` is handed out; ``covers``
+        selects the contact IDs it may hold (None: every ID)."""
+
+    def replay_done(self, name: str) -> None:
+        """Called once every record of the range was handed out by an earlier ``read``
+        (the engine has taken them in), or the range was given up (a partition lost)."""
 
 
 class Source(abc.ABC):
@@ -86,6 +101,9 @@ class Source(abc.ABC):
     files_by_key: bool = False
     """Whether the input files records under a key beside the change (a column, a partition's
     stream): the engine then asks :meth:`misfiled` about every valid change."""
+    replay: ReplayListener | None = None
+    """Set by the engine: told of replay ranges (through :class:`ReplayRanges`) by the sources
+    that know what may have been read before a crash."""
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect, position at the first record not yet acknowledged."""
@@ -114,3 +132,62 @@ class Source(abc.ABC):
     def statistics(self) -> SourceStatistics:
         """The input's state now (cheap, no I/O: called on every probe and scrape)."""
         return SourceStatistics()
+
+class ReplayRanges:
+    """A source's replay ranges, told to its :class:`ReplayListener` at the right moments.
+
+    Bookkeeping only: the source says when a range begins (before any of its records is handed
+    out), and when its last records go out. A range begun before the engine attached (in
+    ``open``) is announced by the first :meth:`sync`; the source calls :meth:`sync` in ``read``
+    before it hands anything out, where every record of earlier reads has been taken in.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self._unannounced: dict[str, Callable[[str], bool] | None] = {}
+        self._open: set[str] = set()
+        self._ending: set[str] = set()
+
+    def begin(self, name: str, covers: Callable[[str], bool] | None = None) -> None:
+        """A range starts: told now if the listener is attached, else at the next sync."""
+        listener = self._source.replay
+        if listener is None:
+            self._unannounced[name] = covers
+            return
+        self._open.add(name)
+        listener.replay_started(name, covers)
+
+    def end_after_read(self, name: str) -> None:
+        """The range's last records go out with the records this ``read`` returns: it ends at
+        the next :meth:`sync`, once the engine has taken them in."""
+        if name in self:
+            self._ending.add(name)
+
+    def end(self, name: str) -> None:
+        """Every record of the range went out with earlier reads (or the range was given up,
+        its waiting changes revoked): it ends now."""
+        self._unannounced.pop(name, None)
+        self._ending.discard(name)
+        if name in self._open:
+            self._open.discard(name)
+            if self._source.replay is not None:
+                self._source.replay.replay_done(name)
+
+    def sync(self) -> None:
+        """Announce the ranges begun before the listener attached; end those whose last
+        records went out with an earlier read. Call it in ``read`` before handing anything out."""
+        listener = self._source.replay
+        if listener is None:
+            return
+        for name, covers in list(self._unannounced.items()):
+            del self._unannounced[name]
+            self._open.add(name)
+            listener.replay_started(name, covers)
+        for name in list(self._ending):
+            self.end(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._open or name in self._unannounced
+
+    def __bool__(self) -> bool:
+        return bool(self._open or self._unannounced)

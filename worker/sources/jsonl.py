@@ -1,4 +1,11 @@
-"""The ``jsonl:`` source: one change per line from a file or stdin, with an optional checkpoint."""
+"""The ``jsonl:`` source: one change per line from a file or stdin, with an optional checkpoint.
+
+The checkpoint (JSON) holds the acknowledged prefix (``line``, ``offset``: everything before is
+done) and ``read_to``: a byte offset that every line handed out so far ends at or before,
+written before lines beyond it are handed out. After a crash, the lines from ``offset`` to
+``read_to`` may have been sent: they are a replay range (DESIGN 9), read in full before any of
+it is sent again.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,12 @@ from typing import Any
 import anyio
 import orjson
 
-from worker.sources.base import Record, Source, SourceError, SourceStatistics
+from worker.sources.base import Record, ReplayRanges, Source, SourceError, SourceStatistics
 
 CHUNK_BYTES = 256 * 1024
+READ_MARK_AHEAD = 16 * CHUNK_BYTES
+"""How far past what was read the checkpoint's ``read_to`` is written: one write per 4 MiB read,
+at the cost of a replay range up to that much longer than what was read (it is read, not sent)."""
 
 
 class Progress:
@@ -94,6 +104,12 @@ class JsonlSource(Source):
         self._eof = False
         self._saved_line = 0
         self._saved_at = 0.0
+        self._read_to = 0
+        """The ``read_to`` the checkpoint file holds (0: none written yet)."""
+        self._replay_to: int | None = None
+        """Where the replay range ends (a byte offset), while it is being read."""
+        self._ranges = ReplayRanges(self)
+        self._save_lock: anyio.Lock | None = None
         self.lines_read = 0
         self.records_read = 0
         """Lines handed out (blank ones are not)."""
@@ -109,8 +125,9 @@ class JsonlSource(Source):
         except OSError as exc:
             raise SourceError(f"cannot open {self.path}: {exc.strerror}") from exc
         if self.checkpoint:
-            line, offset = await anyio.to_thread.run_sync(self._load_checkpoint)
+            self._save_lock = anyio.Lock()
             size = (await anyio.Path(self.path).stat()).st_size
+            line, offset, read_to = await anyio.to_thread.run_sync(self._load_checkpoint, size)
             if offset > size:
                 raise SourceError(
                     f"checkpoint {self.checkpoint} says byte {offset} but {self.path} has only"
@@ -120,23 +137,32 @@ class JsonlSource(Source):
             self._line, self._offset = line, offset
             self.progress = Progress(line, offset)
             self._saved_line = line
+            self._read_to = read_to
+            if min(read_to, size) > offset:
+                self._replay_to = min(read_to, size)
+                self._ranges.begin(self.name)
 
-    def _load_checkpoint(self) -> tuple[int, int]:
+    def _load_checkpoint(self, size: int) -> tuple[int, int, int]:
+        """The checkpoint's line, offset and read_to (``size`` for a checkpoint written before
+        read_to existed: all of the file may have been read)."""
         assert self.checkpoint is not None
         try:
             data = orjson.loads(Path(self.checkpoint).read_bytes())
         except FileNotFoundError:
-            return 0, 0
+            return 0, 0, 0
         except (OSError, orjson.JSONDecodeError) as exc:
             raise SourceError(f"unreadable checkpoint {self.checkpoint}: {exc}") from exc
         if data.get("path") != os.path.abspath(self.path):
             raise SourceError(
                 f"checkpoint {self.checkpoint} belongs to {data.get('path')}, not {self.path}"
             )
-        return int(data["line"]), int(data["offset"])
+        offset = int(data["offset"])
+        return int(data["line"]), offset, max(offset, int(data.get("read_to", size)))
 
     async def read(self) -> Sequence[Record] | None:
         """The next complete lines; at the end, None (or wait for more when following)."""
+        if self._ranges:
+            self._replay_step()
         while True:
             if self._eof:
                 return None
@@ -144,6 +170,7 @@ class JsonlSource(Source):
             if data:
                 records = self._split(data)
                 if records:
+                    await self._mark_read()
                     return records
                 continue
             if self.follow:
@@ -153,8 +180,25 @@ class JsonlSource(Source):
             if self._rest:  # a last line without its newline
                 records = self._split(b"\n", final=True)
                 if records:
+                    await self._mark_read()
                     return records
             return None
+
+    def _replay_step(self) -> None:
+        """Tell the engine the replay range began, or ended: every line that ends within it
+        was split from what was read before this call, and handed out."""
+        self._ranges.sync()
+        replay_to = self._replay_to
+        if replay_to is not None and self._offset + len(self._rest) >= replay_to:
+            self._replay_to = None
+            self._ranges.end(self.name)
+
+    async def _mark_read(self) -> None:
+        """Before lines past the checkpoint's ``read_to`` go out, move it (well) past them: a
+        restart then knows how far this run may have read."""
+        if self.checkpoint and self._offset > self._read_to:
+            self._read_to = self._offset + len(self._rest) + READ_MARK_AHEAD
+            await self._save()
 
     def _split(self, data: bytes, final: bool = False) -> list[Record]:
         chunk = self._rest + data if self._rest else data
@@ -200,15 +244,23 @@ class JsonlSource(Source):
                 await self._save()
 
     async def _save(self) -> None:
-        line, offset = self.progress.line, self.progress.offset
-        await anyio.to_thread.run_sync(self._write_checkpoint, line, offset)
-        self._saved_line = line
+        # The reader (read_to) and the acknowledger (the prefix) both save: one at a time.
+        assert self._save_lock is not None
+        async with self._save_lock:
+            line, offset = self.progress.line, self.progress.offset
+            await anyio.to_thread.run_sync(self._write_checkpoint, line, offset, self._read_to)
+            self._saved_line = line
 
-    def _write_checkpoint(self, line: int, offset: int) -> None:
+    def _write_checkpoint(self, line: int, offset: int, read_to: int) -> None:
         assert self.checkpoint is not None
         target = Path(self.checkpoint)
         tmp = target.with_name(target.name + ".tmp")
-        body = {"path": os.path.abspath(self.path), "line": line, "offset": offset}
+        body = {
+            "path": os.path.abspath(self.path),
+            "line": line,
+            "offset": offset,
+            "read_to": max(read_to, offset),
+        }
         with open(tmp, "wb") as f:
             f.write(orjson.dumps(body))
             f.flush()

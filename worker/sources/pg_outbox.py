@@ -19,6 +19,9 @@ short transactions and never holds one open across an HTTP call:
   committed after a higher ``id`` was already claimed.
 - **outages**: a lost connection is retried with capped exponential backoff, without limit; the
   claims are in the table, so a database restart loses nothing (and reorders nothing).
+- **replay** (DESIGN 9): rows claimed at the start (by a worker that died: it may have sent them)
+  are a replay range, up to the highest such ``id``: everything up to there is claimed and
+  coalesced before any of it is sent. With partitions, the same holds per partition taken.
 
 **Partitions** (``partitions=P``, P > 1): producers set ``partition = partition_of(contact_id,
 P)`` (CRC-32 of the UTF-8 ID, modulo P). A replica serves partition p while the session of its
@@ -65,7 +68,14 @@ from worker.config import ConfigError
 from worker.core.backoff import Backoff
 from worker.core.change import key_mismatch
 from worker.core.partition import partition_mismatch, partition_of
-from worker.sources.base import Outages, Record, Source, SourceError, SourceStatistics
+from worker.sources.base import (
+    Outages,
+    Record,
+    ReplayRanges,
+    Source,
+    SourceError,
+    SourceStatistics,
+)
 
 log = structlog.get_logger("worker.sources.pg_outbox")
 
@@ -527,6 +537,12 @@ class PgOutboxSource(Source):
         self._gains = 0
         """Partitions taken so far: a claim that overlapped a take must not move the cursor
         past the new partition's older rows."""
+        self._ranges = ReplayRanges(self)
+        self._replay_to = 0
+        """The highest id of the rows claimed by others at the start (unpartitioned)."""
+        self._replay_parts: dict[int, tuple[int, int]] = {}
+        """Partitions whose replay range is being claimed: p -> (its highest id claimed by
+        others when taken, the count of takes then)."""
 
     @classmethod
     def from_uri(cls, uri: str) -> PgOutboxSource:
@@ -552,6 +568,16 @@ class PgOutboxSource(Source):
             await self._close_pool()
             raise SourceError(str(exc)) from exc
         self._channel = f"{schema}.{target.table}"
+        if self.partitions == 1:
+            try:
+                self._replay_to = int(await self._pool.fetchval(self._sql.replay_end))
+            except OPEN_ERRORS as exc:
+                await self._close_pool()
+                raise SourceError(
+                    f"cannot open {self.name} at {target.display}: {describe_error(exc)}"
+                ) from exc
+            if self._replay_to:
+                self._ranges.begin(self.name)
         lock_key = oid - (1 << 32) if oid >= 1 << 31 else oid  # the lock takes an int4
         self._lock_sql = f"SELECT pg_advisory_xact_lock({ADVISORY_CLASS}, {lock_key})"
         self._oid = oid
@@ -657,10 +683,13 @@ class PgOutboxSource(Source):
             sweep = now - self._last_sweep >= self.poll_s
             if sweep:
                 self._last_sweep = now
+            self._ranges.sync()
             if self.partitions > 1:
                 records = await self._claim_partitions(0 if sweep else self._cursor)
             else:
                 records = await self._claim(0 if sweep else self._cursor)
+                if self._ranges:
+                    await self._replay_claimed(records)
             if records:
                 return records
             if self._listener is None or self._listener.is_closed():
@@ -726,6 +755,49 @@ class PgOutboxSource(Source):
         self.stats.rows_claimed += len(rows)
         return records
 
+    async def _replay_claimed(self, records: list[Record]) -> None:
+        """After a claim: is every row up to the replay range's end claimed now? (Claims go
+        up in id order from a sweep at 0; a claim stops short before a row someone else
+        still holds, so a short one asks the table whether any row up to the end is left.)"""
+        end = self._replay_to
+        if records and cast(int, records[-1][0]) >= end:
+            self._ranges.end_after_read(self.name)
+            return
+        if len(records) >= self.batch:
+            return
+        check = self._sql.replay_left
+        left = await retrying(
+            "claim",
+            self.name,
+            self._pool,
+            lambda conn: conn.fetchval(check, end, self._mine),
+            backoff=self._backoff,
+            on_retry=self._count_retry,
+        )
+        if left:
+            return
+        if records:
+            self._ranges.end_after_read(self.name)
+        else:
+            self._ranges.end(self.name)
+
+    def _replay_partitions(self, gains: int, rows: int, last_id: int, handed: bool) -> None:
+        """After a partitioned claim that started with ``gains`` takes done: a partition taken
+        before it has its replay range claimed once the claims (up from 0 since the take, in id
+        order, none skipped) reach its end, or a claim comes back short (nothing left)."""
+        for p, (end, taken_at) in list(self._replay_parts.items()):
+            if gains < taken_at or (last_id < end and rows >= self.batch):
+                continue
+            del self._replay_parts[p]
+            name = self._range_name(p)
+            if handed:
+                self._ranges.end_after_read(name)
+            else:
+                self._ranges.end(name)
+
+    def _range_name(self, p: int) -> str:
+        return f"{self.name}:{p}"
+
     def _count_retry(self) -> None:
         self.stats.retries += 1
 
@@ -736,6 +808,11 @@ class PgOutboxSource(Source):
             ) from self._failure
 
     # -- partitions (partitions > 1) ---------------------------------------------------------
+
+    def _covers(self, p: int) -> Callable[[str], bool]:
+        """The contact IDs of partition p."""
+        count = self.partitions
+        return lambda key: partition_of(key, count) == p
 
     @property
     def held(self) -> frozenset[int]:
@@ -764,6 +841,8 @@ class PgOutboxSource(Source):
             ),
         )
         if not rows:
+            if self._replay_parts:
+                self._replay_partitions(gains, 0, 0, handed=False)
             return []
         deadline = started + self.lease_s
         pending = self._pending
@@ -793,11 +872,16 @@ class PgOutboxSource(Source):
             )
         if gains == self._gains:
             self._cursor = rows[-1][0]
+        if self._replay_parts:
+            self._replay_partitions(gains, len(rows), rows[-1][0], handed=bool(records))
         self.stats.rows_claimed += len(records)
         return records
 
     def _forget(self, partitions: set[int]) -> int:
         """Have the engine forget the waiting changes of these partitions; how many."""
+        for p in partitions:  # given up: their replay ranges too
+            self._replay_parts.pop(p, None)
+            self._ranges.end(self._range_name(p))
         if self.revoke is None or not partitions:
             return 0
         count = self.partitions
@@ -905,6 +989,9 @@ class PgOutboxSource(Source):
                         continue
                     if not await conn.fetchval(sql.try_lock, p):
                         continue
+                    # Rows claimed before (by a replica that died, or by this one in an
+                    # earlier turn) may have been sent: up to the last of them, a replay range.
+                    end = int(await conn.fetchval(sql.replay_end_p, p))
                     # Rows this replica claimed in an earlier turn of the partition (then
                     # forgotten) would be skipped as its own: free them first.
                     await conn.execute(sql.release_partition, p, self._mine)
@@ -913,6 +1000,9 @@ class PgOutboxSource(Source):
                     self.stats.partitions_taken += 1
                     self._cursor = 0
                     self._gains += 1
+                    if end:
+                        self._replay_parts[p] = (end, self._gains)
+                        self._ranges.begin(self._range_name(p), self._covers(p))
                     self._wake.set()
                     log.info("partition taken", source=self.name, partition=p, live=live)
         except (*TRANSIENT_ERRORS, asyncpg.InterfaceError):
@@ -1127,6 +1217,10 @@ RETURNING id"""
 UPDATE {table} SET claimed_by = NULL, claimed_until = NULL
 WHERE starts_with(claimed_by, $1)"""
         self.delete = f"DELETE FROM {table} WHERE id = ANY($1::bigint[])"
+        self.replay_end = f"SELECT coalesce(max(id), 0) FROM {table} WHERE claimed_by IS NOT NULL"
+        self.replay_left = f"""
+SELECT EXISTS (SELECT 1 FROM {table}
+               WHERE id <= $1 AND (claimed_by IS NULL OR NOT starts_with(claimed_by, $2)))"""
 
     def partitioned(self, table: str, lock_key: int) -> None:
         """The statements of a partitioned source; ``lock_key`` is the table oid as an int4."""
@@ -1149,6 +1243,8 @@ WHERE NOT EXISTS (
 ORDER BY p"""
         self.try_lock = f"SELECT pg_try_advisory_lock({lock_key}, {PARTITION_TAG} + $1::int)"
         self.unlock = f"SELECT pg_advisory_unlock({lock_key}, {PARTITION_TAG} + $1::int)"
+        self.replay_end_p = f"""
+SELECT coalesce(max(id), 0) FROM {table} WHERE partition = $1 AND claimed_by IS NOT NULL"""
         self.release_partition = f"""
 UPDATE {table} SET claimed_by = NULL, claimed_until = NULL
 WHERE partition = $1 AND starts_with(claimed_by, $2)"""

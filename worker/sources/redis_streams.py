@@ -21,6 +21,10 @@ delivered, so they are handed out first: on start and after every reconnection t
    pending by another consumer (which only happens if two ran at once: their order relative to
    what was already handed out cannot be kept, and a warning says so).
 
+The pending entries of steps 1 and 2 at the start may have been sent before a crash: they are a
+replay range (DESIGN 9), read in full before any of them is sent; so are, in a partitioned
+stream, the pending entries of a partition this replica takes.
+
 Delivery is at least once: a connection error while running is retried with backoff, the
 pending list (which Redis keeps) is re-read, and nothing is acknowledged that was not done.
 
@@ -60,7 +64,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.config import ConfigError
 from worker.core.backoff import Backoff
 from worker.core.partition import partition_mismatch, partition_of
-from worker.sources.base import Outages, Record, Source, SourceError, SourceStatistics
+from worker.sources.base import (
+    Outages,
+    Record,
+    ReplayRanges,
+    Source,
+    SourceError,
+    SourceStatistics,
+)
 
 log = structlog.get_logger("worker.sources.redis")
 
@@ -505,6 +516,8 @@ class RedisStreamSource(_RedisClient, Source):
         self._needs_recovery = True
         self._next_claim_at = 0.0
         self._ahead: asyncio.Task[list[Record]] | None = None
+        self._ranges = ReplayRanges(self)
+        """The pending entries re-read at the start: one replay range, over every ID."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -521,6 +534,7 @@ class RedisStreamSource(_RedisClient, Source):
         self._client = client
         self._read_script = client.register_script(_READ_SCRIPT)
         self._ack_script = client.register_script(_ACK_SCRIPT)
+        self._ranges.begin(self.name)
         log.info(
             "redis source open",
             server=self.address.display,
@@ -602,6 +616,7 @@ class RedisStreamSource(_RedisClient, Source):
         round trip less to wait for in a backlog); it is handed out by the next call, or made
         claimable at once by :meth:`close` if none comes.
         """
+        self._ranges.sync()
         records = await self._take_ahead()
         if not records:
             records = await self._read_next()
@@ -778,6 +793,8 @@ class RedisStreamSource(_RedisClient, Source):
         if not page:
             self._scan_from = None
             self._acked_while_scanning.clear()
+            # Every pending entry went out with earlier reads: the replay range was read.
+            self._ranges.end(self.name)
             return []
         self._scan_from = page.last_id
         return await self._records(page, skip_in_flight=True)
@@ -928,6 +945,8 @@ class _Held:
     """Entries pending at other consumers were taken over (done first, once per holding)."""
     scan_from: bytes | None = _START
     """Where the re-read of this consumer's own pending entries stands; None once done."""
+    replaying: bool = True
+    """Its pending entries (claimed and own) are a replay range not read to the end yet."""
 
 
 class PartitionedRedisSource(_RedisClient, Source):
@@ -992,6 +1011,10 @@ class PartitionedRedisSource(_RedisClient, Source):
         self._reading: set[int] = set()
         """Partitions named in the XREADGROUP in progress: not released before it returns."""
         self._next_check_at = 0.0
+        self._ranges = ReplayRanges(self)
+        """Per partition taken, its pending entries: a replay range over its IDs."""
+        self._scanned: set[PartitionToken] = set()
+        """Records of re-read pending entries in the buffer, not handed out yet."""
         self.live = 1
         self.lost = 0
         self.given_back = 0
@@ -1170,23 +1193,29 @@ class PartitionedRedisSource(_RedisClient, Source):
                 started = self._clock()
                 if await client.set(self._lease_key(p), self.consumer, nx=True, px=lease_ms):
                     self._held[p] = _Held()
+                    self._ranges.begin(self.streams[p], self._covers(p))
                     self._valid_until[p] = started + lease_ms / 1000
                     self._handed[p].clear()
                     mine += 1
                     log.info("partition taken", partition=p, consumer=self.consumer)
                     self._wake.set()
 
+    def _covers(self, p: int) -> Callable[[str], bool]:
+        """The contact IDs of partition p."""
+        partitions = self.partitions
+        return lambda key: partition_of(key, partitions) == p
+
     def _revoke(self, p: int) -> int:
         revoke = self.revoke
         if revoke is None:
             return 0
-        partitions = self.partitions
-        return revoke(lambda key: partition_of(key, partitions) == p)
+        return revoke(self._covers(p))
 
     def _stop_reading(self, p: int) -> int:
         """Stop reading p: drop its buffered records and revoke its waiting changes; the
         number of its changes still in flight."""
         self._held.pop(p, None)
+        self._scanned = {token for token in self._scanned if token[0] != p}
         handed = self._handed[p]
         kept: list[Record] = []
         for record in self._buffer:
@@ -1197,6 +1226,7 @@ class PartitionedRedisSource(_RedisClient, Source):
                 kept.append(record)
         self._buffer = kept
         forgotten = self._revoke(p)
+        self._ranges.end(self.streams[p])  # given up: its waiting changes were revoked
         if p in self._last_slice:
             self._revoke_again.add(p)
         return len(handed) - forgotten
@@ -1235,9 +1265,12 @@ class PartitionedRedisSource(_RedisClient, Source):
         failures = 0
         while True:
             self._revoke_late()
+            self._replay_step()
             if self._buffer:
                 out = self._buffer[:READ_SLICE]
                 del self._buffer[:READ_SLICE]
+                if self._scanned:
+                    self._scanned.difference_update(token for token, _ in out)
                 self._last_slice = {cast(PartitionToken, token)[0] for token, _ in out}
                 ahead = self._ahead
                 if ahead is not None and ahead.done() and not ahead.cancelled():
@@ -1288,6 +1321,23 @@ class PartitionedRedisSource(_RedisClient, Source):
         self._full_read = len(records) >= self.count
         self._buffer += records
 
+    def _replay_step(self) -> None:
+        """Announce the ranges of partitions taken before the engine attached; end those of
+        partitions whose pending entries were all re-read and handed out by earlier reads."""
+        ranges = self._ranges
+        if not ranges:
+            return
+        ranges.sync()
+        buffered: set[int] | None = None
+        for p, state in self._held.items():
+            if not state.replaying or not state.claimed or state.scan_from is not None:
+                continue
+            if buffered is None:
+                buffered = {token[0] for token in self._scanned}
+            if p not in buffered:
+                state.replaying = False
+                ranges.end(self.streams[p])
+
     def _revoke_late(self) -> None:
         """Revoke again the partitions lost or given back since the last read (synchronous:
         nothing of theirs reaches the engine between this and the next records)."""
@@ -1335,6 +1385,7 @@ class PartitionedRedisSource(_RedisClient, Source):
             for p in done:
                 if p in held:
                     held[p].scan_from = None
+            self._scanned.update(cast(PartitionToken, token) for token, _ in records)
             return records
         # A backlog is read through the script, whose reply is cheap to parse; only when there
         # is none does a plain XREADGROUP wait for the next entries (as RedisStreamSource).

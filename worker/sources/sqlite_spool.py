@@ -43,6 +43,8 @@ process (``contact-worker enqueue --to sqlite:...``) committed to the file.
 
 **Order and delivery.** Rows are handed out in ``id`` order, each at most once per process; a row
 handed out and not acknowledged is read again after a restart, in ``id`` order with the rest.
+The rows in the spool at the start (up to its highest ``id`` then) may have been read before a
+crash: they are a replay range (DESIGN 9), read in full before any of them is sent.
 
 URI: ``sqlite:PATH[?name=value&...]``, PATH relative to the working directory or absolute
 (``sqlite:/data/spool.db``), taken literally up to the first ``?``. Parameters: ``high_water``
@@ -69,7 +71,7 @@ import structlog
 
 from worker.config import ConfigError
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
-from worker.sources.base import Record, Source, SourceError, SourceStatistics
+from worker.sources.base import Record, ReplayRanges, Source, SourceError, SourceStatistics
 
 log = structlog.get_logger("worker.sources.sqlite")
 
@@ -349,6 +351,14 @@ class Spool:
 
         return [orjson.loads(text) for text in await self._call(select)]
 
+    async def last_id(self) -> int:
+        """The highest ``id`` in the table now (0 when it is empty)."""
+
+        def select(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
+
+        return await self._call(select)
+
     async def count(self) -> int:
         """Rows in the table now, counted (``rows`` is the cheap, kept-up-to-date figure)."""
 
@@ -466,6 +476,9 @@ class SqliteSpoolSource(Source):
         self._spool: Spool | None = None
         self._cursor = 0
         """The highest id handed out: rows at or below it are in the engine's hands."""
+        self._replay_to = 0
+        """The highest id of the rows in the spool at the start (the replay range's end)."""
+        self._ranges = ReplayRanges(self)
         self.rows_read = 0
         self.rows_acked = 0
 
@@ -490,12 +503,25 @@ class SqliteSpoolSource(Source):
         except SpoolError as exc:
             raise SourceError(str(exc)) from exc
         self._cursor = 0
+        try:
+            self._replay_to = await self._spool.last_id()
+        except SpoolError as exc:
+            spool, self._spool = self._spool, None
+            await release_spool(spool)
+            raise SourceError(str(exc)) from exc
+        if self._replay_to:
+            self._ranges.begin(self.name)
         log.info("spool open", path=self.options.path, rows_waiting=self._spool.rows)
 
     async def read(self) -> Sequence[Record]:
         """The next rows after those handed out, waiting for the ingest (or a poll) if none."""
         spool = self.spool
         count, poll_s = self.options.count, self.options.poll_s
+        ranges = self._ranges
+        if ranges:
+            ranges.sync()
+            if self._cursor >= self._replay_to:
+                ranges.end(self.name)
         while True:
             woken = spool.appended_event  # taken first: an append during the fetch still wakes
             try:
@@ -506,6 +532,8 @@ class SqliteSpoolSource(Source):
                 self._cursor = rows[-1][0]
                 self.rows_read += len(rows)
                 return rows
+            if ranges:  # nothing left of the rows there at the start: all were handed out
+                ranges.end(self.name)
             with anyio.move_on_after(poll_s):
                 await woken.wait()
 
