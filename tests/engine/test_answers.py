@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.engine.harness import expected_state, run_engine, settings
@@ -19,6 +20,13 @@ from worker.engine import Ending
 from worker.sim.gateway import SimConfig
 
 pytestmark = pytest.mark.anyio
+
+
+def acknowledged_prefix(tmp_path: Path) -> tuple[int, int]:
+    """The (line, offset) the run's checkpoint says is done with (written before lines go
+    out, so it exists even when nothing was acknowledged)."""
+    checkpoint = orjson.loads((tmp_path / "cp.json").read_bytes())
+    return checkpoint["line"], checkpoint["offset"]
 
 
 class TestForeign404:
@@ -40,7 +48,7 @@ class TestForeign404:
         assert "--api-url" in run.result.message
         assert run.sim.stats.requests <= 4
         assert ([], 0) == (run.dead, run.engine.stats.acked)
-        assert not (tmp_path / "cp.json").exists()
+        assert (0, 0) == acknowledged_prefix(tmp_path)
         assert (False, "foreign_answer") == run.engine.readiness()
 
     async def test_proxy_404s_after_a_good_start(self, tmp_path: Path) -> None:
@@ -86,7 +94,7 @@ class TestNotFoundRun:
         assert Ending.FATAL == run.result.ending
         assert "--max-not-found-run" in run.result.message
         assert ([], 0) == (run.dead, run.engine.stats.acked)
-        assert not (tmp_path / "cp.json").exists()
+        assert (0, 0) == acknowledged_prefix(tmp_path)
         assert run.sim.stats.requests < 100
 
     async def test_off_dead_letters_them_all(self, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from tests.unit.factories import NOW_WALL, applied, not_found, rejected
 from tests.unit.test_scheduler import feed, keys_of, scheduler, take
 from worker.core.batch import Purpose
 from worker.core.classify import Action, Verdict, classify, classify_failure
+from worker.core.scheduler import OddAnswers
 
 
 def odd_code(code: str = "9999") -> Verdict:
@@ -30,18 +31,33 @@ def timed_out() -> Verdict:
 class TestUndocumentedCodes:
     """A 400 with an undocumented code is no proof against any change in the request."""
 
+    def test_group_is_sent_again_once(self) -> None:
+        """A passing fault costs one more request of the same group, not a split."""
+        s = scheduler()
+        feed(s, 1, 2, 3, 4)
+        s.draining = True
+        settled = s.resolve(take(s, 0.0), odd_code(), 1.0)
+        assert settled.retry_in_s is not None
+        again = take(s, 1.0 + settled.retry_in_s)
+        assert ["1", "2", "3", "4"] == again.keys
+        assert (["1", "2", "3", "4"], []) == keys_of(s.resolve(again, applied(), 2.0))
+        assert s.idle
+
     def test_group_is_split_in_halves_both_sent(self) -> None:
-        """Both halves go: an applied first half proves nothing about the second."""
+        """The same answer twice: split, and both halves go (an applied first half proves
+        nothing about the second)."""
         s = scheduler()
         feed(s, 1, 2, 3, 4)
         s.draining = True
         settled = s.resolve(take(s, 0.0), odd_code(), 1.0)
         assert ([], []) == keys_of(settled)
-        first, second = take(s, 1.0), take(s, 1.0)
+        settled = s.resolve(take(s, 10.0), odd_code(), 10.0)
+        assert ([], []) == keys_of(settled)
+        first, second = take(s, 10.0), take(s, 10.0)
         assert (["1", "2"], ["3", "4"]) == (first.keys, second.keys)
         assert (Purpose.ISOLATE, Purpose.ISOLATE) == (first.purpose, second.purpose)
-        assert (["1", "2"], []) == keys_of(s.resolve(first, applied(), 2.0))
-        assert (["3", "4"], []) == keys_of(s.resolve(second, applied(), 2.0))
+        assert (["1", "2"], []) == keys_of(s.resolve(first, applied(), 11.0))
+        assert (["3", "4"], []) == keys_of(s.resolve(second, applied(), 11.0))
         assert 0 == s.stats.inferred_culprits
         assert s.idle
 
@@ -88,16 +104,16 @@ class TestUndocumentedCodes:
         assert "not_found" == settled.dead[0].reason
 
     def test_different_answers_restart_the_count(self) -> None:
-        """Only the same answer in a row counts: 9999, 8888, 9999, 9999 is not yet three."""
+        """Only the same answer in a row counts: 9999, 8888, 8888 is not yet three 8888s."""
         s = scheduler(confirm_tries=3)
         feed(s, 5)
         s.draining = True
         now = 0.0
-        for code in ("9999", "8888", "9999", "9999"):
+        for code in ("9999", "8888", "8888"):
             settled = s.resolve(take(s, now), odd_code(code), now)
             assert [] == settled.dead
             now += 100.0
-        assert ([], ["5"]) == keys_of(s.resolve(take(s, now), odd_code("9999"), now))
+        assert ([], ["5"]) == keys_of(s.resolve(take(s, now), odd_code("8888"), now))
 
     def test_documented_data_errors_stay_immediate(self) -> None:
         """139 on a lone change is the API's verdict on it: dead at once."""
@@ -211,3 +227,55 @@ class TestTimeoutGrace:
         assert ["1"] == first.keys
         s.resolve(first, applied(), 3.0)
         assert 61.0 == s.next_batch(3.0)
+
+
+class TestOddAnswerNoise:
+    """The tries a lone change needs follow how often a retry contradicted that answer."""
+
+    def test_never_contradicted_needs_the_least(self) -> None:
+        """An answer that always repeats is a verdict after ``confirm_tries``."""
+        odd = OddAnswers()
+        for _ in range(50):
+            odd.answered((400, "9999"), odd_code())
+        assert 3 == odd.tries((400, "9999"), 3)
+
+    def test_noise_at_20_percent_needs_ten(self) -> None:
+        """Repeated once in 5 retries: the first answer and 9 repeats (0.2 ** 9 < 1e-6)."""
+        odd = OddAnswers()
+        for i in range(100):
+            odd.answered((400, "9999"), odd_code() if i % 5 == 0 else applied())
+        assert 10 == odd.tries((400, "9999"), 3)
+        assert 3 == odd.tries((400, "8888"), 3)  # another code has its own record
+
+    def test_mostly_repeated_is_capped(self) -> None:
+        """Repeated 99 times in 100: at most 20 tries."""
+        odd = OddAnswers()
+        for i in range(100):
+            odd.answered((400, "9999"), applied() if i == 0 else odd_code())
+        assert 20 == odd.tries((400, "9999"), 3)
+
+    def test_never_repeated_needs_the_least(self) -> None:
+        """Always contradicted: a repeat by chance is then all but impossible."""
+        odd = OddAnswers()
+        odd.answered((400, "9999"), applied())
+        assert 3 == odd.tries((400, "9999"), 3)
+
+    def test_scheduler_asks_for_more_when_answers_are_noise(self) -> None:
+        """9999 repeated by a retry once, contradicted once: the next lone change needs
+        more than 3 identical answers."""
+        s = scheduler(confirm_tries=3)
+        feed(s, 1, 2)
+        s.draining = True
+        s.resolve(take(s, 0.0), odd_code(), 0.0)
+        s.resolve(take(s, 10.0), odd_code(), 10.0)  # repeated: split in halves
+        s.resolve(take(s, 10.0), applied(), 11.0)
+        s.resolve(take(s, 10.0), applied(), 11.0)
+        feed(s, 3, 4)
+        s.resolve(take(s, 12.0), odd_code(), 12.0)
+        s.resolve(take(s, 20.0), applied(), 20.0)  # contradicted by the retry
+        feed(s, 5)
+        now = 20.0
+        for _ in range(5):
+            settled = s.resolve(take(s, now), odd_code(), now)
+            assert [] == settled.dead
+            now += 100.0

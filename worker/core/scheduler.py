@@ -8,6 +8,7 @@ acknowledge and what to dead-letter comes back as a :class:`Settled`. Time comes
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
@@ -46,13 +47,54 @@ class SchedulerSettings:
     """Transient failures of one request before giving up (fatal); 0 = never give up."""
     confirm_tries: int = 3
     """Identical answers with an undocumented error code a lone change needs before it is
-    dead-lettered ``rejected`` (retried with backoff in between)."""
+    dead-lettered ``rejected`` (retried with backoff in between; a group is retried once
+    before it is split)."""
     max_not_found_run: int = 10
     """Lone contacts answered 404 in a row, with no request applied in between, at which the
     404s are taken for a wrong URL or a wrong account and sending stops (0 = never)."""
     timeout_grace_s: float = 60.0
     """After a request was abandoned (timeout, connection lost after sending) the API may
     still apply it: its IDs take no newer values until this long after it was abandoned."""
+
+
+ODD_NOISE_ODDS = 1e-6
+"""Chance at which noise may repeat an undocumented answer on a lone change as often as the
+tries it needs: what a false ``rejected`` may cost at most."""
+MAX_CONFIRM_TRIES = 20
+
+
+class OddAnswers:
+    """How often each undocumented answer came again when its request was sent again: noise
+    that a lone change must outlast before the answer is taken for a verdict.
+
+    An answer that a retry repeats a share ``p`` of the time (and contradicts otherwise)
+    repeats ``k - 1`` more times by chance with odds ``p ** (k - 1)``; a lone change needs
+    enough identical answers for that to fall below :data:`ODD_NOISE_ODDS` (at least
+    ``confirm_tries``, at most 20). An answer no retry ever contradicted is a verdict after
+    ``confirm_tries``.
+    """
+
+    def __init__(self) -> None:
+        self._repeated: Counter[tuple[int | None, str | None]] = Counter()
+        self._contradicted: Counter[tuple[int | None, str | None]] = Counter()
+
+    def answered(self, previous: tuple[int | None, str | None], verdict: Verdict) -> None:
+        """A request that got ``previous`` before was answered ``verdict`` now."""
+        if (verdict.status, verdict.error) == previous:
+            self._repeated[previous] += 1
+        else:
+            self._contradicted[previous] += 1
+
+    def tries(self, answer: tuple[int | None, str | None], least: int) -> int:
+        """Identical answers a lone change needs before ``answer`` is taken for a verdict."""
+        contradicted = self._contradicted[answer]
+        if not contradicted:
+            return least
+        repeats = self._repeated[answer] / (contradicted + self._repeated[answer])
+        if repeats <= 0.0:
+            return least
+        needed = 1 + math.ceil(math.log(ODD_NOISE_ODDS) / math.log(repeats))
+        return max(least, min(MAX_CONFIRM_TRIES, needed))
 
 
 @dataclass(slots=True)
@@ -151,6 +193,7 @@ class Scheduler:
         answers (or nothing is left to send), dropped unwritten if the run turns fatal."""
         self._fences: list[tuple[float, str]] = []
         self._replays: dict[Hashable, Replay] = {}
+        self._odd = OddAnswers()
 
     # -- input -----------------------------------------------------------------------------
 
@@ -287,6 +330,8 @@ class Scheduler:
         self.stats.requests[str(verdict.status) if verdict.status else "error"] += 1
         settled = Settled()
         action = verdict.action
+        if batch.last_answer is not None:
+            self._odd.answered(batch.last_answer, verdict)
         if action is Action.APPLIED:
             if self._unconfirmed:
                 self._confirm_not_found(now, settled)
@@ -422,27 +467,28 @@ class Scheduler:
     def _doubtful(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
         """An error code the API does not document as a verdict on a change: never inferred.
 
-        A group is split in halves that are both sent; a lone change is re-sent with backoff
-        until the same answer has come ``confirm_tries`` times in a row, and only then
-        dead-lettered ``rejected``: a passing fault must not cost a valid change.
+        The same request is sent again with backoff first: a passing fault then costs one
+        request, not a split. A group answered so twice in a row is split in halves that are
+        both sent; a lone change is dead-lettered ``rejected`` only once the same answer has
+        come ``confirm_tries`` times in a row: a passing fault must not cost a valid change.
         """
-        if len(batch.entries) > 1:
-            self._urgent.extend(self._inherit(batch, halves(batch, self._number, Purpose.ISOLATE)))
-            return
         answer = (verdict.status, verdict.error)
         batch.same_answers = batch.same_answers + 1 if batch.last_answer == answer else 1
         batch.last_answer = answer
-        tries = self.settings.confirm_tries
-        if batch.same_answers >= tries:
+        lone = len(batch.entries) == 1
+        tries = self._odd.tries(answer, self.settings.confirm_tries) if lone else 2
+        if batch.same_answers < tries:
+            self.stats.confirmations += 1
+            delay = self.settings.backoff.delay(batch.same_answers, self._rand())
+            batch.not_before = now + delay
+            heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
+            settled.retry_in_s = delay
+        elif not lone:
+            self._urgent.extend(self._inherit(batch, halves(batch, self._number, Purpose.ISOLATE)))
+        else:
             detail = f"{verdict.detail or ''} (the same answer {tries} times)".strip()
             letter = DeadLetter(batch.entries[0], "rejected", verdict.status, verdict.error, detail)
             self._dead([letter], now, settled, self._fence_until(batch))
-            return
-        self.stats.confirmations += 1
-        delay = self.settings.backoff.delay(batch.same_answers, self._rand())
-        batch.not_before = now + delay
-        heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
-        settled.retry_in_s = delay
 
     def _release_held(self, batch: Batch) -> None:
         held = release_held(batch)
