@@ -781,7 +781,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--changes", type=int, default=defaults.changes, help="per run")
     parser.add_argument("--contacts", type=int, default=defaults.contacts, help="known IDs")
     parser.add_argument("--unknown-share", type=float, default=defaults.unknown_share)
-    parser.add_argument("--max-kills", type=int, default=defaults.max_kills, help="per run")
+    parser.add_argument(
+        "--max-kills", type=int, default=defaults.max_kills, help="per run (0: a control run)"
+    )
     parser.add_argument(
         "--kill-window",
         type=float,
@@ -802,6 +804,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         changes=args.changes,
         contacts=args.contacts,
         unknown_share=args.unknown_share,
+        min_kills=min(1, args.max_kills),  # --max-kills 0: a control run, no kill
         max_kills=args.max_kills,
         kill_window_s=args.kill_window,
         feed_rate=args.feed_rate,
