@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import http.client
 import json
 import os
@@ -266,6 +267,11 @@ class RunResult:
     workdir: str
 
 
+def stamp() -> str:
+    """Now, as the worker's log events write it (UTC), to place the kills among them."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class Replica:
     """One ``contact-worker run`` process, started again after each kill; stderr to a log."""
 
@@ -282,7 +288,7 @@ class Replica:
         """Start (again); the log is appended to, with a marker line."""
         self.starts += 1
         with self.log.open("ab") as log:
-            log.write(f"--- faults: start {self.starts} ---\n".encode())
+            log.write(f"--- faults: start {self.starts} at {stamp()} ---\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 self.command,
@@ -323,7 +329,11 @@ class Replica:
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGKILL)
-        return self.proc.wait(30) == -signal.SIGKILL
+        killed = self.proc.wait(30) == -signal.SIGKILL
+        if killed:
+            with self.log.open("ab") as log:
+                log.write(f"--- faults: killed at {stamp()} ---\n".encode())
+        return killed
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM and wait for the exit code (SIGKILL if it does not come)."""
