@@ -19,8 +19,9 @@ run) and restart it at once, until the input is drained; then check from the sim
 The inputs (``--inputs``, all by default):
 
 jsonl
-    a file with ``--checkpoint``; the restarted worker resumes at the checkpoint; the run ends
-    when the worker exits 0 (drained).
+    a file appended to at the feed rate and followed (``--follow --checkpoint``); the
+    restarted worker resumes at the checkpoint; the run ends once the checkpoint reaches the
+    end of the fed file.
 sqlite
     the spool, fed while the worker runs by ``POST /v1/changes`` on its status port in bodies
     of ``--ingest-body`` changes; a body that got no answer (the worker was killed) is sent
@@ -32,8 +33,10 @@ pg1, pg3
     the PostgreSQL outbox, 1 replica (``lease_s=3``: a killed worker's claims come back after
     3 s, not the default 60) or 3 (``partitions=6``, ``rebalance_s=0.5``), fed the same way.
 
-A broker or spool run ends once everything was fed and the input is empty (every change
-applied or dead-lettered); the replicas then get SIGTERM and must exit 0.
+A run ends once everything was fed and the input is done with (every change applied or
+dead-lettered); the replicas then get SIGTERM and must exit 0. The workers run with their
+default ``--max-waiting``: the replay promise (a crash's replay range read whole before any
+of it is sent) holds within twice it; ``--max-waiting 100`` shows what happens beyond.
 
     .venv/bin/python benchmarks/faults.py [--runs 30] [--inputs jsonl,sqlite,...] [--seed 1]
     .venv/bin/python benchmarks/faults.py --quick        # one short run per input
@@ -245,7 +248,9 @@ class Settings:
     concurrency: int = 4
     rate: float = 100.0
     linger_ms: int = 20
-    max_waiting: int = 100
+    max_waiting: int = 200_000
+    """The worker's default: a replay range is read whole before it is sent only within
+    twice --max-waiting (README); ``--max-waiting 100`` shows what happens beyond."""
     run_timeout_s: float = 180.0
     seed: int = 1
 
@@ -429,14 +434,23 @@ class Target:
 
     @property
     def finite(self) -> bool:
-        """A file ends: the worker exits 0 once it is drained."""
-        return self.kind == "jsonl"
+        """Every input is fed live (a file is appended to and followed): none ends."""
+        return False
 
     def command(self, replica: int) -> list[str]:
         """``contact-worker run`` of one replica."""
         if self.kind == "jsonl":
             checkpoint = self.workdir / "cp.json"
-            return ["run", "--source", self.uri, "--dlq", self.dlq, "--checkpoint", str(checkpoint)]
+            return [
+                "run",
+                "--source",
+                self.uri,
+                "--dlq",
+                self.dlq,
+                "--checkpoint",
+                str(checkpoint),
+                "--follow",
+            ]
         if self.kind == "redis":
             # A stable consumer name: a restarted consumer takes its own pending entries back.
             return ["run", "--source", f"{self.uri}&consumer=r{replica}"]
@@ -446,25 +460,32 @@ class Target:
         """What a replica needs besides the common settings: its status port (the ingest's)."""
         if self.kind == "sqlite":
             return {"WORKER_HTTP_PORT": str(self.port), "WORKER_INGEST_TOKEN": INGEST_TOKEN}
-        port = {"WORKER_HTTP_PORT": str(free_port())}
-        if self.kind == "jsonl":
-            # The file is there at once (no feed to wait for): half the rate makes its drain
-            # last about as long as a fed input's, long enough for the kills to land.
-            return port | {"WORKER_RATE": str(settings.rate / 2)}
-        return port
+        return {"WORKER_HTTP_PORT": str(free_port())}
 
     def prepare(self, lines: Sequence[bytes]) -> None:
         """What must exist before the workers start: the file, the group, the outbox."""
         if self.kind == "jsonl":
-            (self.workdir / "in.jsonl").write_bytes(b"".join(lines))
+            (self.workdir / "in.jsonl").write_bytes(b"")  # appended to as the feed goes
         elif self.kind in ("redis", "postgresql"):
             init, _ = self._producer()
             anyio.run(init, self.uri)
 
     def feed(self, lines: Sequence[bytes], settings: Settings) -> Callable[[threading.Event], None]:
-        """The feeding loop of this input (nothing to do for a file, written beforehand)."""
+        """The feeding loop of this input: lines appended to a followed file, posted to the
+        spool's ingest, or produced to a broker, at the feed rate."""
         if self.kind == "jsonl":
-            return lambda stop: None
+            path = self.workdir / "in.jsonl"
+
+            def append(stop: threading.Event) -> None:
+                started = time.monotonic()
+                with path.open("ab") as out:
+                    for due, chunk in paced(lines, settings.ingest_body, settings.feed_rate):
+                        if stop.wait(max(0.0, started + due - time.monotonic())):
+                            return
+                        out.write(b"".join(chunk))
+                        out.flush()
+
+            return append
         if self.kind == "sqlite":
             url = f"http://127.0.0.1:{self.port}/v1/changes"
 
@@ -499,6 +520,12 @@ class Target:
 
     def drained(self) -> bool:
         """Nothing left in the input (every change applied or dead-lettered)."""
+        if self.kind == "jsonl":
+            try:
+                done = orjson.loads((self.workdir / "cp.json").read_bytes())["offset"]
+            except (OSError, orjson.JSONDecodeError, KeyError):
+                return False
+            return int(done) == (self.workdir / "in.jsonl").stat().st_size
         if self.kind == "sqlite":
             if not self.spool.exists():
                 return False
@@ -804,6 +831,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         "--feed-rate", type=float, default=defaults.feed_rate, help="changes/s fed to a broker"
     )
     parser.add_argument("--latency", default=defaults.latency, help="the simulator's latency")
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=defaults.max_waiting,
+        help="the workers' --max-waiting (their default, 200000: the replay promise holds"
+        " within twice it)",
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.inputs.split(",") if n]
     unknown = [n for n in names if n not in INPUTS]
@@ -819,6 +853,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         kill_window_s=args.kill_window,
         feed_rate=args.feed_rate,
         latency=args.latency,
+        max_waiting=args.max_waiting,
         seed=args.seed,
     )
     if args.quick:
