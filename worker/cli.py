@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -13,6 +14,9 @@ from worker import __version__
 from worker.config import ConfigError, Settings, add_options, resolve
 from worker.engine import Ending, EngineSettings, Result
 from worker.obs import logging as obs_logging
+
+if TYPE_CHECKING:
+    from worker.signals import SignalRouter
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 
@@ -77,7 +81,18 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``contact-worker run``."""
+    """``contact-worker run``: SIGTERM and SIGINT are handled from its first line to the exit."""
+    from worker.signals import SignalRouter
+
+    signals = SignalRouter()
+    signals.install()
+    try:
+        return _run(args, signals)
+    finally:
+        signals.finish()
+
+
+def _run(args: argparse.Namespace, signals: SignalRouter) -> int:
     try:
         settings = resolve(args, os.environ)
         from worker.deadletters import open_sink
@@ -96,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         result: Result | int = anyio.run(
-            run_worker, settings, source, sink, backend_options=_backend_options()
+            run_worker, settings, source, sink, signals, backend_options=_backend_options()
         )
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_FATAL)
