@@ -11,8 +11,11 @@ from typing import Any
 
 import anyio
 import orjson
+import structlog
 
 from worker.sources.base import Record, Source, SourceError
+
+log = structlog.get_logger("worker.sources.jsonl")
 
 CHUNK_BYTES = 256 * 1024
 
@@ -117,6 +120,15 @@ class JsonlSource(Source):
             self._line, self._offset = line, offset
             self.progress = Progress(line, offset)
             self._saved_line = line
+            if line or offset:
+                # `line` as dead letters count (1-based): the first line this run reads.
+                log.info(
+                    "source.resumed",
+                    path=self.path,
+                    checkpoint=self.checkpoint,
+                    line=line + 1,
+                    offset=offset,
+                )
 
     def _load_checkpoint(self) -> tuple[int, int]:
         assert self.checkpoint is not None
