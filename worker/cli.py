@@ -275,13 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def failure(exc: BaseException) -> tuple[str, int]:
+    """The one line (after ``contact-worker: ``) and the exit code of an error that ended a
+    command (README "Exit codes"): 2 when nothing was done because a setting, a URI or what it
+    names is wrong or cannot be reached; 1 when the command stopped half-way, or for anything
+    unforeseen."""
+    from worker.deadletters.base import DeadLetterError
+    from worker.sources.base import EnqueueStopped, SourceError
+
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # anyio's task groups wrap what one task raised
+    if isinstance(exc, EnqueueStopped):
+        return str(exc), EXIT_FATAL
+    if isinstance(exc, ConfigError | SourceError | DeadLetterError):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", EXIT_FATAL
+    return f"fatal error: {type(exc).__name__}: {exc}", EXIT_FATAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script: an error ends a command with one line on stderr and
+    its exit code (:func:`failure`), never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
-        code = _fail(str(exc), EXIT_USAGE)
+    except (Exception, KeyboardInterrupt) as exc:
+        code = _fail(*failure(exc))
     return code
 
 

@@ -13,6 +13,11 @@ class SourceError(Exception):
     """The source cannot be opened or read (bad path, bad checkpoint, broker gone)."""
 
 
+class EnqueueStopped(SourceError):
+    """Writing to an input failed after some changes were written (the message says how many):
+    a command that stopped half-way (exit 1), not a setting to fix (exit 2)."""
+
+
 class Source(abc.ABC):
     """Where changes come from, and where their acknowledgements go back to.
 

@@ -69,7 +69,7 @@ import structlog
 
 from worker.config import ConfigError
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
-from worker.sources.base import Record, Source, SourceError
+from worker.sources.base import EnqueueStopped, Record, Source, SourceError
 
 log = structlog.get_logger("worker.sources.sqlite")
 
@@ -614,7 +614,8 @@ async def enqueue(uri: str, lines: AsyncIterable[bytes] | Iterable[bytes]) -> in
                     sent += await _flush(spool, chunk)
         sent += await _flush(spool, chunk)
     except SpoolError as exc:
-        raise SourceError(f"enqueue failed after {sent} changes: {exc}") from exc
+        failed = EnqueueStopped if sent else SourceError
+        raise failed(f"enqueue failed after {sent} changes: {exc}") from exc
     finally:
         await release_spool(spool)
     return sent
