@@ -52,8 +52,6 @@ class SignalRouter:
         self.phase = Phase.STARTING
         self.stopped_before_start = False
         """A signal came before the engine ran: the run stops, exit 0."""
-        self.received: list[tuple[signal.Signals, Phase]] = []
-        """Every signal so far and the phase it came in."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handed: list[signal.Signals] = []
         """Handed to the event loop, not routed yet."""
@@ -78,7 +76,7 @@ class SignalRouter:
             signal.signal(sig, signal.SIG_IGN)
         # Handed to the loop as it ended, never routed: they came at the end all the same.
         handed, self._handed = self._handed, []
-        self._keep([(sig, Phase.ENDING) for sig in handed])
+        self._unlogged += [(sig, Phase.ENDING) for sig in handed]
         self._log_unlogged()
 
     # -- the handler: hand over, nothing else --------------------------------------------------
@@ -94,20 +92,16 @@ class SignalRouter:
             except RuntimeError:  # the loop closed meanwhile
                 self._handed.remove(sig)
         # No event loop (yet, or any more): nothing to stop but the start; log it later.
-        self._keep([(sig, self.phase)])
+        self._unlogged.append((sig, self.phase))
         if self.phase is Phase.STARTING:
             self.stopped_before_start = True
-
-    def _keep(self, signals: list[tuple[signal.Signals, Phase]]) -> None:
-        self.received += signals
-        self._unlogged += signals
 
     # -- in the event loop ---------------------------------------------------------------------
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop runs: signals go to it from now on (and those before it are logged)."""
-        self._log_unlogged()
         self._loop = loop
+        self._log_unlogged()
 
     def detach(self) -> None:
         """The event loop is about to end: signals are kept for :meth:`finish` from now on."""
@@ -135,7 +129,6 @@ class SignalRouter:
         if sig in self._handed:
             self._handed.remove(sig)
         phase = self.phase
-        self.received.append((sig, phase))
         self._log(sig, phase)
         if phase is Phase.STARTING:
             self.stopped_before_start = True
