@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -13,6 +14,9 @@ from worker import __version__
 from worker.config import ConfigError, Settings, add_options, resolve
 from worker.engine import Ending, EngineSettings, Result
 from worker.obs import logging as obs_logging
+
+if TYPE_CHECKING:
+    from worker.signals import SignalRouter
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 
@@ -88,7 +92,18 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``contact-worker run``."""
+    """``contact-worker run``: SIGTERM and SIGINT are handled from its first line to the exit."""
+    from worker.signals import SignalRouter
+
+    signals = SignalRouter()
+    signals.install()
+    try:
+        return _run(args, signals)
+    finally:
+        signals.finish()
+
+
+def _run(args: argparse.Namespace, signals: SignalRouter) -> int:
     try:
         settings = resolve(args, os.environ)
         from worker.deadletters import open_sink
@@ -107,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         result: Result | int = anyio.run(
-            run_worker, settings, source, sink, backend_options=_backend_options()
+            run_worker, settings, source, sink, signals, backend_options=_backend_options()
         )
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_FATAL)
@@ -271,13 +286,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def failure(exc: BaseException) -> tuple[str, int]:
+    """The one line (after ``contact-worker: ``) and the exit code of an error that ended a
+    command (README "Exit codes"): 2 when nothing was done because a setting, a URI or what it
+    names is wrong or cannot be reached; 1 when the command stopped half-way, or for anything
+    unforeseen."""
+    from worker.deadletters.base import DeadLetterError
+    from worker.sources.base import EnqueueStopped, SourceError
+
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # anyio's task groups wrap what one task raised
+    if isinstance(exc, EnqueueStopped):
+        return str(exc), EXIT_FATAL
+    if isinstance(exc, ConfigError | SourceError | DeadLetterError):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", EXIT_FATAL
+    return f"fatal error: {type(exc).__name__}: {exc}", EXIT_FATAL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script: an error ends a command with one line on stderr and
+    its exit code (:func:`failure`), never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
-        code = _fail(str(exc), EXIT_USAGE)
+    except (Exception, KeyboardInterrupt) as exc:
+        code = _fail(*failure(exc))
     return code
 
 

@@ -155,6 +155,8 @@ class Option:
     help: str
     required: bool = False
     switch: bool = False
+    metavar: str = "N"
+    """What ``--help`` (and the README's table) shows for the value: ``--http-port PORT``."""
 
 
 @dataclass(frozen=True)
@@ -204,8 +206,10 @@ OPTIONS: tuple[Option, ...] = (
         "WORKER_SOURCE",
         non_empty,
         None,
-        "where changes come from: jsonl:PATH or jsonl:- (stdin)",
+        "where changes come from: jsonl:PATH, jsonl:- (stdin), sqlite:PATH, postgresql://..."
+        " or redis://... (README: Inputs)",
         required=True,
+        metavar="URI",
     ),
     Option(
         "dlq",
@@ -216,6 +220,7 @@ OPTIONS: tuple[Option, ...] = (
         "where dead letters go: jsonl:PATH, or the input's own store"
         " (default: the source URI for postgresql://, redis://, sqlite:;"
         f" {_DEFAULTS['dlq']} otherwise)",
+        metavar="URI",
     ),
     Option(
         "api_url",
@@ -224,6 +229,7 @@ OPTIONS: tuple[Option, ...] = (
         http_url,
         _DEFAULTS["api_url"],
         "base URL of the SMS Gateway API",
+        metavar="URL",
     ),
     Option(
         "client_id",
@@ -233,6 +239,7 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "API client ID",
         required=True,
+        metavar="ID",
     ),
     Option(
         "client_secret",
@@ -242,6 +249,7 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "API client secret (prefer the environment variable; never logged)",
         required=True,
+        metavar="SECRET",
     ),
     Option(
         "batch_size",
@@ -258,6 +266,7 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_float,
         _DEFAULTS["linger_ms"],
         "longest a change waits for its batch to fill",
+        metavar="MS",
     ),
     Option(
         "rate",
@@ -266,6 +275,7 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_float,
         _DEFAULTS["rate"],
         "most requests per second (0 = no limit)",
+        metavar="R",
     ),
     Option(
         "concurrency",
@@ -282,6 +292,7 @@ OPTIONS: tuple[Option, ...] = (
         port,
         _DEFAULTS["http_port"],
         "port of /healthz, /readyz and /metrics, on all interfaces (0 = off)",
+        metavar="PORT",
     ),
     Option(
         "follow",
@@ -299,6 +310,7 @@ OPTIONS: tuple[Option, ...] = (
         non_empty,
         None,
         "file keeping the offset of the acknowledged prefix of a jsonl: file",
+        metavar="PATH",
     ),
     Option(
         "max_body_bytes",
@@ -307,6 +319,7 @@ OPTIONS: tuple[Option, ...] = (
         positive_int,
         _DEFAULTS["max_body_bytes"],
         "largest request body",
+        metavar="BYTES",
     ),
     Option(
         "request_timeout_s",
@@ -315,6 +328,7 @@ OPTIONS: tuple[Option, ...] = (
         positive_float,
         _DEFAULTS["request_timeout_s"],
         "seconds before a request is given up and retried",
+        metavar="SECONDS",
     ),
     Option(
         "drain_timeout_s",
@@ -323,6 +337,7 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_float,
         _DEFAULTS["drain_timeout_s"],
         "seconds allowed to finish after SIGTERM/SIGINT",
+        metavar="SECONDS",
     ),
     Option(
         "suspect_ttl_s",
@@ -331,6 +346,7 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_float,
         _DEFAULTS["suspect_ttl_s"],
         "seconds an ID found missing is sent alone",
+        metavar="SECONDS",
     ),
     Option(
         "max_waiting",
@@ -373,6 +389,7 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "seconds an ID of a request given up at its timeout takes no newer values"
         " (default: twice --request-timeout)",
+        metavar="SECONDS",
     ),
     Option(
         "ingest_token",
@@ -381,6 +398,7 @@ OPTIONS: tuple[Option, ...] = (
         lambda text: Secret(non_empty(text)),
         None,
         "bearer token for POST /v1/changes of a sqlite: spool (prefer the variable; never logged)",
+        metavar="TOKEN",
     ),
     Option(
         "log_format",
@@ -389,6 +407,7 @@ OPTIONS: tuple[Option, ...] = (
         choice("auto", "json", "console"),
         _DEFAULTS["log_format"],
         "json lines, or console (readable); auto = console on a tty",
+        metavar="FORMAT",
     ),
     Option(
         "log_level",
@@ -397,6 +416,7 @@ OPTIONS: tuple[Option, ...] = (
         choice("debug", "info", "warning", "error"),
         _DEFAULTS["log_level"],
         "least level logged",
+        metavar="LEVEL",
     ),
     Option(
         "progress_interval_s",
@@ -405,6 +425,7 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_float,
         _DEFAULTS["progress_interval_s"],
         "seconds between progress log events (0 = none)",
+        metavar="SECONDS",
     ),
 )
 
@@ -429,7 +450,7 @@ def add_options(parser: argparse.ArgumentParser, options: tuple[Option, ...] = O
                 dest=option.field,
                 default=None,
                 help=text,
-                metavar=option.field.split("_")[0].upper(),
+                metavar=option.metavar,
             )
     parser.add_argument(
         CONFIG_FLAG,

@@ -159,6 +159,8 @@ class Engine:
         self._running = False
         self._reading_done = False
         self._stopping = False
+        self._signalled = anyio.Event()
+        """A signal came: the drain timeout runs."""
         self._result: Result | None = None
         self._reader_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
@@ -230,6 +232,7 @@ class Engine:
         self.stats.started = time.monotonic()
         self._running = True
         async with anyio.create_task_group() as outer:
+            outer.start_soon(self._drain_deadline)
             if self.settings.handle_signals:
                 outer.start_soon(self._watch_signals)
             if self.settings.progress_interval_s > 0:
@@ -276,21 +279,28 @@ class Engine:
         if self._work_scope is not None:
             self._work_scope.cancel()
 
+    def on_signal(self, signum: signal.Signals) -> None:
+        """SIGTERM/SIGINT came (to whoever receives them): the first drains, for at most the
+        drain timeout; another one (or one after :meth:`shutdown`) stops without draining.
+        Before :meth:`run` too: the run then stops as soon as it starts."""
+        if self._stopping:
+            self._interrupted(signum)
+            return
+        self._signalled.set()
+        self.shutdown()
+
     async def _watch_signals(self) -> None:
         # The receiver stays open while draining: a second signal must come here, not to the
         # default handler, which would kill the process before the input and sink are closed.
+        # (`contact-worker run` receives signals for the whole process instead: worker.signals)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                if self._stopping:
-                    self._interrupted(signum)
-                    return
-                log.info("signal received", signal=signum.name)
-                self.shutdown()
-                break
-            with anyio.move_on_after(self.settings.drain_timeout_s):
-                async for signum in signals:
-                    self._interrupted(signum)
-                    return
+                log.info("signal.received", signal=signum.name)
+                self.on_signal(signum)
+
+    async def _drain_deadline(self) -> None:
+        await self._signalled.wait()
+        await anyio.sleep(self.settings.drain_timeout_s)
         log.warning(
             "drain timeout: leaving unfinished changes unacknowledged",
             in_flight=self.scheduler.outstanding,

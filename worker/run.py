@@ -1,11 +1,12 @@
-"""Wiring one run: open the source and sink, start the HTTP edge, run the engine, close all."""
+"""Wiring one run: open the source and sink, start the HTTP edge and the status port, check
+the API, run the engine, close all; SIGTERM/SIGINT routed to each phase (worker.signals)."""
 
 from __future__ import annotations
 
-import signal
+import asyncio
 import sys
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 
 import anyio
 import structlog
@@ -15,49 +16,10 @@ from worker.config import Settings, redact_uri
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
 from worker.engine import Engine, Result
 from worker.sender import Sender
+from worker.signals import SignalRouter
 from worker.sources.base import Source, SourceError
 
 log = structlog.get_logger("worker.run")
-
-T = TypeVar("T")
-
-
-class _Stopped(Exception):
-    """SIGTERM/SIGINT came before the engine started."""
-
-
-async def _unless_stopped(work: Awaitable[T]) -> T:
-    """Await ``work``, unless SIGTERM/SIGINT comes first: then cancel it and raise _Stopped.
-
-    Before the engine runs (connecting to the source, the API check) nothing was read, so a
-    stop is clean at once. Without this the default action of SIGTERM would kill the process
-    (and as PID 1 in a container the signal would be ignored until the engine starts).
-    """
-    stopped = False
-    value: T | None = None
-    error: Exception | None = None
-
-    async def watch(scope: anyio.CancelScope) -> None:
-        nonlocal stopped
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("signal received before the start: stopping", signal=signum.name)
-                stopped = True
-                scope.cancel()
-                return
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(watch, group.cancel_scope)
-        try:
-            value = await work
-        except Exception as exc:  # re-raised below, outside the task group
-            error = exc
-        group.cancel_scope.cancel()
-    if stopped:
-        raise _Stopped
-    if error is not None:
-        raise error
-    return value  # type: ignore[return-value]
 
 
 def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], None] | None:
@@ -85,93 +47,116 @@ def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], N
     return configure
 
 
-async def run_worker(settings: Settings, source: Source, sink: DeadLetterSink) -> Result | int:
+async def run_worker(
+    settings: Settings, source: Source, sink: DeadLetterSink, signals: SignalRouter
+) -> Result | int:
     """Run to the end; an int is an exit code for a failure or a stop before the engine
-    started."""
-    from worker.cli import EXIT_OK
-
+    started. ``signals`` (installed by the caller) routes SIGTERM/SIGINT to this run."""
+    signals.attach(asyncio.get_running_loop())
     try:
-        return await _run(settings, source, sink)
-    except _Stopped:
-        return EXIT_OK
+        return await _run(settings, source, sink, signals)
+    finally:
+        signals.detach()
 
 
-async def _run(settings: Settings, source: Source, sink: DeadLetterSink) -> Result | int:
-    from worker.cli import EXIT_FATAL, EXIT_USAGE, engine_settings
+async def _run(
+    settings: Settings, source: Source, sink: DeadLetterSink, signals: SignalRouter
+) -> Result | int:
+    from worker.cli import EXIT_FATAL, EXIT_OK
+
+    async with AsyncExitStack() as opened:
+        # Before the engine runs, a signal cancels the start: nothing was read, the run stops
+        # at once (a source still connecting, an API check waiting for its answer included).
+        with anyio.CancelScope() as start:
+            signals.starting(start)
+            prepared = await _prepare(settings, source, sink, opened)
+        if signals.stopped_before_start:
+            return EXIT_OK
+        if isinstance(prepared, int):
+            return prepared
+        engine = prepared
+        # No await between the end of the start and here: a signal goes to one or the other.
+        signals.running(engine)
+        try:
+            return await engine.run()
+        except ExceptionGroup as group:
+            matched, rest = group.split((DeadLetterError, SourceError))
+            if rest is not None or matched is None:
+                raise
+            for error in _leaves(matched):
+                print(f"contact-worker: {error}", file=sys.stderr)
+            return EXIT_FATAL
+        finally:
+            signals.ending()
+    raise AssertionError("unreachable")  # for mypy: the block returns or raises
+
+
+async def _prepare(
+    settings: Settings, source: Source, sink: DeadLetterSink, opened: AsyncExitStack
+) -> Engine | int:
+    """Open the input, the sink, the HTTP edge and the status port (each closed by
+    ``opened``), then check the API: the engine ready to run, or an exit code."""
+    from worker.cli import EXIT_USAGE, engine_settings
     from worker.preflight import check_api
 
     try:
-        await _unless_stopped(source.open())
+        await source.open()
     except SourceError as exc:
         print(f"contact-worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    opened.push_async_callback(source.close)
     try:
-        try:
-            await _unless_stopped(sink.open())
-        except DeadLetterError as exc:
-            print(f"contact-worker: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        async with Sender(
+        await sink.open()
+    except DeadLetterError as exc:
+        print(f"contact-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    opened.push_async_callback(sink.close)
+    sender = await opened.enter_async_context(
+        Sender(
             settings.api_url,
             settings.client_id,
             settings.client_secret,
             concurrency=settings.concurrency,
             timeout_s=settings.request_timeout_s,
-        ) as sender:
-            # Before the engine (which reads) and the status port (/readyz): a refused login
-            # or a misconfigured host stops the run with nothing read.
-            finding = await _unless_stopped(
-                check_api(sender, request_timeout_s=settings.request_timeout_s)
-            )
-            if finding.exit_code is not None:
-                print(f"contact-worker: {finding.message}", file=sys.stderr)
-                return finding.exit_code
-            engine = Engine(source, sink, sender, engine_settings(settings))
-            log.info(
-                "starting",
-                source=redact_uri(settings.source),
-                dlq=redact_uri(settings.dlq),
-                api_url=redact_uri(settings.api_url),
-                batch_size=settings.batch_size,
-                rate=settings.rate,
-                concurrency=settings.concurrency,
-            )
-            try:
-                if not settings.http_port:
-                    if settings.source.startswith("sqlite:"):
-                        log.warning(
-                            "--http-port 0: POST /v1/changes is off; only `contact-"
-                            "worker enqueue --to` can feed this spool"
-                        )
-                    return await engine.run()
-                from worker.obs.http import serve_status
+        )
+    )
+    engine = Engine(source, sink, sender, engine_settings(settings, handle_signals=False))
+    if settings.http_port:
+        # Before the check: a port that is taken is a setting to fix, found before any request
+        # is sent. /readyz says `starting` until the engine runs.
+        from worker.obs.http import serve_status
 
-                try:
-                    status = serve_status(
-                        engine, settings.http_port, configure=_ingest(settings, source)
-                    )
-                    await _unless_stopped(status.__aenter__())
-                except OSError as exc:
-                    print(
-                        f"contact-worker: cannot serve --http-port {settings.http_port}: "
-                        f"{exc.strerror or exc}",
-                        file=sys.stderr,
-                    )
-                    return EXIT_USAGE
-                try:
-                    return await engine.run()
-                finally:
-                    await status.__aexit__(None, None, None)
-            except ExceptionGroup as group:
-                matched, rest = group.split((DeadLetterError, SourceError))
-                if rest is not None or matched is None:
-                    raise
-                for error in _leaves(matched):
-                    print(f"contact-worker: {error}", file=sys.stderr)
-                return EXIT_FATAL
-    finally:
-        await sink.close()
-        await source.close()
+        status = serve_status(engine, settings.http_port, configure=_ingest(settings, source))
+        try:
+            await opened.enter_async_context(status)
+        except OSError as exc:
+            print(
+                f"contact-worker: cannot serve --http-port {settings.http_port}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    elif settings.source.startswith("sqlite:"):
+        log.warning(
+            "--http-port 0: POST /v1/changes is off; only `contact-worker enqueue --to` can"
+            " feed this spool"
+        )
+    # Before the engine (which reads) and before /readyz says ready: a refused login or a
+    # misconfigured host stops the run with nothing read.
+    finding = await check_api(sender, request_timeout_s=settings.request_timeout_s)
+    if finding.exit_code is not None:
+        print(f"contact-worker: {finding.message}", file=sys.stderr)
+        return finding.exit_code
+    log.info(
+        "starting",
+        source=redact_uri(settings.source),
+        dlq=redact_uri(settings.dlq),
+        api_url=redact_uri(settings.api_url),
+        batch_size=settings.batch_size,
+        rate=settings.rate,
+        concurrency=settings.concurrency,
+    )
+    return engine
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -347,11 +347,21 @@ class TestApiUnavailable:
         assert expected_state(stream(300, 100)) == contacts
 
 
+def get_json(url: str) -> tuple[int, Any]:
+    """The status and JSON body of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
 class TestReadiness:
     @pytest.mark.slow
-    def test_the_status_port_opens_after_the_check(self, tmp_path: Path) -> None:
-        """While the check waits for its answer, /readyz does not answer at all (the status
-        port is not open yet); once it passed, the worker becomes ready."""
+    def test_the_status_port_says_starting_during_the_check(self, tmp_path: Path) -> None:
+        """The status port opens before the check is sent: while the check waits for its
+        answer /healthz answers and /readyz says 503 `starting`; once it passed, the worker
+        becomes ready."""
         write_lines(tmp_path / "in.jsonl", stream(20, 10))
         gw = Gateway("--known-count", "100", "--latency", "3000")
         port = free_port()
@@ -360,20 +370,17 @@ class TestReadiness:
             env=worker_env(gw, tmp_path, WORKER_HTTP_PORT=str(port)),
             stderr=subprocess.DEVNULL,
         )
+        base = f"http://127.0.0.1:{port}"
         try:
             # The check's request is held by the latency: seen, not yet answered.
             while gw.get("/_sim/stats")["requests"] == 0:
                 time.sleep(0.05)
+            assert (200, {"status": "ok"}) == get_json(f"{base}/healthz")
+            assert (503, {"ready": False, "reason": "starting"}) == get_json(f"{base}/readyz")
             assert {} == gw.get("/_sim/stats")["by_status"]
-            with pytest.raises(ConnectionRefusedError):
-                socket.create_connection(("127.0.0.1", port), timeout=10).close()
             gw.configure(latency="0")
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10):
-                        break
-                except urllib.error.URLError:
-                    time.sleep(0.05)
+            while get_json(f"{base}/readyz")[0] != 200:
+                time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             assert 0 == proc.wait(30)
         finally:
@@ -381,6 +388,28 @@ class TestReadiness:
                 proc.kill()
                 proc.wait(10)
             gw.stop()
+
+    def test_a_taken_port_exits_2_before_any_request(self, tmp_path: Path) -> None:
+        """--http-port already taken: exit 2 naming the port, and the API never saw a request
+        (the port is bound before the check)."""
+        write_lines(tmp_path / "in.jsonl", stream(20, 10))
+        gw = Gateway("--known-count", "100")
+        try:
+            with socket.socket() as taken:
+                taken.bind(("0.0.0.0", 0))
+                taken.listen()
+                port = taken.getsockname()[1]
+                result = run(
+                    ["--source", f"jsonl:{tmp_path / 'in.jsonl'}", "--http-port", str(port)],
+                    worker_env(gw, tmp_path),
+                )
+            stats = gw.get("/_sim/stats")
+        finally:
+            gw.stop()
+        assert 2 == result.returncode, result.stderr
+        assert f"contact-worker: cannot serve --http-port {port}: " in result.stderr
+        assert 0 == stats["requests"]
+        assert "starting" not in event_names(result.stderr)
 
 
 class TestStopBeforeTheStart:
@@ -410,7 +439,8 @@ class TestStopBeforeTheStart:
             _, stderr = proc.communicate(timeout=20)
             assert 0 == proc.returncode, stderr
             names = event_names(stderr)
-            assert "signal received before the start: stopping" in names
+            received = [e for e in events(stderr) if e["event"] == "signal.received"]
+            assert [("SIGTERM", "starting")] == [(e["signal"], e["phase"]) for e in received]
             assert "starting" not in names
             assert not (tmp_path / "cp").exists()
             assert {} == gw.get("/_sim/contacts")

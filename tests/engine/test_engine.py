@@ -220,3 +220,30 @@ class TestCheckpoint:
         size = (tmp_path / "in.jsonl").stat().st_size
         assert size == run.source.progress.offset
         assert size == orjson.loads((tmp_path / "cp.json").read_bytes())["offset"]
+
+    async def test_a_resume_says_where_it_starts(self, tmp_path: Path) -> None:
+        """Opening a jsonl: source whose checkpoint is past the top logs `source.resumed` with
+        the first line it reads (1-based, as dead letters count) and its byte offset; a fresh
+        start (no checkpoint yet) logs nothing of the kind."""
+        import orjson
+        import structlog
+
+        from worker.sources.jsonl import JsonlSource
+
+        path, checkpoint = tmp_path / "in.jsonl", tmp_path / "cp.json"
+        lines = [orjson.dumps(change) + b"\n" for change in stream(5, 5)]
+        path.write_bytes(b"".join(lines))
+        offset = len(lines[0]) + len(lines[1]) + len(lines[2])
+
+        async def opened() -> list[dict[str, Any]]:
+            source = JsonlSource(str(path), checkpoint=str(checkpoint))
+            with structlog.testing.capture_logs() as logs:
+                await source.open()
+            await source.close()
+            return [entry for entry in logs if entry["event"] == "source.resumed"]
+
+        assert [] == await opened()
+        body = {"path": str(path), "line": 3, "offset": offset}
+        checkpoint.write_bytes(orjson.dumps(body))
+        expected = {"path": str(path), "checkpoint": str(checkpoint), "line": 4, "offset": offset}
+        assert [expected] == [{key: entry[key] for key in expected} for entry in await opened()]

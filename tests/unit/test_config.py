@@ -422,3 +422,39 @@ def test_readme_sample_file_is_valid() -> None:
     file = check_config(tomllib.loads(sample), "worker.toml")
     settings = explain(parse([]), {"SMSGW_CLIENT_SECRET": "s"}, file).settings()
     assert (200, "json") == (settings.batch_size, settings.log_format)
+
+
+class TestRunHelp:
+    @staticmethod
+    def help_text(capsys: pytest.CaptureFixture[str]) -> str:
+        """`contact-worker run --help`, its lines unwrapped."""
+        from worker.cli import main
+
+        with pytest.raises(SystemExit):
+            main(["run", "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    def test_source_names_every_input(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """The help of --source names every input `run` reads, not only jsonl:."""
+        text = self.help_text(capsys)
+        source = text[text.index("--source URI where") : text.index("--dlq URI where")]
+        for scheme in ("jsonl:PATH", "jsonl:- (stdin)", "sqlite:PATH", "postgresql://", "redis://"):
+            assert scheme in source, source
+
+    def test_each_value_is_named_for_what_it_is(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Metavars say what a value is (``--http-port PORT``), never a piece of the option's
+        name (``--client-secret CLIENT``, ``--http-port HTTP``)."""
+        text = self.help_text(capsys)
+        for shown in (
+            "--source URI",
+            "--api-url URL",
+            "--client-secret SECRET",
+            "--http-port PORT",
+            "--concurrency N",
+            "--linger-ms MS",
+            "--drain-timeout SECONDS",
+            "--ingest-token TOKEN",
+        ):
+            assert shown in text
+        for option in OPTIONS:
+            assert f"{option.flag} {option.flag[2:].split('-')[0].upper()} " not in text, option

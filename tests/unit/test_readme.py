@@ -18,7 +18,9 @@ def test_readme_shows_exactly_the_ddl_init_runs() -> None:
 
 
 def test_every_option_is_in_the_readme_table() -> None:
-    """Each flag of `run` and its environment variable appear in the options table."""
+    """Each flag of `run`, shown as `--help` shows it (``--http-port PORT``), and its
+    environment variable appear in one row of the options table."""
     rows = [line for line in README.splitlines() if line.startswith("| `--")]
     for option in OPTIONS:
-        assert any(f"`{option.flag}" in row and f"`{option.env}`" in row for row in rows), option
+        shown = option.flag if option.switch else f"{option.flag} {option.metavar}"
+        assert any(f"| `{shown}` |" in row and f"`{option.env}`" in row for row in rows), shown

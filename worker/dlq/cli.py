@@ -16,6 +16,7 @@ from worker.dlq.replay import replay
 from worker.dlq.stores import DeadLetterStore, StoreBusy, StoreError, open_store
 from worker.dlq.summary import Summary, Tally
 from worker.dlq.targets import open_target
+from worker.sources.base import SourceError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 
@@ -110,7 +111,8 @@ def main_show(args: argparse.Namespace) -> int:
 
 def main_replay(args: argparse.Namespace) -> int:
     """``dlq replay URI --to INPUT``: 0 when it ran to the end, 1 when it stopped early or
-    another replay holds the store, 2 for a bad URI, option or store."""
+    another replay holds the store, 2 for a bad URI, option, store, or an input that fails
+    before anything was written to it."""
     reasons = parse_reasons(args.reason)
     unknown = sorted((reasons or set()) - set(REASONS))
     if unknown:
@@ -134,7 +136,7 @@ def main_replay(args: argparse.Namespace) -> int:
         report = anyio.run(lambda: replay(store, target, planner, dry_run=args.dry_run))
     except StoreBusy as exc:
         return _fail(str(exc), EXIT_FATAL)
-    except (ConfigError, StoreError) as exc:
+    except (ConfigError, StoreError, SourceError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report.to_json()) + b"\n")

@@ -20,7 +20,7 @@ import orjson
 from worker.dlq.plan import Planner, ReplayCounts
 from worker.dlq.stores.base import PAGE, DeadLetterStore, StoreError
 from worker.dlq.targets import Target
-from worker.sources.base import SourceError
+from worker.sources.base import EnqueueStopped, SourceError
 
 ORDER_WARNING = (
     "a replayed change is sent as it was when it failed: if a newer change to the same contact"
@@ -78,8 +78,9 @@ async def replay(
 ) -> ReplayReport:
     """Replay what the planner chooses from ``store`` into ``target``.
 
-    Raises StoreError (or StoreBusy) if the store cannot be opened; a failure after that ends
-    the replay early and is in the report's ``error``, with everything done until then.
+    Raises StoreError (or StoreBusy) if the store cannot be opened, SourceError if the target
+    fails before anything was written to it; a failure after that ends the replay early and is
+    in the report's ``error``, with everything done until then.
     """
     await store.open(replay=not dry_run)
     try:
@@ -112,6 +113,10 @@ async def replay(
                 try:
                     await target.write(lines)
                 except (SourceError, OSError) as exc:
+                    if not report.replayed and not isinstance(exc, EnqueueStopped):
+                        # Nothing done yet: an input that cannot be reached (or refuses the
+                        # first write) is a setting to fix, like a store that cannot be opened.
+                        raise SourceError(f"writing to {target.display}: {exc}") from exc
                     report.error = f"writing to {target.display}: {exc}"
                     break
                 try:

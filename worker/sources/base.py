@@ -82,6 +82,9 @@ class ReplayListener(Protocol):
     def replay_done(self, name: str) -> None:
         """Called once every record of the range was handed out by an earlier ``read``
         (the engine has taken them in), or the range was given up (a partition lost)."""
+class EnqueueStopped(SourceError):
+    """Writing to an input failed after some changes were written (the message says how many):
+    a command that stopped half-way (exit 1), not a setting to fix (exit 2)."""
 
 
 class Source(abc.ABC):

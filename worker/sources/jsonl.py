@@ -18,8 +18,11 @@ from typing import Any
 
 import anyio
 import orjson
+import structlog
 
 from worker.sources.base import Record, ReplayRanges, Source, SourceError, SourceStatistics
+
+log = structlog.get_logger("worker.sources.jsonl")
 
 CHUNK_BYTES = 256 * 1024
 READ_MARK_AHEAD = 16 * CHUNK_BYTES
@@ -141,6 +144,15 @@ class JsonlSource(Source):
             if min(read_to, size) > offset:
                 self._replay_to = min(read_to, size)
                 self._ranges.begin(self.name)
+            if line or offset:
+                # `line` as dead letters count (1-based): the first line this run reads.
+                log.info(
+                    "source.resumed",
+                    path=self.path,
+                    checkpoint=self.checkpoint,
+                    line=line + 1,
+                    offset=offset,
+                )
 
     def _load_checkpoint(self, size: int) -> tuple[int, int, int]:
         """The checkpoint's line, offset and read_to (``size`` for a checkpoint written before

@@ -44,7 +44,7 @@ import orjson
 
 from worker.core.change import key_of
 from worker.core.partition import partition_of
-from worker.sources.base import SourceError
+from worker.sources.base import EnqueueStopped, SourceError
 from worker.sources.pg_outbox import (
     ADVISORY_CLASS,
     CONNECT_TIMEOUT_S,
@@ -163,7 +163,8 @@ async def enqueue(uri: str, lines: Iterable[bytes | str]) -> int:
             await write(conn, ids, changes)
             count += len(ids)
     except DATABASE_ERRORS as exc:
-        raise SourceError(
+        failed = EnqueueStopped if count else SourceError
+        raise failed(
             f"enqueue into {target.outbox} in {target.display} stopped after {count} rows:"
             f" {describe_error(exc)}"
         ) from exc

@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from worker.core.partition import partition_of
-from worker.sources.base import SourceError
+from worker.sources.base import EnqueueStopped, SourceError
 from worker.sources.redis_streams import CHANGE_FIELD, connect, ensure_group, parse_uri
 
 CHUNK = 1000
@@ -67,6 +67,11 @@ async def enqueue(uri: str, lines: AsyncIterable[bytes] | Iterable[bytes]) -> in
     sent = 0
     chunk: list[bytes] = []
     try:
+        await client.ping()  # connects: a Redis that is not there fails before anything is read
+    except (RedisError, OSError) as exc:
+        await client.aclose()
+        raise SourceError(f"cannot connect to redis {address.display}: {exc}") from exc
+    try:
         if isinstance(lines, AsyncIterable):
             async for line in lines:
                 if _add(chunk, line) >= CHUNK:
@@ -77,9 +82,9 @@ async def enqueue(uri: str, lines: AsyncIterable[bytes] | Iterable[bytes]) -> in
                     sent += await _flush(client, streams, chunk)
         sent += await _flush(client, streams, chunk)
     except (RedisError, OSError) as exc:
-        raise SourceError(
-            f"redis {address.display}: enqueue failed after {sent} changes: {exc}"
-        ) from exc
+        failed = EnqueueStopped if sent else SourceError
+        message = f"redis {address.display}: enqueue failed after {sent} changes: {exc}"
+        raise failed(message) from exc
     finally:
         await client.aclose()
     return sent

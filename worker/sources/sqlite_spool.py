@@ -71,7 +71,14 @@ import structlog
 
 from worker.config import ConfigError
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
-from worker.sources.base import Record, ReplayRanges, Source, SourceError, SourceStatistics
+from worker.sources.base import (
+    EnqueueStopped,
+    Record,
+    ReplayRanges,
+    Source,
+    SourceError,
+    SourceStatistics,
+)
 
 log = structlog.get_logger("worker.sources.sqlite")
 
@@ -654,7 +661,8 @@ async def enqueue(uri: str, lines: AsyncIterable[bytes] | Iterable[bytes]) -> in
                     sent += await _flush(spool, chunk)
         sent += await _flush(spool, chunk)
     except SpoolError as exc:
-        raise SourceError(f"enqueue failed after {sent} changes: {exc}") from exc
+        failed = EnqueueStopped if sent else SourceError
+        raise failed(f"enqueue failed after {sent} changes: {exc}") from exc
     finally:
         await release_spool(spool)
     return sent
