@@ -407,4 +407,4 @@ class TestTornLines:
         *whole, torn = left.split(b"\n")
         assert torn  # the failed write left a torn line
         assert letters[: len(whole)] == [orjson.loads(line) for line in whole]
-        assert b"\n" + orjson.dumps(letter(11)) + b"\n" == fenced
+        assert b"\n" + orjson.dumps(letters[-1]) + b"\n" == fenced
