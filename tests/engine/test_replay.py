@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import anyio
 import orjson
 import pytest
 
@@ -100,3 +101,34 @@ class TestJsonlReplay:
         [done] = run.events("source.replay_done")
         assert False is done["complete"]
         assert 1000 <= done["changes"] < len(changes)
+
+
+class TestFollowedCheckpoint:
+    async def test_a_quiet_followed_file_saves_the_last_acknowledgements(
+        self, tmp_path: Path
+    ) -> None:
+        """Acks held back by the save interval reach the checkpoint while the followed file is
+        quiet (the reader polls), not only at the next ack or at close."""
+        path = tmp_path / "in.jsonl"
+        path.write_bytes(b'{"ID": 1, "lastname": "a"}\n{"ID": 2, "lastname": "b"}\n')
+        checkpoint = tmp_path / "cp.json"
+        source = JsonlSource(
+            str(path), follow=True, checkpoint=str(checkpoint), checkpoint_interval_s=0.05
+        )
+        await source.open()
+        try:
+            records = await source.read()
+            assert records is not None and 2 == len(records)
+            await source.ack([records[0][0]])  # saved: the first save of the run
+            await source.ack([records[1][0]])  # within the interval: held back
+            with anyio.move_on_after(10):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(source.read)  # waits at the end of the file, polling
+                    for _ in range(500):  # polled: the file on disk is what changes
+                        if orjson.loads(checkpoint.read_bytes())["line"] == 2:
+                            break
+                        await anyio.sleep(0.02)
+                    group.cancel_scope.cancel()
+            assert 2 == orjson.loads(checkpoint.read_bytes())["line"]
+        finally:
+            await source.close()

@@ -186,6 +186,7 @@ class JsonlSource(Source):
                     return records
                 continue
             if self.follow:
+                await self._save_idle()
                 await anyio.sleep(self.poll_s)
                 continue
             self._eof = True
@@ -250,6 +251,15 @@ class JsonlSource(Source):
         for token in tokens:
             progress.ack(token)  # type: ignore[arg-type]
         if self.checkpoint and progress.line != self._saved_line:
+            now = time.monotonic()
+            if now - self._saved_at >= self.checkpoint_interval_s:
+                self._saved_at = now
+                await self._save()
+
+    async def _save_idle(self) -> None:
+        """While a followed file is quiet, save what acknowledgements since the last save
+        (held back by the interval) moved: the checkpoint does not lag until the next ack."""
+        if self.checkpoint and self.progress.line != self._saved_line:
             now = time.monotonic()
             if now - self._saved_at >= self.checkpoint_interval_s:
                 self._saved_at = now
