@@ -461,7 +461,7 @@ class Engine:
             self.abort(Result(Ending.AUTH, verdict, message))
         elif verdict.action is Action.FOREIGN:
             message = (
-                f"stopped sending: HTTP {verdict.status} {verdict.detail}; nothing was"
+                f"stopped sending: HTTP {verdict.status}: {verdict.detail}; nothing was"
                 " dead-lettered or acknowledged on account of it"
             )
             log.error(

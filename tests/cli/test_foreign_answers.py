@@ -82,7 +82,7 @@ class TestProxyAfterTheStart:
             result = run(source, worker_env(gw, tmp_path, WORKER_CONCURRENCY="8"))
             assert 1 == result.returncode, result.stderr
             message = result.stderr.strip().splitlines()[-1]
-            assert message.startswith("contact-worker: stopped sending: HTTP 404 ")
+            assert message.startswith("contact-worker: stopped sending: HTTP 404: ")
             assert "nothing was dead-lettered or acknowledged" in message
             assert gw.get("/_sim/stats")["requests"] <= 1 + 8
             assert not dead_letters(tmp_path)

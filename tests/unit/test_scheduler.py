@@ -182,10 +182,10 @@ class TestSchedulerIsolation:
         is split in turn."""
         s, _ = self.refused(not_found(), 1, 2, 3, 4)
         s.resolve(take(s, 0.0), not_found(), 1.0)
+        one = take(s, 1.0)  # depth first: the failed half's own split goes first
+        assert ["1"] == one.keys
         held = take(s, 1.0)
         assert (["3", "4"], Purpose.ISOLATE) == (held.keys, held.purpose)
-        one = take(s, 1.0)
-        assert ["1"] == one.keys
         assert (["3", "4"], []) == keys_of(s.resolve(held, applied(), 2.0))
         settled = s.resolve(one, not_found(), 2.0)
         assert ([], ["1"]) == keys_of(settled)
@@ -199,8 +199,9 @@ class TestSchedulerIsolation:
         """A held half sent whole that fails is isolated by its own failure."""
         s, _ = self.refused(not_found(), 1, 2, 3, 4)
         s.resolve(take(s, 0.0), not_found(), 1.0)
-        held = take(s, 1.0)
         take(s, 1.0)  # ["1"], left outstanding
+        held = take(s, 1.0)
+        assert ["3", "4"] == held.keys
         s.resolve(held, rejected(), 2.0)
         three = take(s, 2.0)
         assert ["3"] == three.keys
@@ -313,7 +314,7 @@ class TestSchedulerShrink:
         s.resolve(take(s, 0.0), not_found(), 0.0)
         s.resolve(take(s, 0.0), too_large(), 0.0)
         handed = [take(s, 0.0).keys for _ in range(3)]
-        assert [["3", "4"], ["1"], ["2"]] == handed
+        assert [["1"], ["2"], ["3", "4"]] == handed  # depth first: the halves first
 
 
 class TestSchedulerRetry:

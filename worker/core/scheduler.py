@@ -360,7 +360,7 @@ class Scheduler:
                 letter = culprit(batch.entries[0], verdict)
                 self._dead([letter], now, settled, self._fence_until(batch))
             else:
-                self._urgent.extend(self._inherit(batch, halves(batch, self._number)))
+                self._push_urgent(self._inherit(batch, halves(batch, self._number)))
         else:
             self.fatal = verdict
             settled.fatal = verdict
@@ -429,7 +429,7 @@ class Scheduler:
         else:
             if parent is not None:
                 self._inherit(parent, [plan] if plan.held is None else [plan, plan.held])
-            self._urgent.append(plan)
+            self._push_urgent([plan])
 
     @staticmethod
     def _inherit(parent: Batch, parts: list[Batch]) -> list[Batch]:
@@ -484,17 +484,24 @@ class Scheduler:
             heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
             settled.retry_in_s = delay
         elif not lone:
-            self._urgent.extend(self._inherit(batch, halves(batch, self._number, Purpose.ISOLATE)))
+            self._push_urgent(self._inherit(batch, halves(batch, self._number, Purpose.ISOLATE)))
         else:
             detail = f"{verdict.detail or ''} (the same answer {tries} times)".strip()
             letter = DeadLetter(batch.entries[0], "rejected", verdict.status, verdict.error, detail)
             self._dead([letter], now, settled, self._fence_until(batch))
 
+    def _push_urgent(self, parts: list[Batch]) -> None:
+        """Parts of a refused batch go first, in order (depth first): a batch's isolation
+        ends, and its valid changes are applied, before other refused batches are opened
+        up, and lone answers (which a wrong URL or account shows in) come after a few
+        requests instead of after the upper levels of every refused batch."""
+        self._urgent.extendleft(reversed(parts))
+
     def _release_held(self, batch: Batch) -> None:
         held = release_held(batch)
         if held is not None:
             held.failure = None
-            self._urgent.append(held)
+            self._push_urgent([held])
 
     def _retry(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
         batch.attempt += 1
