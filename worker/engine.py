@@ -261,6 +261,13 @@ class Engine:
             self._reader_scope.cancel()
         self._reading_done = True
         self.scheduler.draining = True
+        fenced = self.scheduler.drop_fenced()
+        if fenced:  # not worth a drain timeout: read again, coalesced, at the next start
+            log.info(
+                "shutdown.fenced_dropped",
+                ids=len(fenced),
+                changes=sum(len(entry.tokens) for entry in fenced),
+            )
         dropped = self.scheduler.drop_replays()
         if dropped:
             log.info(
@@ -380,15 +387,14 @@ class Engine:
         scheduler = self.scheduler
         while True:
             now = self._clock()
+            due = scheduler.settle_due(now)
+            if due is not None:  # fences lifted; lone 404s that nothing can confirm any more
+                await self._carry_out(due)
             planned = scheduler.next_batch(now)
             if isinstance(planned, Batch):
                 return planned
             if scheduler.fatal is not None:
                 return None
-            quiet = scheduler.settle_quiet(now)
-            if quiet is not None:  # lone 404s no 2xx came to confirm, and none can come now
-                await self._carry_out(quiet)
-                continue
             if self._reading_done and scheduler.idle:
                 self._notify()  # let the other senders see it too
                 return None

@@ -120,7 +120,7 @@ def scheduler_requests(flags: list[bool]) -> int:
     while True:
         batch = s.next_batch(0.0)
         if not isinstance(batch, Batch):
-            s.settle_quiet(0.0)  # as the engine does before it would wait
+            s.settle_due(0.0)  # as the engine does before it would wait
             assert s.idle
             return requests
         assert requests == 0 or batch.purpose.value != "new" or not unknown

@@ -15,6 +15,7 @@ import pytest
 
 from tests.engine.harness import expected_state, run_engine, settings
 from tests.engine.test_engine import applied_in_order, stream
+from worker.core.backoff import Backoff
 from worker.core.classify import Action
 from worker.engine import Ending
 from worker.sim.gateway import SimConfig
@@ -161,6 +162,21 @@ class TestUndocumentedCodes:
         assert {"rejected"} == {d["reason"] for d in run.dead}
         assert {"9999"} == {d["error"] for d in run.dead}
         assert 4 == len(run.dead)
+
+
+class TestUndocumentedEverywhere:
+    async def test_an_api_answering_9999_to_everything_stops(self, tmp_path: Path) -> None:
+        """Every request answered 400/9999: the lone rejections come in a run with nothing
+        applied, and sending stops before the input is dead-lettered."""
+        run = await run_engine(
+            tmp_path,
+            stream(500, 200),
+            SimConfig(known_count=200, odd_code_share=1.0),
+            settings(batch=20, concurrency=4, backoff=Backoff(base_s=0.001, cap_s=0.01)),
+            checkpoint=True,
+        )
+        assert Ending.FATAL == run.result.ending
+        assert ([], 0) == (run.dead, run.engine.stats.acked)
 
 
 class TestLateApplication:

@@ -53,8 +53,8 @@ def too_large() -> Verdict:
 
 
 def server_error() -> Verdict:
-    """The verdict for a 503 without Retry-After."""
-    return classify(503, b"", None, NOW_WALL)
+    """The verdict for the API's own 503 without Retry-After."""
+    return classify(503, b'{"error":"server error","errorMsg":"try later"}', None, NOW_WALL)
 
 
 def too_many(retry_after: str) -> Verdict:

@@ -141,13 +141,22 @@ class TestClassifyRetry:
 
     @pytest.mark.parametrize("status", [500, 502, 503, 504, 599])
     def test_5xx_is_retried(self, status: int) -> None:
-        """Every 5xx is retried."""
-        assert Verdict(Action.RETRY, status) == classify(status, b"", None, NOW_WALL)
+        """Every 5xx is retried; one that is not the API's own answer (here empty) may have
+        been applied upstream all the same."""
+        expected = Verdict(Action.RETRY, status, maybe_applied=True)
+        assert expected == classify(status, b"", None, NOW_WALL)
+
+    @pytest.mark.parametrize(("status", "late"), [(500, False), (503, False), (502, True)])
+    def test_the_apis_own_5xx_was_not_applied(self, status: int, late: bool) -> None:
+        """The API's own JSON 500/503 says it did not apply it; a gateway's 502/504 cannot."""
+        verdict = classify(status, error_body("server error"), None, NOW_WALL)
+        assert (Action.RETRY, late) == (verdict.action, verdict.maybe_applied)
 
     @pytest.mark.parametrize("status", [408, 425, 429])
     def test_transient_4xx_are_retried(self, status: int) -> None:
-        """408, 425 and 429 are retried."""
-        assert Verdict(Action.RETRY, status) == classify(status, b"", None, NOW_WALL)
+        """408, 425 and 429 are retried; after a 408 the request may still be applied."""
+        expected = Verdict(Action.RETRY, status, maybe_applied=status == 408)
+        assert expected == classify(status, b"", None, NOW_WALL)
 
     def test_429_with_retry_after_seconds(self) -> None:
         """Retry-After in seconds is carried in the verdict."""
@@ -205,7 +214,8 @@ class TestNonJsonBodies:
     )
     def test_text_body_becomes_the_detail(self, body: bytes, detail: str | None) -> None:
         """A body that is not JSON is kept (trimmed) as the detail, with no code."""
-        assert Verdict(Action.RETRY, 502, None, detail) == classify(502, body, None, NOW_WALL)
+        expected = Verdict(Action.RETRY, 502, None, detail, maybe_applied=True)
+        assert expected == classify(502, body, None, NOW_WALL)
 
     def test_long_text_body_is_cut(self) -> None:
         """Only the first 200 bytes of a text body are kept."""

@@ -157,11 +157,11 @@ class TestNotFoundRun:
     def test_quiet_releases_them(self) -> None:
         """With nothing left that could bring a 2xx, the held 404s become dead letters."""
         s, _ = self.lone_404s(3, 10)
-        quiet = s.settle_quiet(1.0)
+        quiet = s.settle_due(1.0)
         assert quiet is not None
         assert ([], ["1", "2", "3"]) == keys_of(quiet)
         assert s.idle
-        assert None is s.settle_quiet(2.0)
+        assert None is s.settle_due(2.0)
 
     def test_not_quiet_while_a_request_is_out(self) -> None:
         """A request still out may be the 2xx that confirms them: not yet."""
@@ -170,9 +170,47 @@ class TestNotFoundRun:
         s.draining = True
         first, second = take(s, 0.0), take(s, 0.0)
         s.resolve(first, not_found(), 0.0)
-        assert None is s.settle_quiet(0.0)
+        assert None is s.settle_due(0.0)
         s.resolve(second, applied(), 0.0)
         assert s.idle
+
+    def test_a_live_input_keeps_them_held(self) -> None:
+        """Before the input ends (and while it may still be read) lone 404s are not settled
+        as quiet: a slow trickle of them still adds up to the run's limit and stops."""
+        s = scheduler(max_items=1, max_not_found_run=3)
+        for i in range(1, 4):
+            feed(s, i)
+            settled = s.resolve(take(s, 0.0), not_found(), 0.0)
+            if i < 3:
+                assert None is s.settle_due(0.0)
+        assert settled.fatal is not None and Action.FOREIGN == settled.fatal.action
+
+    def test_ids_known_missing_are_dead_at_once(self) -> None:
+        """A suspect (an ID found missing earlier, sent alone) answered 404 again is dead at
+        once and does not count toward the run: a 2xx proved the URL when it was learnt."""
+        s = scheduler(max_items=1, max_not_found_run=2)
+        feed(s, 1, 2)
+        s.resolve(take(s, 0.0), not_found(), 0.0)
+        s.resolve(take(s, 0.0), applied(), 0.0)  # confirms 1 as missing
+        for value in ("b", "c", "d"):
+            feed(s, 1, value=value)
+            suspect = take(s, 1.0)
+            settled = s.resolve(suspect, not_found(), 1.0)
+            assert ([], ["1"]) == keys_of(settled)
+            assert None is settled.fatal
+
+    def test_undocumented_rejections_in_a_row_stop_too(self) -> None:
+        """Lone changes rejected with an undocumented code, nothing applied in between,
+        count as a run as well: an API answering 9999 to everything does not reject the
+        whole input."""
+        s = scheduler(max_items=1, max_not_found_run=3, confirm_tries=1)
+        feed(s, 1, 2, 3)
+        s.draining = True
+        results = [s.resolve(take(s, 0.0), odd_code(), 0.0) for _ in range(3)]
+        assert all(not r.dead for r in results)
+        fatal = results[-1].fatal
+        assert fatal is not None and Action.FOREIGN == fatal.action
+        assert "400/9999" in (fatal.detail or "")
 
     def test_zero_turns_the_guard_off(self) -> None:
         """With 0 every lone 404 is a dead letter at once."""
@@ -184,7 +222,8 @@ class TestTimeoutGrace:
     """IDs of an abandoned request take no newer values until the grace has passed."""
 
     def test_newer_change_waits_for_the_grace(self) -> None:
-        """Timeout at t=1, retry applied at t=2: the newer change goes at t=1+grace, not t=2."""
+        """Timeout at t=1, retry applied at t=2: the newer change goes at t=1+grace, not t=2,
+        and the applied change is acknowledged only then (its partition stays held)."""
         s = scheduler(timeout_grace_s=60.0, linger_s=0.0)
         feed(s, 1, value="old")
         batch = take(s, 0.0)
@@ -192,19 +231,42 @@ class TestTimeoutGrace:
         feed(s, 1, now=1.5, value="new")
         retry = take(s, 2.0)
         assert b'[{"ID":1,"extra1":"old"}]' == retry.body()
-        assert (["1"], []) == keys_of(s.resolve(retry, applied(), 2.0))
+        assert ([], []) == keys_of(s.resolve(retry, applied(), 2.0))
+        assert None is s.settle_due(30.0)
         assert 61.0 == s.next_batch(2.0)
         assert 61.0 == s.next_batch(30.0)
+        due = s.settle_due(61.0)
+        assert due is not None and (["1"], []) == keys_of(due)
         newer = take(s, 61.0)
         assert b'[{"ID":1,"extra1":"new"}]' == newer.body()
         assert 1 == s.stats.fenced
 
-    def test_no_newer_change_no_wait(self) -> None:
-        """A fence with nothing waiting behind it does not hold the drain."""
+    def test_no_newer_change_no_wait_at_the_end(self) -> None:
+        """Once the input is drained a fence with nothing waiting behind it holds nothing:
+        its change is acknowledged at once."""
         s = scheduler(timeout_grace_s=60.0, linger_s=0.0)
         feed(s, 1)
         s.resolve(take(s, 0.0), timed_out(), 1.0)
         s.resolve(take(s, 2.0), applied(), 2.0)
+        assert not s.idle
+        s.draining = True
+        due = s.settle_due(2.0)
+        assert due is not None and (["1"], []) == keys_of(due)
+        assert s.idle
+
+    def test_shutdown_forgets_what_waits_behind_a_fence(self) -> None:
+        """SIGTERM does not wait out a grace: the newer change is forgotten (unacknowledged,
+        read again at the next start), the applied one acknowledged."""
+        s = scheduler(timeout_grace_s=60.0, linger_s=0.0)
+        feed(s, 1, value="old")
+        s.resolve(take(s, 0.0), timed_out(), 1.0)
+        s.resolve(take(s, 2.0), applied(), 2.0)
+        feed(s, 1, now=3.0, value="new")
+        s.draining = True
+        forgotten = s.drop_fenced()
+        assert [["1:new"]] == [entry.tokens for entry in forgotten]
+        due = s.settle_due(3.0)
+        assert due is not None and (["1"], []) == keys_of(due)
         assert s.idle
 
     def test_refused_connection_needs_no_grace(self) -> None:

@@ -194,10 +194,10 @@ def drive(data: st.DataObject, shape: Shape) -> Run:
             outstanding.append(handed)
             run.most_outstanding = max(run.most_outstanding, len(outstanding))
         # As the engine does before it waits: lone 404s nothing can confirm any more.
-        quiet = scheduler.settle_quiet(now)
-        if quiet is not None:
-            assert not quiet.applied
-            run.settled_dead += [(t, d.reason) for d in quiet.dead for t in d.entry.tokens]
+        due = scheduler.settle_due(now)
+        if due is not None and (due.applied or due.dead):
+            run.settled_applied += [t for e in due.applied for t in e.tokens]
+            run.settled_dead += [(t, d.reason) for d in due.dead for t in d.entry.tokens]
             continue
         # Feed a chunk from the source, as far as there is room.
         added = 0

@@ -431,7 +431,8 @@ class TestSchedulerRetry:
             assert None is s.resolve(batch, server_error(), 0.0).fatal
             take(s, 0.0)
         settled = s.resolve(batch, server_error(), 0.0)
-        expected = Verdict(Action.FATAL, 503, None, "gave up after 2 retries; last: HTTP 503")
+        detail = "gave up after 2 retries; last: HTTP 503: error server error: try later"
+        expected = Verdict(Action.FATAL, 503, "server error", detail)
         assert (expected, expected) == (settled.fatal, s.fatal)
         assert ([], []) == keys_of(settled)
         feed(s, 2)

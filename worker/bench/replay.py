@@ -80,7 +80,7 @@ def replay(
             scheduler.add(change, 0.0)
         batch = scheduler.next_batch(0.0)
         if not isinstance(batch, Batch):
-            if scheduler.settle_quiet(0.0) is not None:  # lone 404s written, as the engine does
+            if scheduler.settle_due(0.0) is not None:  # lone 404s written, as the engine does
                 continue
             if not pending and scheduler.idle:
                 break

@@ -21,6 +21,8 @@ AUTH_CODES: dict[str, str] = {
 
 TRANSIENT_CODES = frozenset({"105"})
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
+MAYBE_APPLIED_STATUSES = frozenset({408, 502, 504})
+"""Transient answers after which the request may still be applied (a timeout on the way)."""
 
 DATA_CODES: dict[str, str] = {
     "123": "object without ID",
@@ -142,7 +144,10 @@ def classify(
     if status in (401, 403) or (400 <= status < 500 and error in AUTH_CODES):
         return Verdict(Action.FATAL_AUTH, status, error, detail)
     if status >= 500 or status in TRANSIENT_STATUSES or error in TRANSIENT_CODES:
-        return Verdict(Action.RETRY, status, error, detail, wait)
+        # A gateway's timeout or bad gateway, or a 5xx that is not the API's own answer: the
+        # API may have received the request and may still apply it.
+        late = status in MAYBE_APPLIED_STATUSES or (status >= 500 and not is_api_error(body))
+        return Verdict(Action.RETRY, status, error, detail, wait, maybe_applied=late)
     if status == 413:  # a proxy's own 413 page is as true as the API's: the body is too large
         return Verdict(Action.SHRINK, status, error, detail, reason="rejected")
     if 400 <= status < 500:

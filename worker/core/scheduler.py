@@ -192,6 +192,11 @@ class Scheduler:
         """Lone 404s since the last applied request: dead-lettered once a 2xx shows the API
         answers (or nothing is left to send), dropped unwritten if the run turns fatal."""
         self._fences: list[tuple[float, str]] = []
+        self._fenced: dict[str, Entry | None] = {}
+        """Fenced IDs, and the entry applied by the request that settled them: acknowledged
+        only when the fence lifts, so that a partition holding it is not handed over while
+        the abandoned request may still be applied (None: dead-lettered, nothing to ack)."""
+        self._lifted: list[Entry] = []
         self._replays: dict[Hashable, Replay] = {}
         self._odd = OddAnswers()
 
@@ -227,6 +232,8 @@ class Scheduler:
             and not self._urgent
             and not self._delayed
             and not self._unconfirmed
+            and not self._lifted
+            and not any(entry is not None for entry in self._fenced.values())
         )
 
     @property
@@ -269,24 +276,57 @@ class Scheduler:
         return wake
 
     def _lift_fences(self, now: float) -> float | None:
-        """Let newer changes of IDs whose grace has passed go; when the next fence ends."""
+        """Let newer changes of IDs whose grace has passed go, and their applied entries be
+        acknowledged (by :meth:`settle_due`); when the next fence ends."""
         fences = self._fences
         while fences and fences[0][0] <= now:
-            self.coalescer.release(heapq.heappop(fences)[1])
+            key = heapq.heappop(fences)[1]
+            self.coalescer.release(key)
+            entry = self._fenced.pop(key, None)
+            if entry is not None:
+                self._lifted.append(entry)
         return fences[0][0] if fences else None
 
-    def settle_quiet(self, now: float) -> Settled | None:
-        """Dead letters of lone 404s held for a 2xx, once nothing is left that could bring one.
+    def drop_fenced(self) -> list[Entry]:
+        """On shutdown: forget the waiting changes of fenced IDs (unacknowledged, read again
+        at the next start) instead of waiting out their grace; acknowledge what their
+        requests applied now (by :meth:`settle_due`). The changes forgotten."""
+        if not self._fences:
+            return []
+        self._lifted += [entry for entry in self._fenced.values() if entry is not None]
+        self._fenced.clear()
+        fenced = {key for _, key in self._fences}
+        return self.coalescer.forget(fenced.__contains__)
 
-        The engine asks when it would otherwise wait: with no request out, none to retry and
-        no change ready, no answer can come to contradict those 404s.
+    def settle_due(self, now: float) -> Settled | None:
+        """What is settled without an answer, when the engine asks before it would wait.
+
+        The entries whose fence lifted are acknowledged (all of them once the input is
+        drained: no partition is handed over any more). The lone 404s held for a 2xx become
+        dead letters once no more input can come (drained, or the reader waits for room that
+        only they would make) and nothing is left that could bring one: no request out, none
+        to retry, no change ready. Otherwise they wait for a 2xx, or for the run's limit.
         """
-        if not self._unconfirmed or self._outstanding or self._urgent or self._delayed:
-            return None
-        if self.coalescer.ready_count or self.coalescer.ids_held or self.fatal is not None:
-            return None
-        settled = Settled()
-        self._confirm_not_found(now, settled)
+        self._lift_fences(now)
+        if self.draining and self._fenced:
+            self._lifted += [entry for entry in self._fenced.values() if entry is not None]
+            for key in self._fenced:
+                self._fenced[key] = None
+        settled = None
+        if self._lifted:
+            settled = Settled(applied=self._lifted)
+            self._lifted = []
+        # Quiet only when no more input can come: drained, or the reader waits for room.
+        if not self._unconfirmed or self.fatal is not None:
+            return settled
+        if not self.draining and self.may_read:
+            return settled
+        if self._outstanding or self._urgent or self._delayed:
+            return settled
+        if self.coalescer.ready_count or self.coalescer.ids_held:
+            return settled
+        settled = settled or Settled()
+        self._confirm_lone(now, settled)
         return settled
 
     def _hand_out(self, batch: Batch) -> Batch:
@@ -334,7 +374,7 @@ class Scheduler:
             self._odd.answered(batch.last_answer, verdict)
         if action is Action.APPLIED:
             if self._unconfirmed:
-                self._confirm_not_found(now, settled)
+                self._confirm_lone(now, settled)
             self._applied(batch.entries, settled, self._fence_until(batch))
             if batch.held is not None:
                 held = release_held(batch)
@@ -371,25 +411,28 @@ class Scheduler:
             return None
         return batch.abandoned_at + self.settings.timeout_grace_s
 
-    def _release(self, key: str, fence_until: float | None) -> None:
+    def _release(self, key: str, fence_until: float | None, applied: Entry | None = None) -> bool:
+        """End the request holding ``key``; False if a fence keeps it (and ``applied``)."""
         if fence_until is None:
             self.coalescer.release(key)
-        else:
-            # Still "in flight" for the coalescer: an abandoned request may yet be applied.
-            heapq.heappush(self._fences, (fence_until, key))
-            self.stats.fenced += 1
+            return True
+        # Still "in flight" for the coalescer: an abandoned request may yet be applied.
+        heapq.heappush(self._fences, (fence_until, key))
+        self._fenced[key] = applied
+        self.stats.fenced += 1
+        return False
 
     def _applied(
         self, entries: list[Entry], settled: Settled, fence_until: float | None = None
     ) -> None:
         stats = self.stats
         for entry in entries:
-            self._release(entry.key, fence_until)
+            if self._release(entry.key, fence_until, entry):
+                settled.applied.append(entry)
             stats.changes_applied += len(entry.tokens)
             if self._suspects:
                 self._suspects.pop(entry.key, None)
         stats.contacts_applied += len(entries)
-        settled.applied.extend(entries)
 
     def _dead(
         self,
@@ -442,24 +485,38 @@ class Scheduler:
     def _lone_not_found(
         self, batch: Batch, verdict: Verdict, now: float, settled: Settled
     ) -> None:
-        """A lone contact answered 404: held for a 2xx that shows the API answers for real."""
+        """A lone contact answered 404: held for a 2xx that shows the API answers for real.
+
+        An ID already found missing (sent alone as a suspect) was proven missing by an
+        earlier, confirmed answer: dead at once, and no part of a run."""
         letter = culprit(batch.entries[0], verdict)
+        if batch.purpose is Purpose.SUSPECT:
+            self._dead([letter], now, settled, self._fence_until(batch))
+            return
+        self._hold_lone(letter, batch, verdict, now, settled)
+
+    def _hold_lone(
+        self, letter: DeadLetter, batch: Batch, verdict: Verdict, now: float, settled: Settled
+    ) -> None:
+        """A lone verdict (404, or an undocumented code confirmed) waits for a 2xx; a run of
+        them with nothing applied in between stops sending."""
         limit = self.settings.max_not_found_run
         if not limit:
             self._dead([letter], now, settled, self._fence_until(batch))
             return
         self._unconfirmed.append((letter, self._fence_until(batch)))
         if len(self._unconfirmed) >= limit:
+            what = "404" if letter.reason == "not_found" else f"{verdict.status}/{verdict.error}"
             detail = (
-                f"{len(self._unconfirmed)} lone contacts answered 404 in a row with no request"
-                " applied in between: taken for a wrong --api-url or a wrong account, not for"
-                " unknown IDs (if they are unknown, raise --max-not-found-run or set it to 0);"
-                f" last: {verdict.describe()}"
+                f"{len(self._unconfirmed)} lone contacts answered {what} in a row with no"
+                " request applied in between: taken for a wrong --api-url or a wrong account,"
+                " not for verdicts on the changes (if they are, raise --max-not-found-run or"
+                f" set it to 0); last: {verdict.describe()}"
             )
             self.fatal = Verdict(Action.FOREIGN, verdict.status, verdict.error, detail)
             settled.fatal = self.fatal
 
-    def _confirm_not_found(self, now: float, settled: Settled) -> None:
+    def _confirm_lone(self, now: float, settled: Settled) -> None:
         held, self._unconfirmed = self._unconfirmed, []
         for letter, fence_until in held:
             self._dead([letter], now, settled, fence_until)
@@ -488,7 +545,7 @@ class Scheduler:
         else:
             detail = f"{verdict.detail or ''} (the same answer {tries} times)".strip()
             letter = DeadLetter(batch.entries[0], "rejected", verdict.status, verdict.error, detail)
-            self._dead([letter], now, settled, self._fence_until(batch))
+            self._hold_lone(letter, batch, verdict, now, settled)
 
     def _push_urgent(self, parts: list[Batch]) -> None:
         """Parts of a refused batch go first, in order (depth first): a batch's isolation

@@ -186,6 +186,8 @@ class JsonlSource(Source):
                     return records
                 continue
             if self.follow:
+                if self._ranges:  # a range may end with lines that carried no record
+                    self._replay_step()
                 await self._save_idle()
                 await anyio.sleep(self.poll_s)
                 continue
