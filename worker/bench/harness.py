@@ -3,6 +3,10 @@ process, then each baseline against a fresh simulator of its own; measured, then
 
 Everything a run leaves (input, logs, dead letters, probe output) goes under the output
 directory; generated inputs are cached by their spec, so a rerun skips generating them.
+
+The developer scripts in benchmarks/ run the worker the same way, through the functions at the
+top (cached inputs, the ``run`` arguments, the worker's summary) and
+:func:`worker.bench.processes.measure`.
 """
 
 from __future__ import annotations
