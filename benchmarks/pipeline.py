@@ -738,7 +738,7 @@ def scenario_profile(args: argparse.Namespace) -> Report:
     with open(out, "w") as f:
         f.write(f"# pipeline profile ({spec.changes:,} changes, {spec.contacts:,} IDs)\n\n")
         f.write("\n\n".join(sections) + "\n")
-    report.notes.append(f"full listings in {out.relative_to(ROOT)}")
+    report.notes.append(f"full listings in {out}")
     return report
 
 
@@ -836,7 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pipeline {args.scenario}: interrupted", file=sys.stderr)
         return 130
-    log(f"wrote {report.publish().relative_to(ROOT)}")
+    log(f"wrote {report.publish()}")
     return 0
 
 
