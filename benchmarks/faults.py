@@ -76,17 +76,17 @@ import anyio
 import orjson
 from inputs import PG, REDIS, cleanup, free_port, pending
 
+from worker.bench.figures import known_below
 from worker.bench.processes import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     BenchError,
     SimulatorProcess,
-    clean_env,
     cli_command,
     die_with_harness,
     machine,
     tail,
+    worker_env,
 )
+from worker.bench.report import table
 from worker.sim.stream import StreamSpec, expected_final_state, generate_lines
 
 RESULTS = Path(__file__).parent / "results"
@@ -201,15 +201,6 @@ def check(
 
 
 # --- the simulator -----------------------------------------------------------------------------
-
-
-def sim_call(sim: SimulatorProcess, path: str, method: str = "GET") -> Any:
-    """One inspection call to the simulator (``/_sim/...``), decoded."""
-    request = urllib.request.Request(
-        sim.url + path, method=method, data=b"" if method == "POST" else None
-    )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        return json.loads(resp.read())
 
 
 def simulator_options(settings: Settings) -> list[str]:
@@ -560,22 +551,18 @@ class Target:
             cleanup(self.uri, self.partitions)
 
 
-def worker_env(sim: SimulatorProcess, settings: Settings) -> dict[str, str]:
-    """The replicas' environment: the simulator, small batches, few changes held."""
-    return clean_env() | {
-        "SMSGW_API_URL": sim.url,
-        "SMSGW_CLIENT_ID": CLIENT_ID,
-        "SMSGW_CLIENT_SECRET": CLIENT_SECRET,
-        "WORKER_BATCH_SIZE": str(settings.batch_size),
-        "WORKER_CONCURRENCY": str(settings.concurrency),
-        "WORKER_RATE": str(settings.rate),
-        "WORKER_LINGER_MS": str(settings.linger_ms),
-        # Few changes held: the input is read as it is sent, not swallowed and coalesced
-        # whole, so a crash always finds some of it sent and some not yet read.
-        "WORKER_MAX_WAITING": str(settings.max_waiting),
-        "WORKER_LOG_FORMAT": "json",
-        "WORKER_PROGRESS_INTERVAL": "0",
-    }
+def replica_env(sim: SimulatorProcess, settings: Settings) -> dict[str, str]:
+    """The replicas' environment: the simulator, small batches, the campaign's settings."""
+    return worker_env(
+        sim.url,
+        WORKER_BATCH_SIZE=str(settings.batch_size),
+        WORKER_CONCURRENCY=str(settings.concurrency),
+        WORKER_RATE=str(settings.rate),
+        WORKER_LINGER_MS=str(settings.linger_ms),
+        WORKER_MAX_WAITING=str(settings.max_waiting),
+        WORKER_LOG_FORMAT="json",
+        WORKER_PROGRESS_INTERVAL="0",
+    )
 
 
 def run_once(
@@ -592,9 +579,9 @@ def run_once(
         settings.changes, settings.contacts, settings.unknown_share, rng.randrange(2**31)
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    sim_call(sim, "/_sim/reset", "POST")
+    sim.call("/_sim/reset", "POST")
     target = Target(kind, replicas, workdir)
-    env = worker_env(sim, settings)
+    env = replica_env(sim, settings)
     fleet = [
         Replica(
             f"r{i}",
@@ -627,12 +614,12 @@ def run_once(
         seconds = time.monotonic() - started
         # A killed worker's requests still held by the simulator's latency land afterwards.
         deadline = time.monotonic() + 30
-        while sim_call(sim, "/_sim/stats")["in_flight"]:
+        while sim.call("/_sim/stats")["in_flight"]:
             if time.monotonic() > deadline:
                 raise BenchError("the simulator still holds requests 30 s after the drain")
             time.sleep(0.05)
-        history = sim_call(sim, "/_sim/history")
-        contacts = sim_call(sim, "/_sim/contacts")
+        history = sim.call("/_sim/history")
+        contacts = sim.call("/_sim/contacts")
         dead = target.dead_ids(env)
         # What the check saw, for a run whose logs are kept.
         (workdir / "workload.jsonl").write_bytes(b"".join(lines))
@@ -646,7 +633,7 @@ def run_once(
                 replica.proc.kill()
                 replica.proc.wait(30)
         target.cleanup()
-    verdict = check(lines, lambda key: known(key, settings.contacts), history, contacts, dead)
+    verdict = check(lines, known_below(settings.contacts), history, contacts, dead)
     return RunResult(
         input=name,
         run=run_no,
@@ -660,11 +647,6 @@ def run_once(
         notes=verdict.notes,
         workdir=str(workdir),
     )
-
-
-def known(key: str, contacts: int) -> bool:
-    """Whether the simulator (``--known-count``) knows this contact ID."""
-    return key.isdigit() and key[0] != "0" and int(key) <= contacts
 
 
 def drive(
@@ -685,7 +667,7 @@ def drive(
     wanted = rng.randint(settings.min_kills, settings.max_kills)
     kills = 0
     deadline = time.monotonic() + settings.run_timeout_s
-    applied_mark = sim_call(sim, "/_sim/stats")["contacts_applied"]
+    applied_mark = sim.call("/_sim/stats")["contacts_applied"]
     kill_at: float | None = None
     next_drain_check = 0.0
     while True:
@@ -709,7 +691,7 @@ def drive(
                     return kills
         if kills < wanted:
             if kill_at is None:
-                if sim_call(sim, "/_sim/stats")["contacts_applied"] > applied_mark:
+                if sim.call("/_sim/stats")["contacts_applied"] > applied_mark:
                     kill_at = now + rng.uniform(0.0, settings.kill_window_s)
             elif now >= kill_at:
                 victim = rng.choice(fleet)
@@ -718,7 +700,7 @@ def drive(
                 time.sleep(rng.uniform(0.0, settings.restart_pause_s))
                 victim.start()
                 kill_at = None
-                applied_mark = sim_call(sim, "/_sim/stats")["contacts_applied"]
+                applied_mark = sim.call("/_sim/stats")["contacts_applied"]
         time.sleep(0.02)
 
 
@@ -784,19 +766,24 @@ def campaign(
     return rows, results
 
 
-def table(rows: Sequence[Row]) -> str:
+def campaign_table(rows: Sequence[Row]) -> str:
     """The campaign's Markdown table."""
-    out = [
-        "| input | runs | kills | changes | lost | regressions (runs with any) | time |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        failed = f" (stopped: {r.error.splitlines()[0][:60]})" if r.error else ""
-        out.append(
-            f"| {r.input}{failed} | {r.runs} | {r.kills} | {r.changes:,} | {r.lost} |"
-            f" {r.regressions} ({r.runs_regressed}) | {r.seconds:.0f} s |"
-        )
-    return "\n".join(out)
+    headers = ["input", "runs", "kills", "changes", "lost", "regressions (runs with any)", "time"]
+    return table(
+        headers,
+        [
+            [
+                r.input + (f" (stopped: {r.error.splitlines()[0][:60]})" if r.error else ""),
+                r.runs,
+                r.kills,
+                r.changes,
+                r.lost,
+                f"{r.regressions} ({r.runs_regressed})",
+                f"{r.seconds:.0f} s",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings]:
@@ -873,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows, results = campaign(args.names, args.runs, settings, args.keep, note)
     load_after = os.getloadavg()
-    print(table(rows))
+    print(campaign_table(rows))
     print(
         f"\nload average (1, 5, 15 min): before {', '.join(f'{x:.2f}' for x in load_before)};"
         f" after {', '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs"

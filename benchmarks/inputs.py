@@ -32,7 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from worker.bench.processes import SimulatorProcess, clean_env, cli_command, machine, proc_cpu_s
+from worker.bench.processes import SimulatorProcess, cli_command, machine, proc_cpu_s, worker_env
+from worker.bench.report import table
 from worker.sim.stream import StreamSpec, generate_lines
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -52,6 +53,11 @@ RUNS = {
     "pg3-live": ("postgresql", 3, 6, True),
 }
 """name: (input, replicas, partitions, live)."""
+
+
+def unlimited_env(sim: SimulatorProcess, **extra: str) -> dict[str, str]:
+    """A worker's environment here: the simulator, no rate limit, only warnings logged."""
+    return worker_env(sim.url, WORKER_RATE="0", WORKER_LOG_LEVEL="warning", **extra)
 
 
 def pending(uri: str, partitions: int) -> int:
@@ -123,15 +129,7 @@ def run_input(
     leases outlast the pause, so the partitions stay where they were.
     """
     cli = cli_command()
-    env = clean_env() | {
-        "SMSGW_API_URL": sim.url,
-        "SMSGW_CLIENT_ID": "demo",
-        "SMSGW_CLIENT_SECRET": "demo-secret",
-        "WORKER_HTTP_PORT": "0",
-        "WORKER_RATE": "0",
-        "WORKER_LINGER_MS": "5",
-        "WORKER_LOG_LEVEL": "warning",
-    }
+    env = unlimited_env(sim, WORKER_HTTP_PORT="0", WORKER_LINGER_MS="5")
     if live:
         # Fed as it goes, batches fill only over time: the worker's default linger (200 ms),
         # as it would run in production, not the 5 ms that keeps a backlog's tail short.
@@ -257,15 +255,7 @@ def free_port() -> int:
 def ingest(sim: SimulatorProcess, lines: list[bytes], tmp: Path, bodies: int) -> dict[str, Any]:
     """POST /v1/changes with 1,000-change bodies from one client: accepted changes/s."""
     port = free_port()
-    env = clean_env() | {
-        "SMSGW_API_URL": sim.url,
-        "SMSGW_CLIENT_ID": "demo",
-        "SMSGW_CLIENT_SECRET": "demo-secret",
-        "WORKER_RATE": "0",
-        "WORKER_INGEST_TOKEN": "bench",
-        "WORKER_LOG_LEVEL": "warning",
-        "WORKER_HTTP_PORT": str(port),
-    }
+    env = unlimited_env(sim, WORKER_INGEST_TOKEN="bench", WORKER_HTTP_PORT=str(port))
     proc = subprocess.Popen(
         [*cli_command(), "run", "--source", f"sqlite:{tmp / 'spool.db'}?high_water=100000000"],
         env=env,
@@ -416,21 +406,25 @@ def main() -> None:
             if ingested:
                 ingested["fsync"] = fsync_cost(lines, tmp, args.bodies)
     rounds = f" (median of {args.repeat})" if args.repeat > 1 else ""
-    print(
-        f"\n| input | replicas | partitions | mode | changes/s{rounds}"
-        f" | worker CPU µs/change{rounds} | × jsonl (median, range) |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    headers = ["input", "replicas", "partitions", "mode", f"changes/s{rounds}"]
+    headers += [f"worker CPU µs/change{rounds}", "× jsonl (median, range)"]
+    cells = []
     for name in wanted:
         rows = [row for row in results if row["name"] == name]
         ratios = sorted(row["cpu_vs_jsonl"] for row in rows)
         row = rows[0]
-        print(
-            f"| {row['input']} | {row['replicas']} | {row['partitions']} | {row['mode']} | "
-            f"{statistics.median(r['changes_per_s'] for r in rows):,.0f} | "
-            f"{statistics.median(r['cpu_us_per_change'] for r in rows):.1f} | "
-            f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) |"
+        cells.append(
+            [
+                row["input"],
+                row["replicas"],
+                row["partitions"],
+                row["mode"],
+                round(statistics.median(r["changes_per_s"] for r in rows)),
+                f"{statistics.median(r['cpu_us_per_change'] for r in rows):.1f}",
+                f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
+            ]
         )
+    print("\n" + table(headers, cells))
     if ingested:
         print(
             f"\ningest: {ingested['accepted_per_s']:,} accepted changes/s "

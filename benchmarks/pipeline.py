@@ -3,15 +3,15 @@
 Every run starts the simulated gateway in its own process (``contact-worker simulate --port 0``)
 and the worker in another (``contact-worker run`` on a generated JSONL file), so that the figures
 are those of the shipped command: interpreter start-up, file reading, decoding, coalescing,
-batching, HTTP and acknowledgement included. For each worker run the harness records
+batching, HTTP and acknowledgement included. The runs are measured as ``contact-worker bench``
+measures them (``worker.bench.processes``); for each worker run the report holds
 
 * wall time from just before the worker is spawned to its exit (``time.perf_counter``);
 * the worker's own CPU time (user + system), from ``os.wait4``'s rusage of exactly that child;
-* its peak RSS: the kernel's high-water mark ``VmHWM`` of /proc/PID/status, polled every 20 ms
-  until the process exits. Not ``ru_maxrss``: fork copies the parent's RSS high-water mark into
-  the child and exec keeps the larger one, so a child's ``ru_maxrss`` is at least the harness's
-  own peak (81 MB once it has generated a 1M-line stream), whatever the worker used. It is kept
-  in the JSON as ``ru_maxrss_mb``, next to the harness's peak at the spawn;
+* its peak RSS: the kernel's high-water mark ``VmHWM``, polled. Not ``ru_maxrss``: a child's is
+  at least the harness's own peak at the fork (81 MB once it has generated a 1M-line stream),
+  whatever the worker used. It is kept in the JSON as ``ru_maxrss_mb``, next to the harness's
+  peak at the spawn;
 * the worker's ``"event": "summary"`` log line (its counters and the engine's ``elapsed_s``,
   which leaves out interpreter start-up and imports);
 * the simulator's ``GET /_sim/stats`` and its CPU time (``/proc/PID/stat``), to tell whether the
@@ -22,7 +22,8 @@ batching, HTTP and acknowledgement included. For each worker run the harness rec
   anyway is named in the report's notes. Run-to-run spread on a quiet 2-core VM is still about
   +-8 %: compare medians of several runs.
 
-The machinery lives in ``harness.py``; ``stages.py`` times the worker's pure stages in-process.
+The machinery is ``worker.bench``'s; ``profiling.py`` reads the profilers' output, and
+``stages.py`` times the worker's pure stages in-process.
 
 Scenarios (the performance claims of the issue)
 -----------------------------------------------
@@ -54,10 +55,10 @@ profile
 
 Usage::
 
-    /work/venv/bin/python benchmarks/pipeline.py throughput [--repeat 3] [--changes N] ...
-    /work/venv/bin/python benchmarks/pipeline.py rate [--rate 20] [--over 25]
-    /work/venv/bin/python benchmarks/pipeline.py memory
-    /work/venv/bin/python benchmarks/pipeline.py profile [--no-py-spy] [--native]
+    .venv/bin/python benchmarks/pipeline.py throughput [--repeat 3] [--changes N] ...
+    .venv/bin/python benchmarks/pipeline.py rate [--rate 20] [--over 25]
+    .venv/bin/python benchmarks/pipeline.py memory
+    .venv/bin/python benchmarks/pipeline.py profile [--no-py-spy] [--native]
 
 ``--what-if CODE`` (throughput, memory, profile) runs Python in the worker process before its
 ``main()``, to try a change without editing ``worker/``, e.g. ``--what-if "import gc;
@@ -72,49 +73,324 @@ want a core.
 from __future__ import annotations
 
 import argparse
-import collections
-import io
+import datetime
 import math
-import pstats
+import signal
+import statistics
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import (
-    QUIET,
-    RESULTS,
-    ROOT,
+import orjson
+from profiling import ROOT, cprofile_tables, py_spy_path, py_spy_tables
+
+from worker.bench.harness import cached, run_args, stream_file, worker_flags, worker_summary
+from worker.bench.processes import (
     BenchError,
-    Report,
-    Table,
-    WorkerRun,
-    check_run,
-    distinct_file,
-    log,
-    median_cell,
-    py_spy_path,
-    ratio,
-    report_name,
-    run_pair,
-    stream_file,
-    unwind_on_signals,
-    what_if_prefix,
-    worker_entry,
-    worker_options,
+    Measured,
+    ProcessRun,
+    Quiet,
+    cli_command,
+    machine,
+    measure,
+    run_process,
+    status_mb,
+    worker_env,
 )
+from worker.bench.report import Table
+from worker.bench.scenario import WorkerConfig
+from worker.core.scheduler import DEFAULT_MAX_WAITING
+from worker.sim.stream import StreamSpec, generate_lines
 
-from worker.sim.stream import StreamSpec
-
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = RESULTS / "data"
+LOGS = RESULTS / "logs"
 GOAL_CHANGES_PER_S = 100_000
 GOAL_RATE_RATIO = 1 / 0.9
 GOAL_RSS_MB = 200.0
+QUIET = Quiet(max_wait_s=120.0)
+"""Set from the command line in main()."""
+
+
+def log(message: str) -> None:
+    """Progress notes go to stderr, so stdout holds only the Markdown report."""
+    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def distinct_file(count: int, seed: int = 1) -> Path:
+    """A cached JSONL file of ``count`` realistic changes to IDs 1..count, each ID exactly once.
+
+    The field values come from the stream generator; only the IDs are rewritten (keeping the
+    generator's mix of string and integer IDs), so nothing can coalesce.
+    """
+    spec = StreamSpec(changes=count, contacts=count, unknown_share=0.0, invalid=0, seed=seed)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            for number, line in enumerate(generate_lines(spec), start=1):
+                obj = orjson.loads(line)
+                obj["ID"] = number if type(obj["ID"]) is int else str(number)
+                out.write(orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE))
+
+    return cached(DATA / f"distinct-{count}c-s{seed}.jsonl", write, log)
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerRun:
+    """One ``contact-worker run`` to its end against its own simulator: cost and summary."""
+
+    label: str
+    """Names its log files (``LOGS/LABEL.log``, ...)."""
+    measured: Measured
+    summary: dict[str, Any]
+    events: dict[str, int]
+    harness_rss_mb: float
+    """The harness's own peak RSS (VmHWM) when it spawned the worker."""
+
+    @property
+    def process(self) -> ProcessRun:
+        """The worker process's wall time, CPU and memory."""
+        return self.measured.process
+
+    @property
+    def records(self) -> int:
+        """Records the worker read."""
+        return int(self.summary.get("records_read", 0))
+
+    @property
+    def elapsed_s(self) -> float:
+        """The engine's own run time (from its summary): start-up and imports left out."""
+        return float(self.summary.get("elapsed_s", math.nan))
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, derived figures included."""
+        m = self.measured
+        return asdict(m.process) | {
+            "label": self.label,
+            "cpu_s": m.process.cpu_s,
+            "harness_rss_mb": self.harness_rss_mb,
+            "summary": self.summary,
+            "events": self.events,
+            "sim_stats": m.sim_stats,
+            "sim_cpu_s": m.sim_cpu_s,
+            "others_cpu_s": m.others_cpu_s,
+            "others_cpu_pct": m.others_cpu_pct,
+            "load_before": m.load_before,
+        }
+
+
+def run_pair(
+    source: Path,
+    worker: WorkerConfig,
+    sim_options: Sequence[str],
+    *,
+    label: str,
+    timeout_s: float,
+    prefix: Sequence[str] | None = None,
+) -> WorkerRun:
+    """A fresh simulator, ``contact-worker run`` on ``source`` against it, measured.
+
+    ``prefix`` replaces the console script (e.g. ``python -m cProfile -o F -m worker.cli``).
+    """
+    log_path = LOGS / f"{label}.log"
+    dead_letters = LOGS / f"{label}-dead-letters.jsonl"
+    dead_letters.unlink(missing_ok=True)
+    command = [*(prefix or cli_command()), *run_args(f"jsonl:{source}", dead_letters, worker)]
+    harness_rss = status_mb("self", "VmHWM") or math.nan
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    measured = measure(
+        sim_options,
+        LOGS / f"{label}-sim.log",
+        lambda sim: run_process(
+            command, log_path=log_path, timeout_s=timeout_s, env=worker_env(sim.url), cwd=RESULTS
+        ),
+        quiet=QUIET,
+        note=log,
+    )
+    summary, events = worker_summary(measured.process, log_path)
+    return WorkerRun(label, measured, summary, events, harness_rss)
+
+
+def record(report: Report, run: WorkerRun, lines: int, changes: int, **facts: Any) -> None:
+    """A run on an input of ``lines`` lines holding ``changes`` valid changes into the report,
+    with ``facts`` and the problems :func:`check_run` finds."""
+    problems = check_run(run, lines, changes)
+    report.runs.append(run.to_json() | {"problems": problems, **facts})
+    if problems:
+        report.notes.append(f"{run.label}: " + "; ".join(problems))
+
+
+def check_run(run: WorkerRun, lines: int, changes: int) -> list[str]:
+    """Problems with a run that should have applied every change of a clean input.
+
+    A busy machine counts as one: the figures of that run are not the worker's alone.
+    """
+    s = run.summary
+    problems = []
+    busy = run.measured.others_cpu_pct
+    if busy > 100 * QUIET.threshold_cores:
+        problems.append(f"other processes used {busy:.0f}% of a core meanwhile")
+    if s.get("ending") != "drained":
+        problems.append(f"ending {s.get('ending')}")
+    if run.records != lines:
+        problems.append(f"read {run.records} of {lines} records")
+    if s.get("changes_applied") != changes:
+        problems.append(f"applied {s.get('changes_applied')} of {changes} changes")
+    if s.get("acked") != lines:
+        problems.append(f"acked {s.get('acked')} of {lines}")
+    dup = run.measured.sim_stats.get("duplicate_ids_in_a_request", 0)
+    if dup:
+        problems.append(f"{dup} requests with a duplicate ID")
+    return problems
+
+
+def cost_cells(run: WorkerRun) -> list[Any]:
+    """wall s, engine s, changes/s (wall, engine): the columns every scenario's table opens with."""
+    p = run.process
+    return [
+        round(p.wall_s, 3),
+        run.elapsed_s,
+        round(ratio(run.records, p.wall_s)),
+        round(ratio(run.records, run.elapsed_s)),
+    ]
+
+
+def cpu_cells(run: WorkerRun) -> list[Any]:
+    """worker CPU s, its % of wall, simulator CPU s, others' CPU %: who used the cores."""
+    p, m = run.process, run.measured
+    return [
+        round(p.cpu_s, 2),
+        round(100 * ratio(p.cpu_s, p.wall_s), 1),
+        round(m.sim_cpu_s, 2),
+        m.others_cpu_pct,
+    ]
+
+
+# -- reports ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What a scenario found: its parameters, runs, tables, goals and free-text notes."""
+
+    scenario: str
+    params: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    goals: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def goal(self, name: str, value: float, target: str, met: bool) -> None:
+        """Record a goal check."""
+        self.goals.append({"goal": name, "value": value, "target": target, "met": met})
+
+    def markdown(self) -> str:
+        """All tables, the goals and the notes."""
+        parts = [f"## pipeline {self.scenario}", ""]
+        parts += [t.markdown() + "\n" for t in self.tables]
+        if self.goals:
+            goals = Table(
+                "Goals",
+                ["goal", "value", "target", "met"],
+                [[g["goal"], g["value"], g["target"], g["met"]] for g in self.goals],
+            )
+            parts.append(goals.markdown() + "\n")
+        parts += [f"- {note}" for note in self.notes]
+        return "\n".join(parts).rstrip() + "\n"
+
+    def publish(self) -> Path:
+        """Print the Markdown on stdout and save the JSON; where it went."""
+        print(self.markdown())
+        return self.save()
+
+    def save(self) -> Path:
+        """Write benchmarks/results/pipeline-SCENARIO.json."""
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"pipeline-{self.scenario}.json"
+        data = {
+            "scenario": self.scenario,
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "params": self.params,
+            "goals": self.goals,
+            "tables": [asdict(t) for t in self.tables],
+            "notes": self.notes,
+            "runs": self.runs,
+        }
+        path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+        return path
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den, NaN when den is 0 (a table cell, not a figure to reason on)."""
+    return num / den if den else math.nan
+
+
+def median_row(rows: Sequence[Sequence[Any]]) -> list[Any]:
+    """A "median" row under ``rows``: per column, the median of its numbers (ints stay ints)."""
+    cells: list[Any] = ["median"]
+    for column in list(zip(*rows, strict=True))[1:]:
+        numbers = [v for v in column if isinstance(v, int | float)]
+        middle = statistics.median(numbers) if numbers else "-"
+        if numbers and all(isinstance(v, int) for v in numbers) and middle == int(middle):
+            middle = int(middle)
+        cells.append(middle)
+    return cells
+
+
+# -- what-if runs -------------------------------------------------------------------------------
+
+
+def worker_entry(code: str | None, name: str) -> list[str]:
+    """How to start the worker's ``main()``: ``-m worker.cli``, or a script running ``code`` first.
+
+    ``code`` (e.g. ``import gc; gc.disable()``) is for what-if experiments on the real command
+    without touching ``worker/``; the script is written to benchmarks/results/NAME-what-if.py.
+    The result follows ``python`` or ``python -m cProfile -o FILE``.
+    """
+    if not code:
+        return ["-m", "worker.cli"]
+    script = RESULTS / f"{name}-what-if.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(f"{code}\nimport sys\nfrom worker.cli import main\nsys.exit(main())\n")
+    return [str(script)]
+
+
+def what_if_prefix(code: str | None, name: str) -> list[str] | None:
+    """The worker command for ``--what-if CODE``; None (the console script) without it."""
+    return [sys.executable, *worker_entry(code, name)] if code else None
+
+
+def report_name(args: argparse.Namespace) -> str:
+    """The scenario's name, with ``--tag`` appended: names the JSON, log and profile files."""
+    return f"{args.scenario}-{args.tag}" if args.tag else str(args.scenario)
+
+
+def unwind_on_signals() -> None:
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C, so every child is stopped on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
 
 # -- scenarios ----------------------------------------------------------------------------------
 
 
-def _throughput_spec(args: argparse.Namespace) -> StreamSpec:
-    return StreamSpec(
+def _unlimited(args: argparse.Namespace) -> tuple[StreamSpec, Path, WorkerConfig, Report]:
+    """What the throughput, memory and profile scenarios start from: their stream (uniform,
+    clean) and its file, a worker without a rate limit, and an empty report."""
+    spec = StreamSpec(
         changes=args.changes,
         contacts=args.contacts,
         unknown_share=0.0,
@@ -122,44 +398,52 @@ def _throughput_spec(args: argparse.Namespace) -> StreamSpec:
         distribution="uniform",
         seed=args.seed,
     )
-
-
-def _throughput_options(args: argparse.Namespace) -> list[str]:
-    return worker_options(
-        batch=args.batch_size,
+    source = stream_file(spec, DATA, log)
+    worker = WorkerConfig(
+        batch_size=args.batch_size,
         linger_ms=args.linger_ms,
         rate=0,
         concurrency=args.concurrency,
         max_waiting=args.max_waiting,
     )
+    params = {**vars(args), "worker_options": worker_flags(worker), "source": str(source)}
+    return spec, source, worker, Report(report_name(args), params)
+
+
+def _unlimited_run(
+    report: Report,
+    args: argparse.Namespace,
+    worker: WorkerConfig,
+    spec: StreamSpec,
+    path: Path,
+    label: str,
+    prefix: Sequence[str] | None = None,
+    **facts: Any,
+) -> WorkerRun:
+    """One run of the throughput, memory or profile scenario, at zero latency, into the
+    report; ``prefix`` (a profiler) replaces ``--what-if``'s."""
+    log(f"{report.scenario} {label}: {spec.changes:,} changes over {spec.contacts:,} IDs")
+    run = run_pair(
+        path,
+        worker,
+        ["--latency", "0"],
+        label=f"{report.scenario}-{label}",
+        timeout_s=args.timeout,
+        prefix=prefix or what_if_prefix(args.what_if, report.scenario),
+    )
+    record(report, run, spec.lines, spec.changes, **facts)
+    return run
 
 
 def scenario_throughput(args: argparse.Namespace) -> Report:
     """Changes/s through the whole pipeline at zero API latency and no rate limit."""
-    spec = _throughput_spec(args)
-    source = stream_file(spec)
-    options = _throughput_options(args)
-    name = report_name(args)
-    report = Report(name, {**vars(args), "worker_options": options, "source": str(source)})
-    runs = []
+    spec, source, worker, report = _unlimited(args)
+    rows = []
     for i in range(1, args.repeat + 1):
-        log(f"throughput run {i}/{args.repeat}: {spec.changes:,} changes, {spec.contacts:,} IDs")
-        run = run_pair(
-            source,
-            options,
-            ["--latency", "0"],
-            label=f"{name}-{i}",
-            timeout_s=args.timeout,
-            prefix=what_if_prefix(args.what_if, name),
-        )
-        problems = check_run(run, spec.lines, spec.changes)
-        runs.append(run)
-        report.runs.append(run.to_json() | {"problems": problems})
-        if problems:
-            report.notes.append(f"run {i}: " + "; ".join(problems))
-    rows = [_throughput_row(str(i), run) for i, run in enumerate(runs, start=1)]
-    if len(runs) > 1:
-        rows.append(["median", *(median_cell(col) for col in list(zip(*rows, strict=True))[1:])])
+        run = _unlimited_run(report, args, worker, spec, source, f"{i}")
+        rows.append(_throughput_row(str(i), run))
+    if len(rows) > 1:
+        rows.append(median_row(rows))
     report.tables.append(
         Table(
             f"throughput: {spec.changes:,} changes over {spec.contacts:,} IDs (uniform), batch "
@@ -175,10 +459,10 @@ def scenario_throughput(args: argparse.Namespace) -> Report:
                 "requests/s (engine)",
                 "contacts/request",
                 "coalesced %",
-                "worker CPU s",
                 "CPU s / 100k changes",
-                "worker CPU % of wall",
                 "peak RSS MB",
+                "worker CPU s",
+                "worker CPU % of wall",
                 "simulator CPU s",
                 "others' CPU % of a core",
             ],
@@ -212,20 +496,14 @@ def _throughput_row(label: str, run: WorkerRun) -> list[Any]:
     changes = int(s.get("changes", 0))
     return [
         label,
-        round(run.wall_s, 3),
-        run.elapsed_s,
-        round(ratio(run.records, run.wall_s)),
-        round(ratio(run.records, run.elapsed_s)),
+        *cost_cells(run),
         requests,
         round(ratio(requests, run.elapsed_s), 1),
         round(ratio(contacts, requests), 1),
         round(100 * ratio(int(s.get("coalesced", 0)), changes), 1),
-        round(run.cpu_s, 2),
-        round(ratio(run.cpu_s, run.records) * 100_000, 3),
-        round(100 * ratio(run.cpu_s, run.wall_s), 1),
-        round(run.peak_rss_mb, 1),
-        None if run.sim_cpu_s is None else round(run.sim_cpu_s, 2),
-        run.other_cpu_pct,
+        round(ratio(run.process.cpu_s, run.records) * 100_000, 3),
+        round(run.process.peak_rss_mb, 1),
+        *cpu_cells(run),
     ]
 
 
@@ -243,27 +521,22 @@ def scenario_rate(args: argparse.Namespace) -> Report:
         least_burst = max(0.0, needed - burst) / api_rate
         label = f"{name}-w{worker_rate:g}-api{api_rate:g}"
         log(f"{label}: {args.changes:,} distinct IDs, {needed} requests, least {least:.1f} s")
-        options = worker_options(
-            batch=args.batch_size,
+        worker = WorkerConfig(
+            batch_size=args.batch_size,
             linger_ms=args.linger_ms,
             rate=worker_rate,
             concurrency=args.concurrency,
-            max_waiting=None,
         )
-        timeout = args.timeout or 120 + 10 * least
         run = run_pair(
             source,
-            options,
+            worker,
             ["--latency", f"{args.latency:g}", "--rate-limit", f"{api_rate:g}"],
             label=label,
-            timeout_s=timeout,
+            timeout_s=args.timeout or 120 + 10 * least,
         )
-        problems = check_run(run, args.changes, args.changes)
-        report.runs.append(run.to_json() | {"problems": problems, "least_s": least})
-        if problems:
-            report.notes.append(f"{label}: " + "; ".join(problems))
+        record(report, run, args.changes, args.changes, least_s=least)
         by_status = run.summary.get("requests_by_status", {})
-        sim = run.sim_stats
+        sim = run.measured.sim_stats
         first, last = sim.get("first_request_at"), sim.get("last_request_at")
         span = last - first if first is not None and last is not None else math.nan
         engine_ratio = ratio(run.elapsed_s, least)
@@ -280,9 +553,9 @@ def scenario_rate(args: argparse.Namespace) -> Report:
                 round(least_burst, 2),
                 round(span, 2),
                 run.elapsed_s,
-                round(run.wall_s, 2),
+                round(run.process.wall_s, 2),
                 round(engine_ratio, 3),
-                round(ratio(run.wall_s, least), 3),
+                round(ratio(run.process.wall_s, least), 3),
                 round(ratio(float(run.summary.get("rate_wait_s", 0.0)), args.concurrency), 2),
             ]
         )
@@ -330,71 +603,37 @@ def scenario_rate(args: argparse.Namespace) -> Report:
 
 def scenario_memory(args: argparse.Namespace) -> Report:
     """Peak RSS of the worker streaming a large file, and the RSS of an almost idle worker."""
-    spec = StreamSpec(
-        changes=args.changes,
-        contacts=args.contacts,
-        unknown_share=0.0,
-        invalid=0,
-        distribution="uniform",
-        seed=args.seed,
-    )
+    spec, source, worker, report = _unlimited(args)
     small = StreamSpec(changes=1_000, contacts=1_000, unknown_share=0.0, invalid=0, seed=args.seed)
-    source, baseline_source = stream_file(spec), stream_file(small)
-    options = worker_options(
-        batch=args.batch_size,
-        linger_ms=args.linger_ms,
-        rate=0,
-        concurrency=args.concurrency,
-        max_waiting=args.max_waiting,
-    )
-    name = report_name(args)
-    report = Report(name, {**vars(args), "worker_options": options, "source": str(source)})
+    baseline_source = stream_file(small, DATA, log)
     rows: list[list[Any]] = []
     rss: list[float] = []
     plan = [("baseline", small, baseline_source)]
     plan += [(f"memory-{i}", spec, source) for i in range(1, args.repeat + 1)]
     for label, this_spec, path in plan:
-        log(f"memory {label}: {this_spec.changes:,} changes over {this_spec.contacts:,} IDs")
-        run = run_pair(
-            path,
-            options,
-            ["--latency", "0"],
-            label=f"{name}-{label}",
-            timeout_s=args.timeout,
-            prefix=what_if_prefix(args.what_if, name),
-        )
-        problems = check_run(run, this_spec.lines, this_spec.changes)
-        report.runs.append(run.to_json() | {"problems": problems, "label": label})
-        if problems:
-            report.notes.append(f"{label}: " + "; ".join(problems))
-        rss.append(round(run.peak_rss_mb, 1))
+        run = _unlimited_run(report, args, worker, this_spec, path, label)
+        p = run.process
+        rss.append(round(p.peak_rss_mb, 1))
         rows.append(
             [
                 label,
                 this_spec.changes,
                 this_spec.contacts,
                 round(path.stat().st_size / 2**20, 1),
-                round(run.peak_rss_mb, 1),
-                round(run.ru_maxrss_mb, 1),
+                round(p.peak_rss_mb, 1),
+                round(p.ru_maxrss_mb, 1),
                 round(run.harness_rss_mb, 1),
-                round(run.wall_s, 2),
-                run.elapsed_s,
-                round(ratio(run.records, run.wall_s)),
-                round(ratio(run.records, run.elapsed_s)),
-                round(run.cpu_s, 2),
-                round(100 * ratio(run.cpu_s, run.wall_s), 1),
-                None if run.sim_cpu_s is None else round(run.sim_cpu_s, 2),
-                run.other_cpu_pct,
+                *cost_cells(run),
+                *cpu_cells(run),
                 int(run.summary.get("requests", 0)),
             ]
         )
     if args.repeat > 1:
-        columns = list(zip(*rows[1:], strict=True))
-        rows.append(["median", *(median_cell(col) for col in columns[1:])])
+        rows.append(median_row(rows[1:]))
     report.tables.append(
         Table(
             f"memory: zero latency, rate 0, batch {args.batch_size}, concurrency "
-            f"{args.concurrency}, max-waiting {args.max_waiting or 'default (50,000)'}",
+            f"{args.concurrency}, max-waiting {args.max_waiting:,}",
             [
                 "run",
                 "changes",
@@ -432,180 +671,45 @@ def scenario_memory(args: argparse.Namespace) -> Report:
 # -- profile ------------------------------------------------------------------------------------
 
 
-def _short(filename: str) -> str:
-    """A readable path: relative to the project or to site-packages."""
-    for marker in ("/site-packages/", str(ROOT) + "/"):
-        if marker in filename:
-            return filename.split(marker, 1)[1]
-    if filename.startswith(sys.base_prefix):
-        return "stdlib/" + Path(filename).name
-    return filename
-
-
-def _cprofile_tables(prof: Path, top: int) -> tuple[list[Table], str]:
-    """Top functions by tottime and cumtime, tottime per file; and pstats' own text."""
-    stats = pstats.Stats(str(prof))
-    entries = stats.stats  # type: ignore[attr-defined]
-    total = stats.total_tt  # type: ignore[attr-defined]
-    rows = []
-    for (filename, line, name), (_cc, ncalls, tt, ct, _callers) in entries.items():
-        where = name if filename == "~" else f"{_short(filename)}:{line}({name})"
-        rows.append((where, ncalls, tt, ct))
-    tables = []
-    for key, index in (("tottime", 2), ("cumtime", 3)):
-        ranked = sorted(rows, key=lambda r: r[index], reverse=True)[:top]
-        tables.append(
-            Table(
-                f"cProfile: top {top} by {key} (total {total:.2f} s of profiled time)",
-                ["function", "calls", "tottime s", "tottime %", "cumtime s", "cumtime %"],
-                [
-                    [
-                        w,
-                        n,
-                        round(tt, 3),
-                        round(100 * tt / total, 1),
-                        round(ct, 3),
-                        round(100 * ct / total, 1),
-                    ]
-                    for w, n, tt, ct in ranked
-                ],
-            )
-        )
-    per_file: collections.Counter[str] = collections.Counter()
-    for (filename, _line, name), (_cc, _n, tt, _ct, _callers) in entries.items():
-        per_file[_file_group(filename, name)] += tt
-    tables.append(
-        Table(
-            "cProfile: tottime per source file (C builtins grouped by name)",
-            ["file", "tottime s", "%"],
-            [[f, round(t, 3), round(100 * t / total, 1)] for f, t in per_file.most_common(top)],
-        )
-    )
-    text = io.StringIO()
-    for key in ("tottime", "cumulative"):
-        text.write(f"\n==== pstats sorted by {key} ====\n")
-        pstats.Stats(str(prof), stream=text).sort_stats(key).print_stats(top)
-    return tables, text.getvalue()
-
-
-def _file_group(filename: str, name: str) -> str:
-    if filename == "~":
-        return name.split(" of ")[0].strip("<>").removeprefix("built-in method ")
-    return _short(filename)
-
-
-def _py_spy_frames(path: Path) -> Iterator[tuple[list[str], int]]:
-    """(stack root first, count) from py-spy's raw (collapsed) output."""
-    with open(path) as f:
-        for line in f:
-            stack, _, count = line.rstrip("\n").rpartition(" ")
-            if stack and count.isdigit():
-                yield stack.split(";"), int(count)
-
-
-def _py_spy_tables(path: Path, top: int, wall_s: float, rate: int) -> list[Table]:
-    """Self and total shares per function and per file, and samples per engine task."""
-    own: collections.Counter[str] = collections.Counter()
-    total: collections.Counter[str] = collections.Counter()
-    files: collections.Counter[str] = collections.Counter()
-    tasks: collections.Counter[str] = collections.Counter()
-    samples = parked = 0
-    for frames, count in _py_spy_frames(path):
-        leaf = frames[-1]
-        if leaf.startswith(PARKED):  # an idle thread py-spy took for a busy one
-            parked += count
-            continue
-        samples += count
-        own[leaf] += count
-        files[leaf.rpartition(" (")[2].rstrip(")")] += count
-        for frame in set(frames):
-            total[frame] += count
-        tasks[_engine_task(frames)] += count
-    if not samples:
-        return []
-    pct = 100 / samples
-    expected = wall_s * rate
-    tables = [
-        Table(
-            f"py-spy: top {top} functions by self samples (% of {samples:,} busy samples; the"
-            f" wall time at {rate}/s is ~{expected:,.0f}; {parked:,} samples of parked threads"
-            " left out)",
-            ["function (file)", "self %", "total %"],
-            [[f, round(c * pct, 1), round(total[f] * pct, 1)] for f, c in own.most_common(top)],
-        ),
-        Table(
-            f"py-spy: top {top} functions by total (inclusive) samples",
-            ["function (file)", "total %", "self %"],
-            [[f, round(c * pct, 1), round(own[f] * pct, 1)] for f, c in total.most_common(top)],
-        ),
-        Table(
-            "py-spy: self samples per file",
-            ["file", "self %"],
-            [[f, round(c * pct, 1)] for f, c in files.most_common(top)],
-        ),
-        Table(
-            "py-spy: busy samples per engine task (outermost worker/engine.py frame)",
-            ["task", "%"],
-            [[t, round(c * pct, 1)] for t, c in tasks.most_common()],
-        ),
-    ]
-    return tables
-
-
-PARKED = ("Condition.wait (threading.py)", "Queue.get (queue.py)")
-"""Leaf frames of a thread waiting for work (anyio's file-reading threads)."""
-
-
-def _engine_task(frames: Sequence[str]) -> str:
-    """Which part of the worker a sample belongs to, from its stack (root first)."""
-    if any("importlib._bootstrap" in frame for frame in frames):
-        return "(start-up: imports)"
-    for frame in frames:
-        if "worker/engine.py" in frame and not frame.startswith("<module>"):
-            return frame.split(" (")[0]
-    if any("threading.py" in frame for frame in frames):
-        return "(worker threads: file reads via anyio.to_thread)"
-    return "(event loop and aiohttp callbacks, no engine frame)"
-
-
 def _profiled_row(name: str, run: WorkerRun) -> list[Any]:
-    return [
-        name,
-        round(run.wall_s, 2),
-        run.elapsed_s,
-        round(ratio(run.records, run.wall_s)),
-        round(run.cpu_s, 2),
-    ]
+    return [name, *cost_cells(run)[:3], round(run.process.cpu_s, 2)]
+
+
+def _profiled(
+    report: Report,
+    args: argparse.Namespace,
+    inputs: tuple[StreamSpec, Path, WorkerConfig],
+    profiler: str,
+    output: Path,
+    command: Sequence[str],
+) -> WorkerRun:
+    """A throughput run as ``COMMAND OUTPUT [python] WORKER``, e.g. ``python -m cProfile -o``;
+    checked to have written ``output``."""
+    spec, source, worker = inputs
+    output.unlink(missing_ok=True)
+    entry = worker_entry(args.what_if, report.scenario)
+    python = [] if command[0] == sys.executable else ["--", sys.executable]
+    prefix = [*command, str(output), *python, *entry]
+    label, facts = profiler.lower(), {"profiler": profiler, "output": str(output)}
+    run = _unlimited_run(report, args, worker, spec, source, label, prefix, **facts)
+    if not output.exists():
+        raise BenchError(f"{profiler} wrote no {output}; log {run.process.log_path}")
+    return run
 
 
 def scenario_profile(args: argparse.Namespace) -> Report:
     """The throughput scenario under cProfile, and (if installed) sampled by py-spy."""
-    spec = _throughput_spec(args)
-    source = stream_file(spec)
-    options = _throughput_options(args)
-    name = report_name(args)
-    report = Report(name, {**vars(args), "worker_options": options, "source": str(source)})
+    spec, source, worker, report = _unlimited(args)
+    name = report.scenario
     RESULTS.mkdir(parents=True, exist_ok=True)
-    entry = worker_entry(args.what_if, name)
     profiled: list[list[Any]] = []
     sections: list[str] = []
     if not args.no_cprofile:
         prof = RESULTS / f"{name}.prof"
-        prof.unlink(missing_ok=True)
-        log("profile: throughput run under cProfile")
-        run = run_pair(
-            source,
-            options,
-            ["--latency", "0"],
-            label=f"{name}-cprofile",
-            timeout_s=args.timeout,
-            prefix=[sys.executable, "-m", "cProfile", "-o", str(prof), *entry],
-        )
-        if not prof.exists():
-            raise BenchError(f"cProfile wrote no {prof}; log {run.log_path}")
-        report.runs.append(run.to_json() | {"profiler": "cProfile", "output": str(prof)})
+        command = [sys.executable, "-m", "cProfile", "-o"]
+        run = _profiled(report, args, (spec, source, worker), "cProfile", prof, command)
         profiled.append(_profiled_row("cProfile", run))
-        tables, text = _cprofile_tables(prof, args.top)
+        tables, text = cprofile_tables(prof, args.top)
         report.tables += tables
         sections += [t.markdown() for t in tables] + [text]
     spy = None if args.no_py_spy else py_spy_path()
@@ -613,35 +717,11 @@ def scenario_profile(args: argparse.Namespace) -> Report:
         report.notes.append("py-spy not installed or --no-py-spy: no sampling run.")
     else:
         raw = RESULTS / f"{name}-py-spy.txt"
-        raw.unlink(missing_ok=True)
-        log("profile: throughput run sampled by py-spy")
-        spied = run_pair(
-            source,
-            options,
-            ["--latency", "0"],
-            label=f"{name}-py-spy",
-            timeout_s=args.timeout,
-            prefix=[
-                str(spy),
-                "record",
-                "--rate",
-                str(args.spy_rate),
-                "--format",
-                "raw",
-                "--nolineno",
-                "--output",
-                str(raw),
-                *(["--native"] if args.native else []),
-                "--",
-                sys.executable,
-                *entry,
-            ],
-        )
-        report.runs.append(spied.to_json() | {"profiler": "py-spy", "output": str(raw)})
+        command = [str(spy), "record", "--rate", str(args.spy_rate), "--format", "raw"]
+        command += ["--nolineno", *(["--native"] if args.native else []), "--output"]
+        spied = _profiled(report, args, (spec, source, worker), "py-spy", raw, command)
         profiled.append(_profiled_row("py-spy", spied))
-        if not raw.exists():
-            raise BenchError(f"py-spy wrote no {raw}; log {spied.log_path}")
-        spy_tables = _py_spy_tables(raw, args.top, spied.wall_s, args.spy_rate)
+        spy_tables = py_spy_tables(raw, args.top, spied.process.wall_s, args.spy_rate)
         report.tables += spy_tables
         sections += ["# py-spy"] + [t.markdown() for t in spy_tables]
     if not profiled:
@@ -658,7 +738,7 @@ def scenario_profile(args: argparse.Namespace) -> Report:
     with open(out, "w") as f:
         f.write(f"# pipeline profile ({spec.changes:,} changes, {spec.contacts:,} IDs)\n\n")
         f.write("\n\n".join(sections) + "\n")
-    report.notes.append(f"full listings in {out.relative_to(ROOT)}")
+    report.notes.append(f"full listings in {out}")
     return report
 
 
@@ -705,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
         common(p, timeout=600.0)
         p.add_argument("--changes", type=int, default=500_000)
         p.add_argument("--contacts", type=int, default=100_000)
-        p.add_argument("--max-waiting", type=int, default=None, help="worker default if unset")
+        p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING)
         what_if(p)
         if name == "throughput":
             p.add_argument("--repeat", type=int, default=3, help="runs; the median is reported")
@@ -729,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, timeout=900.0)
     p.add_argument("--changes", type=int, default=1_000_000)
     p.add_argument("--contacts", type=int, default=200_000)
-    p.add_argument("--max-waiting", type=int, default=None, help="worker default if unset")
+    p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING)
     p.add_argument("--repeat", type=int, default=1, help="runs of the large stream (1)")
     what_if(p)
     return parser
@@ -756,9 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pipeline {args.scenario}: interrupted", file=sys.stderr)
         return 130
-    print(report.markdown())
-    path = report.save()
-    log(f"wrote {path.relative_to(ROOT)}")
+    log(f"wrote {report.publish()}")
     return 0
 
 

@@ -28,7 +28,7 @@ pauses timed through ``gc.callbacks``) and off. What the end-to-end run spends b
 stages is the event loop, aiohttp and the kernel's socket work: if benchmarks/results/
 pipeline-throughput.json exists, its median CPU per change is shown next to the stages' sum.
 
-Usage: ``/work/venv/bin/python benchmarks/stages.py [--changes N --contacts N --repeat 3]``;
+Usage: ``.venv/bin/python benchmarks/stages.py [--changes N --contacts N --repeat 3]``;
 prints Markdown, writes benchmarks/results/pipeline-stages.json.
 """
 
@@ -46,12 +46,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from harness import RESULTS, Report, Table, stream_file
+from pipeline import DATA, RESULTS, Report
 
+from worker.bench.harness import stream_file
+from worker.bench.report import Table
 from worker.core.batch import Batch, BatchLimits
 from worker.core.change import Change, decode, validate
 from worker.core.classify import Action, Verdict
-from worker.core.scheduler import Scheduler, SchedulerSettings
+from worker.core.scheduler import DEFAULT_MAX_WAITING, Scheduler, SchedulerSettings
 from worker.engine import READ_SLICE
 from worker.sim.stream import StreamSpec
 from worker.sources.jsonl import CHUNK_BYTES, JsonlSource
@@ -88,7 +90,9 @@ def replay(
     """One synchronous pass of the stream through the stages: seconds per stage, and counts."""
     clock = time.perf_counter
     spent: collections.defaultdict[str, float] = collections.defaultdict(float)
-    source = JsonlSource(str(path))
+    # With a checkpoint, as a worker that can resume: the source keeps the per-line progress
+    # (it is never opened here, so nothing is written).
+    source = JsonlSource(str(path), checkpoint=str(path.with_name(path.name + ".checkpoint")))
     ack = source.progress.ack
     limits = BatchLimits(batch_size, 1 << 20, 0.005)
     scheduler = Scheduler(SchedulerSettings(limits=limits, max_waiting=max_waiting))
@@ -164,6 +168,11 @@ def _e2e_cpu_us_per_change() -> float | None:
     return statistics.median(per) if per else None
 
 
+def note(message: str) -> None:
+    """Progress notes go to stderr, so stdout holds only the Markdown report."""
+    print(f"[stages] {message}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> Report:
     """Time the stages ``--repeat`` times with the GC on and off; the medians per change."""
     spec = StreamSpec(
@@ -173,7 +182,7 @@ def run(args: argparse.Namespace) -> Report:
         invalid=0,
         seed=args.seed,
     )
-    path = stream_file(spec)
+    path = stream_file(spec, DATA, note)
     data = path.read_bytes()
     lines = data.splitlines()
     report = Report("stages", {**vars(args), "source": str(path)})
@@ -194,7 +203,7 @@ def run(args: argparse.Namespace) -> Report:
                 gc.enable()
             spent["gc pauses (inside the stages)"] = timer.seconds
             results[mode].append(spent)
-            print(f"[stages] pass {i + 1} gc {mode}: {sum(spent.values()):.2f} s", file=sys.stderr)
+            note(f"pass {i + 1} gc {mode}: {sum(spent.values()):.2f} s")
         gc.disable()
         try:
             extra.append(time_alone(lines))
@@ -268,14 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--changes", type=int, default=500_000)
     parser.add_argument("--contacts", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--max-waiting", type=int, default=50_000)
+    parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    report = run(args)
-    print(report.markdown())
-    path = report.save()
-    print(f"[stages] wrote {path}", file=sys.stderr)
+    note(f"wrote {run(args).publish()}")
     return 0
 
 

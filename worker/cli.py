@@ -238,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="benchmark the worker against the baselines and the limits",
-        description="Run a benchmark scenario (TOML): the simulated API and the worker in "
-        "their own processes, the baselines beside them; write report.json, report.md and charts.",
+        description="Run a benchmark scenario (a packaged one by name, or a TOML file): the "
+        "simulated API and the worker in their own processes, the baselines beside them; write "
+        "report.json, report.md and charts.",
     )
     configure_bench(bench)
     bench.set_defaults(func=cmd_bench)

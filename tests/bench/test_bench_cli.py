@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +155,81 @@ class TestBenchEndToEnd:
         for name in data["charts"]:
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
             assert f"]({name})" in (out / "report.md").read_text()
+
+
+def bench(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:
+    """``contact-worker bench ARGS`` in a child process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=env,
+    )
+
+
+class TestPackagedScenarios:
+    def test_bench_finds_a_packaged_scenario_by_name(self, tmp_path: Path) -> None:
+        """``contact-worker bench steady`` reads the packaged file, from any directory.
+
+        ``--only`` names no variant, so it stops before running anything, listing the
+        variants it read.
+        """
+        done = bench("steady", "--only", "none", "--out", str(tmp_path / "out"), cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert "no variant 'none'; variants: B=25, B=50, B=100, B=200" in done.stderr
+
+    def test_unknown_name(self, tmp_path: Path) -> None:
+        """A name that is neither a file nor packaged is a usage error naming the packaged ones."""
+        done = bench("stedy", "--out", str(tmp_path), cwd=tmp_path)
+        assert done.returncode == 2
+        assert "did you mean 'steady'?" in done.stderr and "light-load" in done.stderr
+
+    @pytest.mark.slow
+    def test_the_wheel_ships_the_scenarios(self, tmp_path: Path) -> None:
+        """Installed from the project's wheel, ``contact-worker bench steady`` still finds it."""
+        root = Path(__file__).resolve().parents[2]
+        src = tmp_path / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(root / name, src / name)
+        shutil.copytree(
+            root / "worker", src / "worker", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        built = subprocess.run(
+            [*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert built.returncode == 0, built.stderr[-3000:]
+        (wheel,) = (tmp_path / "dist").glob("contact_worker-*.whl")
+        target = tmp_path / "site"
+        installed = subprocess.run(
+            [*pip, "install", "--no-deps", "--target", str(target), str(wheel)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert installed.returncode == 0, installed.stderr[-3000:]
+        shutil.rmtree(src)  # nothing of the source tree left to find the files in
+        env = dict(os.environ, PYTHONPATH=str(target))
+        where = subprocess.run(
+            [sys.executable, "-c", "import worker; print(worker.__file__)"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            check=True,
+        )
+        assert where.stdout.startswith(str(target))
+        done = bench(
+            "steady", "--only", "none", "--out", str(tmp_path / "out"), cwd=tmp_path, env=env
+        )
+        assert done.returncode == 2, done.stderr
+        assert "no variant 'none'; variants: B=25" in done.stderr
 
 
 class TestPieces:

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from worker.bench.scenario import ScenarioError, load_scenario, parse_scenario
+from worker.bench.scenario import (
+    PACKAGED,
+    ScenarioError,
+    load_scenario,
+    packaged_scenarios,
+    parse_scenario,
+)
 
-SCENARIOS = Path(__file__).resolve().parents[2] / "benchmarks" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "worker" / "bench" / "scenarios"
 
 
 def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
@@ -116,7 +122,7 @@ api.rate_limit = 20
 
     @pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda p: p.stem)
     def test_shipped_scenarios_parse(self, path: Path) -> None:
-        """Every scenario in benchmarks/scenarios is valid."""
+        """Every scenario in worker/bench/scenarios is valid."""
         scenario = load_scenario(path)
         assert scenario.variants
 
@@ -130,6 +136,37 @@ api.rate_limit = 20
         assert shares == [0.001, 0.01, 0.05]
         backlog = load_scenario(SCENARIOS / "backlog-1m.toml").variants[0].stream
         assert (backlog.changes, backlog.contacts) == (1_000_000, 200_000)
+
+
+class TestPackagedScenarios:
+    def test_by_name(self) -> None:
+        """A bare name is a packaged scenario; the report names its file in the package."""
+        scenario = load_scenario("steady")
+        assert scenario.name == "steady"
+        assert scenario.path == "worker/bench/scenarios/steady.toml"
+        assert [v.label for v in scenario.variants] == ["B=25", "B=50", "B=100", "B=200"]
+
+    def test_the_package_holds_the_scenarios(self) -> None:
+        """The packaged folder is the one in the source tree, every scenario listed by name."""
+        assert PACKAGED.resolve() == SCENARIOS
+        assert packaged_scenarios() == sorted(p.stem for p in SCENARIOS.glob("*.toml"))
+
+    def test_a_path_still_works(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A file wins over a packaged name: with a suffix, a folder, or found as given."""
+        monkeypatch.chdir(tmp_path)
+        write(tmp_path, 'description = "mine"\n', "steady")
+        assert load_scenario("steady").description == "mine"
+        assert load_scenario(tmp_path / "steady").path == str(tmp_path / "steady")
+        with pytest.raises(ScenarioError, match="cannot read"):
+            load_scenario("sub/steady")
+
+    def test_unknown_name_lists_the_packaged_ones(self) -> None:
+        """A name that is neither a file nor packaged says which names there are."""
+        with pytest.raises(ScenarioError) as caught:
+            load_scenario("stedy")
+        assert "no scenario file 'stedy'" in str(caught.value)
+        assert "did you mean 'steady'?" in str(caught.value)
+        assert "light-load" in str(caught.value)
 
 
 class TestBadFiles:

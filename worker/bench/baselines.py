@@ -303,11 +303,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The baseline's command line (credentials from SMSGW_CLIENT_ID/SMSGW_CLIENT_SECRET)."""
+    """The baseline's command line (the API's URL and credentials from SMSGW_*, as the
+    worker's)."""
     p = argparse.ArgumentParser(prog="python -m worker.bench.baselines", description=__doc__)
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--source", required=True, help="a JSONL file, or - for stdin")
-    p.add_argument("--api-url", required=True)
+    url = os.environ.get("SMSGW_API_URL")
+    p.add_argument("--api-url", default=url, required=url is None, help="(SMSGW_API_URL)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--linger-ms", type=float, default=200.0)
     p.add_argument("--rate", type=float, default=10.0, help="requests/s (0 = no limit)")

@@ -1,4 +1,7 @@
-"""``contact-worker bench SCENARIO.toml --out DIR``: run a scenario, write its report."""
+"""``contact-worker bench SCENARIO --out DIR``: run a scenario, write its report.
+
+SCENARIO is the name of a packaged scenario (``steady``) or the path of a TOML file.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +16,16 @@ from rich.console import Console
 from worker.bench.display import Display, PlainDisplay, RichDisplay
 from worker.bench.harness import Harness
 from worker.bench.processes import BenchError, Quiet
-from worker.bench.scenario import ScenarioError, load_scenario
+from worker.bench.scenario import ScenarioError, load_scenario, packaged_scenarios
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     """The bench command's options."""
     p.add_argument(
-        "scenario", metavar="SCENARIO.toml", help="e.g. benchmarks/scenarios/steady.toml"
+        "scenario",
+        metavar="SCENARIO",
+        help="a packaged scenario by name (" + ", ".join(packaged_scenarios()) + ") or the path"
+        " of a scenario TOML file",
     )
     p.add_argument(
         "--out",

@@ -36,6 +36,19 @@ def _runs(variant: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [("contact-worker", variant["worker"]), *variant["baselines"].items()]
 
 
+def _save(
+    plt: Any, fig: Any, ax: Any, path: Path, title: str, legend: str | None = None
+) -> tuple[str, str]:
+    """Grid, legend and title on a chart; write it to ``path``; its (file name, title)."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name, title
+
+
 def _versus(
     plt: Any, out: Path, variants: Sequence[Mapping[str, Any]], x_of: Any, x_label: str, name: str
 ) -> tuple[str, str]:
@@ -71,14 +84,7 @@ def _versus(
     ax.set_xlabel(x_label)
     ax.set_ylabel("contacts settled per second")
     ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    title = f"contacts/s against {x_label}"
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name, title
+    return _save(plt, fig, ax, out / name, f"contacts/s against {x_label}")
 
 
 def _requests_per_contact(
@@ -121,15 +127,8 @@ def _requests_per_contact(
     ax.set_yscale("log")
     ax.set_xlabel("share of unknown IDs p")
     ax.set_ylabel("requests per contact")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
     title = "requests per contact against the share of unknown IDs"
-    ax.set_title(title)
-    fig.tight_layout()
-    name = "requests-per-contact.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name, title
+    return _save(plt, fig, ax, out / "requests-per-contact.png", title, legend="small")
 
 
 def _latency(plt: Any, out: Path, variants: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
@@ -163,15 +162,8 @@ def _latency(plt: Any, out: Path, variants: Sequence[Mapping[str, Any]]) -> tupl
     ax.set_xscale("log")
     ax.set_xlabel("change-to-ack latency, ms")
     ax.set_ylabel("share of changes acknowledged")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="x-small")
     title = "change-to-ack latency distribution"
-    ax.set_title(title)
-    fig.tight_layout()
-    name = "latency.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name, title
+    return _save(plt, fig, ax, out / "latency.png", title, legend="x-small")
 
 
 def draw(out: Path, data: Mapping[str, Any]) -> tuple[list[tuple[str, str]], str]:

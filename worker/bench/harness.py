@@ -3,6 +3,10 @@ process, then each baseline against a fresh simulator of its own; measured, then
 
 Everything a run leaves (input, logs, dead letters, probe output) goes under the output
 directory; generated inputs are cached by their spec, so a rerun skips generating them.
+
+The developer scripts in benchmarks/ run the worker the same way, through the functions at the
+top (cached inputs, the ``run`` arguments, the worker's summary) and
+:func:`worker.bench.processes.measure`.
 """
 
 from __future__ import annotations
@@ -12,9 +16,8 @@ import json
 import math
 import sys
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,22 +29,72 @@ from worker.bench.display import Display, PlainDisplay
 from worker.bench.histogram import Histogram
 from worker.bench.probe import PROBE_OUT_ENV
 from worker.bench.processes import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     BenchError,
+    Measured,
     ProcessRun,
     Quiet,
     SimulatorProcess,
-    clean_env,
     machine,
-    own_cpu_s,
+    measure,
     run_process,
-    system_busy_s,
     tail,
+    worker_env,
 )
 from worker.bench.replay import replay
-from worker.bench.scenario import Scenario, Variant
+from worker.bench.scenario import Scenario, Variant, WorkerConfig
 from worker.sim.stream import StreamSpec, expected_final_state, write_file
+
+Ran = tuple[Measured, dict[str, Any], Histogram]
+"""A measured run, the summary it printed or logged, its change-to-ack latencies."""
+
+
+# -- what the runs share with the developer scripts in benchmarks/ -------------------------------
+
+
+def cached(path: Path, write: Callable[[Path], None], note: Callable[[str], None]) -> Path:
+    """``path``, written by ``write`` (to a temporary name, then renamed) unless it exists."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        tmp.replace(path)
+        note(f"generated {path.name} in {time.perf_counter() - started:.1f} s")
+    return path
+
+
+def stream_file(spec: StreamSpec, directory: Path, note: Callable[[str], None]) -> Path:
+    """The JSONL file of the stream ``spec`` describes, generated once into ``directory``."""
+    name = (
+        f"stream-{spec.changes}c-{spec.contacts}ids-{spec.distribution}{spec.zipf_s:g}"
+        f"-u{spec.unknown_share:g}-i{spec.invalid}-s{spec.seed}.jsonl"
+    )
+    return cached(directory / name, lambda tmp: write_file(spec, tmp), note)
+
+
+def worker_flags(w: WorkerConfig, *, engine: bool = True) -> list[str]:
+    """The settings as flags: of ``contact-worker run``, or (not ``engine``) of a baseline."""
+    flags = ["--batch-size", str(w.batch_size), "--linger-ms", f"{w.linger_ms:g}"]
+    flags += ["--rate", f"{w.rate:g}", "--concurrency", str(w.concurrency)]
+    flags += ["--request-timeout", f"{w.request_timeout_s:g}"]
+    if engine:
+        flags += ["--max-waiting", str(w.max_waiting), "--suspect-ttl", f"{w.suspect_ttl_s:g}"]
+    return flags
+
+
+def run_args(source: str, dead_letters: Path, w: WorkerConfig) -> list[str]:
+    """``run`` and its arguments for a measured run: JSON logs on stderr, no status port."""
+    args = ["run", "--source", source, "--dlq", f"jsonl:{dead_letters}"]
+    args += ["--http-port", "0", "--log-format", "json", "--log-level", "info"]
+    return args + worker_flags(w)
+
+
+def worker_summary(process: ProcessRun, log: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The summary and the event counts of a worker that ran to its end; BenchError if not."""
+    summary, events = read_log(log)
+    if process.returncode != 0 or not summary:
+        raise BenchError(f"worker exited {process.returncode}; log {log}:\n{tail(log)}")
+    return summary, events
 
 
 @dataclass
@@ -53,7 +106,7 @@ class Harness:
     quiet: Quiet = field(default_factory=Quiet)
     cache: Path | None = None
     python: str = sys.executable
-    _baselines_done: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = field(
+    _baselines_done: dict[tuple[Any, ...], tuple[str, Ran]] = field(
         default_factory=dict, repr=False
     )
 
@@ -82,17 +135,7 @@ class Harness:
             zipf_s=s.zipf_s,
             seed=s.seed,
         )
-        name = (
-            f"stream-{spec.changes}c-{spec.contacts}ids-{spec.distribution}{spec.zipf_s:g}"
-            f"-u{spec.unknown_share:g}-i{spec.invalid}-s{spec.seed}.jsonl"
-        )
-        path = self.data / name
-        if not path.exists():
-            self.data.mkdir(parents=True, exist_ok=True)
-            self.display.note(f"generating {spec.lines:,} lines: {path.name}")
-            tmp = path.with_name(path.name + ".tmp")
-            write_file(spec, tmp)
-            tmp.replace(path)
+        path = stream_file(spec, self.data, self.display.note)
         return path, self._facts(path, s.contacts)
 
     def prefix_file(self, path: Path, lines: int, known: int) -> tuple[Path, figures.InputFacts]:
@@ -135,14 +178,6 @@ class Harness:
             options += ["--max-array", str(api.max_array)]
         return options
 
-    def _env(self, url: str, **extra: str) -> dict[str, str]:
-        return clean_env() | {
-            "SMSGW_CLIENT_ID": CLIENT_ID,
-            "SMSGW_CLIENT_SECRET": CLIENT_SECRET,
-            "SMSGW_API_URL": url,
-            **extra,
-        }
-
     def _run(
         self,
         label: str,
@@ -178,90 +213,98 @@ class Harness:
 
     def run_worker(
         self, variant: Variant, source: Path, total: int, timeout_s: float, run_dir: Path
-    ) -> dict[str, Any]:
-        """The worker (with its probe) against a fresh simulator: measured."""
-        w = variant.worker
+    ) -> Ran:
+        """The worker (with its probe) against a fresh simulator: measured, its summary and its
+        change-to-ack latencies."""
         stream = variant.stream.arrival_rate > 0
-        with SimulatorProcess(self.sim_options(variant), run_dir / "worker-sim.log") as sim:
-            self.quiet.wait(self.display.note)
-            probe_out = run_dir / "worker-probe.json"
-            command = [self.python, "-m", "worker.bench.probe", "run"]
-            command += ["--source", "jsonl:-" if stream else f"jsonl:{source}"]
-            command += ["--dlq", f"jsonl:{run_dir / 'worker-dead-letters.jsonl'}"]
-            command += ["--http-port", "0", "--log-format", "json", "--log-level", "info"]
-            command += ["--batch-size", str(w.batch_size), "--linger-ms", f"{w.linger_ms:g}"]
-            command += ["--rate", f"{w.rate:g}", "--concurrency", str(w.concurrency)]
-            command += ["--request-timeout", f"{w.request_timeout_s:g}"]
-            command += [
-                "--max-waiting",
-                str(w.max_waiting),
-                "--suspect-ttl",
-                f"{w.suspect_ttl_s:g}",
-            ]
-            log = run_dir / "worker.log"
-            busy, own, sim_before = system_busy_s(), own_cpu_s(), sim.cpu_s() or 0.0
-            run, _ = self._run(
-                f"{variant.label}: contact-worker",
-                command,
-                env=self._env(sim.url, **{PROBE_OUT_ENV: str(probe_out)}),
-                log=log,
-                total=total,
-                timeout_s=timeout_s,
-                feed=(source, variant.stream.arrival_rate) if stream else None,
-            )
-            sim_cpu = (sim.cpu_s() or 0.0) - sim_before
-            # Everything the cores did meanwhile, less the worker (reaped: in our children's
-            # times), the simulator and this harness: what other processes took.
-            others = system_busy_s() - busy - (own_cpu_s() - own) - sim_cpu
-            mismatches = self.check_state(sim, source, variant.stream.contacts)
-            sim_stats = sim.stats()
-        summary, counts = read_log(log)
-        if run.returncode != 0 or not summary:
-            raise BenchError(f"worker exited {run.returncode}; log {log}:\n{tail(log)}")
+        probe_out = run_dir / "worker-probe.json"
+        command = [self.python, "-m", "worker.bench.probe"]
+        command += run_args(
+            "jsonl:-" if stream else f"jsonl:{source}",
+            run_dir / "worker-dead-letters.jsonl",
+            variant.worker,
+        )
+        log = run_dir / "worker.log"
+        measured = self._measure(
+            f"{variant.label}: contact-worker",
+            variant,
+            command,
+            source,
+            log,
+            total,
+            timeout_s,
+            {PROBE_OUT_ENV: str(probe_out)},
+        )[0]
+        summary, _ = worker_summary(measured.process, log)
         latency = Histogram()
         if probe_out.exists():
             latency = Histogram.from_json(json.loads(probe_out.read_text())["latency"])
-        return {
-            "run": run,
-            "summary": summary | {"state_mismatches": mismatches},
-            "events": counts,
-            "latency": latency,
-            "sim": sim_stats,
-            "sim_cpu_s": sim_cpu,
-            "others_cpu_pct": round(100 * max(0.0, others) / run.wall_s, 1),
-        }
+        return measured, summary, latency
 
     def run_baseline(
         self, kind: str, variant: Variant, source: Path, total: int, timeout_s: float, run_dir: Path
-    ) -> dict[str, Any]:
-        """One baseline against a fresh simulator: measured."""
-        w = variant.worker
+    ) -> Ran:
+        """One baseline against a fresh simulator: measured, its summary and its latencies."""
         stream = variant.stream.arrival_rate > 0
-        with SimulatorProcess(self.sim_options(variant), run_dir / f"{kind}-sim.log") as sim:
-            self.quiet.wait(self.display.note)
-            command = [self.python, "-m", "worker.bench.baselines", kind]
-            command += ["--source", "-" if stream else str(source), "--api-url", sim.url]
-            command += ["--batch-size", str(w.batch_size), "--linger-ms", f"{w.linger_ms:g}"]
-            command += ["--rate", f"{w.rate:g}", "--concurrency", str(w.concurrency)]
-            command += ["--request-timeout", f"{w.request_timeout_s:g}"]
-            log = run_dir / f"{kind}.log"
-            run, events = self._run(
-                f"{variant.label}: baseline {kind}",
-                command,
-                env=self._env(sim.url),
-                log=log,
-                total=total,
-                timeout_s=timeout_s,
-                feed=(source, variant.stream.arrival_rate) if stream else None,
-            )
-            mismatches = self.check_state(sim, source, variant.stream.contacts)
-            sim_stats = sim.stats()
+        command = [self.python, "-m", "worker.bench.baselines", kind]
+        command += ["--source", "-" if stream else str(source)]
+        command += worker_flags(variant.worker, engine=False)
+        log = run_dir / f"{kind}.log"
+        label = f"{variant.label}: baseline {kind}"
+        measured, events = self._measure(label, variant, command, source, log, total, timeout_s)
         summary = events.get("summary")
-        if run.returncode != 0 or summary is None:
-            raise BenchError(f"baseline {kind} exited {run.returncode}; log {log}:\n{tail(log)}")
-        latency = Histogram.from_json(summary.pop("latency"))
-        summary["state_mismatches"] = mismatches
-        return {"run": run, "summary": summary, "latency": latency, "sim": sim_stats}
+        if measured.process.returncode != 0 or summary is None:
+            raise BenchError(
+                f"baseline {kind} exited {measured.process.returncode}; log {log}:\n{tail(log)}"
+            )
+        return measured, summary, Histogram.from_json(summary.pop("latency"))
+
+    def _measure(
+        self,
+        label: str,
+        variant: Variant,
+        command: list[str],
+        source: Path,
+        log: Path,
+        total: int,
+        timeout_s: float,
+        env: dict[str, str] | None = None,
+    ) -> tuple[Measured, dict[str, Any]]:
+        """``command`` against a fresh simulator, fed the variant's stream if it has one; the
+        progress on the display. Its cost, and what it printed (its summary, if any)."""
+        events: dict[str, Any] = {"done": 0}
+        rate = variant.stream.arrival_rate
+
+        def on_line(event: dict[str, Any]) -> None:
+            if event.get("event") == "progress":
+                events["done"] = int(event.get("acked", 0))
+            elif event.get("event") == "summary":
+                events["summary"] = event
+
+        def run(sim: SimulatorProcess) -> ProcessRun:
+            self.display.start(label, total)
+            done = run_process(
+                command,
+                log_path=log,
+                timeout_s=timeout_s,
+                env=worker_env(sim.url, **(env or {})),
+                cwd=log.parent,
+                on_line=on_line,
+                feed=(source, rate) if rate > 0 else None,
+                tick=lambda: self.display.update(events["done"]),
+            )
+            self.display.update(total if done.returncode == 0 else events["done"])
+            return done
+
+        measured = measure(
+            self.sim_options(variant),
+            log.with_name(f"{log.stem}-sim.log"),
+            run,
+            quiet=self.quiet,
+            note=self.display.note,
+            check=lambda sim: self.check_state(sim, source, variant.stream.contacts),
+        )
+        return measured, events
 
     def check_state(self, sim: SimulatorProcess, source: Path, known: int) -> int:
         """Contacts whose state at the API differs from their last-written values.
@@ -272,8 +315,7 @@ class Harness:
         deadline = time.monotonic() + 30
         while sim.stats().get("in_flight", 0) and time.monotonic() < deadline:
             time.sleep(0.1)
-        with urllib.request.urlopen(sim.url + "/_sim/contacts", timeout=60) as resp:
-            state = orjson.loads(resp.read())
+        state = sim.call("/_sim/contacts")
         with open(source, "rb") as f:
             expected = expected_final_state(f)
         is_known = figures.known_below(known)
@@ -290,22 +332,14 @@ class Harness:
         limits = figures.limits_of(facts, variant)
         prediction = figures.predict(variant, facts)
         timeout = variant.run.timeout_s or 120 + 4 * prediction["drain_s"]
-        measured = self.run_worker(variant, source, facts.lines, timeout, run_dir)
-        worker = figures.run_figures(
-            "contact-worker",
-            measured["summary"],
-            measured["latency"],
-            wall_s=measured["run"].wall_s,
-            cpu_s=measured["run"].cpu_s,
-            peak_rss_mb=measured["run"].peak_rss_mb,
-            facts=facts,
-            limits=limits,
-        )
-        worker["simulator"] = _sim_figures(measured["sim"], measured["sim_cpu_s"])
-        worker["others_cpu_pct"] = measured["others_cpu_pct"]
-        if measured["others_cpu_pct"] > 25:
+        ran = self.run_worker(variant, source, facts.lines, timeout, run_dir)
+        worker = _figures("contact-worker", ran, facts, limits)
+        measured = ran[0]
+        worker["simulator"] = _sim_figures(measured.sim_stats, measured.sim_cpu_s)
+        worker["others_cpu_pct"] = measured.others_cpu_pct
+        if measured.others_cpu_pct > 25:
             worker["problems"].append(
-                f"other processes used {measured['others_cpu_pct']:.0f}% of a core meanwhile:"
+                f"other processes used {measured.others_cpu_pct:.0f}% of a core meanwhile:"
                 " the figures are not the worker's alone"
             )
         self.display.finish(_finished(worker))
@@ -316,7 +350,7 @@ class Harness:
             "input": facts.to_json(),
             "limits": limits.to_json(),
             "worker": worker,
-            "latency_histograms": {"contact-worker": measured["latency"].to_json()},
+            "latency_histograms": {"contact-worker": ran[2].to_json()},
             "baselines": {},
             "model": {**check, "plan": prediction["plan"]},
             "goals": figures.goals_for(variant, worker, check),
@@ -375,23 +409,14 @@ class Harness:
             got = reused[1]
             self.display.note(f"{variant.label}: baseline {kind}: as run for {reused[0]}")
         # Figures afresh: the limits (batch size) may differ from the variant it was run for.
-        row = figures.run_figures(
-            kind,
-            got["summary"],
-            got["latency"],
-            wall_s=got["run"].wall_s,
-            cpu_s=got["run"].cpu_s,
-            peak_rss_mb=got["run"].peak_rss_mb,
-            facts=facts,
-            limits=prefix_limits,
-        )
+        row = _figures(kind, got, facts, prefix_limits)
         if reused is not None:
             row["same_run_as"] = reused[0]
-        row["simulator"] = _sim_figures(got["sim"], None)
+        row["simulator"] = _sim_figures(got[0].sim_stats, None)
         row["input"] = facts.to_json()
         row["limits"] = prefix_limits.to_json()
         result["baselines"][kind] = row
-        result["latency_histograms"][kind] = got["latency"].to_json()
+        result["latency_histograms"][kind] = got[2].to_json()
         if reused is None:
             self.display.finish(_finished(row))
 
@@ -414,6 +439,23 @@ class Harness:
             "variants": variants,
             "goals": [g for v in variants for g in v["goals"]],
         }
+
+
+def _figures(
+    name: str, ran: Ran, facts: figures.InputFacts, limits: figures.Limits
+) -> dict[str, Any]:
+    """The report's figures of one run."""
+    measured, summary, latency = ran
+    return figures.run_figures(
+        name,
+        summary | {"state_mismatches": measured.mismatches},
+        latency,
+        wall_s=measured.process.wall_s,
+        cpu_s=measured.process.cpu_s,
+        peak_rss_mb=measured.process.peak_rss_mb,
+        facts=facts,
+        limits=limits,
+    )
 
 
 def _slug(label: str) -> str:

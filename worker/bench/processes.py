@@ -63,6 +63,16 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "SMSGW_"))}
 
 
+def worker_env(api_url: str, **extra: str) -> dict[str, str]:
+    """A clean environment pointing a worker (or a baseline) at ``api_url``, plus ``extra``."""
+    return clean_env() | {
+        "SMSGW_CLIENT_ID": CLIENT_ID,
+        "SMSGW_CLIENT_SECRET": CLIENT_SECRET,
+        "SMSGW_API_URL": api_url,
+        **extra,
+    }
+
+
 def proc_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of a live process, from /proc/PID/stat (None if gone)."""
     try:
@@ -232,10 +242,17 @@ class SimulatorProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def call(self, path: str, method: str = "GET", timeout_s: float = 60.0) -> Any:
+        """One of the simulator's own endpoints (``/_sim/...``), its JSON answer decoded."""
+        request = urllib.request.Request(
+            self.url + path, method=method, data=b"" if method == "POST" else None
+        )
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+
     def stats(self) -> dict[str, Any]:
         """The simulator's counters (``GET /_sim/stats``)."""
-        with urllib.request.urlopen(self.url + "/_sim/stats", timeout=10) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
+        data: dict[str, Any] = self.call("/_sim/stats", timeout_s=10)
         return data
 
     def cpu_s(self) -> float | None:
@@ -404,3 +421,49 @@ def run_process(
         ru_maxrss_mb=usage.ru_maxrss / 1024,
         log_path=str(log_path),
     )
+
+
+@dataclass
+class Measured:
+    """A child run against a fresh simulator of its own: its cost and what the simulator saw."""
+
+    process: ProcessRun
+    sim_stats: dict[str, Any]
+    sim_cpu_s: float
+    """CPU seconds the simulator used during the run."""
+    others_cpu_s: float
+    """CPU seconds other processes used during the run: noise if much above 0."""
+    load_before: float | None
+    """Cores other processes used just before the run (None: not waited for)."""
+    mismatches: int | None = None
+    """Contacts the simulator does not hold as last written (the ``check`` of :func:`measure`)."""
+
+    @property
+    def others_cpu_pct(self) -> float:
+        """Other processes' CPU during the run, in % of one core."""
+        return round(100 * self.others_cpu_s / self.process.wall_s, 1)
+
+
+def measure(
+    sim_options: Sequence[str],
+    sim_log: Path,
+    run: Callable[[SimulatorProcess], ProcessRun],
+    *,
+    quiet: Quiet,
+    note: Callable[[str], None] = lambda _: None,
+    check: Callable[[SimulatorProcess], int] | None = None,
+) -> Measured:
+    """A fresh simulator, a quiet machine, ``run`` (a child against it), the simulator gone.
+
+    Measures the CPU others used meanwhile: every core's busy time less this harness's, its
+    reaped children's (the child of ``run`` among them) and the simulator's. ``check`` counts,
+    after the run and before the simulator stops, the contacts it does not hold as expected.
+    """
+    with SimulatorProcess(sim_options, sim_log) as sim:
+        load = quiet.wait(note)
+        busy, own, sim_before = system_busy_s(), own_cpu_s(), sim.cpu_s() or 0.0
+        process = run(sim)
+        sim_cpu = (sim.cpu_s() or 0.0) - sim_before
+        others = system_busy_s() - busy - (own_cpu_s() - own) - sim_cpu
+        mismatches = None if check is None else check(sim)
+        return Measured(process, sim.stats(), sim_cpu, max(0.0, others), load, mismatches)

@@ -1,10 +1,14 @@
-"""The report of a benchmark: report.json for machines, report.md (with the charts) for people."""
+"""The report of a benchmark: report.json for machines, report.md (with the charts) for people.
+
+Its table writer is the one every benchmark uses, the developer scripts in benchmarks/ too.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@dataclass
+class Table:
+    """A titled table (what the developer scripts in benchmarks/ print and save)."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+
+    def markdown(self) -> str:
+        """The table under a ``###`` heading."""
+        return f"### {self.title}\n\n{table(self.headers, self.rows)}"
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -4,7 +4,8 @@ A scenario has sections ``[stream]`` (the changes), ``[api]`` (the simulated gat
 ``[worker]`` (the worker's settings), ``[baselines]`` and ``[run]``. It runs once, or once per
 variant: ``[sweep]`` (one parameter, a list of values) or ``[[variants]]`` (each a label and
 the keys it overrides, e.g. ``stream.unknown_share = 0.01``). Every error names the file, the
-variant and the key, and says what was expected.
+variant and the key, and says what was expected. The scenarios of the issue ship with the
+package, in ``scenarios/``: ``contact-worker bench steady`` finds them by name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from typing import Any
 
 from worker.core.scheduler import DEFAULT_MAX_WAITING
 from worker.sim.latency import parse_latency
+
+PACKAGED = Path(__file__).parent / "scenarios"
+"""The scenarios shipped with the package (package data), found by name."""
+PACKAGED_AS = "worker/bench/scenarios"
+"""How reports name that folder, wherever the package is installed."""
 
 BASELINE_KINDS = ("per-change", "batch-fallback")
 """The baselines a user might write instead: see :mod:`worker.bench.baselines`."""
@@ -375,15 +381,46 @@ def parse_scenario(data: Mapping[str, Any], *, name: str, where: str = "scenario
     return Scenario(title, description, tuple(variants), sweep, where)
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario file; :class:`ScenarioError` says what is wrong."""
-    path = Path(path)
+def packaged_scenarios() -> list[str]:
+    """The names of the scenarios shipped in the package (``steady``, ``stale-ids``, ...)."""
+    return sorted(p.stem for p in PACKAGED.glob("*.toml"))
+
+
+def _packaged(spec: str | Path) -> str | None:
+    """The packaged name ``spec`` stands for; None when it is a file's path.
+
+    A path wins: anything with a suffix or a folder in it, or a file found as given.
+    """
+    path = Path(spec)
+    if path.suffix or len(path.parts) != 1 or path.exists():
+        return None
+    return path.name
+
+
+def load_scenario(spec: str | Path) -> Scenario:
+    """Read and validate a scenario: a TOML file, or a packaged one by name (``steady``).
+
+    :class:`ScenarioError` says what is wrong.
+    """
+    name = _packaged(spec)
+    path, where = Path(spec), str(spec)
+    if name is not None:
+        known = packaged_scenarios()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ScenarioError(
+                f"no scenario file {name!r} and no packaged scenario of that name{hint};"
+                f" packaged: {', '.join(known)}"
+            )
+        # Named by its place in the package: the same in a checkout and in an install.
+        path, where = PACKAGED / f"{name}.toml", f"{PACKAGED_AS}/{name}.toml"
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ScenarioError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise ScenarioError(f"{where}: cannot read: {exc.strerror or exc}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
-    return parse_scenario(data, name=path.stem, where=str(path))
+        raise ScenarioError(f"{where}: not valid TOML: {exc}") from None
+    return parse_scenario(data, name=path.stem, where=where)
