@@ -93,7 +93,7 @@ PROGRESS_KEYS = {
     "rate_wait_s",
     "rate_wait_share",
 }
-"""The fields of the ``progress`` log event, as the README lists them."""
+"""The fields of the ``progress`` log event, as docs/operations.md lists them."""
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -120,9 +120,9 @@ def labelled(samples: Samples, name: str, label: str) -> dict[str, float]:
 
 class TestReadme:
     def test_metrics_table_lists_every_family_with_its_type(self) -> None:
-        """The README's metrics table names each family as scraped (counters with _total)
-        and its type, no more, no less."""
-        readme = (Path(__file__).parents[2] / "README.md").read_text()
+        """The metrics table of docs/operations.md names each family as scraped (counters
+        with _total) and its type, no more, no less."""
+        readme = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
         rows = re.findall(r"^\| `(contact_worker_\w+)` \| (\w+) \|", readme, re.M)
         expected = {
             (name + "_total" if kind == "counter" else name, kind)
@@ -132,8 +132,8 @@ class TestReadme:
         assert len(rows) == len(expected)
 
     def test_progress_table_lists_every_field(self) -> None:
-        """The README's progress table names each field of the progress event."""
-        readme = (Path(__file__).parents[2] / "README.md").read_text()
+        """The progress table of docs/operations.md names each field of the progress event."""
+        readme = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
         section = readme.split("**Progress.**", 1)[1].split("**Per request.**", 1)[0]
         table = [line for line in section.splitlines() if line.startswith("| `")]
         named = {name for line in table for name in re.findall(r"`(\w+)`", line.split("|")[1])}

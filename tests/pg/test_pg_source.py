@@ -528,7 +528,7 @@ class TestProducer:
         assert ("5", orjson.dumps(nul.decode()).decode()) == outbox_row(nul)
 
     def test_readme_ddl_names_the_default_table(self) -> None:
-        """The DDL constant is the README's: the default table, no schema."""
+        """The DDL constant is docs/inputs/postgresql.md's: the default table, no schema."""
         assert "CREATE TABLE IF NOT EXISTS contact_changes (" in DDL
         assert "CREATE TABLE IF NOT EXISTS contact_changes_dead (" in DDL
         assert "CREATE OR REPLACE TRIGGER contact_changes_notify" in DDL
