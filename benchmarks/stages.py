@@ -48,13 +48,13 @@ from typing import Any
 import orjson
 from harness import RESULTS, Report, Table, stream_file
 
+from worker.backends.jsonl.source import CHUNK_BYTES, JsonlSource
 from worker.core.batch import Batch, BatchLimits
 from worker.core.change import Change, decode, validate
 from worker.core.classify import Action, Verdict
 from worker.core.scheduler import Scheduler, SchedulerSettings
 from worker.engine import READ_SLICE
 from worker.sim.stream import StreamSpec
-from worker.sources.jsonl import CHUNK_BYTES, JsonlSource
 
 STAGES = ("split", "decode", "add", "form", "body", "resolve", "ack")
 

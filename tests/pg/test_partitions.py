@@ -22,9 +22,10 @@ from tests.cli.test_cli import BIN, Gateway, events, worker_env
 from tests.engine.harness import expected_state
 from tests.engine.test_engine import applied_in_order, stream
 from tests.pg.conftest import BASE_DSN, Db
+from worker.backends.postgres.outbox import PgOutboxSource
+from worker.backends.postgres.producer import enqueue, init
+from worker.backends.postgres.uri import PARTITION_TAG
 from worker.core.partition import partition_of
-from worker.sources.pg_enqueue import enqueue, init
-from worker.sources.pg_outbox import PARTITION_TAG, PgOutboxSource
 
 FAST = {"partitions": 4, "rebalance_s": 0.2, "poll_s": 0.2}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from worker.backends.postgres.uri import DDL
 from worker.config import OPTIONS
-from worker.sources.pg_outbox import DDL
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 

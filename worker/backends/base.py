@@ -67,6 +67,8 @@ class Outages:
     def problem(self) -> str:
         """The failing operations with their last errors; empty while none fails."""
         return "; ".join(f"{op}: {error}" for op, error in sorted(self._failing.items()))
+
+
 class ReplayListener(Protocol):
     """Who hears of a source's replay ranges (the engine; DESIGN 9).
 
@@ -82,6 +84,8 @@ class ReplayListener(Protocol):
     def replay_done(self, name: str) -> None:
         """Called once every record of the range was handed out by an earlier ``read``
         (the engine has taken them in), or the range was given up (a partition lost)."""
+
+
 class EnqueueStopped(SourceError):
     """Writing to an input failed after some changes were written (the message says how many):
     a command that stopped half-way (exit 1), not a setting to fix (exit 2)."""
@@ -135,6 +139,7 @@ class Source(abc.ABC):
     def statistics(self) -> SourceStatistics:
         """The input's state now (cheap, no I/O: called on every probe and scrape)."""
         return SourceStatistics()
+
 
 class ReplayRanges:
     """A source's replay ranges, told to its :class:`ReplayListener` at the right moments.

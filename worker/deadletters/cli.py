@@ -9,14 +9,15 @@ import sys
 import anyio
 import orjson
 
+from worker.backends import open_store
+from worker.backends.base import SourceError
 from worker.config import ConfigError
-from worker.dlq.display import console, print_replay, print_summary, print_warnings
-from worker.dlq.plan import Planner, parse_reasons
-from worker.dlq.replay import replay
-from worker.dlq.stores import DeadLetterStore, StoreBusy, StoreError, open_store
-from worker.dlq.summary import Summary, Tally
-from worker.dlq.targets import open_target
-from worker.sources.base import SourceError
+from worker.deadletters.display import console, print_replay, print_summary, print_warnings
+from worker.deadletters.plan import Planner, parse_reasons
+from worker.deadletters.replay import replay
+from worker.deadletters.store import DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.summary import Summary, Tally
+from worker.deadletters.targets import open_target
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 

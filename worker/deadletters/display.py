@@ -8,9 +8,9 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from worker.dlq.plan import NOT_BY_DEFAULT
-from worker.dlq.replay import ORDER_WARNING, ReplayReport
-from worker.dlq.summary import Summary
+from worker.deadletters.plan import NOT_BY_DEFAULT
+from worker.deadletters.replay import ORDER_WARNING, ReplayReport
+from worker.deadletters.summary import Summary
 
 
 def _n(value: int) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.dlq.summary import Stored, change_of, reason_of
+from worker.deadletters.summary import Stored, change_of, reason_of
 
 NOT_BY_DEFAULT = frozenset({"invalid"})
 """Reasons replayed only when ``--reason`` names them."""

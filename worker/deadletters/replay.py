@@ -1,6 +1,6 @@
 """``dlq replay``: put the changes of dead letters back into an input, and mark them replayed.
 
-Page by page, in the order the letters were written: the :class:`~worker.dlq.plan.Planner`
+Page by page, in the order the letters were written: the :class:`~worker.deadletters.plan.Planner`
 chooses, the changes are written to the input, and only then are their letters marked. A crash
 (or a lost connection) between the two leaves letters written and not marked: the next replay
 sends them again. Replays are at-least-once, like everything else here; PATCH is idempotent.
@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from worker.dlq.plan import Planner, ReplayCounts
-from worker.dlq.stores.base import PAGE, DeadLetterStore, StoreError
-from worker.dlq.targets import Target
-from worker.sources.base import EnqueueStopped, SourceError
+from worker.backends.base import EnqueueStopped, SourceError
+from worker.deadletters.plan import Planner, ReplayCounts
+from worker.deadletters.store import PAGE, DeadLetterStore, StoreError
+from worker.deadletters.targets import Target
 
 ORDER_WARNING = (
     "a replayed change is sent as it was when it failed: if a newer change to the same contact"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from worker.dlq.summary import Stored
+from worker.deadletters.summary import Stored
 
 PAGE = 1000
 """Letters per read: memory stays bounded whatever the size of the store."""

@@ -17,7 +17,7 @@ import structlog
 
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
 
-log = structlog.get_logger("worker.deadletters.jsonl")
+log = structlog.get_logger("worker.backends.jsonl")
 
 _SCAN = 64 * 1024
 """Bytes read at a time while looking back for the start of a torn line."""

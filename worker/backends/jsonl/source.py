@@ -20,9 +20,9 @@ import anyio
 import orjson
 import structlog
 
-from worker.sources.base import Record, ReplayRanges, Source, SourceError, SourceStatistics
+from worker.backends.base import Record, ReplayRanges, Source, SourceError, SourceStatistics
 
-log = structlog.get_logger("worker.sources.jsonl")
+log = structlog.get_logger("worker.backends.jsonl")
 
 CHUNK_BYTES = 256 * 1024
 READ_MARK_AHEAD = 16 * CHUNK_BYTES

@@ -34,8 +34,8 @@ from typing import IO, Any
 import anyio
 import orjson
 
-from worker.dlq.stores.base import PAGE, DeadLetterStore, StoreBusy, StoreError
-from worker.dlq.summary import Stored
+from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.summary import Stored
 
 SIDECAR_SUFFIX = ".replayed"
 SIDECAR_VERSION = 1

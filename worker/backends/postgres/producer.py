@@ -1,7 +1,7 @@
 """The producer side of the ``postgresql://`` outbox: create the tables, insert changes.
 
 The wire format, for producers in any language: one row per change in the outbox table (default
-``contact_changes``; the DDL is :data:`worker.sources.pg_outbox.DDL`, PostgreSQL 14 or newer)::
+``contact_changes``; the DDL is :data:`worker.backends.postgres.uri.DDL`, PostgreSQL 14 or newer)::
 
     INSERT INTO contact_changes (contact_id, change)
     VALUES ('123', '{"ID": "123", "lastname": "Lee"}');
@@ -42,20 +42,17 @@ from typing import Any
 import asyncpg
 import orjson
 
-from worker.core.change import key_of
-from worker.core.partition import partition_of
-from worker.sources.base import EnqueueStopped, SourceError
-from worker.sources.pg_outbox import (
-    ADVISORY_CLASS,
+from worker.backends.base import EnqueueStopped, SourceError
+from worker.backends.postgres.pool import (
     CONNECT_TIMEOUT_S,
     DATABASE_ERRORS,
     OPEN_ERRORS,
-    OutboxUri,
-    ddl,
     describe_error,
     in_transaction,
-    parse_uri,
 )
+from worker.backends.postgres.uri import ADVISORY_CLASS, OutboxUri, ddl, parse_uri
+from worker.core.change import key_of
+from worker.core.partition import partition_of
 
 CHUNK_ROWS = 5000
 """Rows per INSERT (and per commit): the worker can start on a long stream before it ends."""

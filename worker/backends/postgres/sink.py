@@ -15,19 +15,17 @@ from typing import Any
 import asyncpg
 import orjson
 
-from worker.core.backoff import Backoff
-from worker.deadletters.base import DeadLetterError, DeadLetterSink
-from worker.sources.pg_outbox import (
+from worker.backends.postgres.pool import (
     OPEN_ERRORS,
-    RECONNECT_BACKOFF,
     MissingTable,
-    OutboxUri,
     create_pool,
     describe_error,
     find_table,
-    parse_uri,
     retrying,
 )
+from worker.backends.postgres.uri import OutboxUri, parse_uri
+from worker.core.backoff import RECONNECT_BACKOFF, Backoff
+from worker.deadletters.base import DeadLetterError, DeadLetterSink
 
 
 class PgDeadLetters(DeadLetterSink):

@@ -20,21 +20,19 @@ from typing import Any
 import asyncpg
 import orjson
 
-from worker.dlq.stores.base import PAGE, DeadLetterStore, StoreBusy, StoreError
-from worker.dlq.summary import Stored
-from worker.sources.pg_enqueue import insert_rows, outbox_row
-from worker.sources.pg_outbox import (
-    ADVISORY_CLASS,
+from worker.backends.postgres.pool import (
     CONNECT_TIMEOUT_S,
     DATABASE_ERRORS,
     OPEN_ERRORS,
     MissingTable,
-    OutboxUri,
     describe_error,
     find_table,
     in_transaction,
-    parse_uri,
 )
+from worker.backends.postgres.producer import insert_rows, outbox_row
+from worker.backends.postgres.uri import ADVISORY_CLASS, OutboxUri, parse_uri
+from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.summary import Stored
 
 REPLAYED_COLUMN = "replayed_at"
 

@@ -35,9 +35,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from worker.backends.base import EnqueueStopped, SourceError
+from worker.backends.redis.client import connect, ensure_group
+from worker.backends.redis.scripts import CHANGE_FIELD
+from worker.backends.redis.uri import parse_uri
 from worker.core.partition import partition_of
-from worker.sources.base import EnqueueStopped, SourceError
-from worker.sources.redis_streams import CHANGE_FIELD, connect, ensure_group, parse_uri
 
 CHUNK = 1000
 """Entries per pipelined round trip."""

@@ -32,16 +32,12 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from worker.backends.redis.client import TRANSIENT_ERRORS, connect
+from worker.backends.redis.uri import StreamAddress, parse_uri
+from worker.core.backoff import RECONNECT_BACKOFF
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
-from worker.sources.redis_streams import (
-    RECONNECT_BACKOFF,
-    TRANSIENT_ERRORS,
-    StreamAddress,
-    connect,
-    parse_uri,
-)
 
-log = structlog.get_logger("worker.deadletters.redis")
+log = structlog.get_logger("worker.backends.redis")
 
 LETTER_FIELD = "letter"
 """The entry field holding the dead letter's JSON."""

@@ -2,7 +2,7 @@
 
 The URI is the one ``--dlq`` takes (the source's, so usually the same as ``--source``): the
 letters are in ``<stream>:dead`` (``contacts:changes:dead`` by default), or in ``dead_stream``
-(:attr:`worker.sources.redis_streams.StreamAddress.dead_letter_stream`); each entry's field
+(:attr:`worker.backends.redis.uri.StreamAddress.dead_letter_stream`); each entry's field
 ``letter`` holds one dead letter as JSON.
 
 Replayed entries are recorded in the hash ``<dead stream>:replayed``: field = the entry ID,
@@ -23,10 +23,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker.deadletters.redis_stream import LETTER_FIELD
-from worker.dlq.stores.base import PAGE, DeadLetterStore, StoreBusy, StoreError
-from worker.dlq.summary import Stored
-from worker.sources.redis_streams import StreamAddress, connect, parse_uri
+from worker.backends.redis.client import connect
+from worker.backends.redis.sink import LETTER_FIELD
+from worker.backends.redis.uri import StreamAddress, parse_uri
+from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.summary import Stored
 
 LOCK_TTL_MS = 60_000
 """How long the replay lock outlives a replay that died without deleting it."""

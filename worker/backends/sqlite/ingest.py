@@ -40,15 +40,15 @@ import orjson
 import structlog
 from aiohttp import web
 
-from worker.core.change import validate
-from worker.sources.sqlite_spool import (
+from worker.backends.sqlite.spool import (
     DEFAULT_HIGH_WATER,
     DEFAULT_MAX_BODY_BYTES,
     Spool,
     SpoolError,
 )
+from worker.core.change import validate
 
-log = structlog.get_logger("worker.ingest")
+log = structlog.get_logger("worker.backends.sqlite.ingest")
 
 INGEST_PATH = "/v1/changes"
 DEFAULT_RETRY_AFTER_S = 5

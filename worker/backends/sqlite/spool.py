@@ -15,7 +15,7 @@ One SQLite file holds the changes not yet acknowledged (table ``changes``) and t
         created_at  REAL    NOT NULL
     );
 
-The ingest (:mod:`worker.ingest`) inserts the changes of one request in one transaction; the
+The ingest (:mod:`worker.backends.sqlite.ingest`) inserts the changes of one request in one transaction; the
 source hands rows out in ``id`` order and deletes them (one ``DELETE`` per ack call) once they
 are applied or dead-lettered. ``AUTOINCREMENT`` matters: an ``id`` is never reused, even after
 the highest row was deleted, so a row inserted later always sorts after every row handed out.
@@ -60,9 +60,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterable, Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qsl
 
 import anyio
@@ -70,17 +70,8 @@ import orjson
 import structlog
 
 from worker.config import ConfigError
-from worker.deadletters.base import DeadLetterError, DeadLetterSink
-from worker.sources.base import (
-    EnqueueStopped,
-    Record,
-    ReplayRanges,
-    Source,
-    SourceError,
-    SourceStatistics,
-)
 
-log = structlog.get_logger("worker.sources.sqlite")
+log = structlog.get_logger("worker.backends.sqlite")
 
 T = TypeVar("T")
 
@@ -469,214 +460,3 @@ async def release_spool(spool: Spool) -> None:
         if _OPEN.get(spool._key) is spool:
             del _OPEN[spool._key]
         await spool.close()
-
-
-# -- the source and the sink ----------------------------------------------------------------
-
-
-class SqliteSpoolSource(Source):
-    """Rows of the spool in id order; an ack deletes them. Never ends: it waits for more."""
-
-    def __init__(self, options: SpoolOptions) -> None:
-        self.options = options
-        self.name = os.path.basename(options.path) or options.path
-        self._spool: Spool | None = None
-        self._cursor = 0
-        """The highest id handed out: rows at or below it are in the engine's hands."""
-        self._replay_to = 0
-        """The highest id of the rows in the spool at the start (the replay range's end)."""
-        self._ranges = ReplayRanges(self)
-        self.rows_read = 0
-        self.rows_acked = 0
-
-    @classmethod
-    def from_uri(cls, uri: str) -> SqliteSpoolSource:
-        """The source a ``sqlite:`` URI names (not opened yet); ConfigError if the URI is bad."""
-        return cls(parse_uri(uri))
-
-    @property
-    def spool(self) -> Spool:
-        """The open spool (for the ingest routes); SourceError before :meth:`open`."""
-        if self._spool is None:
-            raise SourceError(f"sqlite:{self.name} is not open")
-        return self._spool
-
-    async def open(self) -> None:
-        """Open (create) the spool; reading starts at its lowest id."""
-        try:
-            self._spool = await acquire_spool(
-                self.options.path, busy_timeout_s=self.options.busy_timeout_s
-            )
-        except SpoolError as exc:
-            raise SourceError(str(exc)) from exc
-        self._cursor = 0
-        try:
-            self._replay_to = await self._spool.last_id()
-        except SpoolError as exc:
-            spool, self._spool = self._spool, None
-            await release_spool(spool)
-            raise SourceError(str(exc)) from exc
-        if self._replay_to:
-            self._ranges.begin(self.name)
-        log.info("spool open", path=self.options.path, rows_waiting=self._spool.rows)
-
-    async def read(self) -> Sequence[Record]:
-        """The next rows after those handed out, waiting for the ingest (or a poll) if none."""
-        spool = self.spool
-        count, poll_s = self.options.count, self.options.poll_s
-        ranges = self._ranges
-        if ranges:
-            ranges.sync()
-            if self._cursor >= self._replay_to:
-                ranges.end(self.name)
-        while True:
-            woken = spool.appended_event  # taken first: an append during the fetch still wakes
-            try:
-                rows = await spool.fetch(self._cursor, count)
-            except SpoolError as exc:
-                raise SourceError(str(exc)) from exc
-            if rows:
-                self._cursor = rows[-1][0]
-                self.rows_read += len(rows)
-                return rows
-            if ranges:  # nothing left of the rows there at the start: all were handed out
-                ranges.end(self.name)
-            with anyio.move_on_after(poll_s):
-                await woken.wait()
-
-    async def ack(self, tokens: Sequence[Hashable]) -> None:
-        """Delete these rows (one statement)."""
-        try:
-            await self.spool.delete(cast("list[int]", tokens))
-        except SpoolError as exc:
-            raise SourceError(str(exc)) from exc
-        self.rows_acked += len(tokens)
-
-    def describe(self, tokens: Sequence[Hashable]) -> str:
-        """``sqlite:spool.db/42``, several ids joined by commas."""
-        return f"sqlite:{self.name}/" + ",".join(str(t) for t in tokens)
-
-    async def close(self) -> None:
-        """Let go of the spool (closed when nothing else in the process uses it)."""
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            await release_spool(spool)
-
-    def statistics(self) -> SourceStatistics:
-        """Rows handed out and not acknowledged; the spool's depth (rows stored, read or not).
-
-        Always available: a local file that fails stops the run instead (SourceError)."""
-        spool = self._spool
-        return SourceStatistics(
-            unacked=self.rows_read - self.rows_acked,
-            spool_depth=spool.rows if spool is not None else None,
-        )
-
-
-class SqliteDeadLetters(DeadLetterSink):
-    """Dead letters as rows of the spool file's ``dead_letters`` table, committed durably."""
-
-    def __init__(self, options: SpoolOptions) -> None:
-        self.options = options
-        self.name = f"sqlite:{os.path.basename(options.path) or options.path}"
-        self._spool: Spool | None = None
-        self.written = 0
-
-    @classmethod
-    def from_uri(cls, uri: str) -> SqliteDeadLetters:
-        """The sink a ``sqlite:`` URI names (not opened yet); ConfigError if the URI is bad."""
-        return cls(parse_uri(uri))
-
-    @property
-    def spool(self) -> Spool:
-        """The open spool; DeadLetterError before :meth:`open`."""
-        if self._spool is None:
-            raise DeadLetterError(f"dead letters {self.name}: not open")
-        return self._spool
-
-    async def open(self) -> None:
-        """Open (create) the file and its tables."""
-        try:
-            self._spool = await acquire_spool(
-                self.options.path, busy_timeout_s=self.options.busy_timeout_s
-            )
-        except SpoolError as exc:
-            raise DeadLetterError(str(exc)) from exc
-
-    async def write(self, letters: list[dict[str, Any]]) -> None:
-        """Insert the letters in one transaction, fsynced before this returns."""
-        if not letters:
-            return
-        try:
-            await self.spool.add_dead_letters(letters)
-        except SpoolError as exc:
-            raise DeadLetterError(f"cannot write dead letters: {exc}") from exc
-        self.written += len(letters)
-
-    async def close(self) -> None:
-        """Let go of the spool."""
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            await release_spool(spool)
-
-
-# -- the producer side (``contact-worker init`` / ``enqueue --to sqlite:PATH``) ---------------
-
-ENQUEUE_CHUNK = 1000
-"""Rows per transaction when enqueueing."""
-
-
-async def init(uri: str) -> None:
-    """Create the spool file and its tables if missing (idempotent)."""
-    options = parse_uri(uri)
-    try:
-        spool = await acquire_spool(options.path, busy_timeout_s=options.busy_timeout_s)
-    except SpoolError as exc:
-        raise SourceError(str(exc)) from exc
-    await release_spool(spool)
-
-
-async def enqueue(uri: str, lines: AsyncIterable[bytes] | Iterable[bytes]) -> int:
-    """Append each non-blank line as one row, as it is; the count appended.
-
-    Validation is the worker's job (an invalid line is dead-lettered ``invalid`` when read);
-    the HTTP ingest is the way that validates up front. Rows are committed durably in chunks of
-    :data:`ENQUEUE_CHUNK`; a worker running on the same file finds them by its fallback poll.
-    """
-    options = parse_uri(uri)
-    try:
-        spool = await acquire_spool(options.path, busy_timeout_s=options.busy_timeout_s)
-    except SpoolError as exc:
-        raise SourceError(str(exc)) from exc
-    sent = 0
-    chunk: list[bytes] = []
-    try:
-        if isinstance(lines, AsyncIterable):
-            async for line in lines:
-                if _add(chunk, line) >= ENQUEUE_CHUNK:
-                    sent += await _flush(spool, chunk)
-        else:
-            for line in lines:
-                if _add(chunk, line) >= ENQUEUE_CHUNK:
-                    sent += await _flush(spool, chunk)
-        sent += await _flush(spool, chunk)
-    except SpoolError as exc:
-        failed = EnqueueStopped if sent else SourceError
-        raise failed(f"enqueue failed after {sent} changes: {exc}") from exc
-    finally:
-        await release_spool(spool)
-    return sent
-
-
-def _add(chunk: list[bytes], line: bytes) -> int:
-    line = line.rstrip(b"\r\n")
-    if line and not line.isspace():
-        chunk.append(line)
-    return len(chunk)
-
-
-async def _flush(spool: Spool, chunk: list[bytes]) -> int:
-    count = len(chunk)
-    await spool.append(chunk)
-    chunk.clear()
-    return count

@@ -25,9 +25,9 @@ from typing import IO, Any, TypeVar
 import anyio
 import orjson
 
-from worker.dlq.stores.base import PAGE, DeadLetterStore, StoreBusy, StoreError
-from worker.dlq.summary import Stored
-from worker.sources.sqlite_spool import SpoolOptions, parse_uri
+from worker.backends.sqlite.spool import SpoolOptions, parse_uri
+from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.summary import Stored
 
 T = TypeVar("T")
 
