@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from worker.config import ConfigError
 
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from worker.backends.base import Source
     from worker.deadletters.base import DeadLetterSink
     from worker.deadletters.store import DeadLetterStore
+
+T = TypeVar("T")
 
 Init = Callable[[str], Awaitable[None]]
 """Create what an input needs, idempotently (``contact-worker init --to URI``)."""
@@ -79,50 +81,52 @@ def is_store(uri: str) -> bool:
     return backend is not None and backend.is_store
 
 
+def offered(uri: str, offer: Callable[[Backend], T | None], unsupported: str) -> T:
+    """What ``offer`` asks of the backend of ``uri``; ConfigError(``unsupported``) where there
+    is no such backend or it offers nothing for that URI."""
+    backend = backend_for(uri)
+    found = offer(backend) if backend is not None else None
+    if found is None:
+        raise ConfigError(unsupported)
+    return found
+
+
 def open_source(uri: str, *, follow: bool = False, checkpoint: str | None = None) -> Source:
     """The source a URI names (not opened yet)."""
-    backend = backend_for(uri)
-    if backend is not None and backend.is_store and (follow or checkpoint):
+    if (follow or checkpoint) and is_store(uri):
         raise ConfigError("--follow and --checkpoint apply to jsonl: sources only")
-    source = backend.open_source(uri, follow=follow, checkpoint=checkpoint) if backend else None
-    if source is None:
-        raise ConfigError(
-            f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin), sqlite:PATH,"
-            " redis://... or postgresql://..."
-        )
-    return source
+    return offered(
+        uri,
+        lambda backend: backend.open_source(uri, follow=follow, checkpoint=checkpoint),
+        f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin), sqlite:PATH,"
+        " redis://... or postgresql://...",
+    )
 
 
 def open_sink(uri: str) -> DeadLetterSink:
     """The dead-letter sink a URI names (not opened yet)."""
-    backend = backend_for(uri)
-    sink = backend.open_sink(uri) if backend else None
-    if sink is None:
-        raise ConfigError(
-            f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, sqlite:PATH, redis://... or"
-            " postgresql://..."
-        )
-    return sink
+    return offered(
+        uri,
+        lambda backend: backend.open_sink(uri),
+        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, sqlite:PATH, redis://... or"
+        " postgresql://...",
+    )
 
 
 def open_store(uri: str) -> DeadLetterStore:
     """The store a ``--dlq`` URI names (not opened yet); ConfigError if the URI is bad."""
-    backend = backend_for(uri)
-    store = backend.open_store(uri) if backend else None
-    if store is None:
-        raise ConfigError(
-            f"unsupported dead-letter store {uri!r}: use the URI given to --dlq: jsonl:PATH,"
-            " sqlite:PATH, redis://...?stream=... or postgresql://...?table=..."
-        )
-    return store
+    return offered(
+        uri,
+        lambda backend: backend.open_store(uri),
+        f"unsupported dead-letter store {uri!r}: use the URI given to --dlq: jsonl:PATH,"
+        " sqlite:PATH, redis://...?stream=... or postgresql://...?table=...",
+    )
 
 
 def producer_for(uri: str) -> tuple[Init, Enqueue]:
     """``init`` and ``enqueue`` of the input a URI names."""
-    backend = backend_for(uri)
-    producer = backend.producer() if backend else None
-    if producer is None:
-        raise ConfigError(
-            f"unsupported input {uri!r}: use sqlite:PATH, redis://HOST:PORT/DB or postgresql://..."
-        )
-    return producer
+    return offered(
+        uri,
+        lambda backend: backend.producer(),
+        f"unsupported input {uri!r}: use sqlite:PATH, redis://HOST:PORT/DB or postgresql://...",
+    )

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
@@ -89,6 +97,54 @@ class ReplayListener(Protocol):
 class EnqueueStopped(SourceError):
     """Writing to an input failed after some changes were written (the message says how many):
     a command that stopped half-way (exit 1), not a setting to fix (exit 2)."""
+
+
+class LineChunks:
+    """The producer side's loop: non-blank change lines, without their line endings and
+    otherwise as they are (validation is the worker's job), written in order in chunks."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.written = 0
+        """Lines the writer took so far (for the message when it fails half-way)."""
+
+    async def write(
+        self,
+        lines: AsyncIterable[bytes] | Iterable[bytes],
+        writer: Callable[[list[bytes]], Awaitable[object]],
+    ) -> int:
+        """Hand the lines to ``writer`` ``size`` at a time; the count written."""
+        chunk: list[bytes] = []
+        if isinstance(lines, AsyncIterable):
+            async for line in lines:
+                if self._add(chunk, line) >= self.size:
+                    chunk = await self._flush(chunk, writer)
+        else:
+            for line in lines:
+                if self._add(chunk, line) >= self.size:
+                    chunk = await self._flush(chunk, writer)
+        await self._flush(chunk, writer)
+        return self.written
+
+    def failed(self, message: str) -> SourceError:
+        """The error for a write that failed: :class:`EnqueueStopped` once anything was
+        written, else a :class:`SourceError`."""
+        return (EnqueueStopped if self.written else SourceError)(message)
+
+    @staticmethod
+    def _add(chunk: list[bytes], line: bytes) -> int:
+        line = line.rstrip(b"\r\n")
+        if line and not line.isspace():
+            chunk.append(line)
+        return len(chunk)
+
+    async def _flush(
+        self, chunk: list[bytes], writer: Callable[[list[bytes]], Awaitable[object]]
+    ) -> list[bytes]:
+        if chunk:
+            await writer(chunk)
+            self.written += len(chunk)
+        return []
 
 
 class Source(abc.ABC):

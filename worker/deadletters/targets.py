@@ -5,8 +5,8 @@ or a ``jsonl:PATH`` file to run with ``contact-worker run --source jsonl:PATH``.
 
 from __future__ import annotations
 
-from worker.backends import Enqueue, backend_for
-from worker.config import ConfigError, redact_uri
+from worker.backends import Enqueue, offered
+from worker.config import redact_uri
 
 
 class Target:
@@ -25,13 +25,11 @@ class Target:
 
 def open_target(uri: str) -> Target:
     """The input a ``--to`` URI names, checked (not connected); ConfigError if it is bad."""
-    backend = backend_for(uri)
-    target = backend.target(uri) if backend else None
-    if target is None:
-        raise ConfigError(
-            f"unsupported input {redact_uri(uri)!r} for --to: use sqlite:PATH, redis://...,"
-            " postgresql://... (as `contact-worker enqueue --to` takes) or jsonl:PATH (a file to"
-            " run)"
-        )
-    display, enqueue = target
+    display, enqueue = offered(
+        uri,
+        lambda backend: backend.target(uri),
+        f"unsupported input {redact_uri(uri)!r} for --to: use sqlite:PATH, redis://...,"
+        " postgresql://... (as `contact-worker enqueue --to` takes) or jsonl:PATH (a file to"
+        " run)",
+    )
     return Target(uri, display, enqueue)

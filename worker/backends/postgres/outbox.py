@@ -1,7 +1,7 @@
 """The ``postgresql://`` source: a transactional-outbox table, claimed in ``id`` order with a lease.
 
 Upstream systems insert one row per change into the outbox table in the same transaction as their
-own write (the wire format is in :mod:`worker.backends.postgres.producer`). The worker claims rows in
+own write (the wire format is in :mod:`.producer`). The worker claims rows in
 short transactions and never holds one open across an HTTP call:
 
 - **claim**: in one short transaction, under a transaction-scoped advisory lock on the table (so
@@ -68,10 +68,10 @@ from worker.backends.postgres.pool import (
     DATABASE_ERRORS,
     OPEN_ERRORS,
     TRANSIENT_ERRORS,
-    MissingTable,
-    create_pool,
+    CannotOpen,
+    close_pool,
     describe_error,
-    find_table,
+    pool_for_table,
     retrying,
 )
 from worker.backends.postgres.uri import (
@@ -101,18 +101,12 @@ class PgOutboxSource(PartitionClaims):
     async def open(self) -> None:
         """Connect, check the table, listen for inserts, start keeping leases."""
         target = self.target
+        columns = PARTITIONED_COLUMNS if self.partitions > 1 else OUTBOX_COLUMNS
         try:
-            self._pool = await create_pool(target, max_size=4)
-            columns = PARTITIONED_COLUMNS if self.partitions > 1 else OUTBOX_COLUMNS
-            async with self._pool.acquire() as conn:
-                oid, schema = await find_table(conn, target, target.table, columns)
-        except OPEN_ERRORS as exc:
-            await self._close_pool()
-            raise SourceError(
-                f"cannot open {self.name} at {target.display}: {describe_error(exc)}"
-            ) from exc
-        except MissingTable as exc:
-            await self._close_pool()
+            self._pool, oid, schema = await pool_for_table(
+                target, self.name, target.table, columns, max_size=4
+            )
+        except CannotOpen as exc:
             raise SourceError(str(exc)) from exc
         self._channel = f"{schema}.{target.table}"
         if self.partitions == 1:
@@ -169,13 +163,8 @@ class PgOutboxSource(PartitionClaims):
         await self._close_pool()
 
     async def _close_pool(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            try:
-                with anyio.fail_after(5):
-                    await pool.close()
-            except TimeoutError:
-                pool.terminate()
+        pool, self._pool = self._pool, None
+        await close_pool(pool)
 
     # -- listening ---------------------------------------------------------------------------
 

@@ -224,3 +224,44 @@ async def find_table(
             " compare it with the DDL in the README"
         )
     return int(oid), str(schema)
+
+
+class CannotOpen(Exception):
+    """A table cannot be opened: the message says which, where and why."""
+
+
+async def pool_for_table(
+    target: OutboxUri,
+    what: str,
+    name: str,
+    columns: Sequence[str],
+    *,
+    max_size: int,
+    **settings: str,
+) -> tuple[Any, int, str]:
+    """A pool for ``target`` and the oid and schema of its table ``name``, which must have
+    these columns; CannotOpen (``what`` names the table for people) if either fails, the
+    pool closed again."""
+    pool: Any = None
+    try:
+        pool = await create_pool(target, max_size=max_size, **settings)
+        async with pool.acquire() as conn:
+            oid, schema = await find_table(conn, target, name, columns)
+    except OPEN_ERRORS as exc:
+        await close_pool(pool)
+        raise CannotOpen(f"cannot open {what} at {target.display}: {describe_error(exc)}") from exc
+    except MissingTable as exc:
+        await close_pool(pool)
+        raise CannotOpen(str(exc)) from exc
+    return pool, oid, schema
+
+
+async def close_pool(pool: Any) -> None:
+    """Close a pool (None: nothing to do), terminating its connections if that takes long."""
+    if pool is None:
+        return
+    try:
+        with anyio.fail_after(5):
+            await pool.close()
+    except TimeoutError:
+        pool.terminate()

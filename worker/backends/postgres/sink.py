@@ -16,11 +16,9 @@ import asyncpg
 import orjson
 
 from worker.backends.postgres.pool import (
-    OPEN_ERRORS,
-    MissingTable,
-    create_pool,
+    CannotOpen,
     describe_error,
-    find_table,
+    pool_for_table,
     retrying,
 )
 from worker.backends.postgres.uri import OutboxUri, parse_uri
@@ -52,16 +50,15 @@ class PgDeadLetters(DeadLetterSink):
         """Connect and check that the table is there."""
         target = self.target
         try:
-            self._pool = await create_pool(target, max_size=2, synchronous_commit="on")
-            async with self._pool.acquire() as conn:
-                await find_table(conn, target, target.table + "_dead", ("letter",))
-        except OPEN_ERRORS as exc:
-            await self.close()
-            raise DeadLetterError(
-                f"cannot open dead letters {self.name} at {target.display}: {describe_error(exc)}"
-            ) from exc
-        except MissingTable as exc:
-            await self.close()
+            self._pool, _, _ = await pool_for_table(
+                target,
+                f"dead letters {self.name}",
+                target.table + "_dead",
+                ("letter",),
+                max_size=2,
+                synchronous_commit="on",
+            )
+        except CannotOpen as exc:
             raise DeadLetterError(str(exc)) from exc
 
     async def write(self, letters: list[dict[str, Any]]) -> None:

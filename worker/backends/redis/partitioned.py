@@ -12,9 +12,7 @@ from typing import Any, cast
 import anyio
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.backends.base import (
     Record,
@@ -25,20 +23,19 @@ from worker.backends.redis.client import (
     READ_LINGER_S,
     SMALL_READ,
     TRANSIENT_ERRORS,
-    connect,
+    claim_all,
     ensure_group,
     is_nogroup,
+    pending_elsewhere,
 )
 from worker.backends.redis.leases import (
     PartitionLeases,
     PartitionToken,
 )
 from worker.backends.redis.scripts import (
-    ACK_SCRIPT,
     DELETE_IDLE_CONSUMER,
     DELETED,
     HEARTBEAT,
-    READ_SCRIPT,
     RELEASE_LEASE,
     RENEW_LEASE,
     START,
@@ -84,21 +81,11 @@ class PartitionedRedisSource(PartitionLeases):
 
     async def open(self) -> None:
         """Connect, create the groups, take a first share of partitions, start the keeper."""
-        client = connect(self.address, read_timeout_s=self._block_ms / 1000 + 10.0)
-        try:
-            await client.ping()
-            for stream in self.streams:
-                if await ensure_group(client, stream, self.group):
-                    log.info("consumer group created", stream=stream, group=self.group)
-        except (RedisError, OSError) as exc:
-            await client.aclose()
-            raise SourceError(self._explain(exc)) from exc
+        client = await self._connect(self.streams, self._block_ms / 1000 + 10.0)
         self._client = client
         self._renew_script = client.register_script(RENEW_LEASE)
         self._release_script = client.register_script(RELEASE_LEASE)
         self._heartbeat_script = client.register_script(HEARTBEAT)
-        self._ack_script = client.register_script(ACK_SCRIPT)
-        self._read_script = client.register_script(READ_SCRIPT)
         try:
             await self._keep(client)
         except (RedisError, OSError) as exc:
@@ -116,13 +103,8 @@ class PartitionedRedisSource(PartitionLeases):
             held=sorted(self._held),
         )
 
-    def _explain(self, exc: BaseException) -> str:
-        where = f"redis {self.address.display}"
-        if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
-            return f"{where}: a key of {self.address.stream!r} has the wrong type: {exc}"
-        if isinstance(exc, RedisConnectionError | OSError | RedisTimeoutError):
-            return f"cannot connect to {where}: {exc}"
-        return f"{where}: {exc}"
+    def _wrong_type(self, exc: ResponseError) -> str:
+        return f"a key of {self.address.stream!r} has the wrong type: {exc}"
 
     async def close(self) -> None:
         """Stop the keeper, release every lease, leave the member set, disconnect. What a read
@@ -339,14 +321,10 @@ class PartitionedRedisSource(PartitionLeases):
     async def _check_orphans(self, client: Redis) -> None:
         """Entries of a held partition pending at another consumer after the takeover: a
         consumer that lost the lease had a read on its way. Claim them and re-read."""
-        mine = self.consumer.encode()
         for p, state in list(self._held.items()):
             if not state.claimed:
                 continue
-            summary = await client.xpending(self.streams[p], self.group)
-            if any(
-                c["name"] != mine and int(c["pending"]) > 0 for c in summary.get("consumers") or ()
-            ):
+            if await pending_elsewhere(client, self.streams[p], self.group, self.consumer):
                 log.warning(
                     "entries of a held partition are pending at another consumer (read just"
                     " before it lost the lease): claiming them; their order against entries"
@@ -359,25 +337,9 @@ class PartitionedRedisSource(PartitionLeases):
     async def _claim(self, client: Redis, p: int) -> None:
         """Take over every entry pending in p at other consumers (the lease says they left)."""
         stream = self.streams[p]
-        mine = self.consumer.encode()
-        summary = await client.xpending(stream, self.group)
-        others = [
-            c["name"]
-            for c in summary.get("consumers") or ()
-            if c["name"] != mine and int(c["pending"]) > 0
-        ]
-        if not others:
+        if not await pending_elsewhere(client, stream, self.group, self.consumer):
             return
-        cursor: bytes = START
-        taken = 0
-        while True:
-            reply = await client.xautoclaim(
-                stream, self.group, self.consumer, 0, cursor, count=self.count
-            )
-            cursor = reply[0]
-            taken += len(reply[1])
-            if cursor == START:
-                break
+        taken = len(await claim_all(client, stream, self.group, self.consumer, 0, self.count))
         self.claimed += taken
         log.info("claimed pending entries of a taken partition", partition=p, count=taken)
 
@@ -461,23 +423,10 @@ class PartitionedRedisSource(PartitionLeases):
         keys = [self.streams[p] for p in by_partition]
         args: list[bytes | str | int] = [self.group, int(self.address.delete_acked)]
         args += [b" ".join(ids) for ids in by_partition.values()]
-        failures = 0
-        while True:
-            try:
-                await self._ack_script(keys=keys, args=args, client=self._require_client())
-                self.outages.recovered("ack")
-                return
-            except TRANSIENT_ERRORS as exc:
-                failures += 1
-                await self._back_off("ack", failures, exc)
-            except ResponseError as exc:
-                if not is_nogroup(exc):
-                    raise SourceError(self._explain(exc)) from exc
-                self.outages.recovered("ack")  # it answered
-                if len(by_partition) > 1:  # one stream lost its group: ack the others alone
-                    for p, ids in by_partition.items():
-                        await self._ack_partitions({p: ids})
-                return  # the group, and its pending list, are gone: nothing left to ack
+        if not await self._acked(keys, args) and len(by_partition) > 1:
+            # One stream lost its group: ack the others alone.
+            for p, ids in by_partition.items():
+                await self._ack_partitions({p: ids})
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker.backends.base import EnqueueStopped, SourceError
+from worker.backends.base import LineChunks, SourceError
 from worker.backends.redis.client import connect, ensure_group
 from worker.backends.redis.scripts import CHANGE_FIELD
 from worker.backends.redis.uri import parse_uri
@@ -66,37 +66,19 @@ async def enqueue(uri: str, lines: AsyncIterable[bytes] | Iterable[bytes]) -> in
     address = parse_uri(uri)
     client = connect(address)
     streams = address.partition_streams
-    sent = 0
-    chunk: list[bytes] = []
     try:
         await client.ping()  # connects: a Redis that is not there fails before anything is read
     except (RedisError, OSError) as exc:
         await client.aclose()
         raise SourceError(f"cannot connect to redis {address.display}: {exc}") from exc
+    chunks = LineChunks(CHUNK)
     try:
-        if isinstance(lines, AsyncIterable):
-            async for line in lines:
-                if _add(chunk, line) >= CHUNK:
-                    sent += await _flush(client, streams, chunk)
-        else:
-            for line in lines:
-                if _add(chunk, line) >= CHUNK:
-                    sent += await _flush(client, streams, chunk)
-        sent += await _flush(client, streams, chunk)
+        return await chunks.write(lines, lambda chunk: _append(client, streams, chunk))
     except (RedisError, OSError) as exc:
-        failed = EnqueueStopped if sent else SourceError
-        message = f"redis {address.display}: enqueue failed after {sent} changes: {exc}"
-        raise failed(message) from exc
+        message = f"redis {address.display}: enqueue failed after {chunks.written} changes: {exc}"
+        raise chunks.failed(message) from exc
     finally:
         await client.aclose()
-    return sent
-
-
-def _add(chunk: list[bytes], line: bytes) -> int:
-    line = line.rstrip(b"\r\n")
-    if line and not line.isspace():
-        chunk.append(line)
-    return len(chunk)
 
 
 def partition_of_line(line: bytes, partitions: int) -> int:
@@ -115,14 +97,10 @@ def partition_of_line(line: bytes, partitions: int) -> int:
     return partition_of(str(key), partitions)
 
 
-async def _flush(client: Redis, streams: list[str], chunk: list[bytes]) -> int:
-    if not chunk:
-        return 0
+async def _append(client: Redis, streams: list[str], chunk: list[bytes]) -> None:
+    """XADD each line to its partition's stream, pipelined (one round trip)."""
     partitions = len(streams)
     async with client.pipeline(transaction=False) as pipe:
         for line in chunk:
             pipe.xadd(streams[partition_of_line(line, partitions)], {CHANGE_FIELD: line})
         await pipe.execute()
-    count = len(chunk)
-    chunk.clear()
-    return count

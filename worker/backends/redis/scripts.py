@@ -191,7 +191,8 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 # -- partitioned streams -----------------------------------------------------------------------
 
 RENEW_LEASE = """
--- Compare-and-pexpire: extend the lease only if this consumer still holds it.
+-- Compare-and-pexpire: extend the lease (or lock) KEYS[1] by ARGV[2] ms only if ARGV[1] still
+-- holds it.
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
@@ -199,7 +200,7 @@ return 0
 """
 
 RELEASE_LEASE = """
--- Compare-and-delete: drop the lease only if this consumer still holds it.
+-- Compare-and-delete: drop the lease (or lock) KEYS[1] only if ARGV[1] still holds it.
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end

@@ -26,18 +26,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 import orjson
-import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker.backends.redis.client import TRANSIENT_ERRORS, connect
+from worker.backends.redis.client import TRANSIENT_ERRORS, back_off, connect
 from worker.backends.redis.uri import StreamAddress, parse_uri
-from worker.core.backoff import RECONNECT_BACKOFF
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
-
-log = structlog.get_logger("worker.backends.redis")
 
 LETTER_FIELD = "letter"
 """The entry field holding the dead letter's JSON."""
@@ -93,16 +88,7 @@ class RedisStreamDeadLetters(DeadLetterSink):
                 break
             except TRANSIENT_ERRORS as exc:
                 failures += 1
-                delay = RECONNECT_BACKOFF.delay(failures, self._rand())
-                log.warning(
-                    "redis unavailable for dead letters, retrying",
-                    server=self.address.display,
-                    attempt=failures,
-                    retry_in_s=round(delay, 3),
-                    error=str(exc) or type(exc).__name__,
-                )
-                await client.connection_pool.disconnect(inuse_connections=False)
-                await anyio.sleep(delay)
+                await back_off(client, self.address, "dead letters", failures, exc, self._rand)
             except RedisError as exc:
                 raise DeadLetterError(f"cannot write dead letters to {self.name}: {exc}") from exc
         self.written += len(letters)

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from worker.backends.redis.client import connect
+from worker.backends.redis.scripts import RELEASE_LEASE, RENEW_LEASE
 from worker.backends.redis.sink import LETTER_FIELD
 from worker.backends.redis.uri import StreamAddress, parse_uri
 from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
@@ -31,16 +32,6 @@ from worker.deadletters.summary import Stored
 
 LOCK_TTL_MS = 60_000
 """How long the replay lock outlives a replay that died without deleting it."""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
 
 _FIELD = LETTER_FIELD.encode()
 
@@ -129,7 +120,9 @@ class RedisStore(DeadLetterStore):
             ids = [entry_id for entry_id, _ in entries]
             flags = await client.hmget(self.replayed_key, ids)
             if self._lock_token is not None:
-                renewed = await client.eval(_RENEW, 1, self.lock_key, self._lock_token, LOCK_TTL_MS)
+                renewed = await client.eval(
+                    RENEW_LEASE, 1, self.lock_key, self._lock_token, LOCK_TTL_MS
+                )
                 if not renewed:  # it ran out and another replay may hold it now: stop
                     raise StoreBusy(
                         f"{self.name}: the replay lock ran out (a page took more than"
@@ -162,7 +155,7 @@ class RedisStore(DeadLetterStore):
         token, self._lock_token = self._lock_token, None
         try:
             if token is not None:
-                await client.eval(_RELEASE, 1, self.lock_key, token)
+                await client.eval(RELEASE_LEASE, 1, self.lock_key, token)
         except (RedisError, OSError):
             pass  # the lock expires by itself
         finally:

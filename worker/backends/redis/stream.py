@@ -47,10 +47,7 @@ from typing import Any
 import anyio
 import structlog
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.backends.base import (
     Record,
@@ -64,16 +61,15 @@ from worker.backends.redis.client import (
     SMALL_READ,
     TRANSIENT_ERRORS,
     RedisClient,
-    connect,
+    claim_all,
     ensure_group,
     is_nogroup,
+    pending_elsewhere,
 )
 from worker.backends.redis.partitioned import PartitionedRedisSource
 from worker.backends.redis.scripts import (
-    ACK_SCRIPT,
     DELETE_IDLE_CONSUMER,
     DELETED,
-    READ_SCRIPT,
     START,
     Page,
     framed,
@@ -100,9 +96,6 @@ RELEASED_IDLE_MS = 2**31 - 1
 
 class RedisStreamSource(RedisClient, Source):
     """Changes from a Redis stream through a consumer group; infinite (``read`` never ends)."""
-
-    _read_script: AsyncScript
-    _ack_script: AsyncScript
 
     def __init__(
         self,
@@ -133,17 +126,7 @@ class RedisStreamSource(RedisClient, Source):
 
     async def open(self) -> None:
         """Connect and create the consumer group if missing; fail with SourceError if unable."""
-        client = connect(self.address, read_timeout_s=self.block_ms / 1000 + 10.0)
-        try:
-            await client.ping()
-            if await ensure_group(client, self.stream, self.group):
-                log.info("consumer group created", stream=self.stream, group=self.group)
-        except (RedisError, OSError) as exc:
-            await client.aclose()
-            raise SourceError(self._explain(exc)) from exc
-        self._client = client
-        self._read_script = client.register_script(READ_SCRIPT)
-        self._ack_script = client.register_script(ACK_SCRIPT)
+        self._client = await self._connect([self.stream], self.block_ms / 1000 + 10.0)
         self._ranges.begin(self.name)
         log.info(
             "redis source open",
@@ -153,13 +136,8 @@ class RedisStreamSource(RedisClient, Source):
             consumer=self.consumer,
         )
 
-    def _explain(self, exc: BaseException) -> str:
-        where = f"redis {self.address.display}"
-        if isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE"):
-            return f"{where}: key {self.stream!r} exists and is not a stream"
-        if isinstance(exc, RedisConnectionError | OSError | RedisTimeoutError):
-            return f"cannot connect to {where}: {exc}"
-        return f"{where}: {exc}"
+    def _wrong_type(self, exc: ResponseError) -> str:
+        return f"key {self.stream!r} exists and is not a stream"
 
     async def close(self) -> None:
         """Let go of a page read ahead and not handed out, unregister this consumer if it holds
@@ -365,31 +343,14 @@ class RedisStreamSource(RedisClient, Source):
 
     async def _others_pending(self, client: Redis) -> dict[str, int]:
         """Pending counts of the group's other consumers (one cheap XPENDING summary)."""
-        summary = await client.xpending(self.stream, self.group)
-        mine = self.consumer.encode()
-        return {
-            c["name"].decode(errors="replace"): int(c["pending"])
-            for c in summary.get("consumers") or ()
-            if c["name"] != mine and int(c["pending"]) > 0
-        }
+        return await pending_elsewhere(client, self.stream, self.group, self.consumer)
 
     async def _claim(self, client: Redis) -> int:
         """XAUTOCLAIM every entry idle for claim_idle_ms; the number that were not ours."""
-        cursor: bytes = START
-        taken = 0
-        while True:
-            reply = await client.xautoclaim(
-                self.stream,
-                self.group,
-                self.consumer,
-                self.claim_idle_ms,
-                cursor,
-                count=self.count,
-            )
-            cursor = reply[0]
-            taken += sum(1 for entry_id, _ in reply[1] if entry_id not in self._in_flight)
-            if cursor == START:
-                break
+        ids = await claim_all(
+            client, self.stream, self.group, self.consumer, self.claim_idle_ms, self.count
+        )
+        taken = sum(1 for entry_id in ids if entry_id not in self._in_flight)
         if taken:
             self.claimed += taken
             log.info("claimed pending entries", count=taken, consumer=self.consumer)
@@ -456,32 +417,20 @@ class RedisStreamSource(RedisClient, Source):
         ids: list[bytes] = list(tokens)  # type: ignore[arg-type]
         if not ids:
             return
-        failures = 0
-        while True:
-            try:
-                await self._xack(self._require_client(), ids)
-                break
-            except TRANSIENT_ERRORS as exc:
-                failures += 1
-                await self._back_off("ack", failures, exc)
-            except ResponseError as exc:
-                if not is_nogroup(exc):
-                    raise SourceError(self._explain(exc)) from exc
-                break  # the group, and its pending list, are gone: nothing left to ack
-        self.outages.recovered("ack")
+        # A group gone took its pending list with it: nothing left to ack.
+        await self._acked([self.stream], self._ack_args(ids))
         if self._scan_from is not None:
             self._acked_while_scanning.update(ids)
         self._in_flight.difference_update(ids)
         self.acked += len(ids)
 
     async def _xack(self, client: Redis, ids: list[bytes]) -> None:
+        await self._ack_script(keys=[self.stream], args=self._ack_args(ids), client=client)
+
+    def _ack_args(self, ids: list[bytes]) -> list[bytes | str | int]:
         # One argument, not one per ID: encoding thousands of arguments costs more CPU in
         # redis-py than the rest of the acknowledgement.
-        await self._ack_script(
-            keys=[self.stream],
-            args=[self.group, int(self.address.delete_acked), b" ".join(ids)],
-            client=client,
-        )
+        return [self.group, int(self.address.delete_acked), b" ".join(ids)]
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Iterable
 
 from worker.backends.base import (
-    EnqueueStopped,
+    LineChunks,
     SourceError,
 )
 from worker.backends.sqlite.spool import (
-    Spool,
     SpoolError,
     acquire_spool,
     parse_uri,
@@ -42,35 +41,10 @@ async def enqueue(uri: str, lines: AsyncIterable[bytes] | Iterable[bytes]) -> in
         spool = await acquire_spool(options.path, busy_timeout_s=options.busy_timeout_s)
     except SpoolError as exc:
         raise SourceError(str(exc)) from exc
-    sent = 0
-    chunk: list[bytes] = []
+    chunks = LineChunks(ENQUEUE_CHUNK)
     try:
-        if isinstance(lines, AsyncIterable):
-            async for line in lines:
-                if _add(chunk, line) >= ENQUEUE_CHUNK:
-                    sent += await _flush(spool, chunk)
-        else:
-            for line in lines:
-                if _add(chunk, line) >= ENQUEUE_CHUNK:
-                    sent += await _flush(spool, chunk)
-        sent += await _flush(spool, chunk)
+        return await chunks.write(lines, spool.append)
     except SpoolError as exc:
-        failed = EnqueueStopped if sent else SourceError
-        raise failed(f"enqueue failed after {sent} changes: {exc}") from exc
+        raise chunks.failed(f"enqueue failed after {chunks.written} changes: {exc}") from exc
     finally:
         await release_spool(spool)
-    return sent
-
-
-def _add(chunk: list[bytes], line: bytes) -> int:
-    line = line.rstrip(b"\r\n")
-    if line and not line.isspace():
-        chunk.append(line)
-    return len(chunk)
-
-
-async def _flush(spool: Spool, chunk: list[bytes]) -> int:
-    count = len(chunk)
-    await spool.append(chunk)
-    chunk.clear()
-    return count

@@ -9,14 +9,13 @@ from worker.backends.sqlite.spool import (
     Spool,
     SpoolError,
     SpoolOptions,
-    acquire_spool,
+    SpoolUser,
     parse_uri,
-    release_spool,
 )
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
 
 
-class SqliteDeadLetters(DeadLetterSink):
+class SqliteDeadLetters(SpoolUser, DeadLetterSink):
     """Dead letters as rows of the spool file's ``dead_letters`` table, committed durably."""
 
     def __init__(self, options: SpoolOptions) -> None:
@@ -40,9 +39,7 @@ class SqliteDeadLetters(DeadLetterSink):
     async def open(self) -> None:
         """Open (create) the file and its tables."""
         try:
-            self._spool = await acquire_spool(
-                self.options.path, busy_timeout_s=self.options.busy_timeout_s
-            )
+            await self._acquire()
         except SpoolError as exc:
             raise DeadLetterError(str(exc)) from exc
 
@@ -55,9 +52,3 @@ class SqliteDeadLetters(DeadLetterSink):
         except SpoolError as exc:
             raise DeadLetterError(f"cannot write dead letters: {exc}") from exc
         self.written += len(letters)
-
-    async def close(self) -> None:
-        """Let go of the spool."""
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            await release_spool(spool)

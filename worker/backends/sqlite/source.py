@@ -20,15 +20,14 @@ from worker.backends.sqlite.spool import (
     Spool,
     SpoolError,
     SpoolOptions,
-    acquire_spool,
+    SpoolUser,
     parse_uri,
-    release_spool,
 )
 
 log = structlog.get_logger("worker.backends.sqlite")
 
 
-class SqliteSpoolSource(Source):
+class SqliteSpoolSource(SpoolUser, Source):
     """Rows of the spool in id order; an ack deletes them. Never ends: it waits for more."""
 
     def __init__(self, options: SpoolOptions) -> None:
@@ -58,21 +57,18 @@ class SqliteSpoolSource(Source):
     async def open(self) -> None:
         """Open (create) the spool; reading starts at its lowest id."""
         try:
-            self._spool = await acquire_spool(
-                self.options.path, busy_timeout_s=self.options.busy_timeout_s
-            )
+            spool = await self._acquire()
         except SpoolError as exc:
             raise SourceError(str(exc)) from exc
         self._cursor = 0
         try:
-            self._replay_to = await self._spool.last_id()
+            self._replay_to = await spool.last_id()
         except SpoolError as exc:
-            spool, self._spool = self._spool, None
-            await release_spool(spool)
+            await self.close()
             raise SourceError(str(exc)) from exc
         if self._replay_to:
             self._ranges.begin(self.name)
-        log.info("spool open", path=self.options.path, rows_waiting=self._spool.rows)
+        log.info("spool open", path=self.options.path, rows_waiting=spool.rows)
 
     async def read(self) -> Sequence[Record]:
         """The next rows after those handed out, waiting for the ingest (or a poll) if none."""
@@ -109,12 +105,6 @@ class SqliteSpoolSource(Source):
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """``sqlite:spool.db/42``, several ids joined by commas."""
         return f"sqlite:{self.name}/" + ",".join(str(t) for t in tokens)
-
-    async def close(self) -> None:
-        """Let go of the spool (closed when nothing else in the process uses it)."""
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            await release_spool(spool)
 
     def statistics(self) -> SourceStatistics:
         """Rows handed out and not acknowledged; the spool's depth (rows stored, read or not).

@@ -15,7 +15,7 @@ One SQLite file holds the changes not yet acknowledged (table ``changes``) and t
         created_at  REAL    NOT NULL
     );
 
-The ingest (:mod:`worker.backends.sqlite.ingest`) inserts the changes of one request in one transaction; the
+The ingest (:mod:`.ingest`) inserts the changes of one request in one transaction; the
 source hands rows out in ``id`` order and deletes them (one ``DELETE`` per ack call) once they
 are applied or dead-lettered. ``AUTOINCREMENT`` matters: an ``id`` is never reused, even after
 the highest row was deleted, so a row inserted later always sorts after every row handed out.
@@ -460,3 +460,22 @@ async def release_spool(spool: Spool) -> None:
         if _OPEN.get(spool._key) is spool:
             del _OPEN[spool._key]
         await spool.close()
+
+
+class SpoolUser:
+    """A user of the process's one spool of a file: the source, the dead-letter sink."""
+
+    options: SpoolOptions
+    _spool: Spool | None
+
+    async def _acquire(self) -> Spool:
+        """The shared spool, opened (created) if this process had not yet; SpoolError."""
+        options = self.options
+        self._spool = await acquire_spool(options.path, busy_timeout_s=options.busy_timeout_s)
+        return self._spool
+
+    async def close(self) -> None:
+        """Let go of the spool (closed when nothing else in the process uses it)."""
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            await release_spool(spool)
