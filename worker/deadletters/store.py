@@ -4,11 +4,46 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
+
+import orjson
 
 from worker.deadletters.summary import Stored
 
 PAGE = 1000
 """Letters per read: memory stays bounded whatever the size of the store."""
+
+
+def letter_of(text: str | bytes) -> dict[str, Any] | None:
+    """A dead letter from its JSON text; None if the text is not a JSON object."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class IdPages:
+    """Where a store reading a table page by page in ``id`` order stands: after ``after``, up
+    to ``end``, the highest id there was at open (0 until then: nothing to read)."""
+
+    def __init__(self) -> None:
+        self.after = 0
+        self.end = 0
+
+    @property
+    def done(self) -> bool:
+        """Every letter up to the end was read."""
+        return self.after >= self.end
+
+    def letters(self, rows: Sequence[Sequence[Any]]) -> list[Stored]:
+        """One page's rows ``(id, letter JSON, replayed)`` as letters; an empty page is the
+        end (rows deleted meanwhile)."""
+        if not rows:
+            self.after = self.end
+            return []
+        self.after = int(rows[-1][0])
+        return [Stored(str(row[0]), letter_of(row[1]), bool(row[2])) for row in rows]
 
 
 class StoreError(Exception):

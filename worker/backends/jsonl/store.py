@@ -34,7 +34,7 @@ from typing import IO, Any
 import anyio
 import orjson
 
-from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError, letter_of
 from worker.deadletters.summary import Stored
 
 SIDECAR_SUFFIX = ".replayed"
@@ -84,19 +84,11 @@ class LineRanges:
         self._starts, self._ends = starts, ends
 
 
-def _parse(line: bytes) -> dict[str, Any] | None:
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _after_torn(line: bytes) -> tuple[int, dict[str, Any]] | None:
     """A whole letter appended onto a torn one in this line: where it starts, and it."""
     start = line.find(_LETTER_START, 1)
     while start > 0:
-        letter = _parse(line[start:])
+        letter = letter_of(line[start:])
         if letter is not None:
             return start, letter
         start = line.find(_LETTER_START, start + 1)
@@ -229,7 +221,7 @@ class JsonlStore(DeadLetterStore):
         """The letters of one whole line: one, or an unreadable one (a torn letter, a foreign
         line), or a torn one and the whole letter appended onto it."""
         key, replayed = str(number), number in self.replayed
-        letter = _parse(line)
+        letter = letter_of(line)
         if letter is not None:
             return [Stored(key, letter, replayed)]
         where = f"line {number} (byte {offset}, {len(line) - 1} bytes)"

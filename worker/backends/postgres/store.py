@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-import orjson
 
 from worker.backends.postgres.pool import (
     CONNECT_TIMEOUT_S,
@@ -31,15 +30,10 @@ from worker.backends.postgres.pool import (
 )
 from worker.backends.postgres.producer import insert_rows, outbox_row
 from worker.backends.postgres.uri import ADVISORY_CLASS, OutboxUri, parse_uri
-from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.store import PAGE, DeadLetterStore, IdPages, StoreBusy, StoreError
 from worker.deadletters.summary import Stored
 
 REPLAYED_COLUMN = "replayed_at"
-
-
-def _parse(text: str) -> dict[str, Any] | None:
-    value = orjson.loads(text)
-    return value if isinstance(value, dict) else None
 
 
 def _when(at: str) -> datetime.datetime:
@@ -55,8 +49,7 @@ class PgStore(DeadLetterStore):
         self.name = f"postgresql {target.display} {self.table}"
         self._conn: Any = None
         self._has_column = False
-        self._end = 0
-        self._after = 0
+        self._pages = IdPages()
 
     @classmethod
     def from_uri(cls, uri: str) -> PgStore:
@@ -98,7 +91,9 @@ class PgStore(DeadLetterStore):
                 )
                 if not locked:
                     raise StoreBusy(f"another `dlq replay` is working on {self.table}")
-            self._end = int(await conn.fetchval(f"SELECT coalesce(max(id), 0) FROM {self.table}"))
+            self._pages.end = int(
+                await conn.fetchval(f"SELECT coalesce(max(id), 0) FROM {self.table}")
+            )
         except MissingTable as exc:
             await self.close()
             raise StoreError(str(exc)) from exc
@@ -118,24 +113,20 @@ class PgStore(DeadLetterStore):
 
     async def read(self, size: int = PAGE) -> list[Stored]:
         """The next rows up to the highest id there was at open."""
-        if self._after >= self._end:
+        if self._pages.done:
             return []
         replayed = f"{REPLAYED_COLUMN} IS NOT NULL" if self._has_column else "false"
         try:
             rows = await self.conn.fetch(
                 f"SELECT id, letter::text, {replayed} FROM {self.table}"
                 " WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
-                self._after,
-                self._end,
+                self._pages.after,
+                self._pages.end,
                 size,
             )
         except DATABASE_ERRORS as exc:
             raise self._error(exc) from exc
-        if not rows:
-            self._after = self._end
-            return []
-        self._after = int(rows[-1][0])
-        return [Stored(str(row[0]), _parse(row[1]), bool(row[2])) for row in rows]
+        return self._pages.letters(rows)
 
     async def mark(self, keys: Sequence[str], at: str) -> None:
         """``UPDATE ... SET replayed_at`` on these rows, in one statement (autocommit)."""

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
-import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -27,7 +26,7 @@ from worker.backends.redis.client import connect
 from worker.backends.redis.scripts import RELEASE_LEASE, RENEW_LEASE
 from worker.backends.redis.sink import LETTER_FIELD
 from worker.backends.redis.uri import StreamAddress, parse_uri
-from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError, letter_of
 from worker.deadletters.summary import Stored
 
 LOCK_TTL_MS = 60_000
@@ -40,11 +39,7 @@ def _parse(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
     body = fields.get(_FIELD)
     if body is None:
         return None
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+    return letter_of(body)
 
 
 class RedisStore(DeadLetterStore):

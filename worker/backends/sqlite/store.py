@@ -20,13 +20,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from typing import IO, Any, TypeVar
+from typing import IO, TypeVar
 
 import anyio
-import orjson
 
 from worker.backends.sqlite.spool import SpoolOptions, parse_uri
-from worker.deadletters.store import PAGE, DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.store import PAGE, DeadLetterStore, IdPages, StoreBusy, StoreError
 from worker.deadletters.summary import Stored
 
 T = TypeVar("T")
@@ -41,14 +40,6 @@ _MARK = "INSERT OR IGNORE INTO dead_letters_replayed (id, replayed_at) VALUES (?
 _INSERT_CHANGE = "INSERT INTO changes (change, received_at) VALUES (?, ?)"
 
 
-def _parse(text: str | bytes) -> dict[str, Any] | None:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 class SqliteStore(DeadLetterStore):
     """Reads a spool's ``dead_letters`` in ``id`` order; marks them in ``dead_letters_replayed``."""
 
@@ -59,8 +50,7 @@ class SqliteStore(DeadLetterStore):
         self._conn: sqlite3.Connection | None = None
         self._lock_file: IO[bytes] | None = None
         self._marks = False
-        self._end = 0
-        self._after = 0
+        self._pages = IdPages()
 
     @classmethod
     def from_uri(cls, uri: str) -> SqliteStore:
@@ -101,7 +91,7 @@ class SqliteStore(DeadLetterStore):
             if replay:
                 self._lock(conn)
             end = conn.execute("SELECT coalesce(max(id), 0) FROM dead_letters").fetchone()[0]
-            self._end = int(end)
+            self._pages.end = int(end)
         except sqlite3.Error as exc:
             self._close()
             raise StoreError(f"{self.path}: {exc}") from exc
@@ -121,7 +111,7 @@ class SqliteStore(DeadLetterStore):
 
     async def read(self, size: int = PAGE) -> list[Stored]:
         """The next dead letters up to the highest id there was at open."""
-        if self._after >= self._end:
+        if self._pages.done:
             return []
         replayed = "r.id IS NOT NULL" if self._marks else "0"
         join = " LEFT JOIN dead_letters_replayed r ON r.id = d.id" if self._marks else ""
@@ -129,13 +119,9 @@ class SqliteStore(DeadLetterStore):
             f"SELECT d.id, d.letter, {replayed} FROM dead_letters d{join}"
             " WHERE d.id > ? AND d.id <= ? ORDER BY d.id LIMIT ?"
         )
-        after, end = self._after, self._end
+        after, end = self._pages.after, self._pages.end
         rows = await self._call(lambda conn: conn.execute(query, (after, end, size)).fetchall())
-        if not rows:
-            self._after = self._end
-            return []
-        self._after = int(rows[-1][0])
-        return [Stored(str(row[0]), _parse(row[1]), bool(row[2])) for row in rows]
+        return self._pages.letters(rows)
 
     async def mark(self, keys: Sequence[str], at: str) -> None:
         """Record these letters as replayed, in one durable transaction."""
