@@ -158,6 +158,7 @@ class PgOutboxSource(PartitionClaims):
         self._filed.clear()
         self._held.clear()
         self._draining.clear()
+        self._own.lose_all("closed")
         await self._close_locks()  # after the release: the next owner finds the rows free
         await self._unlisten()
         await self._close_pool()

@@ -1,5 +1,6 @@
 """The partitions of a partitioned outbox (``partitions`` above 1): advisory locks held by a
-lock connection, taken up to a fair share, given back, lost with the connection."""
+lock connection, taken, given back and unlocked as :class:`worker.core.ownership.Ownership`
+decides, lost with the connection."""
 
 from __future__ import annotations
 
@@ -42,12 +43,10 @@ from worker.backends.postgres.uri import (
     OutboxUri,
 )
 from worker.core.backoff import RECONNECT_BACKOFF, Backoff
+from worker.core.ownership import Ownership
 from worker.core.partition import partition_of
 
 log = structlog.get_logger("worker.backends.postgres")
-
-DRAIN_TIMEOUT_S = 30.0
-"""A partition given back waits at most this long for its requests in flight before unlocking."""
 
 
 @dataclass(slots=True)
@@ -114,7 +113,9 @@ class PartitionClaims(Source):
         self.rebalance_s = target.rebalance_s
         self._held: set[int] = set()
         """Partitions this replica claims rows of (their locks are held)."""
-        self._draining: dict[int, tuple[int, float]] = {}
+        self._own = Ownership(self.partitions, self.worker_id)
+        """Which partitions to take, give back and unlock."""
+        self._draining: dict[int, int] = {}
         """Partitions given back, still locked until their requests in flight end:
         partition -> (rows forgotten by the engine, when to unlock anyway)."""
         self._part: dict[int, int] = {}
@@ -276,6 +277,7 @@ class PartitionClaims(Source):
         """The lock connection is gone, and its locks with it: stop claiming every partition
         at once and forget their waiting changes (requests in flight still finish)."""
         lost = self._held | set(self._draining)
+        self._own.lose_all(reason)
         conn, self._locks, self._lock_pid = self._locks, None, 0
         if conn is not None:
             conn.remove_termination_listener(self._locks_closed)
@@ -333,10 +335,21 @@ class PartitionClaims(Source):
         except (*TRANSIENT_ERRORS, asyncpg.InterfaceError):
             drop(conn)
 
+    def _in_flight(self) -> dict[int, int]:
+        """Per partition held, its rows that may still be in a request: those handed out and
+        not acknowledged, less (given back) those the engine forgot."""
+        counts = dict.fromkeys(self._held | set(self._draining), 0)
+        for p in self._part.values():
+            if p in counts:
+                counts[p] += 1
+        for p, forgotten in self._draining.items():
+            counts[p] -= forgotten
+        return counts
+
     async def rebalance(self) -> None:
-        """One tick: (re)connect the lock connection, count the live replicas, unlock the
-        partitions given back once their requests in flight ended, give back partitions above
-        the fair share ``ceil(partitions / live)``, take free ones up to it."""
+        """One tick: (re)connect the lock connection, count the live replicas, and carry out
+        what the ownership plans: give back partitions above the fair share, unlock those
+        given back once none of their rows is in a request, take free ones."""
         conn = self._locks
         if conn is None or gone(conn):
             self._lose_all("lock connection lost")
@@ -344,35 +357,28 @@ class PartitionClaims(Source):
         sql = self._sql
         try:
             live = int(await conn.fetchval(sql.members, self._oid))
-            share = math.ceil(self.partitions / max(1, live))
-            now = self._clock()
-            for p, (forgotten, deadline) in list(self._draining.items()):
-                left = [row_id for row_id, part in self._part.items() if part == p]
-                if len(left) > forgotten and now < deadline:
-                    continue  # requests in flight: the next holder must not overtake them
-                for row_id in left:
+            plan = self._own.plan(live, self._in_flight())
+            if plan.given_back:
+                self._held.difference_update(plan.given_back)
+                for p in plan.given_back:  # one by one: the engine counts the rows it forgot
+                    self._draining[p] = self._forget({p})
+                self._rebalance_wake.set()  # unlock as soon as the next tick allows
+            for p in plan.release:
+                for row_id in [row_id for row_id, part in self._part.items() if part == p]:
                     del self._part[row_id]
                     self._pending.pop(row_id, None)
                 await conn.execute(sql.unlock, p)
+                self._own.released(p)
                 del self._draining[p]
                 self.stats.partitions_given_back += 1
                 log.info("partition given back", source=self.name, partition=p, live=live)
-            extra = len(self._held) - share
-            if extra > 0:
-                give = set(sorted(self._held)[-extra:])
-                self._held -= give
-                for p in give:  # one by one: the engine counts the rows it forgot
-                    self._draining[p] = (self._forget({p}), now + DRAIN_TIMEOUT_S)
-                self._rebalance_wake.set()  # unlock as soon as the next tick allows
-            want = share - len(self._held) - len(self._draining)
+            want = plan.want
             if want > 0:
-                free = await conn.fetch(sql.free, self._oid, self.partitions)
-                for (p,) in free:
+                free = {p for (p,) in await conn.fetch(sql.free, self._oid, self.partitions)}
+                for p in plan.take:
                     if want <= 0:
                         break
-                    if p in self._held or p in self._draining:
-                        continue
-                    if not await conn.fetchval(sql.try_lock, p):
+                    if p not in free or not await conn.fetchval(sql.try_lock, p):
                         continue
                     # Rows claimed before (by a replica that died, or by this one in an
                     # earlier turn) may have been sent: up to the last of them, a replay range.
@@ -380,6 +386,7 @@ class PartitionClaims(Source):
                     # Rows this replica claimed in an earlier turn of the partition (then
                     # forgotten) would be skipped as its own: free them first.
                     await conn.execute(sql.release_partition, p, self._mine)
+                    self._own.taken(p, self._clock())
                     self._held.add(p)
                     want -= 1
                     self.stats.partitions_taken += 1

@@ -1,4 +1,5 @@
-"""The partition leases of a partitioned Redis input: take, renew, give back, release, lose."""
+"""The partition leases of a partitioned Redis input: the primitives (take, renew, release,
+count live members) carrying out what :class:`worker.core.ownership.Ownership` decides."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import contextlib
 import random
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -31,6 +31,7 @@ from worker.backends.redis.scripts import (
 from worker.backends.redis.uri import (
     StreamAddress,
 )
+from worker.core.ownership import Ownership
 from worker.core.partition import partition_of
 
 log = structlog.get_logger("worker.backends.redis")
@@ -75,8 +76,8 @@ class PartitionLeases(RedisClient, Source):
         self._block_ms = max(1, min(address.block_ms, address.lease_ms // 3))
         self._keeper: asyncio.Task[None] | None = None
         self._held: dict[int, Held] = {}
-        self._valid_until: dict[int, float] = {}
-        """Per held partition: until when (local clock) the lease surely still is ours."""
+        self._own = Ownership(self.partitions, self.consumer)
+        """Which partitions to take, give back, release; until when each lease is ours."""
         self._releasing: dict[int, int] = {}
         """Partitions given back: requests still in flight for them (released at 0)."""
         self._handed: dict[int, set[bytes]] = {p: set() for p in range(self.partitions)}
@@ -144,64 +145,65 @@ class PartitionLeases(RedisClient, Source):
 
     def _expire(self) -> None:
         """Whatever happened, a lease not renewed in time is gone."""
-        now = self._clock()
-        for p in [p for p, until in self._valid_until.items() if now >= until]:
-            self._lose(p, "lease expired before it could be renewed")
+        for lost in self._own.expire(self._clock()):
+            self._lose(lost.partition, "lease expired before it could be renewed")
+
+    def _in_flight(self) -> dict[int, int]:
+        """Per partition held, what may still be in a request: for one given back, its entries
+        handed out and neither acknowledged nor forgotten; for one still read, every entry
+        handed out, and one more if the engine may still be taking in the last slice (it has
+        not said which wait). A read under way, or a revoke still owed, counts as one more."""
+        counts = {p: len(self._handed[p]) + (p in self._last_slice) for p in self._held}
+        counts.update(self._releasing)
+        busy = self._reading | self._revoke_again
+        return {p: n + (p in busy) for p, n in counts.items()}
 
     async def _keep(self, client: Redis) -> None:
-        """One round: heartbeat, renew, release what was given back, rebalance."""
+        """One round: heartbeat, then what the ownership plans: give back above the fair
+        share, renew, release what was given back and is idle, take free partitions."""
         lease_ms = self.lease_ms
+        lease_s = lease_ms / 1000
         self.live = int(
             await self._heartbeat_script(
                 keys=[self.members_key], args=[self.consumer, lease_ms], client=client
             )
         )
-        for p in sorted(set(self._held) | set(self._releasing)):
+        plan = self._own.plan(self.live, self._in_flight())
+        for p in plan.given_back:
+            self._give_back(p)
+        for p in plan.renew:
             started = self._clock()
             renewed = await self._renew_script(
                 keys=[self._lease_key(p)], args=[self.consumer, lease_ms], client=client
             )
-            if not renewed:
-                if p in self._held:
-                    self._lose(p, "lease lost (expired or taken over)")
-                else:
-                    self._releasing.pop(p, None)
-                    self._valid_until.pop(p, None)
-                continue
-            self._valid_until[p] = started + lease_ms / 1000
-        for p, outstanding in list(self._releasing.items()):
-            if outstanding <= 0 and p not in self._revoke_again and p not in self._reading:
-                await self._release_script(
-                    keys=[self._lease_key(p)], args=[self.consumer], client=client
-                )
-                del self._releasing[p]
-                self._valid_until.pop(p, None)
+            if renewed:
+                self._own.renewed(p, started, lease_s)
+            else:
+                self._lose(p, "lease lost (expired or taken over)")
+        held = self._own.held()
+        for p in plan.release:
+            if p not in held:
+                continue  # lost while renewing
+            await self._release_script(
+                keys=[self._lease_key(p)], args=[self.consumer], client=client
+            )
+            self._own.released(p)
+            del self._releasing[p]
+            self._handed[p].clear()
+            log.info("partition given back", partition=p, consumer=self.consumer)
+        want = plan.want
+        for p in plan.take:
+            if want <= 0:
+                break
+            started = self._clock()
+            if await client.set(self._lease_key(p), self.consumer, nx=True, px=lease_ms):
+                self._own.taken(p, started, lease_s)
+                self._held[p] = Held()
+                self._ranges.begin(self.streams[p], self._covers(p))
                 self._handed[p].clear()
-                log.info("partition given back", partition=p, consumer=self.consumer)
-        share = -(-self.partitions // max(1, self.live))
-        mine = len(self._held) + len(self._releasing)
-        if len(self._held) > share:
-            # Partitions being given back already count as gone.
-            for p in sorted(self._held, reverse=True)[: len(self._held) - share]:
-                self._give_back(p)
-        elif mine < share:
-            # Start at a place of our own so that replicas do not all race for partition 0.
-            offset = zlib.crc32(self.consumer.encode()) % self.partitions
-            for i in range(self.partitions):
-                if mine >= share:
-                    break
-                p = (offset + i) % self.partitions
-                if p in self._held or p in self._releasing:
-                    continue
-                started = self._clock()
-                if await client.set(self._lease_key(p), self.consumer, nx=True, px=lease_ms):
-                    self._held[p] = Held()
-                    self._ranges.begin(self.streams[p], self._covers(p))
-                    self._valid_until[p] = started + lease_ms / 1000
-                    self._handed[p].clear()
-                    mine += 1
-                    log.info("partition taken", partition=p, consumer=self.consumer)
-                    self._wake.set()
+                want -= 1
+                log.info("partition taken", partition=p, consumer=self.consumer)
+                self._wake.set()
 
     def _covers(self, p: int) -> Callable[[str], bool]:
         """The contact IDs of partition p."""
@@ -236,16 +238,17 @@ class PartitionLeases(RedisClient, Source):
 
     def _lose(self, p: int, why: str) -> None:
         """The lease is gone: stop at once; what is in flight may still finish."""
+        self._own.lose(p, why)
         if p in self._held:
             self._stop_reading(p)
             self.lost += 1
             log.warning(why, partition=p, consumer=self.consumer)
         self._releasing.pop(p, None)
-        self._valid_until.pop(p, None)
         self._handed[p].clear()
 
     def _give_back(self, p: int) -> None:
-        """Above the fair share: stop reading p, release it once its requests are done."""
+        """Above the fair share (the ownership already stopped reading p): stop reading it
+        here, release it once its requests are done."""
         self._releasing[p] = self._stop_reading(p)
         self.given_back += 1
         log.info(
