@@ -217,6 +217,19 @@ class RedisClient:
         self.outages = Outages()
         """The operations failing now (for ``statistics``)."""
 
+    def _log_closed(self, unacked: int, **extra: int) -> None:
+        """The source's counters, once it closed."""
+        log.info(
+            "redis source closed",
+            consumer=self.consumer,
+            entries_read=self.entries_read,
+            claimed=self.claimed,
+            acked=self.acked,
+            **extra,
+            reconnects=self.reconnects,
+            unacked=unacked,
+        )
+
     def _require_client(self) -> Redis:
         if self._client is None:
             raise SourceError(f"{self.name}: not open")

@@ -133,17 +133,7 @@ class PartitionedRedisSource(PartitionLeases):
             await client.aclose()
         self._held.clear()
         self._releasing.clear()
-        log.info(
-            "redis source closed",
-            consumer=self.consumer,
-            entries_read=self.entries_read,
-            claimed=self.claimed,
-            acked=self.acked,
-            lost=self.lost,
-            given_back=self.given_back,
-            reconnects=self.reconnects,
-            unacked=sum(len(h) for h in self._handed.values()),
-        )
+        self._log_closed(self.pending_in_run(), lost=self.lost, given_back=self.given_back)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -155,15 +155,7 @@ class RedisStreamSource(RedisClient, Source):
             log.info("consumer left registered", consumer=self.consumer, error=str(exc))
         finally:
             await client.aclose()
-        log.info(
-            "redis source closed",
-            consumer=self.consumer,
-            entries_read=self.entries_read,
-            claimed=self.claimed,
-            acked=self.acked,
-            reconnects=self.reconnects,
-            unacked=len(self._in_flight),
-        )
+        self._log_closed(len(self._in_flight))
 
     async def _release_ahead(self, client: Redis) -> None:
         """A page read ahead and never handed out is pending at this consumer: mark it idle for
