@@ -502,10 +502,10 @@ class Target:
 
     def _producer(self) -> tuple[Any, Any]:
         if self.kind == "redis":
-            from worker.sources import redis_enqueue
+            from worker.backends.redis import producer as redis_enqueue
 
             return redis_enqueue.init, redis_enqueue.enqueue
-        from worker.sources import pg_enqueue
+        from worker.backends.postgres import producer as pg_enqueue
 
         return pg_enqueue.init, pg_enqueue.enqueue
 

@@ -308,7 +308,7 @@ def fsync_cost(lines: list[bytes], tmp: Path, bodies: int) -> dict[str, Any]:
     same file and cache; plus one ``os.fsync`` of a 4 KiB write on the same disk. Medians, ms."""
     import anyio
 
-    from worker.sources.sqlite_spool import Spool
+    from worker.backends.sqlite.spool import Spool
 
     chunks = [
         [line.rstrip(b"\n") for line in lines[i : i + 1000]]

@@ -48,6 +48,7 @@ from typing import Any
 import orjson
 from pipeline import DATA, RESULTS, Report
 
+from worker.backends.jsonl.source import CHUNK_BYTES, JsonlSource
 from worker.bench.harness import stream_file
 from worker.bench.report import Table
 from worker.core.batch import Batch, BatchLimits
@@ -56,7 +57,6 @@ from worker.core.classify import Action, Verdict
 from worker.core.scheduler import DEFAULT_MAX_WAITING, Scheduler, SchedulerSettings
 from worker.engine import READ_SLICE
 from worker.sim.stream import StreamSpec
-from worker.sources.jsonl import CHUNK_BYTES, JsonlSource
 
 STAGES = ("split", "decode", "add", "form", "body", "resolve", "ack")
 

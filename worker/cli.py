@@ -106,8 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, signals: SignalRouter) -> int:
     try:
         settings = resolve(args, os.environ)
-        from worker.deadletters import open_sink
-        from worker.sources import open_source
+        from worker.backends import open_sink, open_source
 
         source = open_source(
             settings.source, follow=settings.follow, checkpoint=settings.checkpoint
@@ -175,7 +174,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     """``contact-worker dlq``."""
-    from worker.dlq.cli import main as dlq_main
+    from worker.deadletters.cli import main as dlq_main
 
     return dlq_main(args)
 
@@ -274,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     producer.configure_enqueue_parser(enqueue)
     enqueue.set_defaults(func=producer.main_enqueue)
 
-    from worker.dlq.cli import configure_parser as configure_dlq
+    from worker.deadletters.cli import configure_parser as configure_dlq
 
     dlq = commands.add_parser(
         "dlq",
@@ -292,8 +291,8 @@ def failure(exc: BaseException) -> tuple[str, int]:
     command (README "Exit codes"): 2 when nothing was done because a setting, a URI or what it
     names is wrong or cannot be reached; 1 when the command stopped half-way, or for anything
     unforeseen."""
+    from worker.backends.base import EnqueueStopped, SourceError
     from worker.deadletters.base import DeadLetterError
-    from worker.sources.base import EnqueueStopped, SourceError
 
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]  # anyio's task groups wrap what one task raised

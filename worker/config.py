@@ -193,9 +193,6 @@ class Settings:
 
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
-STORE_SCHEMES = ("postgresql:", "postgres:", "redis:", "rediss:", "sqlite:")
-"""Inputs that are stores of their own: their dead letters stay there unless told otherwise."""
-
 CONFIG_FLAG, CONFIG_ENV = "--config", "WORKER_CONFIG"
 """Where the configuration file is named: it is no setting itself, so not in OPTIONS."""
 
@@ -544,7 +541,10 @@ def _derive_dlq(choices: list[Choice]) -> None:
     dlq, source = choices[by_field["dlq"]], choices[by_field["source"]].value
     if dlq.origin is not Origin.DEFAULT or dlq.value is not None:
         return
-    if source and source.startswith(STORE_SCHEMES):
+    # Imported here: the backends' table imports this module (for ConfigError).
+    from worker.backends import is_store
+
+    if source and is_store(source):
         choices[by_field["dlq"]] = Choice(dlq.option, source, Origin.DERIVED, "source")
     else:
         choices[by_field["dlq"]] = Choice(dlq.option, _DEFAULTS["dlq"], Origin.DEFAULT)

@@ -110,8 +110,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _input_problems(result: Resolution) -> list[str]:
     """What ``run`` would refuse in the input and dead-letter URIs (parsed, not connected)."""
-    from worker.deadletters import open_sink
-    from worker.sources import open_source
+    from worker.backends import open_sink, open_source
 
     try:
         settings = result.settings()

@@ -12,12 +12,12 @@ from typing import Any, TextIO
 
 import anyio
 
+from worker.backends.jsonl.sink import JsonlDeadLetters
+from worker.backends.jsonl.source import JsonlSource
 from worker.config import Secret, Settings, non_negative_float, positive_int
-from worker.deadletters.jsonl import JsonlDeadLetters
 from worker.engine import Engine, Result
 from worker.obs import logging as obs_logging
 from worker.sender import Sender
-from worker.sources.jsonl import JsonlSource
 
 
 def _share(text: str) -> float:

@@ -24,6 +24,7 @@ import anyio
 import structlog
 from aiolimiter import AsyncLimiter
 
+from worker.backends.base import Record, Source
 from worker.core.batch import Batch
 from worker.core.change import Change, Invalid, decode
 from worker.core.classify import Action, Verdict, classify, classify_failure
@@ -33,7 +34,6 @@ from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
 from worker.obs.metrics import EngineHistograms
 from worker.sender import SEND_ERRORS, Response
-from worker.sources.base import Record, Source
 
 log = structlog.get_logger("worker.engine")
 

@@ -8,34 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
 
-from worker.config import ConfigError
-
-Init = Callable[[str], Awaitable[None]]
-Enqueue = Callable[[str, Iterable[bytes]], Awaitable[int]]
-
-
-def _backend(uri: str) -> tuple[Init, Enqueue]:
-    scheme = uri.partition(":")[0]
-    if scheme in ("redis", "rediss"):
-        from worker.sources import redis_enqueue
-
-        return redis_enqueue.init, redis_enqueue.enqueue
-    if scheme in ("postgresql", "postgres"):
-        from worker.sources import pg_enqueue
-
-        return pg_enqueue.init, pg_enqueue.enqueue
-    if scheme == "sqlite":
-        from worker.sources import sqlite_spool
-
-        return sqlite_spool.init, sqlite_spool.enqueue
-    raise ConfigError(
-        f"unsupported input {uri!r}: use sqlite:PATH, redis://HOST:PORT/DB or postgresql://..."
-    )
+from worker.backends import producer_for
 
 
 def configure_init_parser(p: argparse.ArgumentParser) -> None:
@@ -50,7 +27,7 @@ def configure_enqueue_parser(p: argparse.ArgumentParser) -> None:
 
 def main_init(args: argparse.Namespace) -> int:
     """Create the table, trigger, dead-letter table, consumer group... as the input needs."""
-    init, _ = _backend(args.to)
+    init, _ = producer_for(args.to)
     anyio.run(init, args.to)
     print(f"ready: {args.to}", file=sys.stderr)
     return 0
@@ -62,7 +39,7 @@ def _lines() -> list[bytes]:
 
 def main_enqueue(args: argparse.Namespace) -> int:
     """Write each stdin line to the input; print how many."""
-    _, enqueue = _backend(args.to)
+    _, enqueue = producer_for(args.to)
     lines = _lines()
     count: Any = anyio.run(enqueue, args.to, lines)
     print(f"enqueued {count:,} changes to {args.to}", file=sys.stderr)

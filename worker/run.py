@@ -12,23 +12,23 @@ import anyio
 import structlog
 from aiohttp import web
 
+from worker.backends.base import Source, SourceError
 from worker.config import Settings, redact_uri
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
 from worker.engine import Engine, Result
 from worker.sender import Sender
 from worker.signals import SignalRouter
-from worker.sources.base import Source, SourceError
 
 log = structlog.get_logger("worker.run")
 
 
 def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], None] | None:
     """The ``POST /v1/changes`` routes of a ``sqlite:`` spool, mounted on the status port."""
-    from worker.sources.sqlite_spool import SqliteSpoolSource
+    from worker.backends.sqlite.source import SqliteSpoolSource
 
     if not isinstance(source, SqliteSpoolSource):
         return None
-    from worker.ingest import add_ingest_routes
+    from worker.backends.sqlite.ingest import add_ingest_routes
 
     options, spool = source.options, source.spool
     token = settings.ingest_token.reveal() if settings.ingest_token else None

@@ -30,7 +30,8 @@ from tests.cli.test_cli import BIN, Gateway, api_env, events
 from tests.cli.test_cli_inputs import REDIS, free_port, psql, redis_cli
 from tests.engine.test_engine import stream
 from tests.pg.conftest import BASE_DSN
-from worker.sources import pg_enqueue, redis_enqueue
+from worker.backends.postgres import producer as pg_enqueue
+from worker.backends.redis import producer as redis_enqueue
 
 SIGNALS = 50
 """Signals sent in all (each one to a live worker that has its handler in place)."""

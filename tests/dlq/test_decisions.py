@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.dlq.conftest import Dlq
-from worker.dlq.plan import Planner, parse_reasons
-from worker.dlq.stores.jsonl import LineRanges
-from worker.dlq.summary import Stored, Tally
+from worker.backends.jsonl.store import LineRanges
+from worker.deadletters.plan import Planner, parse_reasons
+from worker.deadletters.summary import Stored, Tally
 
 
 def letter(reason: str, change: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:

@@ -27,8 +27,8 @@ from tests.dlq.conftest import (
     input_bytes,
     reasons,
 )
+from worker.backends.jsonl.sink import JsonlDeadLetters
 from worker.deadletters.base import record
-from worker.deadletters.jsonl import JsonlDeadLetters
 
 
 def first_run(gw: Gateway, tmp_path: Path) -> Path:
@@ -373,7 +373,7 @@ class TestTornLines:
             "import json, resource, signal, sys\n"
             "import anyio\n"
             "from worker.deadletters.base import DeadLetterError\n"
-            "from worker.deadletters.jsonl import JsonlDeadLetters\n"
+            "from worker.backends.jsonl.sink import JsonlDeadLetters\n"
             "async def main(path, letters):\n"
             "    sink = JsonlDeadLetters(path)\n"
             "    await sink.open()\n"

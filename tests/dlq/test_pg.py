@@ -27,9 +27,9 @@ from tests.dlq.conftest import (
     run_worker,
 )
 from tests.pg.conftest import BASE_DSN
+from worker.backends.postgres import producer as pg_enqueue
+from worker.backends.postgres.uri import ADVISORY_CLASS
 from worker.cli import main
-from worker.sources import pg_enqueue
-from worker.sources.pg_outbox import ADVISORY_CLASS
 
 
 @pytest.fixture

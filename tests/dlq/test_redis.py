@@ -24,8 +24,8 @@ from tests.dlq.conftest import (
     reasons,
     run_worker,
 )
+from worker.backends.redis import producer as redis_enqueue
 from worker.core.partition import partition_of
-from worker.sources import redis_enqueue
 
 
 @pytest.fixture
@@ -151,8 +151,8 @@ class TestReplay:
     ) -> None:
         """Between two pages the lock ran out and another replay took it: the first stops
         (StoreBusy) instead of renewing the other's lock and sending the same letters."""
-        from worker.dlq.stores import open_store
-        from worker.dlq.stores.base import StoreBusy
+        from worker.backends import open_store
+        from worker.deadletters.store import StoreBusy
 
         add_letters(
             client, f"{stream}:dead", [{"reason": "not_found", "change": c} for c in MISSING]

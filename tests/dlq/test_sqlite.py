@@ -18,7 +18,7 @@ from tests.dlq.conftest import (
     reasons,
     run_worker,
 )
-from worker.sources import sqlite_spool
+from worker.backends.sqlite import producer as sqlite_spool
 
 
 def counts(spool: Path) -> tuple[int, int, int]:

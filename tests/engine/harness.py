@@ -9,15 +9,15 @@ from typing import Any
 
 import orjson
 
+from worker.backends.jsonl.sink import JsonlDeadLetters
+from worker.backends.jsonl.source import JsonlSource
 from worker.config import Secret
 from worker.core.backoff import Backoff
 from worker.core.batch import BatchLimits
 from worker.core.scheduler import SchedulerSettings
-from worker.deadletters.jsonl import JsonlDeadLetters
 from worker.engine import Engine, EngineSettings, Result
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
-from worker.sources.jsonl import JsonlSource
 
 
 @dataclass

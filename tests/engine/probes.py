@@ -13,13 +13,13 @@ import anyio
 
 from tests.engine.harness import settings
 from tests.engine.test_status import Samples, parse
+from worker.backends.base import Source
 from worker.config import Secret
 from worker.deadletters.base import DeadLetterSink
 from worker.engine import Engine, EngineSettings, Result
 from worker.obs.http import serve_status
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
-from worker.sources.base import Source
 
 WAIT_S = 60.0
 """How long a test waits for a probe's answer to turn: generous, never asserted."""

@@ -21,12 +21,12 @@ import orjson
 import structlog
 
 from tests.engine.harness import settings
+from worker.backends.base import Source
+from worker.backends.jsonl.sink import JsonlDeadLetters
 from worker.config import Secret
-from worker.deadletters.jsonl import JsonlDeadLetters
 from worker.engine import Engine, EngineSettings, Result
 from worker.sender import Sender
 from worker.sim.gateway import CONTACT_PATH, SimConfig, Simulator, serve
-from worker.sources.base import Source
 
 TRAPS = tuple(range(1, 9))
 """The contacts whose old change comes first and newer change last (in both partitions of

@@ -12,13 +12,13 @@ import pytest
 from tests.engine.harness import expected_state, settings, write_lines
 from tests.engine.test_engine import stream
 from worker import engine as engine_module
+from worker.backends.base import Record, Source
+from worker.backends.jsonl.sink import JsonlDeadLetters
+from worker.backends.jsonl.source import JsonlSource
 from worker.config import Secret
-from worker.deadletters.jsonl import JsonlDeadLetters
 from worker.engine import Ending, Engine, Result
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
-from worker.sources.base import Record, Source
-from worker.sources.jsonl import JsonlSource
 
 pytestmark = pytest.mark.anyio
 

@@ -228,7 +228,7 @@ class TestCheckpoint:
         import orjson
         import structlog
 
-        from worker.sources.jsonl import JsonlSource
+        from worker.backends.jsonl.source import JsonlSource
 
         path, checkpoint = tmp_path / "in.jsonl", tmp_path / "cp.json"
         lines = [orjson.dumps(change) + b"\n" for change in stream(5, 5)]

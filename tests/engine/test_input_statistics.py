@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.engine.harness import write_lines
-from worker.sources.base import Outages, SourceStatistics
-from worker.sources.jsonl import JsonlSource
-from worker.sources.sqlite_spool import SqliteSpoolSource, enqueue
+from worker.backends.base import Outages, SourceStatistics
+from worker.backends.jsonl.source import JsonlSource
+from worker.backends.sqlite.producer import enqueue
+from worker.backends.sqlite.source import SqliteSpoolSource
 
 pytestmark = pytest.mark.anyio
 

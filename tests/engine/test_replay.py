@@ -12,8 +12,8 @@ import pytest
 
 from tests.engine.harness import settings, write_lines
 from tests.engine.replay import backlog, expected, regressions, run_replay
+from worker.backends.jsonl.source import JsonlSource
 from worker.engine import Ending
-from worker.sources.jsonl import JsonlSource
 
 pytestmark = pytest.mark.anyio
 

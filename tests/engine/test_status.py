@@ -17,15 +17,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.engine.harness import run_engine, settings, write_lines
 from tests.engine.test_engine import stream
 from worker import __version__
+from worker.backends.jsonl.sink import JsonlDeadLetters
+from worker.backends.jsonl.source import JsonlSource
 from worker.config import Secret
 from worker.core.coalesce import Entry
-from worker.deadletters.jsonl import JsonlDeadLetters
 from worker.engine import Ending, Engine
 from worker.obs.http import serve_status
 from worker.obs.metrics import ACK_SECONDS, Buckets, EngineHistograms, status_registry
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
-from worker.sources.jsonl import JsonlSource
 
 pytestmark = pytest.mark.anyio
 

@@ -18,15 +18,15 @@ import pytest
 from aiohttp import web
 
 from tests.engine.test_status import parse
+from worker.backends.base import Source
+from worker.backends.jsonl.sink import JsonlDeadLetters
+from worker.backends.jsonl.source import JsonlSource
+from worker.backends.sqlite.ingest import add_ingest_routes
+from worker.backends.sqlite.source import SqliteSpoolSource
 from worker.config import Secret
-from worker.deadletters.jsonl import JsonlDeadLetters
 from worker.engine import Engine
-from worker.ingest import add_ingest_routes
 from worker.obs.http import HEADER_TIMEOUT_S, MAX_CONNECTIONS, PortLimits, serve_status
 from worker.sender import Sender
-from worker.sources.base import Source
-from worker.sources.jsonl import JsonlSource
-from worker.sources.sqlite_spool import SqliteSpoolSource
 
 pytestmark = pytest.mark.anyio
 

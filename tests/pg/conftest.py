@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from worker.sources.pg_enqueue import init
+from worker.backends.postgres.producer import init
 
 BASE_DSN = os.environ.get("WORKER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 

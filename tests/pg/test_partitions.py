@@ -22,9 +22,10 @@ from tests.cli.test_cli import BIN, Gateway, events, worker_env
 from tests.engine.harness import expected_state
 from tests.engine.test_engine import applied_in_order, stream
 from tests.pg.conftest import BASE_DSN, Db
+from worker.backends.postgres.outbox import PgOutboxSource
+from worker.backends.postgres.producer import enqueue, init
+from worker.backends.postgres.uri import PARTITION_TAG, parse_uri
 from worker.core.partition import partition_of
-from worker.sources.pg_enqueue import enqueue, init
-from worker.sources.pg_outbox import PARTITION_TAG, PgOutboxSource
 
 FAST = {"partitions": 4, "rebalance_s": 0.2, "poll_s": 0.2}
 
@@ -99,6 +100,28 @@ class TestOwnership:
                 await a.ack([token for token, _ in got])
                 await until(lambda: len(b.held) == 2)
                 assert not a.held & b.held
+
+    async def test_given_back_partition_stays_locked_however_long_its_rows_are_in_flight(
+        self, db: Db
+    ) -> None:
+        """A partition given back is unlocked only once none of its rows is in a request, as
+        long as that takes (the ownership policy's rule: the source used to unlock after 30 s
+        anyway, and the next holder could overtake a request still on its way)."""
+        await enqueue(db.uri(partitions=4), [line(i, 1) for i in range(1, 41)])
+        now = [0.0]
+        a = PgOutboxSource(parse_uri(db.uri(**FAST)), clock=lambda: now[0])
+        await a.open()
+        try:
+            got = await claim(a)
+            assert 40 == len(got)
+            async with source(db) as b:
+                await until(lambda: 2 == len(a._draining))
+                now[0] += 3600.0  # an hour on a's clock: its requests are still on their way
+                await anyio.sleep(1.0)  # a few rebalance ticks
+                assert set() == b.held
+                assert 4 == len(a.held) + len(a._draining)
+        finally:
+            await a.close()
 
     async def test_lost_lock_connection_revokes_all_stops_claiming_and_recovers(
         self, db: Db

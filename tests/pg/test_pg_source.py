@@ -17,16 +17,17 @@ import pytest
 from tests.engine.harness import expected_state, settings
 from tests.engine.test_engine import applied_in_order, stream
 from tests.pg.conftest import Db
+from worker.backends.base import SourceError
+from worker.backends.postgres.outbox import PgOutboxSource
+from worker.backends.postgres.producer import enqueue, init, outbox_row
+from worker.backends.postgres.sink import PgDeadLetters
+from worker.backends.postgres.uri import DDL, parse_uri
 from worker.config import ConfigError, Secret
 from worker.core.partition import partition_of
 from worker.deadletters.base import DeadLetterError
-from worker.deadletters.pg_table import PgDeadLetters
 from worker.engine import Ending, Engine, EngineSettings, Result
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
-from worker.sources.base import SourceError
-from worker.sources.pg_enqueue import enqueue, init, outbox_row
-from worker.sources.pg_outbox import DDL, PgOutboxSource, parse_uri
 
 pytestmark = pytest.mark.anyio
 
@@ -300,7 +301,7 @@ class TestCrashedWorker:
         await enqueue(db.uri(), lines(changes))
         code = (
             "import asyncio, sys\n"
-            "from worker.sources.pg_outbox import PgOutboxSource\n"
+            "from worker.backends.postgres.outbox import PgOutboxSource\n"
             "async def main():\n"
             "    source = PgOutboxSource.from_uri(sys.argv[1])\n"
             "    await source.open()\n"

@@ -21,11 +21,11 @@ from tests.engine.probes import probed, until
 from tests.engine.test_engine import stream
 from tests.pg.conftest import Db
 from tests.pg.test_pg_source import lines
-from worker.deadletters.jsonl import JsonlDeadLetters
+from worker.backends.jsonl.sink import JsonlDeadLetters
+from worker.backends.postgres.outbox import PgOutboxSource
+from worker.backends.postgres.producer import enqueue
 from worker.obs.readiness import INPUT_UNAVAILABLE
 from worker.sim.gateway import SimConfig
-from worker.sources.pg_enqueue import enqueue
-from worker.sources.pg_outbox import PgOutboxSource
 
 pytestmark = pytest.mark.anyio
 

@@ -14,9 +14,10 @@ from tests.cli.replay_kill import changes as kill_changes
 from tests.cli.replay_kill import feed, gateway, kill_twice_then_finish
 from tests.engine.replay import backlog, expected, lines, regressions, run_replay
 from tests.pg.conftest import BASE_DSN, Db
+from worker.backends.postgres.outbox import PgOutboxSource
+from worker.backends.postgres.producer import enqueue
+from worker.backends.postgres.uri import MEMBER_KEY, PARTITION_TAG
 from worker.engine import Ending, Engine
-from worker.sources.pg_enqueue import enqueue
-from worker.sources.pg_outbox import MEMBER_KEY, PARTITION_TAG, PgOutboxSource
 
 pytestmark = pytest.mark.anyio
 

@@ -22,12 +22,13 @@ from tests.cli.test_cli import BIN, Gateway, worker_env
 from tests.engine.harness import expected_state
 from tests.engine.test_engine import applied_in_order, stream
 from tests.redis.test_redis_source import dead_letters, pending, run
+from worker.backends.redis.partitioned import PartitionedRedisSource
+from worker.backends.redis.producer import enqueue, init
+from worker.backends.redis.sink import from_uri as sink_from_uri
+from worker.backends.redis.stream import from_uri
 from worker.core.partition import partition_of
-from worker.deadletters.redis_stream import from_uri as sink_from_uri
 from worker.engine import Engine
 from worker.sim.gateway import SimConfig, Simulator
-from worker.sources.redis_enqueue import enqueue, init
-from worker.sources.redis_streams import PartitionedRedisSource, from_uri
 
 pytestmark = pytest.mark.anyio
 

@@ -12,11 +12,11 @@ from tests.engine.probes import probed, until
 from tests.engine.test_engine import stream
 from tests.engine.test_status import labelled
 from tests.redis.conftest import PrivateRedis
-from worker.deadletters.jsonl import JsonlDeadLetters
+from worker.backends.jsonl.sink import JsonlDeadLetters
+from worker.backends.redis.producer import enqueue
+from worker.backends.redis.stream import from_uri
 from worker.obs.readiness import INPUT_UNAVAILABLE
 from worker.sim.gateway import SimConfig
-from worker.sources.redis_enqueue import enqueue
-from worker.sources.redis_streams import from_uri
 
 pytestmark = pytest.mark.anyio
 

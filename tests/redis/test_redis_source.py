@@ -14,17 +14,19 @@ from redis.asyncio import Redis
 
 from tests.engine.harness import expected_state, settings
 from tests.redis.conftest import PrivateRedis
+from worker.backends.base import Source, SourceError
+from worker.backends.redis.producer import enqueue, init
+from worker.backends.redis.scripts import framed_pages
+from worker.backends.redis.sink import RedisStreamDeadLetters
+from worker.backends.redis.sink import from_uri as sink_from_uri
+from worker.backends.redis.stream import RedisStreamSource
+from worker.backends.redis.stream import from_uri as source_from_uri
+from worker.backends.redis.uri import parse_uri
 from worker.config import ConfigError, Secret
 from worker.deadletters.base import DeadLetterError
-from worker.deadletters.redis_stream import RedisStreamDeadLetters
-from worker.deadletters.redis_stream import from_uri as sink_from_uri
 from worker.engine import Ending, Engine, EngineSettings, Result
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
-from worker.sources.base import Source, SourceError
-from worker.sources.redis_enqueue import enqueue, init
-from worker.sources.redis_streams import RedisStreamSource, _framed_pages, parse_uri
-from worker.sources.redis_streams import from_uri as source_from_uri
 
 pytestmark = pytest.mark.anyio
 
@@ -480,17 +482,17 @@ async def test_entries_of_any_shape_are_read_whole(
 
 def test_framed_pages_split_plain_and_sized_replies() -> None:
     """The read script's two reply shapes, one stream or several."""
-    plain = _framed_pages([b"1-0 2-0 3-0", b"", b"a\nb\nc", b"1 2 0 1"])
+    plain = framed_pages([b"1-0 2-0 3-0", b"", b"a\nb\nc", b"1 2 0 1"])
     assert [(p, page.ids, page.values, page.plain) for p, page in plain] == [
         (1, [b"1-0", b"2-0"], [b"a", b"b"], True),
         (0, [b"3-0"], [b"c"], True),
     ]
-    sized = _framed_pages([b"1-0 2-0 3-0 4-0", b"3 -1 -2 2", b"a\nbcd", b"0 2 2 2"])
+    sized = framed_pages([b"1-0 2-0 3-0 4-0", b"3 -1 -2 2", b"a\nbcd", b"0 2 2 2"])
     assert [(p, page.ids, page.values, page.plain) for p, page in sized] == [
         (0, [b"1-0", b"2-0"], [b"a\nb", -1], False),
         (2, [b"3-0", b"4-0"], [-2, b"cd"], False),
     ]
-    assert _framed_pages(False) == []
+    assert framed_pages(False) == []
 
 
 async def test_a_full_page_has_the_next_read_ahead(redis_url: str, prefix: str) -> None:

@@ -13,9 +13,9 @@ from redis.asyncio import Redis
 from tests.cli.replay_kill import changes as kill_changes
 from tests.cli.replay_kill import feed, gateway, kill_twice_then_finish
 from tests.engine.replay import backlog, expected, lines, regressions, run_replay
+from worker.backends.redis.producer import enqueue, init
+from worker.backends.redis.stream import from_uri
 from worker.engine import Ending, Engine
-from worker.sources.redis_enqueue import enqueue, init
-from worker.sources.redis_streams import from_uri
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.engine.replay import backlog, expected, lines, regressions, run_replay
+from worker.backends.sqlite.source import SqliteSpoolSource
+from worker.backends.sqlite.spool import acquire_spool, release_spool
 from worker.engine import Ending
-from worker.sources.sqlite_spool import SqliteSpoolSource, acquire_spool, release_spool
 
 pytestmark = pytest.mark.anyio
 

@@ -17,17 +17,14 @@ import pytest
 from aiohttp import web
 
 from tests.engine.harness import expected_state, settings
+from worker.backends.sqlite.ingest import INGEST_STATS, add_ingest_routes, parse_changes
+from worker.backends.sqlite.sink import SqliteDeadLetters
+from worker.backends.sqlite.source import SqliteSpoolSource
+from worker.backends.sqlite.spool import SpoolOptions, parse_uri
 from worker.config import ConfigError, Secret
 from worker.engine import Ending, Engine, Result
-from worker.ingest import INGEST_STATS, add_ingest_routes, parse_changes
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
-from worker.sources.sqlite_spool import (
-    SpoolOptions,
-    SqliteDeadLetters,
-    SqliteSpoolSource,
-    parse_uri,
-)
 
 pytestmark = pytest.mark.anyio
 
@@ -171,7 +168,7 @@ def _file_settings(path: str) -> tuple[str, int]:
 ROOT = str(Path(__file__).resolve().parents[2])
 _WRITER = """
 import sys, anyio
-from worker.sources.sqlite_spool import Spool
+from worker.backends.sqlite.spool import Spool
 
 async def main() -> None:
     spool = Spool(sys.argv[1])
@@ -276,7 +273,7 @@ class TestSpool:
     async def test_init_and_enqueue(self, tmp_path: Path) -> None:
         """init creates the file and tables (twice is fine); enqueue stores each non-blank line
         as it is, in order, and returns the count."""
-        from worker.sources.sqlite_spool import enqueue, init
+        from worker.backends.sqlite.producer import enqueue, init
 
         uri = f"sqlite:{tmp_path / 'q.db'}"
         await init(uri)
@@ -328,7 +325,7 @@ class TestSpool:
 
     async def test_unopenable_file_is_a_source_error(self, tmp_path: Path) -> None:
         """A spool in a directory that does not exist cannot open: SourceError naming it."""
-        from worker.sources.base import SourceError
+        from worker.backends.base import SourceError
 
         source = SqliteSpoolSource.from_uri(f"sqlite:{tmp_path / 'missing' / 'spool.db'}")
         with pytest.raises(SourceError, match="cannot open spool"):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from worker.backends.base import EnqueueStopped, SourceError
 from worker.cli import EXIT_FATAL, EXIT_USAGE, failure
 from worker.config import ConfigError
 from worker.deadletters.base import DeadLetterError
-from worker.sources.base import EnqueueStopped, SourceError
 
 
 class TestFailure:

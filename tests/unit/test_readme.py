@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.backends.postgres.uri import DDL
 from worker.config import OPTIONS
-from worker.sources.pg_outbox import DDL
 
 ROOT = Path(__file__).parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

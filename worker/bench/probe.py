@@ -22,8 +22,8 @@ import time
 from collections.abc import Hashable, Sequence
 from typing import Any, cast
 
+from worker.backends.base import Record
 from worker.bench.histogram import Histogram
-from worker.sources.base import Record
 
 PROBE_OUT_ENV = "CONTACT_WORKER_PROBE_OUT"
 PROGRESS_INTERVAL_S = 0.25
@@ -74,7 +74,7 @@ class Probe:
 
 def install(probe: Probe) -> None:
     """Wrap JsonlSource.read and JsonlSource.ack to feed ``probe``."""
-    from worker.sources.jsonl import JsonlSource
+    from worker.backends.jsonl.source import JsonlSource
 
     read, ack = JsonlSource.read, JsonlSource.ack
 

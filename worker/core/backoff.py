@@ -23,3 +23,8 @@ class Backoff:
             return jittered
         # The server's wish is a floor; a little jitter keeps many senders from waking together.
         return min(retry_after_s, MAX_RETRY_AFTER_S) + rand * self.base_s
+
+
+RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=5.0)
+"""Waits between attempts while a store (Redis, PostgreSQL) is unreachable: at most 5 s, so the
+worker resumes soon after it is back."""

@@ -1,31 +1,9 @@
-"""Dead-letter sinks: one module per kind, all behind ``DeadLetterSink``."""
+"""Dead letters, the one folder for them: the sink contract and the record it writes
+(:mod:`.base`), the store contract that ``dlq`` reads and marks (:mod:`.store`), and the tools
+``contact-worker dlq show URI`` and ``dlq replay URI --to INPUT``.
 
-from __future__ import annotations
-
-from worker.config import ConfigError
-from worker.deadletters.base import DeadLetterSink
-
-
-def open_sink(uri: str) -> DeadLetterSink:
-    """The sink a URI names (not opened yet)."""
-    scheme, sep, rest = uri.partition(":")
-    if scheme == "jsonl" and sep and rest and rest != "-":
-        from worker.deadletters.jsonl import JsonlDeadLetters
-
-        return JsonlDeadLetters(rest)
-    if scheme in ("postgresql", "postgres"):
-        from worker.deadletters.pg_table import PgDeadLetters
-
-        return PgDeadLetters.from_uri(uri)
-    if scheme in ("redis", "rediss"):
-        from worker.deadletters.redis_stream import from_uri as redis_sink
-
-        return redis_sink(uri)
-    if scheme == "sqlite":
-        from worker.sources.sqlite_spool import SqliteDeadLetters
-
-        return SqliteDeadLetters.from_uri(uri)
-    raise ConfigError(
-        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, sqlite:PATH, redis://... or"
-        " postgresql://..."
-    )
+Each backend's sink and store live with the backend (:mod:`worker.backends`); the URI is the one
+``--dlq`` takes (:func:`worker.backends.open_sink`). :mod:`.summary` and :mod:`.plan` decide
+without I/O, :mod:`.replay` carries a replay out, :mod:`.targets` names where it writes,
+:mod:`.display` prints, :mod:`.cli` is the command line.
+"""

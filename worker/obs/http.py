@@ -9,8 +9,9 @@ metrics", "The status port's limits"):
   answer, is not pushed back by incoming bytes, and closes a connection whose handler still
   waits for a complete request head. So a slowloris client that drips header bytes is cut at
   the deadline however it drips, and an idle keep-alive connection lives as long.
-- **bodies**: only ``POST /v1/changes`` reads one, within its own deadline (:mod:`worker.ingest`);
-  a body the other routes leave unread is drained for at most aiohttp's lingering time (10 s).
+- **bodies**: only ``POST /v1/changes`` reads one, within its own deadline
+  (:mod:`worker.backends.sqlite.ingest`); a body the other routes leave unread is drained for
+  at most aiohttp's lingering time (10 s).
 - **connections**: at most ``max_connections`` at once. A new connection beyond the cap closes
   the oldest one that has no request in a handler (one still sending its head, or idle between
   requests), so probes get through while the cap is full of stalled sockets; if every one is

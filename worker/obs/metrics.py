@@ -29,10 +29,10 @@ from worker import __version__
 from worker.obs.readiness import readiness
 
 if TYPE_CHECKING:
+    from worker.backends.base import SourceStatistics
     from worker.core.coalesce import Entry
     from worker.engine import Engine
     from worker.obs.http import PortStatistics
-    from worker.sources.base import SourceStatistics
 
 PREFIX = "contact_worker_"
 

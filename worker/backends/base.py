@@ -1,0 +1,257 @@
+"""The one interface every input implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from types import MappingProxyType
+from typing import NamedTuple, Protocol
+
+Record = tuple[Hashable, bytes]
+"""A source record: the token that acknowledges it, and the JSON text of one change."""
+
+
+class SourceError(Exception):
+    """The source cannot be opened or read (bad path, bad checkpoint, broker gone)."""
+
+
+NOTHING_LOST: Mapping[str, int] = MappingProxyType({})
+
+
+class SourceStatistics(NamedTuple):
+    """What an input says about itself (read by /readyz and /metrics); the defaults fit an
+    input with nothing to report."""
+
+    available: bool = True
+    """False while the input cannot be read or acknowledged (its server is unreachable); it
+    reconnects meanwhile, and is available again after its first success."""
+    problem: str = ""
+    """Why it is not available: the failing operations and their last errors."""
+    reconnects: int = 0
+    """Outages the input set out to reconnect after (one per failing operation's streak)."""
+    unacked: int = 0
+    """Records handed to the engine and not acknowledged yet."""
+    partitions_held: int | None = None
+    """Partitions this replica reads now (None: the input is not partitioned)."""
+    leases_lost: Mapping[str, int] = NOTHING_LOST
+    """Leases lost to expiry or to another replica, by kind (``partition``, ``row``); empty
+    for inputs without leases."""
+    spool_depth: int | None = None
+    """Changes stored in the input and not acknowledged, read or not (None: not known)."""
+
+
+class Outages:
+    """Which of an input's operations fail now, and why: bookkeeping for ``statistics()``.
+
+    Each operation that retries its failures (read, ack, a lease keeper) reports every failure
+    and its next success under its own name, so one that recovered does not hide another that
+    still fails.
+    """
+
+    def __init__(self) -> None:
+        self._failing: dict[str, str] = {}
+        self.started = 0
+        """Streaks of failures begun, over all operations."""
+
+    def failed(self, operation: str, error: str) -> None:
+        """``operation`` failed with ``error`` (and will be retried)."""
+        if operation not in self._failing:
+            self.started += 1
+        self._failing[operation] = error
+
+    def recovered(self, operation: str) -> None:
+        """``operation`` succeeded."""
+        self._failing.pop(operation, None)
+
+    @property
+    def problem(self) -> str:
+        """The failing operations with their last errors; empty while none fails."""
+        return "; ".join(f"{op}: {error}" for op, error in sorted(self._failing.items()))
+
+
+class ReplayListener(Protocol):
+    """Who hears of a source's replay ranges (the engine; DESIGN 9).
+
+    A replay range is what may have been read before a crash: the records after a checkpoint,
+    the rows a spool held at the start, pending stream entries, claimed outbox rows. The
+    listener holds the IDs a range covers (nothing of them is sent) until the range was read.
+    """
+
+    def replay_started(self, name: str, covers: Callable[[str], bool] | None) -> None:
+        """Called before the first record of the range ``name`` is handed out; ``covers``
+        selects the contact IDs it may hold (None: every ID)."""
+
+    def replay_done(self, name: str) -> None:
+        """Called once every record of the range was handed out by an earlier ``read``
+        (the engine has taken them in), or the range was given up (a partition lost)."""
+
+
+class EnqueueStopped(SourceError):
+    """Writing to an input failed after some changes were written (the message says how many):
+    a command that stopped half-way (exit 1), not a setting to fix (exit 2)."""
+
+
+class LineChunks:
+    """The producer side's loop: non-blank change lines, without their line endings and
+    otherwise as they are (validation is the worker's job), written in order in chunks."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.written = 0
+        """Lines the writer took so far (for the message when it fails half-way)."""
+
+    async def write(
+        self,
+        lines: AsyncIterable[bytes] | Iterable[bytes],
+        writer: Callable[[list[bytes]], Awaitable[object]],
+    ) -> int:
+        """Hand the lines to ``writer`` ``size`` at a time; the count written."""
+        chunk: list[bytes] = []
+        if isinstance(lines, AsyncIterable):
+            async for line in lines:
+                if self._add(chunk, line) >= self.size:
+                    chunk = await self._flush(chunk, writer)
+        else:
+            for line in lines:
+                if self._add(chunk, line) >= self.size:
+                    chunk = await self._flush(chunk, writer)
+        await self._flush(chunk, writer)
+        return self.written
+
+    def failed(self, message: str) -> SourceError:
+        """The error for a write that failed: :class:`EnqueueStopped` once anything was
+        written, else a :class:`SourceError`."""
+        return (EnqueueStopped if self.written else SourceError)(message)
+
+    @staticmethod
+    def _add(chunk: list[bytes], line: bytes) -> int:
+        line = line.rstrip(b"\r\n")
+        if line and not line.isspace():
+            chunk.append(line)
+        return len(chunk)
+
+    async def _flush(
+        self, chunk: list[bytes], writer: Callable[[list[bytes]], Awaitable[object]]
+    ) -> list[bytes]:
+        if chunk:
+            await writer(chunk)
+            self.written += len(chunk)
+        return []
+
+
+class Source(abc.ABC):
+    """Where changes come from, and where their acknowledgements go back to.
+
+    ``read`` hands out records in source order; ``ack`` is called once per record token, only
+    after the change it carried was applied or durably dead-lettered, in any order.
+    """
+
+    name: str = "source"
+
+    revoke: Callable[[Callable[[str], bool]], int] | None = None
+    """Set by the engine: a partitioned source calls it with a predicate on contact IDs when it
+    loses a partition; the engine forgets those waiting changes (unacknowledged) and returns how
+    many. Requests already in flight still finish."""
+
+    files_by_key: bool = False
+    """Whether the input files records under a key beside the change (a column, a partition's
+    stream): the engine then asks :meth:`misfiled` about every valid change."""
+    replay: ReplayListener | None = None
+    """Set by the engine: told of replay ranges (through :class:`ReplayRanges`) by the sources
+    that know what may have been read before a crash."""
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect, position at the first record not yet acknowledged."""
+
+    @abc.abstractmethod
+    async def read(self) -> Sequence[Record] | None:
+        """The next records, waiting for some; None at the end of a finite input."""
+
+    @abc.abstractmethod
+    async def ack(self, tokens: Sequence[Hashable]) -> None:
+        """These records are done with: applied or dead-lettered."""
+
+    @abc.abstractmethod
+    def describe(self, tokens: Sequence[Hashable]) -> str:
+        """Where these records came from, for dead letters (e.g. ``in.jsonl:17``)."""
+
+    def misfiled(self, token: Hashable, key: str) -> str | None:
+        """Why the valid change with coalescing key ``key`` does not belong where the input
+        filed its record, or None. Such a change is dead-lettered ``invalid`` (and its record
+        acknowledged), never sent: the input ordered and partitioned it by the other key."""
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Persist progress and let go of resources."""
+
+    def statistics(self) -> SourceStatistics:
+        """The input's state now (cheap, no I/O: called on every probe and scrape)."""
+        return SourceStatistics()
+
+
+class ReplayRanges:
+    """A source's replay ranges, told to its :class:`ReplayListener` at the right moments.
+
+    Bookkeeping only: the source says when a range begins (before any of its records is handed
+    out), and when its last records go out. A range begun before the engine attached (in
+    ``open``) is announced by the first :meth:`sync`; the source calls :meth:`sync` in ``read``
+    before it hands anything out, where every record of earlier reads has been taken in.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self._source = source
+        self._unannounced: dict[str, Callable[[str], bool] | None] = {}
+        self._open: set[str] = set()
+        self._ending: set[str] = set()
+
+    def begin(self, name: str, covers: Callable[[str], bool] | None = None) -> None:
+        """A range starts: told now if the listener is attached, else at the next sync."""
+        listener = self._source.replay
+        if listener is None:
+            self._unannounced[name] = covers
+            return
+        self._open.add(name)
+        listener.replay_started(name, covers)
+
+    def end_after_read(self, name: str) -> None:
+        """The range's last records go out with the records this ``read`` returns: it ends at
+        the next :meth:`sync`, once the engine has taken them in."""
+        if name in self:
+            self._ending.add(name)
+
+    def end(self, name: str) -> None:
+        """Every record of the range went out with earlier reads (or the range was given up,
+        its waiting changes revoked): it ends now."""
+        self._unannounced.pop(name, None)
+        self._ending.discard(name)
+        if name in self._open:
+            self._open.discard(name)
+            if self._source.replay is not None:
+                self._source.replay.replay_done(name)
+
+    def sync(self) -> None:
+        """Announce the ranges begun before the listener attached; end those whose last
+        records went out with an earlier read. Call it in ``read`` before handing anything out."""
+        listener = self._source.replay
+        if listener is None:
+            return
+        for name, covers in list(self._unannounced.items()):
+            del self._unannounced[name]
+            self._open.add(name)
+            listener.replay_started(name, covers)
+        for name in list(self._ending):
+            self.end(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._open or name in self._unannounced
+
+    def __bool__(self) -> bool:
+        return bool(self._open or self._unannounced)
