@@ -1,5 +1,5 @@
 # contact-worker: one process, the SQLite spool with HTTP ingest on a volume by default.
-# Build: docker build -t contact-worker .   (README: "Running in production", "The image")
+# Build: docker build -t contact-worker .   (docs/operations.md: "The image")
 
 # Both stages start from the same image: the venv built in the first one points at its Python.
 ARG PYTHON_IMAGE=python:3.11-slim

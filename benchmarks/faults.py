@@ -25,7 +25,7 @@ jsonl
 sqlite
     the spool, fed while the worker runs by ``POST /v1/changes`` on its status port in bodies
     of ``--ingest-body`` changes; a body that got no answer (the worker was killed) is sent
-    again before the next, as the README asks of producers.
+    again before the next, as docs/inputs/sqlite.md asks of producers.
 redis1, redis3
     Redis Streams, 1 replica (``consumer=r0``, one stream) or 3 (``partitions=6``,
     ``lease_ms=2000``), fed as they run through the input's own ``enqueue`` code.
@@ -241,7 +241,7 @@ class Settings:
     linger_ms: int = 20
     max_waiting: int = 200_000
     """The worker's default: a replay range is read whole before it is sent only within
-    twice --max-waiting (README); ``--max-waiting 100`` shows what happens beyond."""
+    twice --max-waiting (docs/inputs/README.md); ``--max-waiting 100`` shows what happens beyond."""
     run_timeout_s: float = 180.0
     seed: int = 1
 

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "enqueue",
         help="write JSONL changes from stdin to an input",
         description="Read JSONL changes from standard input and write them to an input, "
-        "the way any producer would (see the README for the wire formats).",
+        "the way any producer would (see docs/inputs/ for the wire formats).",
     )
     producer.configure_enqueue_parser(enqueue)
     enqueue.set_defaults(func=producer.main_enqueue)

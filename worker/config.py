@@ -204,7 +204,7 @@ OPTIONS: tuple[Option, ...] = (
         non_empty,
         None,
         "where changes come from: jsonl:PATH, jsonl:- (stdin), sqlite:PATH, postgresql://..."
-        " or redis://... (README: Inputs)",
+        " or redis://... (docs/inputs/)",
         required=True,
         metavar="URI",
     ),

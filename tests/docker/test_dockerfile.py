@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 LOCK = ROOT / "requirements.lock"
 BUILD_LOCK = ROOT / "requirements-build.lock"
-# The image's platform: what the lock is compiled for (README "The image").
+# The image's platform: what the lock is compiled for (docs/operations.md "The image").
 TARGET = {
     "sys_platform": "linux",
     "platform_system": "Linux",

@@ -1,6 +1,6 @@
 """The status port: /healthz, /readyz and /metrics (Prometheus text format).
 
-The port faces whatever can reach it, so it bounds what a client can hold (README "Probes and
+The port faces whatever can reach it, so it bounds what a client can hold (docs/operations.md "Probes and
 metrics", "The status port's limits"):
 
 - **headers**: a connection must complete each request head within ``header_timeout_s`` of

@@ -4,7 +4,7 @@ Counters and gauges are not kept here at all: the collector reads the engine's a
 scheduler's own counters when Prometheus scrapes, so nothing is counted twice on the hot path.
 Histograms need observations as the work happens; :class:`Buckets` keeps them as a plain list
 of counts (one ``bisect`` and one addition per observation), and the collector turns them into
-Prometheus histograms at scrape time. Every name and meaning is listed in the README
+Prometheus histograms at scrape time. Every name and meaning is listed in docs/operations.md
 ("Probes and metrics").
 """
 

@@ -214,14 +214,14 @@ async def find_table(
     if row is None:
         raise MissingTable(
             f"table {qualified} does not exist in {target.display}:"
-            " create it with `contact-worker init --to URI` (the DDL is in the README)"
+            " create it with `contact-worker init --to URI` (the DDL is in docs/inputs/postgresql.md)"
         )
     oid, schema, present = row
     missing = [c for c in columns if c not in present]
     if missing:
         raise MissingTable(
             f"table {qualified} in {target.display} lacks the column(s) {', '.join(missing)}:"
-            " compare it with the DDL in the README"
+            " compare it with the DDL in docs/inputs/postgresql.md"
         )
     return int(oid), str(schema)
 
