@@ -1,4 +1,4 @@
-"""Start-up checks: one harmless request before anything is read (docs/operations.md "Start-up checks").
+"""Start-up checks: one harmless request before anything is read (docs/operations.md).
 
 The API has only ``PATCH /v1/contact``, and the empty array ``[]`` applies nothing. The API
 checks credentials first, so its answer tells them apart: accepted (error 122 "no contacts sent"

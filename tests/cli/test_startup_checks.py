@@ -2,7 +2,8 @@
 
 Before it reads anything the worker sends the API one ``[]`` (nothing to apply): refused
 credentials exit 3, a host name that does not exist or TLS that fails exit 2, an API that is
-down or having a bad hour is warned about and the run starts anyway (docs/operations.md "Start-up checks").
+down or having a bad hour is warned about and the run starts anyway (docs/operations.md,
+"Start-up checks").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The status port: /healthz, /readyz and /metrics (Prometheus text format).
 
-The port faces whatever can reach it, so it bounds what a client can hold (docs/operations.md "Probes and
-metrics", "The status port's limits"):
+The port faces whatever can reach it, so it bounds what a client can hold (docs/operations.md,
+"Probes and metrics", "The status port's limits"):
 
 - **headers**: a connection must complete each request head within ``header_timeout_s`` of
   opening (or of its previous answer), else it is closed. aiohttp has no timeout of its own for

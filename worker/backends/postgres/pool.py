@@ -214,7 +214,8 @@ async def find_table(
     if row is None:
         raise MissingTable(
             f"table {qualified} does not exist in {target.display}:"
-            " create it with `contact-worker init --to URI` (the DDL is in docs/inputs/postgresql.md)"
+            " create it with `contact-worker init --to URI` (the DDL is in"
+            " docs/inputs/postgresql.md)"
         )
     oid, schema, present = row
     missing = [c for c in columns if c not in present]

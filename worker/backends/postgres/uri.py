@@ -83,7 +83,7 @@ def ddl(table: str = DEFAULT_TABLE, schema: str | None = None) -> str:
 
 
 DDL = ddl()
-"""The DDL as docs/inputs/postgresql.md shows it: table ``contact_changes`` in the default schema."""
+"""The DDL as docs/inputs/postgresql.md shows it: ``contact_changes`` in the default schema."""
 
 
 @dataclass(frozen=True, slots=True)
