@@ -174,16 +174,25 @@ class TestNotFoundRun:
         s.resolve(second, applied(), 0.0)
         assert s.idle
 
-    def test_a_live_input_keeps_them_held(self) -> None:
-        """Before the input ends (and while it may still be read) lone 404s are not settled
-        as quiet: a slow trickle of them still adds up to the run's limit and stops."""
+    def test_a_slow_trickle_still_stops(self) -> None:
+        """Lone 404s that come one at a time are written as they go quiet, but stay in the
+        run: only a 2xx ends it, so the third in a row stops (and is not written)."""
         s = scheduler(max_items=1, max_not_found_run=3)
+        written = []
         for i in range(1, 4):
             feed(s, i)
             settled = s.resolve(take(s, 0.0), not_found(), 0.0)
-            if i < 3:
-                assert None is s.settle_due(0.0)
+            quiet = s.settle_due(0.0)
+            written += [] if quiet is None else keys_of(quiet)[1]
+        assert ["1", "2"] == written
         assert settled.fatal is not None and Action.FOREIGN == settled.fatal.action
+
+    def test_a_2xx_ends_the_run(self) -> None:
+        """Two lone 404s, a 2xx, two more: no stop at a limit of 3."""
+        s = scheduler(max_items=1, max_not_found_run=3)
+        feed(s, 1, 2, 3, 4, 5)
+        for verdict in (not_found(), not_found(), applied(), not_found(), not_found()):
+            assert None is s.resolve(take(s, 0.0), verdict, 0.0).fatal
 
     def test_ids_known_missing_are_dead_at_once(self) -> None:
         """A suspect (an ID found missing earlier, sent alone) answered 404 again is dead at

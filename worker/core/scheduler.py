@@ -189,6 +189,8 @@ class Scheduler:
         self._numbers = 0
         self._suspects: dict[str, float] = {}
         self._unconfirmed: list[tuple[DeadLetter, float | None]] = []
+        self._lone_run = 0
+        """Lone verdicts since the last applied request, written or not: the run."""
         """Lone 404s since the last applied request: dead-lettered once a 2xx shows the API
         answers (or nothing is left to send), dropped unwritten if the run turns fatal."""
         self._fences: list[tuple[float, str]] = []
@@ -303,9 +305,9 @@ class Scheduler:
 
         The entries whose fence lifted are acknowledged (all of them once the input is
         drained: no partition is handed over any more). The lone 404s held for a 2xx become
-        dead letters once no more input can come (drained, or the reader waits for room that
-        only they would make) and nothing is left that could bring one: no request out, none
-        to retry, no change ready. Otherwise they wait for a 2xx, or for the run's limit.
+        dead letters once nothing is left that could bring one: no request out, none to retry,
+        no change ready. They stay in the run all the same (only a 2xx ends it), so a slow
+        trickle of them still reaches the run's limit and stops.
         """
         self._lift_fences(now)
         if self.draining and self._fenced:
@@ -316,10 +318,7 @@ class Scheduler:
         if self._lifted:
             settled = Settled(applied=self._lifted)
             self._lifted = []
-        # Quiet only when no more input can come: drained, or the reader waits for room.
         if not self._unconfirmed or self.fatal is not None:
-            return settled
-        if not self.draining and self.may_read:
             return settled
         if self._outstanding or self._urgent or self._delayed:
             return settled
@@ -373,6 +372,7 @@ class Scheduler:
         if batch.last_answer is not None:
             self._odd.answered(batch.last_answer, verdict)
         if action is Action.APPLIED:
+            self._lone_run = 0
             if self._unconfirmed:
                 self._confirm_lone(now, settled)
             self._applied(batch.entries, settled, self._fence_until(batch))
@@ -505,10 +505,11 @@ class Scheduler:
             self._dead([letter], now, settled, self._fence_until(batch))
             return
         self._unconfirmed.append((letter, self._fence_until(batch)))
-        if len(self._unconfirmed) >= limit:
+        self._lone_run += 1
+        if self._lone_run >= limit:
             what = "404" if letter.reason == "not_found" else f"{verdict.status}/{verdict.error}"
             detail = (
-                f"{len(self._unconfirmed)} lone contacts answered {what} in a row with no"
+                f"{self._lone_run} lone contacts answered {what} in a row with no"
                 " request applied in between: taken for a wrong --api-url or a wrong account,"
                 " not for verdicts on the changes (if they are, raise --max-not-found-run or"
                 f" set it to 0); last: {verdict.describe()}"
