@@ -22,6 +22,7 @@ from tests.cli.test_cli import BIN, Gateway, events, worker_env
 from tests.engine.harness import expected_state
 from tests.engine.test_engine import applied_in_order, stream
 from tests.pg.conftest import BASE_DSN, Db
+from worker.backends.base import HeldRecords
 from worker.backends.postgres.outbox import PgOutboxSource
 from worker.backends.postgres.producer import enqueue, init
 from worker.backends.postgres.uri import PARTITION_TAG, parse_uri
@@ -50,8 +51,8 @@ async def claim(s: PgOutboxSource) -> list[tuple[Any, bytes]]:
     """What one read returns now (nothing within a second: an empty list)."""
     with anyio.move_on_after(1):
         records = await s.read()
-        assert records is not None
-        return list(records)
+        assert isinstance(records, HeldRecords)
+        return records.flat()
     return []
 
 
@@ -133,12 +134,16 @@ class TestOwnership:
         revoked: list[list[str]] = []
         async with source(db, rebalance_s=1.0) as a:
 
-            def revoke(drop: Any) -> int:
-                keys = [str(i) for i in range(1, 21)]
-                revoked.append([k for k in keys if drop(k)])
-                return 0
+            class Revocations:
+                def assigned(self, partitions: Any) -> None:
+                    pass
 
-            a.revoke = revoke
+                def revoked(self, partitions: Any, covers: Any) -> int:
+                    keys = [str(i) for i in range(1, 21)]
+                    revoked.append([k for k in keys if covers(k)])
+                    return 0
+
+            a.assignments = Revocations()
             got = await claim(a)
             assert 20 == len(got)
             pid = a.lock_pid
@@ -156,9 +161,11 @@ class TestOwnership:
             assert [] == await a._claim_partitions(0)
             a._lock_pid = await a._locks.fetchval("SELECT pg_backend_pid()")
             again = await claim(a)
-            # The 20 rows forgotten and the 20 new ones, in id order.
+            # The 20 rows forgotten and the 20 new ones, in id order in each partition.
             assert 40 == len(again)
-            assert [t for t, _ in again] == sorted(t for t, _ in again)
+            for p in range(4):
+                ids = [t for t, text in again if partition_of(json.loads(text)["ID"], 4) == p]
+                assert ids == sorted(ids)
             await a.ack([t for t, _ in again])
         assert [] == await db.rows()
 

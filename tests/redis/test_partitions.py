@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +37,23 @@ def partitioned(uri: str, consumer: str) -> PartitionedRedisSource:
     source = from_uri(uri, consumer=consumer)
     assert isinstance(source, PartitionedRedisSource)
     return source
+
+
+class Revocations:
+    """An assignment listener that records what was revoked (the contact IDs among
+    ``probe`` that each revocation covered), forgetting nothing."""
+
+    def __init__(self, probe: Collection[str] = ()) -> None:
+        self.probe = probe
+        self.calls: list[list[str]] = []
+        self.assigned_partitions: list[int] = []
+
+    def assigned(self, partitions: Collection[int]) -> None:
+        self.assigned_partitions += partitions
+
+    def revoked(self, partitions: Collection[int], covers: Callable[[str], bool]) -> int:
+        self.calls.append([k for k in self.probe if covers(k)])
+        return 0
 
 
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -149,22 +166,17 @@ class TestLeases:
         await init(uri)
         a = partitioned(uri, "a")
         b = partitioned(uri, "b")
-        revoked: list[int] = []
-
-        def revoke(drop: Callable[[str], bool]) -> int:
-            revoked.append(1)
-            return 0  # nothing waited: the one change read is in flight
-
-        a.revoke = revoke
+        revoked = Revocations()  # nothing waited: the one change read is in flight
+        a.assignments = revoked
         key = next(k for k in map(str, range(1, 100)) if partition_of(k, 2) == 1)
         await a.open()
         try:
             await enqueue(uri, [orjson.dumps({"ID": key, "lastname": "a"})])
-            records = await a.read()
+            records = (await a.read()).flat()
             assert [(1, key)] == [(r[0][0], orjson.loads(r[1])["ID"]) for r in records]  # type: ignore[index]
             await b.open()
             try:
-                await wait_until(lambda: a.held == [0] and bool(revoked))
+                await wait_until(lambda: a.held == [0] and bool(revoked.calls))
                 await anyio.sleep(1.0)  # a few renewal rounds: a still holds the lease
                 assert [] == b.held
                 await a.ack([records[0][0]])
@@ -187,20 +199,16 @@ class TestLeases:
         uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100"
         await init(uri)
         source = partitioned(uri, "a")
-        revoked: list[list[str]] = []
-
-        def revoke(drop: Callable[[str], bool]) -> int:
-            revoked.append([k for k in ("1", "2", "3", "4", "5", "6") if drop(k)])
-            return 0
-
-        source.revoke = revoke
+        revocations = Revocations(("1", "2", "3", "4", "5", "6"))
+        source.assignments = revocations
+        revoked = revocations.calls
         p0 = [k for k in map(str, range(1, 100)) if partition_of(k, 2) == 0]
         await source.open()
         client = Redis.from_url(redis_url)
         try:
             assert [0, 1] == source.held
             await enqueue(uri, [orjson.dumps({"ID": p0[0], "lastname": "a"})])
-            records = await source.read()
+            records = (await source.read()).flat()
             assert [(0, records[0][0][1])] == [r[0] for r in records]  # type: ignore[index]
             await client.set(f"{prefix}:0:lease", "thief", px=60_000)
             await wait_until(lambda: source.held == [1])
@@ -214,9 +222,9 @@ class TestLeases:
             assert 1 == pending["pending"]  # the first entry, never acked: the next holder's
             await client.delete(f"{prefix}:0:lease")
             # The lease is free again: taken back, the unacked entry first, then the new one.
-            records = list(await source.read())
+            records = (await source.read()).flat()
             if len(records) < 2:
-                records += await source.read()
+                records += (await source.read()).flat()
             assert 2 == len(records)
             assert [p0[0], p0[1]] == [orjson.loads(r[1])["ID"] for r in records]
             await source.ack([r[0] for r in records])
@@ -233,17 +241,17 @@ class TestLeases:
         uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100&count=10"
         await init(uri)
         source = partitioned(uri, "a")
-        source.revoke = lambda drop: 0
+        source.assignments = Revocations()
         p0 = [k for k in map(str, range(1, 1000)) if partition_of(k, 2) == 0][:40]
         await enqueue(uri, [orjson.dumps({"ID": k}) for k in p0])
         await source.open()
         client = Redis.from_url(redis_url)
         try:
-            first = await source.read()
+            first = (await source.read()).flat()
             assert p0[:10] == [orjson.loads(value)["ID"] for _, value in first]
             await wait_until(lambda: source._ahead is not None and source._ahead.done())
             assert 10 == len(source._buffer)  # the next page, on its way before it was asked
-            second = await source.read()
+            second = (await source.read()).flat()
             assert p0[10:20] == [orjson.loads(value)["ID"] for _, value in second]
             # Handing out a page read ahead starts the next read ahead in its turn.
             await wait_until(lambda: len(source._buffer) == 10)
@@ -262,13 +270,9 @@ class TestLeases:
         nothing), so it revokes; no two consumers ever read one partition."""
         uri = f"{redis_url}?stream={prefix}&partitions=3&lease_ms=600&block_ms=100"
         source = partitioned(uri, "a")
-        calls: list[int] = []
-
-        def revoke(drop: Callable[[str], bool]) -> int:
-            calls.append(1)
-            return 0
-
-        source.revoke = revoke
+        revocations = Revocations()
+        source.assignments = revocations
+        calls = revocations.calls
         await source.open()
         client = Redis.from_url(redis_url)
         try:

@@ -56,6 +56,7 @@ import asyncpg
 import structlog
 
 from worker.backends.base import (
+    HeldRecords,
     Record,
     SourceError,
     SourceStatistics,
@@ -211,7 +212,7 @@ class PgOutboxSource(PartitionClaims):
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def read(self) -> Sequence[Record] | None:
+    async def read(self) -> Sequence[Record] | HeldRecords | None:
         """The next rows in ``id`` order, waiting for some; never None (the table is endless)."""
         while True:
             self._raise_failure()
@@ -222,13 +223,15 @@ class PgOutboxSource(PartitionClaims):
                 self._last_sweep = now
             self._ranges.sync()
             if self.partitions > 1:
-                records = await self._claim_partitions(0 if sweep else self._cursor)
+                held = await self._claim_partitions(0 if sweep else self._cursor)
+                if held:
+                    return held
             else:
                 records = await self._claim(0 if sweep else self._cursor)
                 if self._ranges:
                     await self._replay_claimed(records)
-            if records:
-                return records
+                if records:
+                    return records
             if self._listener is None or self._listener.is_closed():
                 if await self._listen():
                     continue  # inserts while nobody listened: claim once more before waiting

@@ -13,13 +13,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import asyncpg
 import structlog
 
 from worker.backends.base import (
+    Held,
+    HeldRecords,
     Outages,
     Record,
     ReplayRanges,
@@ -210,12 +212,13 @@ class PartitionClaims(Source):
         """The server process of the lock connection (0: none)."""
         return self._lock_pid
 
-    async def _claim_partitions(self, after: int) -> list[Record]:
+    async def _claim_partitions(self, after: int) -> HeldRecords:
         """Claim the lowest-id rows of the held partitions, leases of others ignored: holding a
-        partition's lock means its previous holder is gone (or gave it back when idle)."""
+        partition's lock means its previous holder is gone (or gave it back when idle). The
+        rows, grouped by the holding they were claimed under."""
         held = sorted(self._held)
         if not held or self._locks is None:
-            return []
+            return HeldRecords()
         sql = self._sql
         pid = self._lock_pid
         oid = self._oid
@@ -229,12 +232,12 @@ class PartitionClaims(Source):
         if not rows:
             if self._replay_parts:
                 self._replay_partitions(gains, 0, 0, handed=False)
-            return []
+            return HeldRecords()
         deadline = started + self.lease_s
         pending = self._pending
         part = self._part
         still = self._held  # a partition may have gone while the claim ran
-        records: list[Record] = []
+        groups: dict[int, list[Record]] = {}
         stale: list[int] = []
         for row_id, p, text, filed in rows:
             if p not in still:
@@ -244,7 +247,13 @@ class PartitionClaims(Source):
             part[row_id] = p
             if filed is not None:
                 self._filed[row_id] = filed
-            records.append((row_id, text.encode()))
+            group = groups.get(p)
+            if group is None:
+                groups[p] = group = []
+            group.append((row_id, text.encode()))
+        records = HeldRecords(
+            Held(p, self._own.generation(p) or 0, group) for p, group in groups.items()
+        )
         if stale:
             release = sql.release_ids
             await retrying(
@@ -260,18 +269,32 @@ class PartitionClaims(Source):
             self._cursor = rows[-1][0]
         if self._replay_parts:
             self._replay_partitions(gains, len(rows), rows[-1][0], handed=bool(records))
-        self.stats.rows_claimed += len(records)
+        self.stats.rows_claimed += len(rows) - len(stale)
         return records
+
+    def current(self, partition: int, generation: int) -> bool:
+        """Whether the holding rows were claimed under is still claimed from."""
+        return self._own.current(partition, generation)
+
+    def dropped(self, held: Held) -> None:
+        """Rows the engine dropped (their holding ended): not in flight any more."""
+        if self._own.held_generation(held.partition) != held.generation:
+            return  # lost (its rows forgotten with it), or held again: not counted there
+        for row_id, _ in held.records:
+            self._part.pop(cast(int, row_id), None)
+            self._pending.pop(cast(int, row_id), None)
+            self._filed.pop(cast(int, row_id), None)
 
     def _forget(self, partitions: set[int]) -> int:
         """Have the engine forget the waiting changes of these partitions; how many."""
         for p in partitions:  # given up: their replay ranges too
             self._replay_parts.pop(p, None)
             self._ranges.end(self._range_name(p))
-        if self.revoke is None or not partitions:
+        listener = self.assignments
+        if listener is None or not partitions:
             return 0
         count = self.partitions
-        return self.revoke(lambda key: partition_of(key, count) in partitions)
+        return listener.revoked(partitions, lambda key: partition_of(key, count) in partitions)
 
     def _lose_all(self, reason: str) -> None:
         """The lock connection is gone, and its locks with it: stop claiming every partition
@@ -388,6 +411,8 @@ class PartitionClaims(Source):
                     await conn.execute(sql.release_partition, p, self._mine)
                     self._own.taken(p, self._clock())
                     self._held.add(p)
+                    if self.assignments is not None:
+                        self.assignments.assigned([p])
                     want -= 1
                     self.stats.partitions_taken += 1
                     self._cursor = 0
