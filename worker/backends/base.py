@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import (
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
     Collection,
@@ -13,9 +14,11 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextlib import asynccontextmanager
 from types import MappingProxyType, TracebackType
-from typing import NamedTuple, Protocol, Self
+from typing import NamedTuple, Protocol, Self, TypeVar
 
+import anyio
 from anyio.abc import TaskGroup
 
 Record = tuple[Hashable, bytes]
@@ -267,6 +270,22 @@ class Source(abc.ABC):
     def statistics(self) -> SourceStatistics:
         """The input's state now (cheap, no I/O: called on every probe and scrape)."""
         return SourceStatistics()
+
+
+S = TypeVar("S", bound=Source)
+
+
+@asynccontextmanager
+async def running(source: S) -> AsyncIterator[S]:
+    """The source opened, its background work started in a task group of its own, then
+    stopped, and the source closed: for tools and tests that read a source without an engine
+    (the engine starts it in its own task group)."""
+    async with source, anyio.create_task_group() as task_group:
+        source.start(task_group)
+        try:
+            yield source
+        finally:
+            task_group.cancel_scope.cancel()
 
 
 class ReplayRanges:

@@ -4,7 +4,6 @@ decides, lost with the connection."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import random
@@ -26,6 +25,7 @@ from worker.backends.base import (
     Record,
     ReplayRanges,
     Source,
+    SourceError,
 )
 from worker.backends.postgres.pool import (
     COMMAND_TIMEOUT_S,
@@ -108,7 +108,6 @@ class PartitionClaims(Source):
         self._claim_no = 0
         self._pending: dict[int, float] = {}
         """Rows handed out and not acknowledged: id -> when its lease runs out (our clock)."""
-        self._keeper: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._sql = Statements(target.outbox)
         self.partitions = target.partitions
@@ -129,7 +128,6 @@ class PartitionClaims(Source):
         """The lock connection: its session holds the member and partition locks."""
         self._lock_pid = 0
         self._oid = 0
-        self._rebalancer: asyncio.Task[None] | None = None
         self._rebalance_wake = anyio.Event()
         self._gains = 0
         """Partitions taken so far: a claim that overlapped a take must not move the cursor
@@ -454,10 +452,13 @@ class PartitionClaims(Source):
                 with anyio.move_on_after(wait):
                     await self._rebalance_wake.wait()
                 self._rebalance_wake = anyio.Event()
-        except Exception as exc:  # surfaced by the next read or ack
+        except Exception as exc:  # ends the run (and the next read or ack fails too)
             log.error("keeping partitions failed", source=self.name, error=describe_error(exc))
             self._lose_all("keeping partitions failed")
             self._failure = exc
+            raise SourceError(
+                f"{self.name}: keeping partitions failed: {describe_error(exc)}"
+            ) from exc
 
 
 def _first(row: Any) -> Any:

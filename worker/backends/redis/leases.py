@@ -24,6 +24,7 @@ from worker.backends.base import (
     Record,
     ReplayRanges,
     Source,
+    SourceError,
 )
 from worker.backends.redis.client import (
     RedisClient,
@@ -77,7 +78,6 @@ class PartitionLeases(RedisClient, Source):
         self.lease_ms = address.lease_ms
         self.members_key = f"{address.stream}:members"
         self._block_ms = max(1, min(address.block_ms, address.lease_ms // 3))
-        self._keeper: asyncio.Task[None] | None = None
         self._held: dict[int, Held] = {}
         self._own = Ownership(self.partitions, self.consumer)
         """Which partitions to take, give back, release; until when each lease is ours."""
@@ -114,6 +114,16 @@ class PartitionLeases(RedisClient, Source):
         return sorted(self._held)
 
     async def _keep_loop(self) -> None:
+        """Keep the leases until the source closes, in the engine's task group: a failure
+        that is not an outage ends the run (every lease is let go first)."""
+        try:
+            await self._keep_rounds()
+        except Exception as exc:
+            for p in list(self._held):
+                self._lose(p, "lease keeper stopped")
+            raise SourceError(f"{self.name}: the lease keeper stopped: {exc!r}") from exc
+
+    async def _keep_rounds(self) -> None:
         interval = self.lease_ms / 3000
         failures = 0
         while True:

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -79,7 +80,8 @@ class PartitionedRedisSource(PartitionLeases):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, create the groups, take a first share of partitions, start the keeper."""
+        """Connect, create the groups, take a first share of partitions (the keeper renews
+        them once :meth:`start` ran)."""
         client = await self._connect(self.streams, self._block_ms / 1000 + 10.0)
         self._client = client
         self._renew_script = client.register_script(RENEW_LEASE)
@@ -91,7 +93,6 @@ class PartitionedRedisSource(PartitionLeases):
             await client.aclose()
             self._client = None
             raise SourceError(self._explain(exc)) from exc
-        self._keeper = asyncio.get_running_loop().create_task(self._keep_loop())
         log.info(
             "redis partitioned source open",
             server=self.address.display,
@@ -102,19 +103,22 @@ class PartitionedRedisSource(PartitionLeases):
             held=sorted(self._held),
         )
 
+    def start(self, task_group: TaskGroup) -> None:
+        """Start the lease keeper in the engine's task group."""
+        task_group.start_soon(self._keep_loop, name=f"{self.name} leases")
+
     def _wrong_type(self, exc: ResponseError) -> str:
         return f"a key of {self.address.stream!r} has the wrong type: {exc}"
 
     async def close(self) -> None:
-        """Stop the keeper, release every lease, leave the member set, disconnect. What a read
-        ahead brought and was never handed out is pending here: whoever takes the partition
-        next claims it at once."""
-        for task in (self._keeper, self._ahead):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self._keeper = self._ahead = None
+        """Release every lease (the keeper stopped with the engine's task group), leave the
+        member set, disconnect. What a read ahead brought and was never handed out is pending
+        here: whoever takes the partition next claims it at once."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ahead
         client, self._client = self._client, None
         if client is None:
             return
@@ -238,13 +242,6 @@ class PartitionedRedisSource(PartitionLeases):
                 ranges.end(self.streams[p])
 
     async def _read_step(self, client: Redis) -> list[Record]:
-        keeper = self._keeper
-        if keeper is not None and keeper.done():
-            # Not renewing leases any more: read nothing, fail loudly.
-            for p in list(self._held):
-                self._lose(p, "lease keeper stopped")
-            error = None if keeper.cancelled() else keeper.exception()
-            raise SourceError(f"{self.name}: the lease keeper stopped: {error!r}")
         self._expire()
         held = self._held
         if not held:
