@@ -236,6 +236,47 @@ class TestLeases:
             finally:
                 await a.close()
 
+    @pytest.mark.slow
+    async def test_records_dropped_as_stale_let_a_given_back_partition_go(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Records handed out under a holding that was then given back are not current any
+        more; once the engine says it dropped them (never sent), nothing of the partition is in
+        flight: its lease is released and the next holder reads them, claimed at once."""
+        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100"
+        await init(uri)
+        a = partitioned(uri, "a")
+        b = partitioned(uri, "b")
+        a.assignments = Revocations()  # nothing was taken in: nothing to forget
+        keys = [k for k in map(str, range(1, 200)) if partition_of(k, 2) == 1][:10]
+        async with anyio.create_task_group() as tg:
+            await a.open()
+            a.start(tg)
+            try:
+                await enqueue(uri, [orjson.dumps({"ID": k, "lastname": "a"}) for k in keys])
+                [held] = await a.read()
+                assert (1, 10) == (held.partition, len(held.records))
+                assert a.current(held.partition, held.generation)
+                await b.open()
+                b.start(tg)
+                try:
+                    await wait_until(lambda: a.held == [0])
+                    assert not a.current(held.partition, held.generation)
+                    await anyio.sleep(1.0)  # a few rounds: the 10 records are in flight
+                    assert [] == b.held
+                    a.dropped(held)  # what the engine does with records not current
+                    await wait_until(lambda: b.held == [1])
+                    got: list[Any] = []
+                    with anyio.fail_after(5):
+                        while len(got) < 10:
+                            got += (await b.read()).flat()
+                    assert keys == [orjson.loads(value)["ID"] for _, value in got]
+                    await b.ack([token for token, _ in got])
+                finally:
+                    await b.close()
+            finally:
+                await a.close()
+
     async def test_stolen_lease_revokes_and_stops_reading(
         self, redis_url: str, prefix: str
     ) -> None:
