@@ -16,7 +16,7 @@ import itertools
 import math
 import signal
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ import anyio
 import structlog
 from aiolimiter import AsyncLimiter
 
-from worker.backends.base import Record, Source
+from worker.backends.base import Held, HeldRecords, Record, Source
 from worker.core.batch import Batch
 from worker.core.change import Change, Invalid, decode
 from worker.core.classify import Action, Verdict, classify, classify_failure
@@ -86,6 +86,8 @@ class EngineStats:
 
     records: int = 0
     invalid: int = 0
+    stale: int = 0
+    """Records dropped unread: their partition's holding ended before they were taken in."""
     acked: int = 0
     in_flight: int = 0
     rate_wait_s: float = 0.0
@@ -164,16 +166,27 @@ class Engine:
         self._result: Result | None = None
         self._reader_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
-        source.revoke = self.revoke
+        source.assignments = self
         source.replay = self
 
-    def revoke(self, drop: Callable[[str], bool]) -> int:
-        """Forget the waiting changes of the IDs ``drop`` selects, unacknowledged."""
-        forgotten = self.scheduler.coalescer.forget(drop)
+    # -- partitions (the source's AssignmentListener) ----------------------------------------
+
+    def assigned(self, partitions: Collection[int]) -> None:
+        """The source reads these partitions from now on (nothing to do: records of a holding
+        are taken in while it is current)."""
+        log.debug("source.assigned", partitions=sorted(partitions))
+
+    def revoked(self, partitions: Collection[int], covers: Callable[[str], bool]) -> int:
+        """Forget the waiting changes of the IDs ``covers`` selects, unacknowledged; records
+        of these partitions read and not taken in yet are dropped when their turn comes."""
+        forgotten = self.scheduler.coalescer.forget(covers)
         changes = sum(len(entry.tokens) for entry in forgotten)
         if forgotten:
             log.warning(
-                "partition lost: forgot waiting changes", ids=len(forgotten), changes=changes
+                "partition lost: forgot waiting changes",
+                partitions=sorted(partitions),
+                ids=len(forgotten),
+                changes=changes,
             )
             self._notify()
         return changes
@@ -232,6 +245,7 @@ class Engine:
         self.stats.started = time.monotonic()
         self._running = True
         async with anyio.create_task_group() as outer:
+            self.source.start(outer)
             outer.start_soon(self._drain_deadline)
             if self.settings.handle_signals:
                 outer.start_soon(self._watch_signals)
@@ -337,18 +351,39 @@ class Engine:
                 records = await self.source.read()
                 if records is None:
                     break
-                # Slices keep the bound on waiting changes close, whatever the chunk size.
-                for start in range(0, len(records), READ_SLICE):
-                    while not scheduler.may_read:
-                        self._replay_ended(scheduler.end_replays_when_full(self._clock()))
-                        await self._wait_for_change(None)
-                    await self._take(records[start : start + READ_SLICE])
-                    await anyio.lowlevel.checkpoint()
+                if isinstance(records, HeldRecords):
+                    for held in records:
+                        await self._take_slices(held.records, held)
+                else:
+                    await self._take_slices(records, None)
         self._reading_done = True
         scheduler.draining = True
         if not self._stopping:  # the input ended: every range was read
             self._replay_ended(scheduler.end_all_replays(self._clock()))
         self._notify()
+
+    async def _take_slices(self, records: Sequence[Record], held: Held | None) -> None:
+        """Take these records in, a slice at a time, waiting for room before each; records
+        read under a holding that ended meanwhile (``held``) are dropped, never acknowledged."""
+        scheduler = self.scheduler
+        # Slices keep the bound on waiting changes close, whatever the chunk size.
+        for start in range(0, len(records), READ_SLICE):
+            while not scheduler.may_read:
+                self._replay_ended(scheduler.end_replays_when_full(self._clock()))
+                await self._wait_for_change(None)
+            if held is not None and not self.source.current(held.partition, held.generation):
+                rest = records[start:]
+                self.stats.stale += len(rest)
+                log.info(
+                    "source.stale_dropped",
+                    partition=held.partition,
+                    generation=held.generation,
+                    records=len(rest),
+                )
+                self.source.dropped(Held(held.partition, held.generation, rest))
+                return
+            await self._take(records[start : start + READ_SLICE])
+            await anyio.lowlevel.checkpoint()
 
     async def _take(self, records: Sequence[Record]) -> None:
         scheduler = self.scheduler

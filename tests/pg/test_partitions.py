@@ -3,6 +3,7 @@ session-level advisory locks, and per-contact order holds while replicas die and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -19,13 +20,19 @@ import orjson
 import pytest
 
 from tests.cli.test_cli import BIN, Gateway, events, worker_env
-from tests.engine.harness import expected_state
+from tests.engine.harness import expected_state, settings
 from tests.engine.test_engine import applied_in_order, stream
 from tests.pg.conftest import BASE_DSN, Db
+from worker.backends.base import HeldRecords, running
+from worker.backends.jsonl.sink import JsonlDeadLetters
 from worker.backends.postgres.outbox import PgOutboxSource
 from worker.backends.postgres.producer import enqueue, init
 from worker.backends.postgres.uri import PARTITION_TAG, parse_uri
+from worker.config import Secret
 from worker.core.partition import partition_of
+from worker.engine import Engine
+from worker.sender import Sender
+from worker.sim.gateway import SimConfig, Simulator, serve
 
 FAST = {"partitions": 4, "rebalance_s": 0.2, "poll_s": 0.2}
 
@@ -38,20 +45,16 @@ async def until(predicate: Any, timeout_s: float = 15.0) -> None:
 
 @asynccontextmanager
 async def source(db: Db, **params: object) -> AsyncIterator[PgOutboxSource]:
-    s = PgOutboxSource.from_uri(db.uri(**{**FAST, **params}))
-    await s.open()
-    try:
+    async with running(PgOutboxSource.from_uri(db.uri(**{**FAST, **params}))) as s:
         yield s
-    finally:
-        await s.close()
 
 
 async def claim(s: PgOutboxSource) -> list[tuple[Any, bytes]]:
     """What one read returns now (nothing within a second: an empty list)."""
     with anyio.move_on_after(1):
         records = await s.read()
-        assert records is not None
-        return list(records)
+        assert isinstance(records, HeldRecords)
+        return records.flat()
     return []
 
 
@@ -60,6 +63,40 @@ def line(i: int, seq: int) -> bytes:
 
 
 pytestmark = pytest.mark.anyio
+
+
+class TestInTheEnginesTaskGroup:
+    async def test_keepers_run_in_the_engine_and_stop_with_it(
+        self, db: Db, tmp_path: Path
+    ) -> None:
+        """The lease and partition keepers are started by the engine, in its task group: once
+        the run is over (the source still open) nothing of the source is left running."""
+        await enqueue(db.uri(partitions=2), [line(i, 1) for i in range(1, 21)])
+        source = PgOutboxSource.from_uri(db.uri(**{**FAST, "partitions": 2}))
+        sink = JsonlDeadLetters(str(tmp_path / "dead.jsonl"))
+        sim = Simulator(SimConfig(known_count=200_000))
+        await sink.open()
+        async with serve(sim) as url, source:
+            async with Sender(url, "demo", Secret("demo-secret"), timeout_s=5.0) as sender:
+                engine = Engine(source, sink, sender, settings())
+
+                async def stop_when_done() -> None:
+                    await until(lambda: engine.stats.acked >= 20)
+                    engine.shutdown()
+
+                with anyio.fail_after(30):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(stop_when_done)
+                        await engine.run()
+            left_running = [
+                name
+                for task in asyncio.all_tasks()
+                if not task.done()
+                and "_keep" in (name := getattr(task.get_coro(), "__qualname__", ""))
+            ]
+        await sink.close()
+        assert [] == left_running
+        assert {str(i) for i in range(1, 21)} == set(sim.contacts)
 
 
 class TestOwnership:
@@ -110,8 +147,7 @@ class TestOwnership:
         await enqueue(db.uri(partitions=4), [line(i, 1) for i in range(1, 41)])
         now = [0.0]
         a = PgOutboxSource(parse_uri(db.uri(**FAST)), clock=lambda: now[0])
-        await a.open()
-        try:
+        async with running(a):
             got = await claim(a)
             assert 40 == len(got)
             async with source(db) as b:
@@ -120,8 +156,6 @@ class TestOwnership:
                 await anyio.sleep(1.0)  # a few rebalance ticks
                 assert set() == b.held
                 assert 4 == len(a.held) + len(a._draining)
-        finally:
-            await a.close()
 
     async def test_lost_lock_connection_revokes_all_stops_claiming_and_recovers(
         self, db: Db
@@ -133,12 +167,16 @@ class TestOwnership:
         revoked: list[list[str]] = []
         async with source(db, rebalance_s=1.0) as a:
 
-            def revoke(drop: Any) -> int:
-                keys = [str(i) for i in range(1, 21)]
-                revoked.append([k for k in keys if drop(k)])
-                return 0
+            class Revocations:
+                def assigned(self, partitions: Any) -> None:
+                    pass
 
-            a.revoke = revoke
+                def revoked(self, partitions: Any, covers: Any) -> int:
+                    keys = [str(i) for i in range(1, 21)]
+                    revoked.append([k for k in keys if covers(k)])
+                    return 0
+
+            a.assignments = Revocations()
             got = await claim(a)
             assert 20 == len(got)
             pid = a.lock_pid
@@ -156,9 +194,11 @@ class TestOwnership:
             assert [] == await a._claim_partitions(0)
             a._lock_pid = await a._locks.fetchval("SELECT pg_backend_pid()")
             again = await claim(a)
-            # The 20 rows forgotten and the 20 new ones, in id order.
+            # The 20 rows forgotten and the 20 new ones, in id order in each partition.
             assert 40 == len(again)
-            assert [t for t, _ in again] == sorted(t for t, _ in again)
+            for p in range(4):
+                ids = [t for t, text in again if partition_of(json.loads(text)["ID"], 4) == p]
+                assert ids == sorted(ids)
             await a.ack([t for t, _ in again])
         assert [] == await db.rows()
 

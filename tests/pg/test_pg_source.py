@@ -17,7 +17,7 @@ import pytest
 from tests.engine.harness import expected_state, settings
 from tests.engine.test_engine import applied_in_order, stream
 from tests.pg.conftest import Db
-from worker.backends.base import SourceError
+from worker.backends.base import SourceError, running
 from worker.backends.postgres.outbox import PgOutboxSource
 from worker.backends.postgres.producer import enqueue, init, outbox_row
 from worker.backends.postgres.sink import PgDeadLetters
@@ -338,22 +338,17 @@ class TestLeases:
         await enqueue(db.uri(), lines([{"ID": i, "lastname": "x"} for i in range(1, 11)]))
         first = PgOutboxSource.from_uri(db.uri(batch=5, lease_s=0.6, poll_s=0.1))
         second = PgOutboxSource.from_uri(db.uri(lease_s=0.6, poll_s=0.1))
-        await first.open()
-        await second.open()
-        try:
-            assert [1, 2, 3, 4, 5] == [token for token, _ in await read(first)]
-            await anyio.sleep(1.5)  # two and a half leases
-            assert first.stats.rows_renewed >= 5
-            with anyio.move_on_after(0.5):
-                await second.read()
-                pytest.fail("the second worker overtook rows the first still holds")
-            await first.close()
+        async with running(second):
+            async with running(first):  # its leases kept in a task group, as in a run
+                assert [1, 2, 3, 4, 5] == [token for token, _ in await read(first)]
+                await anyio.sleep(1.5)  # two and a half leases
+                assert first.stats.rows_renewed >= 5
+                with anyio.move_on_after(0.5):
+                    await second.read()
+                    pytest.fail("the second worker overtook rows the first still holds")
             with anyio.fail_after(5):
                 records = await read(second)
             assert list(range(1, 11)) == [token for token, _ in records]
-        finally:
-            await first.close()
-            await second.close()
 
 
 class LoseFirstCommitAnswer:

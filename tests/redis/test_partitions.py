@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +38,23 @@ def partitioned(uri: str, consumer: str) -> PartitionedRedisSource:
     source = from_uri(uri, consumer=consumer)
     assert isinstance(source, PartitionedRedisSource)
     return source
+
+
+class Revocations:
+    """An assignment listener that records what was revoked (the contact IDs among
+    ``probe`` that each revocation covered), forgetting nothing."""
+
+    def __init__(self, probe: Collection[str] = ()) -> None:
+        self.probe = probe
+        self.calls: list[list[str]] = []
+        self.assigned_partitions: list[int] = []
+
+    def assigned(self, partitions: Collection[int]) -> None:
+        self.assigned_partitions += partitions
+
+    def revoked(self, partitions: Collection[int], covers: Callable[[str], bool]) -> int:
+        self.calls.append([k for k in self.probe if covers(k)])
+        return 0
 
 
 async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -109,6 +127,44 @@ class TestMisfiledEntries:
             assert 0 == await pending(redis_url, f"{prefix}:{p}")
 
 
+class TestInTheEnginesTaskGroup:
+    async def test_the_lease_keeper_runs_in_the_engine_and_stops_with_it(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """The lease keeper is started by the engine, in its task group: while the run goes
+        on it renews the leases; once the run is over (before the source is closed) nothing
+        of the source is left running."""
+        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=300&block_ms=50"
+        await init(uri)
+        changes = [{"ID": i, "lastname": str(i)} for i in range(1, 21)]
+        await enqueue(uri, [orjson.dumps(c) for c in changes])
+        source = partitioned(uri, "c")
+        left_running: list[str] = []
+        close = source.close
+
+        async def closing() -> None:
+            left_running.extend(
+                name
+                for task in asyncio.all_tasks()
+                if not task.done()
+                and "_keep" in (name := getattr(task.get_coro(), "__qualname__", ""))
+            )
+            await close()
+
+        source.close = closing  # type: ignore[method-assign]
+        sim = Simulator(SimConfig(known_count=200_000))
+
+        async def scenario(engine: Engine) -> None:
+            await wait_until(lambda: engine.stats.acked >= 20)
+            await anyio.sleep(1.0)  # a few lease lengths: renewed by the keeper, not lost
+            assert [0, 1] == source.held
+            assert 0 == source.lost
+
+        await run(source, sink_from_uri(uri), sim, scenario)
+        assert expected_state(changes) == sim.contacts
+        assert [] == left_running
+
+
 class TestLeases:
     async def test_two_sources_split_four_partitions(self, redis_url: str, prefix: str) -> None:
         """The first source takes all four; once a second joins, it gives two back and the
@@ -116,27 +172,30 @@ class TestLeases:
         uri = f"{redis_url}?stream={prefix}&partitions=4&lease_ms=600&block_ms=100"
         a = partitioned(uri, "a")
         b = partitioned(uri, "b")
-        await a.open()
-        try:
-            assert [0, 1, 2, 3] == a.held
-            await b.open()
+        async with anyio.create_task_group() as tg:
+            await a.open()
+            a.start(tg)
             try:
-                await wait_until(lambda: len(a.held) == 2 and len(b.held) == 2)
-                assert not set(a.held) & set(b.held)
-                client = Redis.from_url(redis_url)
+                assert [0, 1, 2, 3] == a.held
+                await b.open()
+                b.start(tg)
                 try:
-                    for p in range(4):
-                        holder = await client.get(f"{prefix}:{p}:lease")
-                        assert holder == (b"a" if p in a.held else b"b")
-                    assert 2 == await client.zcard(f"{prefix}:members")
+                    await wait_until(lambda: len(a.held) == 2 and len(b.held) == 2)
+                    assert not set(a.held) & set(b.held)
+                    client = Redis.from_url(redis_url)
+                    try:
+                        for p in range(4):
+                            holder = await client.get(f"{prefix}:{p}:lease")
+                            assert holder == (b"a" if p in a.held else b"b")
+                        assert 2 == await client.zcard(f"{prefix}:members")
+                    finally:
+                        await client.aclose()
                 finally:
-                    await client.aclose()
+                    await b.close()
+                # b left (its leases released): a takes everything back.
+                await wait_until(lambda: len(a.held) == 4)
             finally:
-                await b.close()
-            # b left (its leases released): a takes everything back.
-            await wait_until(lambda: len(a.held) == 4)
-        finally:
-            await a.close()
+                await a.close()
 
     @pytest.mark.slow
     async def test_give_back_waits_for_requests_in_flight(
@@ -149,35 +208,74 @@ class TestLeases:
         await init(uri)
         a = partitioned(uri, "a")
         b = partitioned(uri, "b")
-        revoked: list[int] = []
-
-        def revoke(drop: Callable[[str], bool]) -> int:
-            revoked.append(1)
-            return 0  # nothing waited: the one change read is in flight
-
-        a.revoke = revoke
+        revoked = Revocations()  # nothing waited: the one change read is in flight
+        a.assignments = revoked
         key = next(k for k in map(str, range(1, 100)) if partition_of(k, 2) == 1)
-        await a.open()
-        try:
-            await enqueue(uri, [orjson.dumps({"ID": key, "lastname": "a"})])
-            records = await a.read()
-            assert [(1, key)] == [(r[0][0], orjson.loads(r[1])["ID"]) for r in records]  # type: ignore[index]
-            await b.open()
+        async with anyio.create_task_group() as tg:
+            await a.open()
+            a.start(tg)
             try:
-                await wait_until(lambda: a.held == [0] and bool(revoked))
-                await anyio.sleep(1.0)  # a few renewal rounds: a still holds the lease
-                assert [] == b.held
-                await a.ack([records[0][0]])
-                with anyio.move_on_after(0.3):
-                    await a.read()  # the engine's next read: nothing of p1 is on its way
-                await wait_until(lambda: b.held == [1])
-                with anyio.move_on_after(0.5):
-                    again = await b.read()
-                    pytest.fail(f"the acknowledged change was read again: {again}")
+                await enqueue(uri, [orjson.dumps({"ID": key, "lastname": "a"})])
+                records = (await a.read()).flat()
+                assert [(1, key)] == [(r[0][0], orjson.loads(r[1])["ID"]) for r in records]  # type: ignore[index]
+                await b.open()
+                b.start(tg)
+                try:
+                    await wait_until(lambda: a.held == [0] and bool(revoked.calls))
+                    await anyio.sleep(1.0)  # a few renewal rounds: a still holds the lease
+                    assert [] == b.held
+                    await a.ack([records[0][0]])
+                    with anyio.move_on_after(0.3):
+                        await a.read()  # the engine's next read: nothing of p1 is on its way
+                    await wait_until(lambda: b.held == [1])
+                    with anyio.move_on_after(0.5):
+                        again = await b.read()
+                        pytest.fail(f"the acknowledged change was read again: {again}")
+                finally:
+                    await b.close()
             finally:
-                await b.close()
-        finally:
-            await a.close()
+                await a.close()
+
+    @pytest.mark.slow
+    async def test_records_dropped_as_stale_let_a_given_back_partition_go(
+        self, redis_url: str, prefix: str
+    ) -> None:
+        """Records handed out under a holding that was then given back are not current any
+        more; once the engine says it dropped them (never sent), nothing of the partition is in
+        flight: its lease is released and the next holder reads them, claimed at once."""
+        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100"
+        await init(uri)
+        a = partitioned(uri, "a")
+        b = partitioned(uri, "b")
+        a.assignments = Revocations()  # nothing was taken in: nothing to forget
+        keys = [k for k in map(str, range(1, 200)) if partition_of(k, 2) == 1][:10]
+        async with anyio.create_task_group() as tg:
+            await a.open()
+            a.start(tg)
+            try:
+                await enqueue(uri, [orjson.dumps({"ID": k, "lastname": "a"}) for k in keys])
+                [held] = await a.read()
+                assert (1, 10) == (held.partition, len(held.records))
+                assert a.current(held.partition, held.generation)
+                await b.open()
+                b.start(tg)
+                try:
+                    await wait_until(lambda: a.held == [0])
+                    assert not a.current(held.partition, held.generation)
+                    await anyio.sleep(1.0)  # a few rounds: the 10 records are in flight
+                    assert [] == b.held
+                    a.dropped(held)  # what the engine does with records not current
+                    await wait_until(lambda: b.held == [1])
+                    got: list[Any] = []
+                    with anyio.fail_after(5):
+                        while len(got) < 10:
+                            got += (await b.read()).flat()
+                    assert keys == [orjson.loads(value)["ID"] for _, value in got]
+                    await b.ack([token for token, _ in got])
+                finally:
+                    await b.close()
+            finally:
+                await a.close()
 
     async def test_stolen_lease_revokes_and_stops_reading(
         self, redis_url: str, prefix: str
@@ -187,43 +285,41 @@ class TestLeases:
         uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100"
         await init(uri)
         source = partitioned(uri, "a")
-        revoked: list[list[str]] = []
-
-        def revoke(drop: Callable[[str], bool]) -> int:
-            revoked.append([k for k in ("1", "2", "3", "4", "5", "6") if drop(k)])
-            return 0
-
-        source.revoke = revoke
+        revocations = Revocations(("1", "2", "3", "4", "5", "6"))
+        source.assignments = revocations
+        revoked = revocations.calls
         p0 = [k for k in map(str, range(1, 100)) if partition_of(k, 2) == 0]
-        await source.open()
-        client = Redis.from_url(redis_url)
-        try:
-            assert [0, 1] == source.held
-            await enqueue(uri, [orjson.dumps({"ID": p0[0], "lastname": "a"})])
-            records = await source.read()
-            assert [(0, records[0][0][1])] == [r[0] for r in records]  # type: ignore[index]
-            await client.set(f"{prefix}:0:lease", "thief", px=60_000)
-            await wait_until(lambda: source.held == [1])
-            assert revoked and all(partition_of(k, 2) == 0 for k in revoked[0])
-            await enqueue(uri, [orjson.dumps({"ID": p0[1], "lastname": "b"})])
-            with anyio.move_on_after(0.5):
-                again = await source.read()
-                pytest.fail(f"read a partition it lost: {again}")
-            assert b"thief" == await client.get(f"{prefix}:0:lease")
-            pending = await client.xpending(f"{prefix}:0", "contact-worker")
-            assert 1 == pending["pending"]  # the first entry, never acked: the next holder's
-            await client.delete(f"{prefix}:0:lease")
-            # The lease is free again: taken back, the unacked entry first, then the new one.
-            records = list(await source.read())
-            if len(records) < 2:
-                records += await source.read()
-            assert 2 == len(records)
-            assert [p0[0], p0[1]] == [orjson.loads(r[1])["ID"] for r in records]
-            await source.ack([r[0] for r in records])
-        finally:
-            await source.close()
-            await client.aclose()
-        assert 1 <= source.lost
+        async with anyio.create_task_group() as tg:
+            await source.open()
+            source.start(tg)
+            client = Redis.from_url(redis_url)
+            try:
+                assert [0, 1] == source.held
+                await enqueue(uri, [orjson.dumps({"ID": p0[0], "lastname": "a"})])
+                records = (await source.read()).flat()
+                assert [(0, records[0][0][1])] == [r[0] for r in records]  # type: ignore[index]
+                await client.set(f"{prefix}:0:lease", "thief", px=60_000)
+                await wait_until(lambda: source.held == [1])
+                assert revoked and all(partition_of(k, 2) == 0 for k in revoked[0])
+                await enqueue(uri, [orjson.dumps({"ID": p0[1], "lastname": "b"})])
+                with anyio.move_on_after(0.5):
+                    again = await source.read()
+                    pytest.fail(f"read a partition it lost: {again}")
+                assert b"thief" == await client.get(f"{prefix}:0:lease")
+                pending = await client.xpending(f"{prefix}:0", "contact-worker")
+                assert 1 == pending["pending"]  # the first entry, never acked: the next holder's
+                await client.delete(f"{prefix}:0:lease")
+                # The lease is free again: taken back, the unacked entry first, then the new one.
+                records = (await source.read()).flat()
+                if len(records) < 2:
+                    records += (await source.read()).flat()
+                assert 2 == len(records)
+                assert [p0[0], p0[1]] == [orjson.loads(r[1])["ID"] for r in records]
+                await source.ack([r[0] for r in records])
+            finally:
+                await source.close()
+                await client.aclose()
+            assert 1 <= source.lost
 
     async def test_a_page_read_ahead_goes_with_a_lost_partition(
         self, redis_url: str, prefix: str
@@ -233,59 +329,59 @@ class TestLeases:
         uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100&count=10"
         await init(uri)
         source = partitioned(uri, "a")
-        source.revoke = lambda drop: 0
+        source.assignments = Revocations()
         p0 = [k for k in map(str, range(1, 1000)) if partition_of(k, 2) == 0][:40]
         await enqueue(uri, [orjson.dumps({"ID": k}) for k in p0])
-        await source.open()
-        client = Redis.from_url(redis_url)
-        try:
-            first = await source.read()
-            assert p0[:10] == [orjson.loads(value)["ID"] for _, value in first]
-            await wait_until(lambda: source._ahead is not None and source._ahead.done())
-            assert 10 == len(source._buffer)  # the next page, on its way before it was asked
-            second = await source.read()
-            assert p0[10:20] == [orjson.loads(value)["ID"] for _, value in second]
-            # Handing out a page read ahead starts the next read ahead in its turn.
-            await wait_until(lambda: len(source._buffer) == 10)
-            await client.set(f"{prefix}:0:lease", "thief", px=60_000)
-            await wait_until(lambda: source.held == [1])
-            assert [] == source._buffer
-            with anyio.move_on_after(0.5):
-                again = await source.read()
-                pytest.fail(f"handed out records of a partition it lost: {again}")
-        finally:
-            await source.close()
-            await client.aclose()
+        async with anyio.create_task_group() as tg:
+            await source.open()
+            source.start(tg)
+            client = Redis.from_url(redis_url)
+            try:
+                first = (await source.read()).flat()
+                assert p0[:10] == [orjson.loads(value)["ID"] for _, value in first]
+                await wait_until(lambda: source._ahead is not None and source._ahead.done())
+                assert 10 == len(source._buffer)  # the next page, on its way before it was asked
+                second = (await source.read()).flat()
+                assert p0[10:20] == [orjson.loads(value)["ID"] for _, value in second]
+                # Handing out a page read ahead starts the next read ahead in its turn.
+                await wait_until(lambda: len(source._buffer) == 10)
+                await client.set(f"{prefix}:0:lease", "thief", px=60_000)
+                await wait_until(lambda: source.held == [1])
+                assert [] == source._buffer
+                with anyio.move_on_after(0.5):
+                    again = await source.read()
+                    pytest.fail(f"handed out records of a partition it lost: {again}")
+            finally:
+                await source.close()
+                await client.aclose()
 
     async def test_deleted_lease_key_is_lost_or_retaken(self, redis_url: str, prefix: str) -> None:
         """Deleting a lease key under a holder: its renewal fails (compare-and-pexpire finds
         nothing), so it revokes; no two consumers ever read one partition."""
         uri = f"{redis_url}?stream={prefix}&partitions=3&lease_ms=600&block_ms=100"
         source = partitioned(uri, "a")
-        calls: list[int] = []
-
-        def revoke(drop: Callable[[str], bool]) -> int:
-            calls.append(1)
-            return 0
-
-        source.revoke = revoke
-        await source.open()
-        client = Redis.from_url(redis_url)
-        try:
-            await client.delete(f"{prefix}:1:lease")
-            await wait_until(lambda: bool(calls))
-            assert 1 <= source.lost
-            # Free again and within its fair share: it takes it back with a fresh lease.
-            await wait_until(lambda: source.held == [0, 1, 2])
-            assert b"a" == await client.get(f"{prefix}:1:lease")
-        finally:
-            await source.close()
-            await client.aclose()
-        client = Redis.from_url(redis_url)
-        try:
-            assert 0 == await client.exists(*(f"{prefix}:{p}:lease" for p in range(3)))
-        finally:
-            await client.aclose()
+        revocations = Revocations()
+        source.assignments = revocations
+        calls = revocations.calls
+        async with anyio.create_task_group() as tg:
+            await source.open()
+            source.start(tg)
+            client = Redis.from_url(redis_url)
+            try:
+                await client.delete(f"{prefix}:1:lease")
+                await wait_until(lambda: bool(calls))
+                assert 1 <= source.lost
+                # Free again and within its fair share: it takes it back with a fresh lease.
+                await wait_until(lambda: source.held == [0, 1, 2])
+                assert b"a" == await client.get(f"{prefix}:1:lease")
+            finally:
+                await source.close()
+                await client.aclose()
+            client = Redis.from_url(redis_url)
+            try:
+                assert 0 == await client.exists(*(f"{prefix}:{p}:lease" for p in range(3)))
+            finally:
+                await client.aclose()
 
 
 # -- scale-out at the user's level --------------------------------------------------------------

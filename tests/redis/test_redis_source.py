@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from tests.engine.harness import expected_state, settings
 from tests.redis.conftest import PrivateRedis
-from worker.backends.base import Source, SourceError
+from worker.backends.base import Source, SourceError, records_of
 from worker.backends.redis.producer import enqueue, init
 from worker.backends.redis.scripts import framed_pages
 from worker.backends.redis.sink import RedisStreamDeadLetters
@@ -436,7 +436,7 @@ async def test_stream_deleted_under_a_blocked_read(
 
                 async def reader() -> None:
                     while not got:
-                        got.extend(await source.read())
+                        got.extend(records_of(await source.read()))
 
                 tg.start_soon(reader)
                 await anyio.sleep(0.5)  # the reader waits in XREADGROUP ... BLOCK
@@ -471,7 +471,7 @@ async def test_entries_of_any_shape_are_read_whole(
         got: list[bytes] = []
         with anyio.fail_after(20):
             while len(got) < len(plain) + len(mixed):
-                records = await source.read()
+                records = records_of(await source.read())
                 got += [value for _, value in records]
                 await source.ack([token for token, _ in records])
         assert got == plain + [b"" if v is None else v for v in mixed]

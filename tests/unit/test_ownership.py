@@ -118,6 +118,7 @@ class TestOwnershipRules:
         assert frozenset({0, 1}) == own.reading()
         assert None is own.generation(2)
         assert not own.current(2, 3)
+        assert 3 == own.held_generation(2)  # not read, still held: its drops still count
         for p in plan.release:
             own.released(p)
         assert frozenset({0, 1, 2}) == own.held()
@@ -133,9 +134,11 @@ class TestOwnershipRules:
             lost.generation,
             lost.was_reading,
         )
+        assert None is own.held_generation(0)
         second = own.taken(0, 1.0, LEASE_S)
         assert second != first
         assert own.current(0, second) and not own.current(0, first)
+        assert second == own.held_generation(0)
 
     def test_expiry_counts_from_when_the_renewal_was_sent(self) -> None:
         """Validity runs from the send time: a slow reply cannot stretch it."""

@@ -5,18 +5,67 @@ from __future__ import annotations
 import abc
 from collections.abc import (
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Hashable,
     Iterable,
     Mapping,
     Sequence,
 )
-from types import MappingProxyType
-from typing import NamedTuple, Protocol
+from contextlib import asynccontextmanager
+from types import MappingProxyType, TracebackType
+from typing import NamedTuple, Protocol, Self, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
 
 Record = tuple[Hashable, bytes]
 """A source record: the token that acknowledges it, and the JSON text of one change."""
+
+
+class Held(NamedTuple):
+    """Records of one partition, read under one holding of it (its ``generation``)."""
+
+    partition: int
+    generation: int
+    records: Sequence[Record]
+
+
+class HeldRecords(list[Held]):
+    """What a partitioned input's ``read`` returns: its records grouped by the holding they
+    were read under, so that the engine drops those whose holding ended before it took them
+    in (:meth:`Source.current`); in each group, in source order."""
+
+    __slots__ = ()
+
+    def flat(self) -> list[Record]:
+        """Every record, group after group (for callers that do not check holdings)."""
+        return [record for held in self for record in held.records]
+
+
+def records_of(read: Sequence[Record] | HeldRecords) -> Sequence[Record]:
+    """The records of one ``read``, whatever its shape (for callers that do not check
+    holdings: tools and tests)."""
+    return read.flat() if isinstance(read, HeldRecords) else read
+
+
+class AssignmentListener(Protocol):
+    """Who hears which partitions a partitioned input reads (the engine).
+
+    An input with a group protocol of its own (leases, advisory locks, a broker's consumer
+    group) calls it as partitions come and go.
+    """
+
+    def assigned(self, partitions: Collection[int]) -> None:
+        """These partitions are read from now on."""
+
+    def revoked(self, partitions: Collection[int], covers: Callable[[str], bool]) -> int:
+        """These partitions are no longer read: forget the waiting changes of the contact IDs
+        ``covers`` selects (unacknowledged: the next holder sends them); how many were
+        forgotten. Requests already in flight still finish."""
+        ...
 
 
 class SourceError(Exception):
@@ -156,10 +205,9 @@ class Source(abc.ABC):
 
     name: str = "source"
 
-    revoke: Callable[[Callable[[str], bool]], int] | None = None
-    """Set by the engine: a partitioned source calls it with a predicate on contact IDs when it
-    loses a partition; the engine forgets those waiting changes (unacknowledged) and returns how
-    many. Requests already in flight still finish."""
+    assignments: AssignmentListener | None = None
+    """Set by the engine: a partitioned source tells it of the partitions it takes and loses
+    (or gives back)."""
 
     files_by_key: bool = False
     """Whether the input files records under a key beside the change (a column, a partition's
@@ -171,9 +219,36 @@ class Source(abc.ABC):
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect, position at the first record not yet acknowledged."""
 
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def start(self, task_group: TaskGroup) -> None:  # noqa: B027 - optional hook
+        """Start the input's background work (lease keepers, listeners) in the engine's task
+        group, after ``open``: a failure there ends the run with it, and nothing of it is left
+        running after the run."""
+
     @abc.abstractmethod
-    async def read(self) -> Sequence[Record] | None:
-        """The next records, waiting for some; None at the end of a finite input."""
+    async def read(self) -> Sequence[Record] | HeldRecords | None:
+        """The next records, waiting for some; None at the end of a finite input. A partitioned
+        input returns :class:`HeldRecords`."""
+
+    def current(self, partition: int, generation: int) -> bool:
+        """Whether records read under this holding may still be taken in (a partitioned
+        input: the holding has not ended since)."""
+        return True
+
+    def dropped(self, held: Held) -> None:  # noqa: B027 - optional hook
+        """The engine dropped these records, not current any more: they are never
+        acknowledged (the partition's next holder reads them again)."""
 
     @abc.abstractmethod
     async def ack(self, tokens: Sequence[Hashable]) -> None:
@@ -195,6 +270,22 @@ class Source(abc.ABC):
     def statistics(self) -> SourceStatistics:
         """The input's state now (cheap, no I/O: called on every probe and scrape)."""
         return SourceStatistics()
+
+
+S = TypeVar("S", bound=Source)
+
+
+@asynccontextmanager
+async def running(source: S) -> AsyncIterator[S]:
+    """The source opened, its background work started in a task group of its own, then
+    stopped, and the source closed: for tools and tests that read a source without an engine
+    (the engine starts it in its own task group)."""
+    async with source, anyio.create_task_group() as task_group:
+        source.start(task_group)
+        try:
+            yield source
+        finally:
+            task_group.cancel_scope.cancel()
 
 
 class ReplayRanges:

@@ -119,6 +119,11 @@ class Ownership:
             return None
         return holding.generation
 
+    def held_generation(self, partition: int) -> int | None:
+        """The generation of the holding of ``partition`` (read or being given back), if any."""
+        holding = self._holdings.get(partition)
+        return None if holding is None else holding.generation
+
     def current(self, partition: int, generation: int) -> bool:
         """Whether a record read under ``generation`` may still be handed out."""
         return self.generation(partition) == generation

@@ -46,7 +46,6 @@ asyncpg ties this module to the asyncio backend of anyio.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Hashable, Sequence
 from typing import Any, cast
@@ -54,8 +53,10 @@ from typing import Any, cast
 import anyio
 import asyncpg
 import structlog
+from anyio.abc import TaskGroup
 
 from worker.backends.base import (
+    HeldRecords,
     Record,
     SourceError,
     SourceStatistics,
@@ -123,23 +124,20 @@ class PgOutboxSource(PartitionClaims):
         self._lock_sql = f"SELECT pg_advisory_xact_lock({ADVISORY_CLASS}, {lock_key})"
         self._oid = oid
         await self._listen()
-        self._keeper = asyncio.create_task(self._keep_leases(), name=f"{self.name} leases")
         if self.partitions > 1:
             self._sql.partitioned(target.outbox, lock_key)
             with contextlib.suppress(*DATABASE_ERRORS, asyncpg.InterfaceError):
                 await self.rebalance()  # take a share now; the rebalancer retries otherwise
-            self._rebalancer = asyncio.create_task(
-                self._keep_partitions(), name=f"{self.name} partitions"
-            )
+
+    def start(self, task_group: TaskGroup) -> None:
+        """Start keeping leases (and partitions) in the engine's task group."""
+        task_group.start_soon(self._keep_leases, name=f"{self.name} leases")
+        if self.partitions > 1:
+            task_group.start_soon(self._keep_partitions, name=f"{self.name} partitions")
 
     async def close(self) -> None:
-        """Release the rows not acknowledged (for the next worker, at once) and disconnect."""
-        for task in (self._keeper, self._rebalancer):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._keeper = self._rebalancer = None
+        """Release the rows not acknowledged (for the next worker, at once) and disconnect
+        (the keepers stopped with the engine's task group)."""
         if self._pool is not None and self._claim_no:
             try:
                 with anyio.fail_after(5):
@@ -211,7 +209,7 @@ class PgOutboxSource(PartitionClaims):
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def read(self) -> Sequence[Record] | None:
+    async def read(self) -> Sequence[Record] | HeldRecords | None:
         """The next rows in ``id`` order, waiting for some; never None (the table is endless)."""
         while True:
             self._raise_failure()
@@ -222,13 +220,15 @@ class PgOutboxSource(PartitionClaims):
                 self._last_sweep = now
             self._ranges.sync()
             if self.partitions > 1:
-                records = await self._claim_partitions(0 if sweep else self._cursor)
+                held = await self._claim_partitions(0 if sweep else self._cursor)
+                if held:
+                    return held
             else:
                 records = await self._claim(0 if sweep else self._cursor)
                 if self._ranges:
                     await self._replay_claimed(records)
-            if records:
-                return records
+                if records:
+                    return records
             if self._listener is None or self._listener.is_closed():
                 if await self._listen():
                     continue  # inserts while nobody listened: claim once more before waiting
@@ -346,9 +346,10 @@ class PgOutboxSource(PartitionClaims):
             while True:
                 await anyio.sleep(every)
                 await self.renew_due()
-        except Exception as exc:  # surfaced by the next read or ack
+        except Exception as exc:  # ends the run (and the next read or ack fails too)
             log.error("keeping leases failed", source=self.name, error=describe_error(exc))
             self._failure = exc
+            raise SourceError(f"{self.name}: keeping leases failed: {describe_error(exc)}") from exc
 
     async def renew_due(self) -> int:
         """Renew the leases that run out within half a lease; the number renewed."""

@@ -4,7 +4,6 @@ decides, lost with the connection."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import random
@@ -13,17 +12,20 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import asyncpg
 import structlog
 
 from worker.backends.base import (
+    Held,
+    HeldRecords,
     Outages,
     Record,
     ReplayRanges,
     Source,
+    SourceError,
 )
 from worker.backends.postgres.pool import (
     COMMAND_TIMEOUT_S,
@@ -106,7 +108,6 @@ class PartitionClaims(Source):
         self._claim_no = 0
         self._pending: dict[int, float] = {}
         """Rows handed out and not acknowledged: id -> when its lease runs out (our clock)."""
-        self._keeper: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._sql = Statements(target.outbox)
         self.partitions = target.partitions
@@ -127,7 +128,6 @@ class PartitionClaims(Source):
         """The lock connection: its session holds the member and partition locks."""
         self._lock_pid = 0
         self._oid = 0
-        self._rebalancer: asyncio.Task[None] | None = None
         self._rebalance_wake = anyio.Event()
         self._gains = 0
         """Partitions taken so far: a claim that overlapped a take must not move the cursor
@@ -210,12 +210,13 @@ class PartitionClaims(Source):
         """The server process of the lock connection (0: none)."""
         return self._lock_pid
 
-    async def _claim_partitions(self, after: int) -> list[Record]:
+    async def _claim_partitions(self, after: int) -> HeldRecords:
         """Claim the lowest-id rows of the held partitions, leases of others ignored: holding a
-        partition's lock means its previous holder is gone (or gave it back when idle)."""
+        partition's lock means its previous holder is gone (or gave it back when idle). The
+        rows, grouped by the holding they were claimed under."""
         held = sorted(self._held)
         if not held or self._locks is None:
-            return []
+            return HeldRecords()
         sql = self._sql
         pid = self._lock_pid
         oid = self._oid
@@ -229,12 +230,12 @@ class PartitionClaims(Source):
         if not rows:
             if self._replay_parts:
                 self._replay_partitions(gains, 0, 0, handed=False)
-            return []
+            return HeldRecords()
         deadline = started + self.lease_s
         pending = self._pending
         part = self._part
         still = self._held  # a partition may have gone while the claim ran
-        records: list[Record] = []
+        groups: dict[int, list[Record]] = {}
         stale: list[int] = []
         for row_id, p, text, filed in rows:
             if p not in still:
@@ -244,7 +245,13 @@ class PartitionClaims(Source):
             part[row_id] = p
             if filed is not None:
                 self._filed[row_id] = filed
-            records.append((row_id, text.encode()))
+            group = groups.get(p)
+            if group is None:
+                groups[p] = group = []
+            group.append((row_id, text.encode()))
+        records = HeldRecords(
+            Held(p, self._own.generation(p) or 0, group) for p, group in groups.items()
+        )
         if stale:
             release = sql.release_ids
             await retrying(
@@ -260,18 +267,32 @@ class PartitionClaims(Source):
             self._cursor = rows[-1][0]
         if self._replay_parts:
             self._replay_partitions(gains, len(rows), rows[-1][0], handed=bool(records))
-        self.stats.rows_claimed += len(records)
+        self.stats.rows_claimed += len(rows) - len(stale)
         return records
+
+    def current(self, partition: int, generation: int) -> bool:
+        """Whether the holding rows were claimed under is still claimed from."""
+        return self._own.current(partition, generation)
+
+    def dropped(self, held: Held) -> None:
+        """Rows the engine dropped (their holding ended): not in flight any more."""
+        if self._own.held_generation(held.partition) != held.generation:
+            return  # lost (its rows forgotten with it), or held again: not counted there
+        for row_id, _ in held.records:
+            self._part.pop(cast(int, row_id), None)
+            self._pending.pop(cast(int, row_id), None)
+            self._filed.pop(cast(int, row_id), None)
 
     def _forget(self, partitions: set[int]) -> int:
         """Have the engine forget the waiting changes of these partitions; how many."""
         for p in partitions:  # given up: their replay ranges too
             self._replay_parts.pop(p, None)
             self._ranges.end(self._range_name(p))
-        if self.revoke is None or not partitions:
+        listener = self.assignments
+        if listener is None or not partitions:
             return 0
         count = self.partitions
-        return self.revoke(lambda key: partition_of(key, count) in partitions)
+        return listener.revoked(partitions, lambda key: partition_of(key, count) in partitions)
 
     def _lose_all(self, reason: str) -> None:
         """The lock connection is gone, and its locks with it: stop claiming every partition
@@ -388,6 +409,8 @@ class PartitionClaims(Source):
                     await conn.execute(sql.release_partition, p, self._mine)
                     self._own.taken(p, self._clock())
                     self._held.add(p)
+                    if self.assignments is not None:
+                        self.assignments.assigned([p])
                     want -= 1
                     self.stats.partitions_taken += 1
                     self._cursor = 0
@@ -429,10 +452,13 @@ class PartitionClaims(Source):
                 with anyio.move_on_after(wait):
                     await self._rebalance_wake.wait()
                 self._rebalance_wake = anyio.Event()
-        except Exception as exc:  # surfaced by the next read or ack
+        except Exception as exc:  # ends the run (and the next read or ack fails too)
             log.error("keeping partitions failed", source=self.name, error=describe_error(exc))
             self._lose_all("keeping partitions failed")
             self._failure = exc
+            raise SourceError(
+                f"{self.name}: keeping partitions failed: {describe_error(exc)}"
+            ) from exc
 
 
 def _first(row: Any) -> Any:

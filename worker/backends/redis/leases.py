@@ -18,9 +18,13 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from worker.backends.base import (
+    Held as HeldRecords,
+)
+from worker.backends.base import (
     Record,
     ReplayRanges,
     Source,
+    SourceError,
 )
 from worker.backends.redis.client import (
     RedisClient,
@@ -74,7 +78,6 @@ class PartitionLeases(RedisClient, Source):
         self.lease_ms = address.lease_ms
         self.members_key = f"{address.stream}:members"
         self._block_ms = max(1, min(address.block_ms, address.lease_ms // 3))
-        self._keeper: asyncio.Task[None] | None = None
         self._held: dict[int, Held] = {}
         self._own = Ownership(self.partitions, self.consumer)
         """Which partitions to take, give back, release; until when each lease is ours."""
@@ -83,15 +86,9 @@ class PartitionLeases(RedisClient, Source):
         self._handed: dict[int, set[bytes]] = {p: set() for p in range(self.partitions)}
         """Per partition: entries handed to the engine and not acknowledged yet."""
         self._buffer: list[Record] = []
+        """Records read but not handed out yet (a read ahead)."""
         self._full_read = False
         """The last read brought at least ``count`` records: a backlog, worth reading ahead."""
-        """Records read but not handed out yet (at most one engine slice goes out at a time)."""
-        self._revoke_again: set[int] = set()
-        """Partitions whose changes must be revoked once more on the next ``read``: records the
-        engine was still slicing when the first revoke came were taken in after it."""
-        self._last_slice: set[int] = set()
-        """Partitions of the records the last ``read`` returned: the engine may still be
-        taking them in (it waits for room between slices)."""
         self._wake = asyncio.Event()
         self._ahead: asyncio.Task[None] | None = None
         """The next read, started when the last slice of a full read was handed out."""
@@ -117,6 +114,16 @@ class PartitionLeases(RedisClient, Source):
         return sorted(self._held)
 
     async def _keep_loop(self) -> None:
+        """Keep the leases until the source closes, in the engine's task group: a failure
+        that is not an outage ends the run (every lease is let go first)."""
+        try:
+            await self._keep_rounds()
+        except Exception as exc:
+            for p in list(self._held):
+                self._lose(p, "lease keeper stopped")
+            raise SourceError(f"{self.name}: the lease keeper stopped: {exc!r}") from exc
+
+    async def _keep_rounds(self) -> None:
         interval = self.lease_ms / 3000
         failures = 0
         while True:
@@ -150,12 +157,12 @@ class PartitionLeases(RedisClient, Source):
 
     def _in_flight(self) -> dict[int, int]:
         """Per partition held, what may still be in a request: for one given back, its entries
-        handed out and neither acknowledged nor forgotten; for one still read, every entry
-        handed out, and one more if the engine may still be taking in the last slice (it has
-        not said which wait). A read under way, or a revoke still owed, counts as one more."""
-        counts = {p: len(self._handed[p]) + (p in self._last_slice) for p in self._held}
+        handed out and neither acknowledged, forgotten nor dropped by the engine (read under
+        the holding, taken in after it ended); for one still read, every entry handed out. A
+        read under way counts as one more."""
+        counts = {p: len(self._handed[p]) for p in self._held}
         counts.update(self._releasing)
-        busy = self._reading | self._revoke_again
+        busy = self._reading
         return {p: n + (p in busy) for p, n in counts.items()}
 
     async def _keep(self, client: Redis) -> None:
@@ -203,6 +210,8 @@ class PartitionLeases(RedisClient, Source):
                 self._handed[p].clear()
                 want -= 1
                 log.info("partition taken", partition=p, consumer=self.consumer)
+                if self.assignments is not None:
+                    self.assignments.assigned([p])
                 self._wake.set()
 
     def _covers(self, p: int) -> Callable[[str], bool]:
@@ -211,10 +220,25 @@ class PartitionLeases(RedisClient, Source):
         return lambda key: partition_of(key, partitions) == p
 
     def _revoke(self, p: int) -> int:
-        revoke = self.revoke
-        if revoke is None:
+        listener = self.assignments
+        if listener is None:
             return 0
-        return revoke(self._covers(p))
+        return listener.revoked([p], self._covers(p))
+
+    def current(self, partition: int, generation: int) -> bool:
+        """Whether the holding records were read under is still read."""
+        return self._own.current(partition, generation)
+
+    def dropped(self, held: HeldRecords) -> None:
+        """Records the engine dropped (their holding ended): not in flight any more."""
+        p = held.partition
+        if self._own.held_generation(p) != held.generation:
+            return  # lost (its entries forgotten with it), or held again: not counted there
+        handed = self._handed[p]
+        for token, _ in held.records:
+            handed.discard(cast(PartitionToken, token)[1])
+        if p in self._releasing:
+            self._releasing[p] -= len(held.records)
 
     def _stop_reading(self, p: int) -> int:
         """Stop reading p: drop its buffered records and revoke its waiting changes; the
@@ -232,8 +256,6 @@ class PartitionLeases(RedisClient, Source):
         self._buffer = kept
         forgotten = self._revoke(p)
         self._ranges.end(self.streams[p])  # given up: its waiting changes were revoked
-        if p in self._last_slice:
-            self._revoke_again.add(p)
         return len(handed) - forgotten
 
     def _lose(self, p: int, why: str) -> None:

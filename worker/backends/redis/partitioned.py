@@ -11,10 +11,13 @@ from typing import Any, cast
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from worker.backends.base import (
+    Held,
+    HeldRecords,
     Record,
     SourceError,
     SourceStatistics,
@@ -49,9 +52,6 @@ from worker.core.partition import partition_mismatch
 
 log = structlog.get_logger("worker.backends.redis")
 
-READ_SLICE = 1024
-"""Records handed out per ``read`` of a partitioned source (the engine's slice)."""
-
 
 class PartitionedRedisSource(PartitionLeases):
     """Changes from ``partitions`` streams ``<stream>:<p>``, each served by one replica at a time.
@@ -80,7 +80,8 @@ class PartitionedRedisSource(PartitionLeases):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, create the groups, take a first share of partitions, start the keeper."""
+        """Connect, create the groups, take a first share of partitions (the keeper renews
+        them once :meth:`start` ran)."""
         client = await self._connect(self.streams, self._block_ms / 1000 + 10.0)
         self._client = client
         self._renew_script = client.register_script(RENEW_LEASE)
@@ -92,7 +93,6 @@ class PartitionedRedisSource(PartitionLeases):
             await client.aclose()
             self._client = None
             raise SourceError(self._explain(exc)) from exc
-        self._keeper = asyncio.get_running_loop().create_task(self._keep_loop())
         log.info(
             "redis partitioned source open",
             server=self.address.display,
@@ -103,19 +103,22 @@ class PartitionedRedisSource(PartitionLeases):
             held=sorted(self._held),
         )
 
+    def start(self, task_group: TaskGroup) -> None:
+        """Start the lease keeper in the engine's task group."""
+        task_group.start_soon(self._keep_loop, name=f"{self.name} leases")
+
     def _wrong_type(self, exc: ResponseError) -> str:
         return f"a key of {self.address.stream!r} has the wrong type: {exc}"
 
     async def close(self) -> None:
-        """Stop the keeper, release every lease, leave the member set, disconnect. What a read
-        ahead brought and was never handed out is pending here: whoever takes the partition
-        next claims it at once."""
-        for task in (self._keeper, self._ahead):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        self._keeper = self._ahead = None
+        """Release every lease (the keeper stopped with the engine's task group), leave the
+        member set, disconnect. What a read ahead brought and was never handed out is pending
+        here: whoever takes the partition next claims it at once."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ahead
         client, self._client = self._client, None
         if client is None:
             return
@@ -137,34 +140,33 @@ class PartitionedRedisSource(PartitionLeases):
 
     # -- reading -----------------------------------------------------------------------------
 
-    async def read(self) -> Sequence[Record]:
-        """The next records of the held partitions, waiting for some.
+    async def read(self) -> HeldRecords:
+        """The next records of the held partitions, waiting for some, grouped by holding.
 
-        When the last slice of a full read is handed out, the next read starts at once (its
-        records join the buffer, where losing a partition finds them) while the engine takes
-        the slice in.
+        When a full read is handed out, the next read starts at once (its records join the
+        buffer, where losing a partition finds them) while the engine takes them in.
         """
         failures = 0
         while True:
-            self._revoke_late()
             self._replay_step()
             if self._buffer:
-                out = self._buffer[:READ_SLICE]
-                del self._buffer[:READ_SLICE]
+                out, self._buffer = self._buffer, []
                 if self._scanned:
                     self._scanned.difference_update(token for token, _ in out)
-                self._last_slice = {cast(PartitionToken, token)[0] for token, _ in out}
+                held = self._by_holding(out)
                 ahead = self._ahead
                 if ahead is not None and ahead.done() and not ahead.cancelled():
                     if ahead.exception() is None:
                         self._ahead = None  # its records are in the buffer already
-                if not self._buffer and self._full_read and self._ahead is None:
+                if self._full_read and self._ahead is None:
                     self._ahead = asyncio.get_running_loop().create_task(self._read_ahead())
-                return out
+                if held:
+                    return held
+                continue
             if self._small_read:
                 self._small_read = False
                 await anyio.sleep(READ_LINGER_S)
-                continue  # partitions may have been lost meanwhile: revoke first
+                continue
             try:
                 ahead, self._ahead = self._ahead, None
                 if ahead is not None:
@@ -190,7 +192,26 @@ class PartitionedRedisSource(PartitionLeases):
                 continue
             failures = 0
             self.outages.recovered("read")
-            # The loop revokes again, then hands out the first slice.
+
+    def _by_holding(self, records: list[Record]) -> HeldRecords:
+        """Records of held partitions, grouped by the holding they are handed out under."""
+        groups: dict[int, list[Record]] = {}
+        for record in records:
+            p = cast(PartitionToken, record[0])[0]
+            group = groups.get(p)
+            if group is None:
+                groups[p] = group = []
+            group.append(record)
+        held = HeldRecords()
+        for p, group in groups.items():
+            generation = self._own.generation(p)
+            if generation is None:  # not read any more: never handed out
+                self._handed[p].difference_update(
+                    cast(PartitionToken, token)[1] for token, _ in group
+                )
+                continue
+            held.append(Held(p, generation, group))
+        return held
 
     async def _read_ahead(self) -> None:
         """One read step; its records go to the buffer as soon as they are in."""
@@ -220,24 +241,7 @@ class PartitionedRedisSource(PartitionLeases):
                 state.replaying = False
                 ranges.end(self.streams[p])
 
-    def _revoke_late(self) -> None:
-        """Revoke again the partitions lost or given back since the last read (synchronous:
-        nothing of theirs reaches the engine between this and the next records)."""
-        self._last_slice = set()
-        for p in list(self._revoke_again):
-            self._revoke_again.discard(p)
-            forgotten = self._revoke(p)
-            if p in self._releasing:
-                self._releasing[p] -= forgotten
-
     async def _read_step(self, client: Redis) -> list[Record]:
-        keeper = self._keeper
-        if keeper is not None and keeper.done():
-            # Not renewing leases any more: read nothing, fail loudly.
-            for p in list(self._held):
-                self._lose(p, "lease keeper stopped")
-            error = None if keeper.cancelled() else keeper.exception()
-            raise SourceError(f"{self.name}: the lease keeper stopped: {error!r}")
         self._expire()
         held = self._held
         if not held:
