@@ -126,8 +126,13 @@ class PartitionLeases(RedisClient, Source):
     async def _keep_rounds(self) -> None:
         interval = self.lease_ms / 3000
         failures = 0
+        # The first round at once: the run starts after the start-up check, which may have
+        # taken longer than a lease since open() took them.
+        first = True
         while True:
-            await anyio.sleep(interval if not failures else min(interval, 0.2))
+            if not first:
+                await anyio.sleep(interval if not failures else min(interval, 0.2))
+            first = False
             client = self._client
             if client is None:
                 return
