@@ -22,10 +22,11 @@ from worker.backends.postgres.outbox import PgOutboxSource
 from worker.backends.postgres.producer import enqueue, init, outbox_row
 from worker.backends.postgres.sink import PgDeadLetters
 from worker.backends.postgres.uri import DDL, parse_uri
-from worker.config import ConfigError, Secret
+from worker.config import Secret
 from worker.core.partition import partition_of
 from worker.deadletters.base import DeadLetterError
 from worker.engine import Ending, Engine, EngineSettings, Result
+from worker.errors import ConfigError
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 

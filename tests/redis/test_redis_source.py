@@ -22,9 +22,10 @@ from worker.backends.redis.sink import from_uri as sink_from_uri
 from worker.backends.redis.stream import RedisStreamSource
 from worker.backends.redis.stream import from_uri as source_from_uri
 from worker.backends.redis.uri import parse_uri
-from worker.config import ConfigError, Secret
+from worker.config import Secret
 from worker.deadletters.base import DeadLetterError
 from worker.engine import Ending, Engine, EngineSettings, Result
+from worker.errors import ConfigError
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 

@@ -21,8 +21,9 @@ from worker.backends.sqlite.ingest import INGEST_STATS, add_ingest_routes, parse
 from worker.backends.sqlite.sink import SqliteDeadLetters
 from worker.backends.sqlite.source import SqliteSpoolSource
 from worker.backends.sqlite.spool import SpoolOptions, parse_uri
-from worker.config import ConfigError, Secret
+from worker.config import Secret
 from worker.engine import Ending, Engine, Result
+from worker.errors import ConfigError
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 

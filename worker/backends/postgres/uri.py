@@ -7,7 +7,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 
-from worker.config import ConfigError
+from worker.errors import ConfigError
 
 DEFAULT_TABLE = "contact_changes"
 

@@ -80,8 +80,8 @@ from worker.backends.redis.uri import (
     StreamAddress,
     parse_uri,
 )
-from worker.config import ConfigError
 from worker.core.backoff import RECONNECT_BACKOFF
+from worker.errors import ConfigError
 
 log = structlog.get_logger("worker.backends.redis")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from worker.config import ConfigError
+from worker.errors import ConfigError
 
 DEFAULT_STREAM = "contacts:changes"
 DEFAULT_GROUP = "contact-worker"

@@ -69,7 +69,7 @@ import anyio
 import orjson
 import structlog
 
-from worker.config import ConfigError
+from worker.errors import ConfigError
 
 log = structlog.get_logger("worker.backends.sqlite")
 
