@@ -55,9 +55,9 @@ def _run(args: argparse.Namespace, signals: SignalRouter) -> int:
     """Resolve, open and run; an error that stops it goes to :func:`main` (one line, its exit
     code); a run that ended maps its ending to the exit code."""
     settings = resolve(args, os.environ)
+    obs_logging.configure(settings.log_format, settings.log_level)  # before the URIs' warnings
     source = open_source(settings.source, follow=settings.follow, checkpoint=settings.checkpoint)
     sink = open_sink(settings.dlq)
-    obs_logging.configure(settings.log_format, settings.log_level)
     tune_gc()
     try:
         result = anyio.run(
@@ -201,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script: an error ends a command with one line on stderr and
     its exit code (:func:`failure`), never a traceback."""
     args = build_parser().parse_args(argv)
+    if not structlog.is_configured():
+        # Logs before a command configures its own (a deprecated URI option's warning) go to
+        # stderr: stdout is the commands' output (`config --json`, `dlq show --json`).
+        obs_logging.configure()
     try:
         code: int = args.func(args)
     except (Exception, KeyboardInterrupt) as exc:

@@ -499,6 +499,8 @@ class TestOpening:
             "lease_s=soon",
             "partitions=0",
             "partitions=9999",
+            "leas_s=5",  # a misspelt worker parameter, not a server setting for asyncpg
+            "search_path=crm",  # a server setting goes in options=-c ...
         ):
             with pytest.raises(ConfigError):
                 parse_uri(f"postgresql://db/shop?{bad}")
