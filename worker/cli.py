@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not structlog.is_configured():
         # Logs before a command configures its own (a deprecated URI option's warning) go to
         # stderr: stdout is the commands' output (`config --json`, `dlq show --json`).
-        obs_logging.configure()
+        obs_logging.configure_default()
     try:
         code: int = args.func(args)
     except (Exception, KeyboardInterrupt) as exc:
