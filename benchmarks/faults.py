@@ -28,7 +28,7 @@ sqlite
     again before the next, as docs/inputs/sqlite.md asks of producers.
 redis1, redis3
     Redis Streams, 1 replica (``consumer=r0``, one stream) or 3 (``partitions=6``,
-    ``lease_ms=2000``), fed as they run through the input's own ``enqueue`` code.
+    ``lease_s=2``), fed as they run through the input's own ``enqueue`` code.
 pg1, pg3
     the PostgreSQL outbox, 1 replica (``lease_s=3``: a killed worker's claims come back after
     3 s, not the default 60) or 3 (``partitions=6``, ``rebalance_s=0.5``), fed the same way.
@@ -414,7 +414,7 @@ class Target:
         elif kind == "redis":
             query = f"stream=faults:{tag}"
             if replicas > 1:
-                query += f"&partitions={self.partitions}&lease_ms=2000"
+                query += f"&partitions={self.partitions}&lease_s=2"
             self.uri = self.dlq = f"{REDIS}?{query}"
         else:
             query = f"schema=faults_{tag}"

@@ -146,8 +146,8 @@ def run_input(
         uri = f"jsonl:{tmp / 'in{i}.jsonl'}"
         env["WORKER_DLQ"] = f"jsonl:{tmp / 'dead.jsonl'}"
     elif kind == "redis":
-        lease_ms = 2000 if live or replicas == 1 else 20_000
-        uri = f"{REDIS}?stream=bench:{tag}&partitions={partitions}&lease_ms={lease_ms}&consumer=c"
+        lease_s = 2 if live or replicas == 1 else 20
+        uri = f"{REDIS}?stream=bench:{tag}&partitions={partitions}&lease_s={lease_s}&consumer=c"
     else:
         uri = f"{PG}?schema=bench_{tag}&partitions={partitions}"
 

@@ -8,17 +8,12 @@ import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
+from worker.backends import is_store
 from worker.core.scheduler import DEFAULT_MAX_WAITING
-
-if TYPE_CHECKING:
-    from worker.config_file import ConfigFile
-
-
-class ConfigError(ValueError):
-    """A setting is missing or invalid: reported before anything starts (exit code 2)."""
+from worker.errors import ConfigError
 
 
 class Secret:
@@ -192,6 +187,15 @@ class Settings:
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """A checked configuration file: its path and each setting it gives, as text."""
+
+    path: str
+    values: Mapping[str, str]
+
 
 CONFIG_FLAG, CONFIG_ENV = "--config", "WORKER_CONFIG"
 """Where the configuration file is named: it is no setting itself, so not in OPTIONS."""
@@ -541,9 +545,6 @@ def _derive_dlq(choices: list[Choice]) -> None:
     dlq, source = choices[by_field["dlq"]], choices[by_field["source"]].value
     if dlq.origin is not Origin.DEFAULT or dlq.value is not None:
         return
-    # Imported here: the backends' table imports this module (for ConfigError).
-    from worker.backends import is_store
-
     if source and is_store(source):
         choices[by_field["dlq"]] = Choice(dlq.option, source, Origin.DERIVED, "source")
     else:
@@ -593,20 +594,3 @@ def config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str | N
     if path is not None and not path.strip():
         raise ConfigError(f"{origin}: must not be empty")
     return path
-
-
-def resolution(args: argparse.Namespace, environ: Mapping[str, str]) -> Resolution:
-    """Read the configuration file if one is given, then explain every setting.
-
-    A missing, unreadable or invalid file raises :class:`ConfigError` at once; problems of
-    single settings are collected in the :class:`Resolution`.
-    """
-    from worker.config_file import load_config
-
-    path = config_path(args, environ)
-    return explain(args, environ, None if path is None else load_config(path))
-
-
-def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
-    """The settings of ``run``, validated."""
-    return resolution(args, environ).settings()

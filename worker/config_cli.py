@@ -8,16 +8,10 @@ import os
 import sys
 from typing import Any
 
-from worker.config import (
-    Choice,
-    ConfigError,
-    Origin,
-    Resolution,
-    Secret,
-    add_options,
-    redact_uri,
-    resolution,
-)
+from worker.backends import open_sink, open_source
+from worker.config import Choice, Origin, Resolution, Secret, add_options, redact_uri
+from worker.config_file import resolution
+from worker.errors import EXIT_OK, EXIT_USAGE, ConfigError
 
 MISSING_TEXT, INVALID_TEXT, NONE_TEXT = "(required, missing)", "(invalid)", "(none)"
 
@@ -94,8 +88,6 @@ def main(args: argparse.Namespace) -> int:
     A configuration file that cannot be read or has unknown keys raises ConfigError (exit 2
     without a table): there is no knowing what it meant to set.
     """
-    from worker.cli import EXIT_OK, EXIT_USAGE
-
     result = resolution(args, os.environ)
     try:
         print(render_json(result) if args.json else render_table(result), flush=True)
@@ -110,8 +102,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _input_problems(result: Resolution) -> list[str]:
     """What ``run`` would refuse in the input and dead-letter URIs (parsed, not connected)."""
-    from worker.backends import open_sink, open_source
-
     try:
         settings = result.settings()
         open_source(settings.source, follow=settings.follow, checkpoint=settings.checkpoint)

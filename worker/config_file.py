@@ -7,25 +7,17 @@ text a flag or a variable would carry, so that one set of parsers validates ever
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import difflib
 import tomllib
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.config import OPTIONS, ConfigError, Option, Settings
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigFile:
-    """A checked configuration file: its path and each setting it gives, as text."""
-
-    path: str
-    values: Mapping[str, str]
-
+from worker.config import OPTIONS, ConfigFile, Option, Resolution, Settings, config_path, explain
+from worker.errors import ConfigError
 
 # The TOML types a setting accepts follow its type in Settings: an int takes an integer, a float
 # an integer or a float, a bool a boolean; every setting also takes a string, which its parser
@@ -133,3 +125,18 @@ def load_config(path: str, options: tuple[Option, ...] = OPTIONS) -> ConfigFile:
         # The message carries the place: "Invalid value (at line 3, column 14)".
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return check_config(data, path, options)
+
+
+def resolution(args: argparse.Namespace, environ: Mapping[str, str]) -> Resolution:
+    """Read the configuration file if one is given, then explain every setting.
+
+    A missing, unreadable or invalid file raises :class:`ConfigError` at once; problems of
+    single settings are collected in the :class:`Resolution`.
+    """
+    path = config_path(args, environ)
+    return explain(args, environ, None if path is None else load_config(path))
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """The settings of ``run``, validated."""
+    return resolution(args, environ).settings()

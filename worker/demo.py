@@ -17,7 +17,10 @@ from worker.backends.jsonl.source import JsonlSource
 from worker.config import Secret, Settings, non_negative_float, positive_int
 from worker.engine import Engine, Result
 from worker.obs import logging as obs_logging
+from worker.run import EXIT_CODES, backend_options, engine_settings, tune_gc
 from worker.sender import Sender
+from worker.sim.gateway import SimConfig, Simulator, serve
+from worker.sim.stream import StreamSpec, expected_final_state, generate_lines
 
 
 def _share(text: str) -> float:
@@ -163,10 +166,6 @@ def summary_table(engine: Engine, result: Result, verified: str) -> str:
 
 
 async def _demo(args: argparse.Namespace, workdir: Path) -> int:
-    from worker.cli import engine_settings
-    from worker.sim.gateway import SimConfig, Simulator, serve
-    from worker.sim.stream import StreamSpec, expected_final_state, generate_lines
-
     spec = StreamSpec(
         changes=args.changes,
         contacts=args.contacts,
@@ -231,20 +230,16 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     )
     print("\ncontact-worker demo summary\n" + summary_table(engine, result, verified))
     print(f"\n  input: {input_path}\n  dead letters: {dlq_path}")
-    from worker.cli import EXIT_CODES
-
     code = EXIT_CODES[result.ending]
     return 1 if wrong and code == 0 else code
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 when everything drained and the API state checks out."""
-    from worker.cli import _backend_options, tune_gc
-
     tune_gc()
 
     obs_logging.configure("console" if sys.stderr.isatty() else "json", "warning")
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="contact-worker-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    code: int = anyio.run(_demo, args, workdir, backend_options=_backend_options())
+    code: int = anyio.run(_demo, args, workdir, backend_options=backend_options())
     return code

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
-from worker.cli import EXIT_AUTH, EXIT_USAGE
 from worker.config import redact_uri
 from worker.core.classify import WRONG_URL_STATUSES, Action, classify, classify_failure
+from worker.errors import EXIT_AUTH, EXIT_USAGE, ApiRefused, UsageError, WorkerError
 from worker.sender import SEND_ERRORS, Response, Sender
 
 log = structlog.get_logger("worker.preflight")
@@ -82,6 +82,16 @@ class Finding:
     def exit_code(self) -> int | None:
         """The exit code of a run that must not start; None to start."""
         return _EXIT_CODES.get(self.outcome)
+
+    @property
+    def refusal(self) -> WorkerError | None:
+        """The error that stops a run that must not start (its message this finding's);
+        None to start."""
+        if self.outcome is Outcome.REFUSED:
+            return ApiRefused(self.message)
+        if self.outcome is Outcome.MISCONFIGURED:
+            return UsageError(self.message)
+        return None
 
 
 def judge_response(response: Response, now_wall: datetime.datetime, url: str = "") -> Finding:

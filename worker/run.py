@@ -4,7 +4,7 @@ the API, run the engine, close all; SIGTERM/SIGINT routed to each phase (worker.
 from __future__ import annotations
 
 import asyncio
-import sys
+import gc
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
@@ -13,23 +13,88 @@ import structlog
 from aiohttp import web
 
 from worker.backends.base import Source, SourceError
+from worker.backends.sqlite.ingest import add_ingest_routes
+from worker.backends.sqlite.source import SqliteSpoolSource
 from worker.config import Settings, redact_uri
+from worker.core.backoff import Backoff
+from worker.core.batch import BatchLimits
+from worker.core.scheduler import SchedulerSettings
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
-from worker.engine import Engine, Result
+from worker.engine import Ending, Engine, EngineSettings, Result
+from worker.errors import EXIT_AUTH, EXIT_FATAL, EXIT_OK, Fatal, UsageError
+from worker.obs.http import serve_status
+from worker.preflight import check_api
 from worker.sender import Sender
 from worker.signals import SignalRouter
 
 log = structlog.get_logger("worker.run")
 
+EXIT_CODES = {
+    Ending.DRAINED: EXIT_OK,
+    Ending.SHUTDOWN: EXIT_OK,
+    Ending.SHUTDOWN_TIMEOUT: EXIT_OK,
+    Ending.AUTH: EXIT_AUTH,
+    Ending.FATAL: EXIT_FATAL,
+}
+"""The exit code of each way a run that started can end (errors map in worker.errors)."""
+
+
+def backend_options() -> dict[str, object]:
+    """anyio's backend options: uvloop when it is installed."""
+    try:
+        import uvloop  # noqa: F401  (optional: its presence is the question)
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def engine_settings(settings: Settings, *, handle_signals: bool = True) -> EngineSettings:
+    """The engine's settings from the command line's."""
+    limits = BatchLimits(settings.batch_size, settings.max_body_bytes, settings.linger_ms / 1000)
+    scheduler = SchedulerSettings(
+        limits=limits,
+        backoff=Backoff(),
+        max_waiting=settings.max_waiting,
+        suspect_ttl_s=settings.suspect_ttl_s,
+        max_retries=settings.max_retries,
+        confirm_tries=settings.confirm_tries,
+        max_not_found_run=settings.max_not_found_run,
+        timeout_grace_s=timeout_grace_s(settings),
+    )
+    return EngineSettings(
+        scheduler,
+        settings.rate,
+        settings.concurrency,
+        settings.drain_timeout_s,
+        handle_signals,
+        settings.progress_interval_s,
+    )
+
+
+def timeout_grace_s(settings: Settings) -> float:
+    """How long an abandoned request's IDs are fenced: as set, else twice the timeout (a
+    server that has not applied a request by then is taken to have dropped it)."""
+    if settings.timeout_grace_s is not None:
+        return settings.timeout_grace_s
+    return 2.0 * settings.request_timeout_s
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections for a long-running pipeline.
+
+    Each change allocates a handful of tracked objects, so the default threshold (700) runs a
+    collection every ~100 changes and re-scans the whole backlog: about a fifth of the CPU. What
+    is imported by now lives for the whole run, so it is frozen out of every collection.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
 
 def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], None] | None:
     """The ``POST /v1/changes`` routes of a ``sqlite:`` spool, mounted on the status port."""
-    from worker.backends.sqlite.source import SqliteSpoolSource
-
     if not isinstance(source, SqliteSpoolSource):
         return None
-    from worker.backends.sqlite.ingest import add_ingest_routes
-
     options, spool = source.options, source.spool
     token = settings.ingest_token.reveal() if settings.ingest_token else None
     if not token:
@@ -49,9 +114,10 @@ def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], N
 
 async def run_worker(
     settings: Settings, source: Source, sink: DeadLetterSink, signals: SignalRouter
-) -> Result | int:
-    """Run to the end; an int is an exit code for a failure or a stop before the engine
-    started. ``signals`` (installed by the caller) routes SIGTERM/SIGINT to this run."""
+) -> Result:
+    """Run to the end, or raise the :class:`~worker.errors.WorkerError` that stopped it (a
+    run stopped by a signal before the engine started ends ``SHUTDOWN``). ``signals``
+    (installed by the caller) routes SIGTERM/SIGINT to this run."""
     signals.attach(asyncio.get_running_loop())
     try:
         return await _run(settings, source, sink, signals)
@@ -61,19 +127,17 @@ async def run_worker(
 
 async def _run(
     settings: Settings, source: Source, sink: DeadLetterSink, signals: SignalRouter
-) -> Result | int:
-    from worker.cli import EXIT_FATAL, EXIT_OK
-
+) -> Result:
     async with AsyncExitStack() as opened:
         # Before the engine runs, a signal cancels the start: nothing was read, the run stops
         # at once (a source still connecting, an API check waiting for its answer included).
+        prepared: Engine | None = None
         with anyio.CancelScope() as start:
             signals.starting(start)
             prepared = await _prepare(settings, source, sink, opened)
         if signals.stopped_before_start:
-            return EXIT_OK
-        if isinstance(prepared, int):
-            return prepared
+            return Result(Ending.SHUTDOWN)
+        assert prepared is not None  # only a signal cancels the start
         engine = prepared
         # No await between the end of the start and here: a signal goes to one or the other.
         signals.running(engine)
@@ -83,9 +147,8 @@ async def _run(
             matched, rest = group.split((DeadLetterError, SourceError))
             if rest is not None or matched is None:
                 raise
-            for error in _leaves(matched):
-                print(f"contact-worker: {error}", file=sys.stderr)
-            return EXIT_FATAL
+            # Past the start, a lost input or sink stopped a run half-way: exit 1, not 2.
+            raise Fatal("\ncontact-worker: ".join(map(str, _leaves(matched)))) from group
         finally:
             signals.ending()
     raise AssertionError("unreachable")  # for mypy: the block returns or raises
@@ -93,23 +156,14 @@ async def _run(
 
 async def _prepare(
     settings: Settings, source: Source, sink: DeadLetterSink, opened: AsyncExitStack
-) -> Engine | int:
+) -> Engine:
     """Open the input, the sink, the HTTP edge and the status port (each closed by
-    ``opened``), then check the API: the engine ready to run, or an exit code."""
-    from worker.cli import EXIT_USAGE, engine_settings
-    from worker.preflight import check_api
-
-    try:
-        await source.open()
-    except SourceError as exc:
-        print(f"contact-worker: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    ``opened``), then check the API: the engine ready to run. A failure raises its
+    :class:`~worker.errors.UsageError` (``SourceError``, ``DeadLetterError``) or
+    :class:`~worker.errors.ApiRefused`."""
+    await source.open()
     opened.push_async_callback(source.close)
-    try:
-        await sink.open()
-    except DeadLetterError as exc:
-        print(f"contact-worker: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    await sink.open()
     opened.push_async_callback(sink.close)
     sender = await opened.enter_async_context(
         Sender(
@@ -124,18 +178,13 @@ async def _prepare(
     if settings.http_port:
         # Before the check: a port that is taken is a setting to fix, found before any request
         # is sent. /readyz says `starting` until the engine runs.
-        from worker.obs.http import serve_status
-
         status = serve_status(engine, settings.http_port, configure=_ingest(settings, source))
         try:
             await opened.enter_async_context(status)
         except OSError as exc:
-            print(
-                f"contact-worker: cannot serve --http-port {settings.http_port}: "
-                f"{exc.strerror or exc}",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
+            raise UsageError(
+                f"cannot serve --http-port {settings.http_port}: {exc.strerror or exc}"
+            ) from exc
     elif settings.source.startswith("sqlite:"):
         log.warning(
             "--http-port 0: POST /v1/changes is off; only `contact-worker enqueue --to` can"
@@ -144,9 +193,8 @@ async def _prepare(
     # Before the engine (which reads) and before /readyz says ready: a refused login or a
     # misconfigured host stops the run with nothing read.
     finding = await check_api(sender, request_timeout_s=settings.request_timeout_s)
-    if finding.exit_code is not None:
-        print(f"contact-worker: {finding.message}", file=sys.stderr)
-        return finding.exit_code
+    if finding.refusal is not None:
+        raise finding.refusal
     log.info(
         "starting",
         source=redact_uri(settings.source),

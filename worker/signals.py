@@ -28,6 +28,8 @@ import signal
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 if TYPE_CHECKING:
     import anyio
 
@@ -147,8 +149,6 @@ class SignalRouter:
 
     @staticmethod
     def _log(sig: signal.Signals, phase: Phase) -> None:
-        import structlog
-
         what = _WHAT[phase]
         fields: dict[str, Any] = {"signal": sig.name, "phase": phase.value, "action": what}
         structlog.get_logger("worker.signals").info("signal.received", **fields)

@@ -73,7 +73,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         def counts_redis() -> tuple[int, int]:
             return int(redis_cli("XLEN", name)), int(redis_cli("XLEN", f"{name}:dead"))
 
-        yield f"{REDIS}?stream={name}&consumer=cli-test&claim_idle_ms=1000", counts_redis
+        yield f"{REDIS}?stream={name}&consumer=cli-test&claim_idle_s=1", counts_redis
         redis_cli("DEL", name, f"{name}:dead")
 
 
@@ -176,7 +176,7 @@ def test_input_error_while_running_is_reported(tmp_path: Path) -> None:
     """An input that breaks while the engine runs (the stream replaced by a string) stops the
     run with exit 1 and the source's own message, not the task groups' wrapping."""
     name = f"cli_{uuid.uuid4().hex[:12]}"
-    uri = f"{REDIS}?stream={name}&consumer=cli-test&block_ms=100"
+    uri = f"{REDIS}?stream={name}&consumer=cli-test&poll_s=0.1"
     gw = Gateway("--known-count", "100")
     try:
         subprocess.run([BIN, "init", "--to", uri], check=True, capture_output=True, timeout=60)

@@ -121,6 +121,30 @@ class TestConfigCommand:
         assert "hunter2" not in result.stdout + result.stderr
         assert 0 == config(["--source", "redis://127.0.0.1:6379/0"], env).returncode
 
+    def test_an_old_uri_option_warns_on_stderr_and_works(self) -> None:
+        """An option renamed in this release (``count``, now ``batch``) still works, with a
+        warning log event on stderr; stdout stays the JSON document."""
+        env = clean_env(SMSGW_CLIENT_ID="demo", SMSGW_CLIENT_SECRET=SECRET)
+        result = config(["--json", "--source", "redis://127.0.0.1:6379/0?count=5"], env)
+        assert 0 == result.returncode, result.stderr
+        assert (
+            "redis://127.0.0.1:6379/0?count=5"
+            == json.loads(result.stdout)["settings"]["source"]["value"]
+        )
+        events = [json.loads(line) for line in result.stderr.splitlines()]
+        assert {("config.deprecated_uri_key", "count", "batch")} == {
+            (event["event"], event["old"], event["new"]) for event in events
+        }
+
+    def test_an_unknown_uri_option_exits_2_naming_it(self) -> None:
+        """A misspelt option is refused (exit 2), naming it and the options the input knows."""
+        env = clean_env(SMSGW_CLIENT_ID="demo", SMSGW_CLIENT_SECRET=SECRET)
+        result = config(["--source", "sqlite:spool.db?batchsize=5"], env)
+        assert 2 == result.returncode
+        assert result.stderr.startswith(
+            "contact-worker: sqlite URI: unknown parameter 'batchsize' (known: batch, "
+        )
+
     def test_unknown_key_stops_before_the_table(self, tmp_path: Path) -> None:
         """A file with an unknown key is refused whole, with the key it probably meant."""
         path = write_config(tmp_path, "batch-size = 10\n")

@@ -101,7 +101,7 @@ class TestProxyAfterTheStart:
         are deleted), the dead-letter stream stays empty; a later run against the healthy API
         applies them all."""
         name = f"cli_{uuid.uuid4().hex[:12]}"
-        uri = f"{REDIS}?stream={name}&consumer=foreign&claim_idle_ms=1000"
+        uri = f"{REDIS}?stream={name}&consumer=foreign&claim_idle_s=1"
         gw = Gateway("--known-count", "300", "--foreign-404-share", "1", "--foreign-after", "1")
         try:
             changes = stream(500, 300)

@@ -83,7 +83,7 @@ class Slot:
     def uri(self, kind: str) -> str:
         if kind == "postgresql":
             return f"{BASE_DSN}?schema={self.schema}&poll_s=1"
-        return f"{REDIS}?stream={self.stream}&partitions=3&consumer=slot{self.number}&block_ms=500"
+        return f"{REDIS}?stream={self.stream}&partitions=3&consumer=slot{self.number}&poll_s=0.5"
 
 
 @dataclass

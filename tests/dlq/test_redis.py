@@ -59,7 +59,7 @@ class TestRoundTrip:
         """A real run leaves its dead letters in `<stream>:dead`; `show` counts them; once the
         contacts exist `replay --reason not_found` puts them back into the stream, the next run
         applies them, the hash beside the stream marks them, and a second replay sends none."""
-        uri = f"{REDIS}?stream={stream}&consumer=dlq-test&claim_idle_ms=1000"
+        uri = f"{REDIS}?stream={stream}&consumer=dlq-test&claim_idle_s=1"
         anyio.run(redis_enqueue.enqueue, uri, input_bytes().splitlines())
         dead = f"{stream}:dead"
         run_worker(

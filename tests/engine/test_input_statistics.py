@@ -64,7 +64,7 @@ class TestFileInputs:
     ) -> None:
         """Rows read and not acked are unacknowledged; the depth counts every row stored,
         read or not, and falls as acks delete them."""
-        uri = f"sqlite:{tmp_path / 'spool.db'}?count=4"
+        uri = f"sqlite:{tmp_path / 'spool.db'}?batch=4"
         await enqueue(uri, [b'{"ID": %d, "lastname": "a"}' % i for i in range(10)])
         source = SqliteSpoolSource.from_uri(uri)
         await source.open()

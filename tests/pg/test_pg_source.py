@@ -22,10 +22,11 @@ from worker.backends.postgres.outbox import PgOutboxSource
 from worker.backends.postgres.producer import enqueue, init, outbox_row
 from worker.backends.postgres.sink import PgDeadLetters
 from worker.backends.postgres.uri import DDL, parse_uri
-from worker.config import ConfigError, Secret
+from worker.config import Secret
 from worker.core.partition import partition_of
 from worker.deadletters.base import DeadLetterError
 from worker.engine import Ending, Engine, EngineSettings, Result
+from worker.errors import ConfigError
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 
@@ -493,6 +494,8 @@ class TestOpening:
             "lease_s=soon",
             "partitions=0",
             "partitions=9999",
+            "leas_s=5",  # a misspelt worker parameter, not a server setting for asyncpg
+            "search_path=crm",  # a server setting goes in options=-c ...
         ):
             with pytest.raises(ConfigError):
                 parse_uri(f"postgresql://db/shop?{bad}")

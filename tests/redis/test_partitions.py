@@ -99,7 +99,7 @@ class TestMisfiledEntries:
     ) -> None:
         """A change appended to a stream other than its ID's partition is dead-lettered
         ``invalid`` naming both partitions, never sent, and acknowledged; the rest applied."""
-        uri = f"{redis_url}?stream={prefix}&partitions=4&lease_ms=1000&block_ms=100"
+        uri = f"{redis_url}?stream={prefix}&partitions=4&lease_s=1&poll_s=0.1"
         await init(uri)
         right = partition_of("100013", 4)
         wrong = (right + 1) % 4
@@ -169,7 +169,7 @@ class TestLeases:
     async def test_two_sources_split_four_partitions(self, redis_url: str, prefix: str) -> None:
         """The first source takes all four; once a second joins, it gives two back and the
         second takes them: 2/2, every lease key naming its holder."""
-        uri = f"{redis_url}?stream={prefix}&partitions=4&lease_ms=600&block_ms=100"
+        uri = f"{redis_url}?stream={prefix}&partitions=4&lease_s=0.6&poll_s=0.1"
         a = partitioned(uri, "a")
         b = partitioned(uri, "b")
         async with anyio.create_task_group() as tg:
@@ -204,7 +204,7 @@ class TestLeases:
         """Above its fair share, a source stops reading a partition and revokes its waiting
         changes, but keeps the lease until what it has in flight there is acknowledged: the
         next holder never overtakes a request still on its way."""
-        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100"
+        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_s=0.6&poll_s=0.1"
         await init(uri)
         a = partitioned(uri, "a")
         b = partitioned(uri, "b")
@@ -282,7 +282,7 @@ class TestLeases:
     ) -> None:
         """A lease taken over by another consumer: at the next renewal the source revokes the
         partition's waiting changes and reads it no more; the thief's entries stay with it."""
-        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100"
+        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_s=0.6&poll_s=0.1"
         await init(uri)
         source = partitioned(uri, "a")
         revocations = Revocations(("1", "2", "3", "4", "5", "6"))
@@ -326,7 +326,7 @@ class TestLeases:
     ) -> None:
         """After a full read the next one is read ahead into the buffer; losing the partition
         drops it there, so nothing read ahead of a lost partition is ever handed out."""
-        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_ms=600&block_ms=100&count=10"
+        uri = f"{redis_url}?stream={prefix}&partitions=2&lease_s=0.6&poll_s=0.1&batch=10"
         await init(uri)
         source = partitioned(uri, "a")
         source.assignments = Revocations()
@@ -358,7 +358,7 @@ class TestLeases:
     async def test_deleted_lease_key_is_lost_or_retaken(self, redis_url: str, prefix: str) -> None:
         """Deleting a lease key under a holder: its renewal fails (compare-and-pexpire finds
         nothing), so it revokes; no two consumers ever read one partition."""
-        uri = f"{redis_url}?stream={prefix}&partitions=3&lease_ms=600&block_ms=100"
+        uri = f"{redis_url}?stream={prefix}&partitions=3&lease_s=0.6&poll_s=0.1"
         source = partitioned(uri, "a")
         revocations = Revocations()
         source.assignments = revocations
@@ -451,7 +451,7 @@ def test_scale_out_three_replicas_one_killed(
     pending, and SIGTERM stops every replica with 0."""
     prefix = sync_prefix
     partitions = 6
-    uri = f"{REDIS}?stream={prefix}&partitions={partitions}&lease_ms=1500&block_ms=200"
+    uri = f"{REDIS}?stream={prefix}&partitions={partitions}&lease_s=1.5&poll_s=0.2"
     gw = Gateway("--known-count", "300", "--latency", "uniform:30:90", "--record-history")
     replicas: list[Replica] = []
     try:

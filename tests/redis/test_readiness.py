@@ -29,7 +29,7 @@ async def test_not_ready_while_redis_is_down_ready_again_after(
     the server, /healthz still 200 and ``contact_worker_input_available`` 0; once Redis is
     back, /readyz is 200 again, the worker goes on (nothing lost), and /metrics counts the
     reconnection (and, partitioned, the partitions held)."""
-    uri = f"{private_redis.url}?stream=c&block_ms=200&partitions={partitions}&lease_ms=3000"
+    uri = f"{private_redis.url}?stream=c&poll_s=0.2&partitions={partitions}&lease_s=3"
     changes = stream(400, 100)
     before, after = changes[:200], changes[200:]
     await enqueue(uri, [orjson.dumps(c) for c in before])

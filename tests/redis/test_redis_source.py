@@ -22,9 +22,10 @@ from worker.backends.redis.sink import from_uri as sink_from_uri
 from worker.backends.redis.stream import RedisStreamSource
 from worker.backends.redis.stream import from_uri as source_from_uri
 from worker.backends.redis.uri import parse_uri
-from worker.config import ConfigError, Secret
+from worker.config import Secret
 from worker.deadletters.base import DeadLetterError
 from worker.engine import Ending, Engine, EngineSettings, Result
+from worker.errors import ConfigError
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 
@@ -149,8 +150,8 @@ class TestUri:
         """Query parameters set the stream settings and are not sent to the server; the
         password never shows in the display name or the describe() text."""
         source = from_uri(
-            "redis://:s3cret@db.example:6380/2?stream=crm:changes&group=g&count=50"
-            "&block_ms=100&claim_idle_ms=0&consumer=pod-1&delete_acked=0"
+            "redis://:s3cret@db.example:6380/2?stream=crm:changes&group=g&batch=50"
+            "&poll_s=0.1&claim_idle_s=0&consumer=pod-1&delete_acked=0"
         )
         address = source.address
         assert ("crm:changes", "g", "pod-1") == (source.stream, source.group, source.consumer)
@@ -168,12 +169,18 @@ class TestUri:
     @pytest.mark.parametrize(
         ("uri", "message"),
         [
-            ("redis://h/0?count=0", "count must be at least 1"),
-            ("redis://h/0?block_ms=x", "block_ms must be an integer"),
+            ("redis://h/0?batch=0", "batch must be at least 1"),
+            ("redis://h/0?batch=x", "batch must be an integer"),
+            ("redis://h/0?poll_s=x", "poll_s must be seconds, got 'x'"),
+            ("redis://h/0?poll_s=0", "poll_s must be at least 0.001 s"),
+            ("redis://h/0?claim_idle_s=nan", "claim_idle_s must be at least 0 s"),
+            ("redis://h/0?block_ms=x", "block_ms must be a number"),
+            ("redis://h/0?count=5&batch=6", "batch is given twice"),
             ("redis://h/0?stream=", "stream must not be empty"),
-            ("redis://h/0?streem=a", "unknown parameter 'streem'"),
+            ("redis://h/0?streem=a", "unknown parameter 'streem' \\(known: batch, "),
+            ("redis://h/0?poll_ms=5", "unknown parameter 'poll_ms'"),
             ("redis://h/0?partitions=0", "partitions must be at least 1"),
-            ("redis://h/0?partitions=2&lease_ms=5", "lease_ms must be at least 100"),
+            ("redis://h/0?partitions=2&lease_s=0.005", "lease_s must be at least 0.1 s"),
             ("http://h/0", "not a redis URI"),
         ],
     )
@@ -242,7 +249,7 @@ class TestSource:
         """Entries a second consumer took and never acked are claimed by the running source
         after claim_idle_ms and handed out once; its own unacked entries are not handed out
         again."""
-        uri = f"{redis_url}?stream={prefix}:c&claim_idle_ms=200&block_ms=50"
+        uri = f"{redis_url}?stream={prefix}:c&claim_idle_s=0.2&poll_s=0.05"
         source = from_uri(uri, consumer="mine")
         await source.open()
         client = Redis.from_url(redis_url)
@@ -270,7 +277,7 @@ class TestEngine:
         applied in per-ID order, every entry is acked and deleted, the invalid ones are in the
         dead-letter stream, and shutdown() ends the run although the stream never ends."""
         changes = sequenced(1200, 80, seed=1)
-        uri = f"{redis_url}?stream={prefix}:c&block_ms=30000"
+        uri = f"{redis_url}?stream={prefix}:c&poll_s=30"
         await enqueue(uri, lines(changes[:600]) + [b'{"ID": 2, "lastname": '])
         await enqueue(uri, lines(changes[600:]))
         sim = Simulator(SimConfig(known_count=80, latency="exp:1", record_history=True))
@@ -362,7 +369,7 @@ class TestEngine:
         """A consumer reads entries and dies without acking; newer entries arrive. The next
         consumer claims the dead one's entries once idle and applies them BEFORE the newer ones,
         so per-ID order holds at the API."""
-        uri = f"{redis_url}?stream={prefix}:c&claim_idle_ms=300"
+        uri = f"{redis_url}?stream={prefix}:c&claim_idle_s=0.3"
         seq: dict[int, int] = {}
         old = sequenced(300, 40, seed=2, start=seq)
         new = sequenced(300, 40, seed=3, start=seq)
@@ -392,7 +399,7 @@ class TestEngine:
         worker reconnects, re-reads its pending list without handing out again what is in
         flight, acks what it applied; nothing is lost and no older change is applied after a
         newer one."""
-        uri = f"{private_redis.url}?stream=c&block_ms=200"
+        uri = f"{private_redis.url}?stream=c&poll_s=0.2"
         seq: dict[int, int] = {}
         before = sequenced(2000, 600, seed=4, start=seq)
         after = sequenced(500, 600, seed=5, start=seq)
@@ -424,7 +431,7 @@ async def test_stream_deleted_under_a_blocked_read(
 ) -> None:
     """Deleting the stream while a read waits on it (Redis ends the wait with UNBLOCKED) is
     not fatal: the group is recreated and what is written next is read."""
-    uri = f"{redis_url}?stream={prefix}&block_ms=2000&partitions={partitions}&lease_ms=1000"
+    uri = f"{redis_url}?stream={prefix}&poll_s=2&partitions={partitions}&lease_s=1"
     await init(uri)
     source = source_from_uri(uri, consumer="c1")
     await source.open()
@@ -457,7 +464,7 @@ async def test_entries_of_any_shape_are_read_whole(
     """A page is read in bulk when every entry has a one-line change; an entry whose change
     spans lines (another producer's pretty JSON) or that has no change field is still read
     whole, in stream order, on both paths."""
-    uri = f"{redis_url}?stream={prefix}&block_ms=100&partitions={partitions}&lease_ms=1000"
+    uri = f"{redis_url}?stream={prefix}&poll_s=0.1&partitions={partitions}&lease_s=1"
     await init(uri)
     key = prefix if partitions == 1 else f"{prefix}:0"
     client = Redis.from_url(redis_url)
@@ -498,7 +505,7 @@ def test_framed_pages_split_plain_and_sized_replies() -> None:
 async def test_a_full_page_has_the_next_read_ahead(redis_url: str, prefix: str) -> None:
     """After a full page the next one is read while the engine takes it in (so it is pending
     at the consumer already), and is handed out, in order, by the next read."""
-    uri = f"{redis_url}?stream={prefix}&count=10&block_ms=100"
+    uri = f"{redis_url}?stream={prefix}&batch=10&poll_s=0.1"
     await init(uri)
     await enqueue(uri, [b'{"ID": %d}' % i for i in range(25)])
     source = from_uri(uri, consumer="c1")
@@ -525,7 +532,7 @@ async def test_a_page_read_ahead_and_never_handed_out_is_claimable_at_once(
 ) -> None:
     """A consumer that stops with a page read ahead lets it go: the next consumer (another
     name, the default 30 s claim_idle_ms) reads it first, in order, without waiting."""
-    uri = f"{redis_url}?stream={prefix}&count=10&block_ms=100"
+    uri = f"{redis_url}?stream={prefix}&batch=10&poll_s=0.1"
     await init(uri)
     await enqueue(uri, [b'{"ID": %d}' % i for i in range(15)])
     first = from_uri(uri, consumer="c1")

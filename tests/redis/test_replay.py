@@ -39,7 +39,7 @@ class TestStreamReplay:
         """Every entry is pending at a dead consumer; the restart claims them and re-reads
         them 100 at a time, holding all until the last: no contact goes back."""
         changes = backlog(1500)
-        uri = f"{redis_url}?stream={prefix}:c&count=100&claim_idle_ms=0&block_ms=200"
+        uri = f"{redis_url}?stream={prefix}:c&batch=100&claim_idle_s=0&poll_s=0.2"
         await init(uri)
         await enqueue(uri, lines(changes))
         assert len(changes) == await read_by_dead_consumer(redis_url, [f"{prefix}:c"])
@@ -60,7 +60,7 @@ class TestPartitionedReplay:
         each is held (its IDs only) until its pending entries were re-read: no contact goes
         back, in either."""
         changes = backlog(1500)
-        uri = f"{redis_url}?stream={prefix}:c&partitions=2&lease_ms=300&count=100&block_ms=100"
+        uri = f"{redis_url}?stream={prefix}:c&partitions=2&lease_s=0.3&batch=100&poll_s=0.1"
         await init(uri)
         await enqueue(uri, lines(changes))
         streams = [f"{prefix}:c:0", f"{prefix}:c:1"]
@@ -95,7 +95,7 @@ async def test_kill_9_twice_mid_run(redis_url: str, prefix: str, tmp_path: Path)
     """A real `run` on a stream, killed twice mid-run and restarted (a stable consumer name,
     so it re-reads its own pending entries at once): no contact ever went back."""
     items = kill_changes()
-    uri = f"{redis_url}?stream={prefix}:c&consumer=w1&block_ms=200"
+    uri = f"{redis_url}?stream={prefix}:c&consumer=w1&poll_s=0.2"
     feed(uri, items)
     gw = gateway()
     try:

@@ -30,7 +30,7 @@ class TestSpoolReplay:
             await spool.append(lines(changes))
         finally:
             await release_spool(spool)
-        source = SqliteSpoolSource.from_uri(f"sqlite:{path}?count=100")
+        source = SqliteSpoolSource.from_uri(f"sqlite:{path}?batch=100")
         run = await run_replay(tmp_path, source, len(changes))
         assert Ending.SHUTDOWN == run.result.ending
         assert [] == regressions(run.sim.history)

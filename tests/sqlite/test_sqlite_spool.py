@@ -21,8 +21,9 @@ from worker.backends.sqlite.ingest import INGEST_STATS, add_ingest_routes, parse
 from worker.backends.sqlite.sink import SqliteDeadLetters
 from worker.backends.sqlite.source import SqliteSpoolSource
 from worker.backends.sqlite.spool import SpoolOptions, parse_uri
-from worker.config import ConfigError, Secret
+from worker.config import Secret
 from worker.engine import Ending, Engine, Result
+from worker.errors import ConfigError
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 
@@ -110,7 +111,7 @@ async def stored(source: SqliteSpoolSource) -> list[dict[str, Any]]:
 @pytest.fixture
 def uri(tmp_path: Path) -> str:
     """A spool file of this test's own, with a short fallback poll."""
-    return f"sqlite:{tmp_path / 'spool.db'}?poll_ms=50"
+    return f"sqlite:{tmp_path / 'spool.db'}?poll_s=0.05"
 
 
 @pytest.fixture
@@ -129,10 +130,10 @@ class TestUri:
         assert SpoolOptions("spool.db") == parse_uri("sqlite:spool.db")
 
     def test_absolute_path_and_parameters(self) -> None:
-        """Parameters come from the query string; poll_ms and busy_timeout_ms are milliseconds."""
+        """Parameters come from the query string; poll_s and busy_timeout_s are seconds."""
         options = parse_uri(
-            "sqlite:/data/spool.db?high_water=500&max_body_bytes=2048&count=10"
-            "&poll_ms=250&busy_timeout_ms=0"
+            "sqlite:/data/spool.db?high_water=500&max_body_bytes=2048&batch=10"
+            "&poll_s=0.25&busy_timeout_s=0"
         )
         assert SpoolOptions("/data/spool.db", 500, 2048, 10, 0.25, 0.0) == options
 
@@ -140,11 +141,14 @@ class TestUri:
         ("uri", "message"),
         [
             ("sqlite:", "names no file"),
-            ("sqlite:?count=3", "names no file"),
+            ("sqlite:?batch=3", "names no file"),
             ("sqlite::memory:", "must be a file path"),
             ("sqlite:spool.db?high_watermark=5", "unknown parameter 'high_watermark'"),
             ("sqlite:spool.db?high_water=0", "high_water must be at least 1"),
-            ("sqlite:spool.db?count=many", "count must be an integer"),
+            ("sqlite:spool.db?batch=many", "batch must be an integer"),
+            ("sqlite:spool.db?poll_s=-1", "poll_s must be at least 0.001 s"),
+            ("sqlite:spool.db?lease_s=1", "unknown parameter 'lease_s' \\(known: batch, "),
+            ("sqlite:spool.db?poll_ms=x", "poll_ms must be a number"),
             ("jsonl:spool.db", "not a sqlite URI"),
         ],
     )
@@ -212,7 +216,7 @@ class TestSpool:
     async def test_rows_handed_out_in_id_order_once(self, uri: str) -> None:
         """read() hands out rows in id order; rows handed out are not handed out again; a read
         with nothing new waits, and an append wakes it with only the new rows."""
-        async with opened(uri.replace("poll_ms=50", "poll_ms=60000&count=2")) as source:
+        async with opened(uri.replace("poll_s=0.05", "poll_s=60&batch=2")) as source:
             spool = source.spool
             await spool.append([b'{"ID":1,"lastname":"a"}', b'{"ID":2,"lastname":"b"}'])
             await spool.append([b'{"ID":3,"lastname":"c"}'])
@@ -313,7 +317,7 @@ class TestSpool:
     async def test_source_and_sink_share_one_spool(self, uri: str) -> None:
         """The source and the dead-letter sink on one file share one connection; closing one
         leaves the other working."""
-        sink = SqliteDeadLetters.from_uri(uri.replace("poll_ms=50", "high_water=3"))
+        sink = SqliteDeadLetters.from_uri(uri.replace("poll_s=0.05", "high_water=3"))
         async with opened(uri) as source:
             await sink.open()
             try:

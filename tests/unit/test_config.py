@@ -11,17 +11,15 @@ import pytest
 
 from worker.config import (
     OPTIONS,
-    ConfigError,
     Origin,
     Secret,
     Settings,
     add_options,
     explain,
-    resolution,
-    resolve,
 )
 from worker.config_cli import render_json, render_table
-from worker.config_file import check_config
+from worker.config_file import check_config, resolution, resolve
+from worker.errors import ConfigError
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

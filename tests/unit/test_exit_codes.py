@@ -5,9 +5,20 @@ from __future__ import annotations
 import pytest
 
 from worker.backends.base import EnqueueStopped, SourceError
-from worker.cli import EXIT_FATAL, EXIT_USAGE, failure
-from worker.config import ConfigError
 from worker.deadletters.base import DeadLetterError
+from worker.errors import (
+    EXIT_AUTH,
+    EXIT_FATAL,
+    EXIT_USAGE,
+    ApiRefused,
+    ConfigError,
+    Fatal,
+    StoreBusy,
+    StoreError,
+    UsageError,
+    WorkerError,
+    failure,
+)
 
 
 class TestFailure:
@@ -39,3 +50,32 @@ class TestFailure:
         """An unforeseen error: exit 1 and one line with its type, not a traceback."""
         assert ("fatal error: RuntimeError: boom", EXIT_FATAL) == failure(RuntimeError("boom"))
         assert ("interrupted", EXIT_FATAL) == failure(KeyboardInterrupt())
+
+
+class TestTree:
+    @pytest.mark.parametrize(
+        ("error", "code"),
+        [
+            (ConfigError("x"), EXIT_USAGE),
+            (SourceError("x"), EXIT_USAGE),
+            (DeadLetterError("x"), EXIT_USAGE),
+            (StoreError("x"), EXIT_USAGE),
+            (UsageError("x"), EXIT_USAGE),
+            (StoreBusy("x"), EXIT_FATAL),
+            (EnqueueStopped("x"), EXIT_FATAL),
+            (ApiRefused("x"), EXIT_AUTH),
+            (Fatal("x"), EXIT_FATAL),
+        ],
+    )
+    def test_each_branch_has_its_exit_code(self, error: WorkerError, code: int) -> None:
+        """Every error of the tree is a WorkerError and ends a command with its own code."""
+        assert ("x", code) == failure(error)
+        assert code == error.exit_code
+
+    def test_the_old_homes_name_the_same_classes(self) -> None:
+        """The classes are importable where the inputs, sinks and stores always took them."""
+        from worker.deadletters import store
+
+        assert (store.StoreError, store.StoreBusy) == (StoreError, StoreBusy)
+        assert ConfigError.__mro__[1:3] == (UsageError, WorkerError)
+        assert issubclass(ConfigError, ValueError)  # argparse-style callers catch ValueError

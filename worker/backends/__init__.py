@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from worker.config import ConfigError
+from worker.errors import ConfigError
 
 if TYPE_CHECKING:
     from worker.backends.base import Source

@@ -21,6 +21,10 @@ from typing import NamedTuple, Protocol, Self, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
+# Re-exported: the inputs import them from here.
+from worker.errors import EnqueueStopped as EnqueueStopped
+from worker.errors import SourceError as SourceError
+
 Record = tuple[Hashable, bytes]
 """A source record: the token that acknowledges it, and the JSON text of one change."""
 
@@ -66,10 +70,6 @@ class AssignmentListener(Protocol):
         ``covers`` selects (unacknowledged: the next holder sends them); how many were
         forgotten. Requests already in flight still finish."""
         ...
-
-
-class SourceError(Exception):
-    """The source cannot be opened or read (bad path, bad checkpoint, broker gone)."""
 
 
 NOTHING_LOST: Mapping[str, int] = MappingProxyType({})
@@ -141,11 +141,6 @@ class ReplayListener(Protocol):
     def replay_done(self, name: str) -> None:
         """Called once every record of the range was handed out by an earlier ``read``
         (the engine has taken them in), or the range was given up (a partition lost)."""
-
-
-class EnqueueStopped(SourceError):
-    """Writing to an input failed after some changes were written (the message says how many):
-    a command that stopped half-way (exit 1), not a setting to fix (exit 2)."""
 
 
 class LineChunks:

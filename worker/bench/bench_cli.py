@@ -13,9 +13,11 @@ from typing import Any
 
 from rich.console import Console
 
+from worker.bench.charts import draw
 from worker.bench.display import Display, PlainDisplay, RichDisplay
 from worker.bench.harness import Harness
 from worker.bench.processes import BenchError, Quiet
+from worker.bench.report import write
 from worker.bench.scenario import ScenarioError, load_scenario, packaged_scenarios
 
 
@@ -89,9 +91,6 @@ def summary(data: dict[str, Any], out: Path) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run the scenario; 0 when every run completed, 1 on a failed run, 2 on a bad scenario."""
-    from worker.bench.charts import draw
-    from worker.bench.report import write
-
     try:
         scenario = load_scenario(args.scenario)
     except ScenarioError as exc:

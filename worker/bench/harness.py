@@ -27,7 +27,6 @@ import orjson
 from worker.bench import figures
 from worker.bench.display import Display, PlainDisplay
 from worker.bench.histogram import Histogram
-from worker.bench.probe import PROBE_OUT_ENV
 from worker.bench.processes import (
     BenchError,
     Measured,
@@ -43,6 +42,9 @@ from worker.bench.processes import (
 from worker.bench.replay import replay
 from worker.bench.scenario import Scenario, Variant, WorkerConfig
 from worker.sim.stream import StreamSpec, expected_final_state, write_file
+
+PROBE_OUT_ENV = "CONTACT_WORKER_PROBE_OUT"
+"""Where ``python -m worker.bench.probe`` writes its latency histogram."""
 
 Ran = tuple[Measured, dict[str, Any], Histogram]
 """A measured run, the summary it printed or logged, its change-to-ack latencies."""

@@ -23,9 +23,11 @@ from collections.abc import Hashable, Sequence
 from typing import Any, cast
 
 from worker.backends.base import Record
+from worker.backends.jsonl.source import JsonlSource
+from worker.bench.harness import PROBE_OUT_ENV
 from worker.bench.histogram import Histogram
+from worker.cli import main as worker_main
 
-PROBE_OUT_ENV = "CONTACT_WORKER_PROBE_OUT"
 PROGRESS_INTERVAL_S = 0.25
 
 
@@ -74,8 +76,6 @@ class Probe:
 
 def install(probe: Probe) -> None:
     """Wrap JsonlSource.read and JsonlSource.ack to feed ``probe``."""
-    from worker.backends.jsonl.source import JsonlSource
-
     read, ack = JsonlSource.read, JsonlSource.ack
 
     async def probed_read(self: JsonlSource) -> Sequence[Record] | None:
@@ -98,8 +98,6 @@ def _say(event: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``contact-worker`` with the probe; the worker's exit code."""
-    from worker.cli import main as worker_main
-
     probe = Probe()
     install(probe)
     stop = threading.Event()

@@ -6,9 +6,8 @@ import abc
 import datetime
 from typing import Any
 
-
-class DeadLetterError(Exception):
-    """The sink cannot be opened or written: nothing may be acknowledged then."""
+# Re-exported: the sinks import it from here.
+from worker.errors import DeadLetterError as DeadLetterError
 
 
 def record(

@@ -10,16 +10,13 @@ import anyio
 import orjson
 
 from worker.backends import open_store
-from worker.backends.base import SourceError
-from worker.config import ConfigError
 from worker.deadletters.display import console, print_replay, print_summary, print_warnings
 from worker.deadletters.plan import Planner, parse_reasons
 from worker.deadletters.replay import replay
-from worker.deadletters.store import DeadLetterStore, StoreBusy, StoreError
+from worker.deadletters.store import DeadLetterStore
 from worker.deadletters.summary import Summary, Tally
 from worker.deadletters.targets import open_target
-
-EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+from worker.errors import EXIT_FATAL, EXIT_OK, EXIT_USAGE
 
 REASONS = ("not_found", "rejected", "invalid")
 
@@ -98,11 +95,8 @@ def main_show(args: argparse.Namespace) -> int:
     """``dlq show URI``: 0, or 2 when the URI is bad or the store cannot be read."""
     if args.top < 0:
         return _fail("--top must be 0 or more", EXIT_USAGE)
-    try:
-        store = open_store(args.uri)
-        summary = anyio.run(lambda: collect(store, top=args.top))
-    except (ConfigError, StoreError) as exc:
-        return _fail(str(exc), EXIT_USAGE)
+    store = open_store(args.uri)  # its errors end the command in worker.cli.main
+    summary = anyio.run(lambda: collect(store, top=args.top))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(summary.to_json()) + b"\n")
     else:
@@ -123,22 +117,14 @@ def main_replay(args: argparse.Namespace) -> int:
         )
     if args.limit is not None and args.limit < 1:
         return _fail("--limit must be 1 or more", EXIT_USAGE)
-    try:
-        store = open_store(args.uri)
-        target = open_target(args.to)
-    except ConfigError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+    store = open_store(args.uri)  # its errors end the command in worker.cli.main
+    target = open_target(args.to)
     if _same_file(args.uri, args.to):
         return _fail(
             f"--to {args.to} is the dead-letter file itself: replay into an input", EXIT_USAGE
         )
     planner = Planner(reasons, args.limit)
-    try:
-        report = anyio.run(lambda: replay(store, target, planner, dry_run=args.dry_run))
-    except StoreBusy as exc:
-        return _fail(str(exc), EXIT_FATAL)
-    except (ConfigError, StoreError, SourceError) as exc:
-        return _fail(str(exc), EXIT_USAGE)
+    report = anyio.run(lambda: replay(store, target, planner, dry_run=args.dry_run))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report.to_json()) + b"\n")
     else:

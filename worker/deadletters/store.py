@@ -10,6 +10,10 @@ import orjson
 
 from worker.deadletters.summary import Stored
 
+# Re-exported: the stores import them from here.
+from worker.errors import StoreBusy as StoreBusy
+from worker.errors import StoreError as StoreError
+
 PAGE = 1000
 """Letters per read: memory stays bounded whatever the size of the store."""
 
@@ -44,14 +48,6 @@ class IdPages:
             return []
         self.after = int(rows[-1][0])
         return [Stored(str(row[0]), letter_of(row[1]), bool(row[2])) for row in rows]
-
-
-class StoreError(Exception):
-    """The store cannot be opened, read or marked; the message says which and why."""
-
-
-class StoreBusy(StoreError):
-    """Another ``dlq replay`` is working on this store."""
 
 
 class DeadLetterStore(abc.ABC):

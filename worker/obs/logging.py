@@ -41,3 +41,19 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+
+
+def configure_default() -> None:
+    """Before a command configures its logging (``run``, ``demo``) or for a command that does
+    not: JSON lines to whatever ``sys.stderr`` is at each event, never to stdout, which is the
+    commands' output (``config --json``, ``dlq show --json``)."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        # Looked up at each event, not kept: a caller may swap sys.stderr (pytest's capsys).
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 from worker.backends import Backend, Enqueue
 
+# The methods import their modules when called: the file input loads only when a jsonl: URI is
+# opened, like every backend's.
 if TYPE_CHECKING:
     from worker.backends.base import Source
     from worker.deadletters.base import DeadLetterSink

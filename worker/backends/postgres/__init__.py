@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from worker.backends import Backend, Enqueue, Init
 
+# The methods import their modules when called: asyncpg loads only when a postgresql:// URI is
+# opened, not at every command's start.
 if TYPE_CHECKING:
     from worker.backends.base import Source
     from worker.deadletters.base import DeadLetterSink

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import re
 import urllib.parse
 from dataclasses import dataclass, field
 
-from worker.config import ConfigError
+from worker.backends.uri import integer, seconds, split_params
+from worker.errors import ConfigError
 
 DEFAULT_TABLE = "contact_changes"
 
@@ -59,7 +59,40 @@ PARTITIONED_COLUMNS = (*OUTBOX_COLUMNS, "partition")
 OWN_PARAMS = frozenset(
     {"table", "schema", "batch", "lease_s", "poll_s", "partitions", "rebalance_s"}
 )
-"""Query parameters the worker reads itself; the rest of the URI goes to asyncpg."""
+"""Query parameters the worker reads itself."""
+
+DRIVER_PARAMS = frozenset(
+    {
+        "host",
+        "port",
+        "user",
+        "password",
+        "passfile",
+        "dbname",
+        "database",
+        "service",
+        "ssl",
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslcrl",
+        "sslpassword",
+        "sslnegotiation",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "application_name",
+        "options",
+    }
+)
+"""Connection parameters that go to asyncpg as they are. Nothing else passes: asyncpg would
+send an unknown name to the server as a setting (a misspelt ``lease_s`` included); a server
+setting goes in ``options=-c NAME=VALUE``."""
+
+_MIN_S = 0.001
 
 ADVISORY_CLASS = 0x63775F6F  # "cw_o": the first key of the worker's advisory locks
 """Claims take the transaction-scoped advisory lock ``(ADVISORY_CLASS, <table oid>)``."""
@@ -118,19 +151,6 @@ class OutboxUri:
         return self.qualify(self.table + "_dead")
 
 
-def _number(params: dict[str, str], name: str, default: float, *, integer: bool) -> float:
-    raw = params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise ConfigError(f"postgresql URI: {name} must be a number, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"postgresql URI: {name} must be > 0, got {raw!r}")
-    return value
-
-
 def _identifier(params: dict[str, str], name: str) -> str | None:
     value = params.get(name)
     if value is None:
@@ -152,9 +172,14 @@ def parse_uri(uri: str) -> OutboxUri:
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True)
     except ValueError:
         raise ConfigError(f"postgresql URI: malformed query string {parts.query!r}") from None
-    own = {k: v for k, v in query if k in OWN_PARAMS}
-    rest = [(k, v) for k, v in query if k not in OWN_PARAMS]
-    partitions = int(_number(own, "partitions", 1, integer=True))
+    own, rest = split_params(
+        "postgresql",
+        query,
+        OWN_PARAMS,
+        passes=DRIVER_PARAMS.__contains__,
+        passing="for asyncpg: " + ", ".join(sorted(DRIVER_PARAMS)),
+    )
+    partitions = integer("postgresql", own, "partitions", 1, 1)
     if partitions > MAX_PARTITIONS:
         raise ConfigError(f"postgresql URI: partitions must be at most {MAX_PARTITIONS}")
     dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(rest)))
@@ -171,10 +196,10 @@ def parse_uri(uri: str) -> OutboxUri:
         display=display,
         table=_identifier(own, "table") or DEFAULT_TABLE,
         schema=_identifier(own, "schema"),
-        batch=int(_number(own, "batch", 1000, integer=True)),
-        lease_s=_number(own, "lease_s", 60.0, integer=False),
-        poll_s=_number(own, "poll_s", 5.0, integer=False),
+        batch=integer("postgresql", own, "batch", 1000, 1),
+        lease_s=seconds("postgresql", own, "lease_s", 60.0, _MIN_S),
+        poll_s=seconds("postgresql", own, "poll_s", 5.0, _MIN_S),
         partitions=partitions,
-        rebalance_s=_number(own, "rebalance_s", 2.0, integer=False),
+        rebalance_s=seconds("postgresql", own, "rebalance_s", 2.0, _MIN_S),
         server_settings=settings,
     )

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 from worker.backends import Backend, Enqueue, Init
 
+# The methods import their modules when called: redis-py loads only when a redis:// URI is opened,
+# not at every command's start.
 if TYPE_CHECKING:
     from worker.backends.base import Source
     from worker.deadletters.base import DeadLetterSink

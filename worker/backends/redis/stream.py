@@ -1,8 +1,8 @@
 """The ``redis://`` source: one Redis stream read through a consumer group.
 
-URI: ``redis://[USER:PASSWORD@]HOST:PORT/DB?stream=..&group=..&consumer=..&block_ms=..&count=..
-&claim_idle_ms=..&delete_acked=..&partitions=..&lease_ms=..`` (``rediss://`` for TLS; ``ssl_*``
-parameters go to redis-py).
+URI: ``redis://[USER:PASSWORD@]HOST:PORT/DB?stream=..&group=..&consumer=..&poll_s=..&batch=..
+&claim_idle_s=..&delete_acked=..&partitions=..&lease_s=..`` (``rediss://`` for TLS; ``ssl_*``
+parameters go to redis-py; the grammar is :mod:`worker.backends.uri`).
 
 Each stream entry carries one change as JSON text in its field ``change`` (see
 :mod:`worker.backends.redis.producer` for the wire format). Entries are read with ``XREADGROUP``
@@ -14,10 +14,10 @@ earlier consumer left pending (it crashed, or was killed) are older than anythin
 delivered, so they are handed out first: on start and after every reconnection the source
 
 1. claims (``XAUTOCLAIM``) what other consumers left pending once it has been idle for
-   ``claim_idle_ms``, waiting up to that long for entries that are not idle enough yet,
+   ``claim_idle_s``, waiting up to that long for entries that are not idle enough yet,
 2. re-reads its own pending entries in stream order (``XREADGROUP`` from ``0``), skipping those
    it already handed out in this run, and only then
-3. reads new entries (``XREADGROUP >``), checking every ``claim_idle_ms`` for entries left
+3. reads new entries (``XREADGROUP >``), checking every ``claim_idle_s`` for entries left
    pending by another consumer (which only happens if two ran at once: their order relative to
    what was already handed out cannot be kept, and a warning says so).
 
@@ -28,7 +28,7 @@ stream, the pending entries of a partition this replica takes.
 Delivery is at least once: a connection error while running is retried with backoff, the
 pending list (which Redis keeps) is re-read, and nothing is acknowledged that was not done.
 
-Partitioned (``partitions=P``, P > 1; ``lease_ms``, default 10000): the streams
+Partitioned (``partitions=P``, P > 1; ``lease_s``, default 10): the streams
 ``<stream>:0`` .. ``<stream>:<P-1>`` (a change's partition is
 :func:`worker.core.partition.partition_of` of its ID), each read by one replica at a time under
 a lease key ``<stream>:<p>:lease``; see :class:`PartitionedRedisSource`. P = 1 is the single
@@ -80,8 +80,8 @@ from worker.backends.redis.uri import (
     StreamAddress,
     parse_uri,
 )
-from worker.config import ConfigError
 from worker.core.backoff import RECONNECT_BACKOFF
+from worker.errors import ConfigError
 
 log = structlog.get_logger("worker.backends.redis")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from worker.config import ConfigError
+from worker.backends.uri import flag, integer, seconds, split_params
+from worker.errors import ConfigError
 
 DEFAULT_STREAM = "contacts:changes"
 DEFAULT_GROUP = "contact-worker"
@@ -15,13 +16,13 @@ _OWN_PARAMS = frozenset(
         "stream",
         "group",
         "consumer",
-        "block_ms",
-        "count",
-        "claim_idle_ms",
+        "poll_s",
+        "batch",
+        "claim_idle_s",
         "delete_acked",
         "dead_stream",
         "partitions",
-        "lease_ms",
+        "lease_s",
         "db",
     }
 )
@@ -38,15 +39,20 @@ class StreamAddress:
     stream: str = DEFAULT_STREAM
     group: str = DEFAULT_GROUP
     consumer: str | None = None
+    # In milliseconds here, as redis-py takes them; the URI says seconds (poll_s, claim_idle_s).
     block_ms: int = 5000
+    """How long a read waits for new entries (URI ``poll_s``)."""
     count: int = 1000
+    """Most entries per read (URI ``batch``)."""
     claim_idle_ms: int = 30_000
+    """How long an entry stays pending before another consumer claims it (``claim_idle_s``)."""
     delete_acked: bool = True
     dead_stream: str | None = None
     partitions: int = 1
     """Partition streams ``<stream>:0`` .. ``<stream>:<partitions-1>`` when above 1."""
     lease_ms: int = 10_000
-    """How long a partition lease lives without renewal (partitioned streams only)."""
+    """How long a partition lease lives without renewal (URI ``lease_s``; partitioned streams
+    only)."""
 
     def partition_stream(self, partition: int) -> str:
         """The key of one partition's stream (the plain stream when not partitioned)."""
@@ -63,47 +69,19 @@ class StreamAddress:
         return self.dead_stream or f"{self.stream}:dead"
 
 
-def _int_param(params: dict[str, str], name: str, default: int, minimum: int) -> int:
-    text = params.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"redis URI: {name} must be an integer, got {text!r}") from None
-    if value < minimum:
-        raise ConfigError(f"redis URI: {name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _bool_param(params: dict[str, str], name: str, default: bool) -> bool:
-    text = params.get(name)
-    if text is None:
-        return default
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"redis URI: {name} must be 1 or 0, got {text!r}")
-
-
 def parse_uri(uri: str) -> StreamAddress:
     """Split a ``redis://`` or ``rediss://`` URI into connection URL and stream settings."""
     parts = urlsplit(uri)
     if parts.scheme not in ("redis", "rediss"):
         raise ConfigError(f"not a redis URI: {uri.split('@')[-1]!r} (use redis://HOST:PORT/DB)")
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    params: dict[str, str] = {}
-    passthrough: list[tuple[str, str]] = []
-    for name, value in pairs:
-        if name.startswith("ssl_"):
-            passthrough.append((name, value))
-        elif name in _OWN_PARAMS:
-            params[name] = value
-        else:
-            known = ", ".join(sorted(_OWN_PARAMS - {"db"}))
-            raise ConfigError(f"redis URI: unknown parameter {name!r} (known: {known}, ssl_*)")
+    params, passthrough = split_params(
+        "redis",
+        parse_qsl(parts.query, keep_blank_values=True),
+        _OWN_PARAMS,
+        old=("count", "block_ms", "claim_idle_ms", "lease_ms"),
+        passes=lambda name: name.startswith("ssl_"),
+        passing="ssl_* for redis-py",
+    )
     db = params.get("db")
     if db is not None:
         passthrough.append(("db", db))
@@ -124,11 +102,16 @@ def parse_uri(uri: str) -> StreamAddress:
         stream=params.get("stream", DEFAULT_STREAM),
         group=params.get("group", DEFAULT_GROUP),
         consumer=params.get("consumer"),
-        block_ms=_int_param(params, "block_ms", 5000, 1),
-        count=_int_param(params, "count", 1000, 1),
-        claim_idle_ms=_int_param(params, "claim_idle_ms", 30_000, 0),
-        delete_acked=_bool_param(params, "delete_acked", True),
+        block_ms=_ms(seconds("redis", params, "poll_s", 5.0, 0.001)),
+        count=integer("redis", params, "batch", 1000, 1),
+        claim_idle_ms=_ms(seconds("redis", params, "claim_idle_s", 30.0, 0.0)),
+        delete_acked=flag("redis", params, "delete_acked", True),
         dead_stream=params.get("dead_stream"),
-        partitions=_int_param(params, "partitions", 1, 1),
-        lease_ms=_int_param(params, "lease_ms", 10_000, 100),
+        partitions=integer("redis", params, "partitions", 1, 1),
+        lease_ms=_ms(seconds("redis", params, "lease_s", 10.0, 0.1)),
     )
+
+
+def _ms(value_s: float) -> int:
+    """Seconds (the URI's unit) as the whole milliseconds redis-py takes, at least 1 when not 0."""
+    return max(1, round(value_s * 1000)) if value_s > 0 else 0

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 from worker.backends import Backend, Enqueue, Init
 
+# The methods import their modules when called: the spool and its HTTP ingest load only when a
+# sqlite: URI is opened.
 if TYPE_CHECKING:
     from worker.backends.base import Source
     from worker.deadletters.base import DeadLetterSink

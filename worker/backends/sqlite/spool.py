@@ -49,10 +49,11 @@ crash: they are a replay range (DESIGN 9), read in full before any of them is se
 URI: ``sqlite:PATH[?name=value&...]``, PATH relative to the working directory or absolute
 (``sqlite:/data/spool.db``), taken literally up to the first ``?``. Parameters: ``high_water``
 (rows waiting above which the ingest answers 503, default 100000), ``max_body_bytes`` (largest
-ingest body, default 10 MiB), ``count`` (rows per read, default 1000), ``poll_ms`` (fallback poll
-for rows written by another process, default 1000), ``busy_timeout_ms`` (how long to wait for
-another process's write lock, default 5000). The dead-letter sink takes the same URI (so
-``--dlq`` may repeat ``--source``) and ignores the parameters that are the source's.
+ingest body, default 10 MiB), ``batch`` (rows per read, default 1000), ``poll_s`` (fallback poll
+for rows written by another process, default 1), ``busy_timeout_s`` (how long to wait for
+another process's write lock, default 5); the grammar is :mod:`worker.backends.uri`. The
+dead-letter sink takes the same URI (so ``--dlq`` may repeat ``--source``) and ignores the
+parameters that are the source's.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ import anyio
 import orjson
 import structlog
 
-from worker.config import ConfigError
+from worker.backends.uri import integer, seconds, split_params
+from worker.errors import ConfigError
 
 log = structlog.get_logger("worker.backends.sqlite")
 
@@ -113,20 +115,14 @@ class SpoolOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     """Largest ingest request body (413 above)."""
     count: int = 1000
-    """Most rows handed out per read."""
+    """Most rows handed out per read (URI ``batch``)."""
     poll_s: float = 1.0
     """Fallback poll while idle, for rows another process wrote (the ingest wakes the reader)."""
     busy_timeout_s: float = 5.0
     """How long a statement waits for another process's write lock."""
 
 
-_INT_PARAMS: dict[str, int] = {
-    "high_water": 1,
-    "max_body_bytes": 1,
-    "count": 1,
-    "poll_ms": 1,
-    "busy_timeout_ms": 0,
-}
+_PARAMS = ("high_water", "max_body_bytes", "batch", "poll_s", "busy_timeout_s")
 """The URI's parameters and their smallest allowed values."""
 
 
@@ -140,32 +136,20 @@ def parse_uri(uri: str) -> SpoolOptions:
         raise ConfigError(f"sqlite URI {uri!r} names no file: use e.g. sqlite:spool.db")
     if path == ":memory:" or path.startswith("file:"):
         raise ConfigError(f"sqlite URI {uri!r}: the spool must be a file path (it must be durable)")
-    values: dict[str, int] = {}
-    for name, text in parse_qsl(query, keep_blank_values=True):
-        if name not in _INT_PARAMS:
-            known = ", ".join(sorted(_INT_PARAMS))
-            raise ConfigError(f"sqlite URI: unknown parameter {name!r} (known: {known})")
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"sqlite URI: {name} must be an integer, got {text!r}") from None
-        if value < _INT_PARAMS[name]:
-            raise ConfigError(
-                f"sqlite URI: {name} must be at least {_INT_PARAMS[name]}, got {value}"
-            )
-        values[name] = value
+    values, _ = split_params(
+        "sqlite",
+        parse_qsl(query, keep_blank_values=True),
+        _PARAMS,
+        old=("count", "poll_ms", "busy_timeout_ms"),
+    )
     defaults = SpoolOptions(path)
     return SpoolOptions(
         path,
-        high_water=values.get("high_water", defaults.high_water),
-        max_body_bytes=values.get("max_body_bytes", defaults.max_body_bytes),
-        count=values.get("count", defaults.count),
-        poll_s=values["poll_ms"] / 1000 if "poll_ms" in values else defaults.poll_s,
-        busy_timeout_s=(
-            values["busy_timeout_ms"] / 1000
-            if "busy_timeout_ms" in values
-            else defaults.busy_timeout_s
-        ),
+        high_water=integer("sqlite", values, "high_water", defaults.high_water, 1),
+        max_body_bytes=integer("sqlite", values, "max_body_bytes", defaults.max_body_bytes, 1),
+        count=integer("sqlite", values, "batch", defaults.count, 1),
+        poll_s=seconds("sqlite", values, "poll_s", defaults.poll_s, 0.001),
+        busy_timeout_s=seconds("sqlite", values, "busy_timeout_s", defaults.busy_timeout_s, 0.0),
     )
 
 
