@@ -96,6 +96,7 @@ class TestProxyAfterTheStart:
         finally:
             gw.stop()
 
+    @pytest.mark.slow
     def test_redis_input_keeps_every_record(self, tmp_path: Path) -> None:
         """The same on a Redis stream: every entry stays in the stream (acknowledged entries
         are deleted), the dead-letter stream stays empty; a later run against the healthy API

@@ -243,6 +243,7 @@ async def answered(stream: anyio.abc.SocketStream) -> bytes:
 
 
 class TestStalledBody:
+    @pytest.mark.slow
     async def test_body_that_stops_is_answered_408_and_closed(self, tmp_path: Path) -> None:
         """An ingest body that stops after one byte is answered 408 once the body timeout
         passes, nothing is stored, and the server closes the connection."""
