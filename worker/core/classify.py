@@ -83,24 +83,24 @@ class Verdict:
         return ": ".join(parts)
 
 
-def is_api_error(body: bytes) -> bool:
-    """Whether ``body`` is the API's JSON error object (``{"error": ..., "errorMsg": ...}``)."""
-    if not body or body.lstrip()[:1] != b"{":
-        return False
+_NOT_JSON = object()
+
+
+def _decode(body: bytes) -> object:
+    """The body's JSON value, or ``_NOT_JSON``."""
     try:
-        obj = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
+        return _NOT_JSON
+
+
+def _is_api_error(obj: object) -> bool:
+    """Whether a decoded body is the API's JSON error (``{"error": ..., "errorMsg": ...}``)."""
     return isinstance(obj, dict) and ("error" in obj or "errorMsg" in obj)
 
 
-def parse_error_body(body: bytes) -> tuple[str | None, str | None]:
-    """The API's ``error`` code and ``errorMsg`` from a JSON error body, when there is one."""
-    if not body:
-        return None, None
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
+def _error_fields(body: bytes, obj: object) -> tuple[str | None, str | None]:
+    if obj is _NOT_JSON:
         text = body[:200].decode("utf-8", errors="replace").strip()
         return None, text or None
     if not isinstance(obj, dict):
@@ -111,6 +111,13 @@ def parse_error_body(body: bytes) -> tuple[str | None, str | None]:
         None if error is None else str(error),
         None if detail is None else str(detail),
     )
+
+
+def parse_error_body(body: bytes) -> tuple[str | None, str | None]:
+    """The API's ``error`` code and ``errorMsg`` from a JSON error body, when there is one."""
+    if not body:
+        return None, None
+    return _error_fields(body, _decode(body))
 
 
 def parse_retry_after(value: str | None, now_wall: datetime.datetime) -> float | None:
@@ -139,19 +146,22 @@ def classify(
     """Decide what a response means for the request's changes (DESIGN 4-6 and 8)."""
     if 200 <= status < 300:
         return Verdict(Action.APPLIED, status)
-    error, detail = parse_error_body(body)
+    # Decoded once: its fields, and whether it is the API's own error at all.
+    obj = _decode(body) if body else None
+    error, detail = (None, None) if obj is None else _error_fields(body, obj)
+    api_error = _is_api_error(obj)
     wait = parse_retry_after(retry_after, now_wall)
     if status in (401, 403) or (400 <= status < 500 and error in AUTH_CODES):
         return Verdict(Action.FATAL_AUTH, status, error, detail)
     if status >= 500 or status in TRANSIENT_STATUSES or error in TRANSIENT_CODES:
         # A gateway's timeout or bad gateway, or a 5xx that is not the API's own answer: the
         # API may have received the request and may still apply it.
-        late = status in MAYBE_APPLIED_STATUSES or (status >= 500 and not is_api_error(body))
+        late = status in MAYBE_APPLIED_STATUSES or (status >= 500 and not api_error)
         return Verdict(Action.RETRY, status, error, detail, wait, maybe_applied=late)
     if status == 413:  # a proxy's own 413 page is as true as the API's: the body is too large
         return Verdict(Action.SHRINK, status, error, detail, reason="rejected")
     if 400 <= status < 500:
-        if not is_api_error(body):
+        if not api_error:
             why = "not the API's JSON error"
             return Verdict(Action.FOREIGN, status, error, _foreign(why, detail))
         if error in EMPTY_CODES:
