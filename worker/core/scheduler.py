@@ -295,13 +295,20 @@ class Scheduler:
         requests applied now (by :meth:`settle_due`). The changes forgotten."""
         if not self._fences:
             return []
-        self._lifted += [entry for entry in self._fenced.values() if entry is not None]
-        self._fenced.clear()
+        self._ack_fenced_now()
         fenced = {key for _, key in self._fences}
         return self.coalescer.forget(fenced.__contains__)
 
+    def _ack_fenced_now(self) -> None:
+        """Acknowledge what fenced requests applied without waiting for their fences (the
+        IDs stay fenced): nothing will be handed over to another replica any more."""
+        for key, entry in self._fenced.items():
+            if entry is not None:
+                self._lifted.append(entry)
+                self._fenced[key] = None
+
     def settle_due(self, now: float) -> Settled | None:
-        """What is settled without an answer, when the engine asks before it would wait.
+        """What is settled without an answer; the engine asks before each batch it takes.
 
         The entries whose fence lifted are acknowledged (all of them once the input is
         drained: no partition is handed over any more). The lone 404s held for a 2xx become
@@ -310,10 +317,8 @@ class Scheduler:
         trickle of them still reaches the run's limit and stops.
         """
         self._lift_fences(now)
-        if self.draining and self._fenced:
-            self._lifted += [entry for entry in self._fenced.values() if entry is not None]
-            for key in self._fenced:
-                self._fenced[key] = None
+        if self.draining:
+            self._ack_fenced_now()
         settled = None
         if self._lifted:
             settled = Settled(applied=self._lifted)
