@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pipeline import DATA, LOGS, RESULTS, log, ratio
+from pipeline import DATA, LOGS, RESULTS, log, ratio, what_if_prefix
 
 from worker.bench.harness import run_args, stream_file, worker_summary
 from worker.bench.processes import (
@@ -132,16 +132,21 @@ def one_round(path: Path, lines: int, args: argparse.Namespace, number: int) -> 
     worker = WorkerConfig(batch_size=100, linger_ms=5, rate=0, concurrency=8)
     dead = LOGS / f"hotpath-{number}-dead-letters.jsonl"
     dead.unlink(missing_ok=True)
-    command = [*cli_command(), *run_args(f"jsonl:{path}", dead, worker)]
+    entry = what_if_prefix(args.what_if, "hotpath") or cli_command()
+    command = [*entry, *run_args(f"jsonl:{path}", dead, worker)]
     w = run_pinned(command, f"hotpath-worker-{number}", args.timeout, quiet)
     summary, _ = worker_summary(w.process, Path(w.process.log_path))
     python = str(BIN / "python") if (BIN / "python").exists() else sys.executable
     reference = [python, str(HERE / "reference_worker.py"), str(path), "--batch-size", "100"]
-    r = run_pinned(reference, f"hotpath-reference-{number}", args.timeout, quiet)
+    r = (
+        w
+        if args.no_yardsticks
+        else run_pinned(reference, f"hotpath-ref-{number}", args.timeout, quiet)
+    )
     ref_summary = summary_of(Path(r.process.log_path))
     if r.process.returncode != 0 or ref_summary.get("records_read") != lines:
         raise SystemExit(f"reference worker failed: see {r.process.log_path}")
-    bare_wall, bare_cpu, bare_lines = bare_loop(path)
+    bare_wall, bare_cpu, bare_lines = (1.0, 1.0, lines) if args.no_yardsticks else bare_loop(path)
     if summary.get("records_read") != lines or summary.get("ending") != "drained":
         raise SystemExit(f"worker did not drain {lines} records: {summary}")
     wp, rp = w.process, r.process
@@ -184,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--quiet-wait", type=float, default=30.0)
+    parser.add_argument("--what-if", help="Python run in the worker before main() (experiments)")
+    parser.add_argument("--no-yardsticks", action="store_true", help="the worker only")
     args = parser.parse_args(argv)
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 cores: the worker on one, the simulator on the other")

@@ -316,6 +316,33 @@ class TestDecodeProperties:
         assert f"field {name!r} " in result.reason
 
 
+ANY_VALUE = st.one_of(WRONG, TEXT, st.booleans(), st.just("2024-02-30"), st.just("1990-05-17"))
+NAMES = st.sampled_from(sorted(FIELDS | {"id", "Phone", "extra9"}))
+
+
+class TestFastPathAgreesWithTheFieldByFieldCheck:
+    """decode takes a change whose fields all look right through a few C-level calls, and
+    every other object through validate's loop: the two must never disagree."""
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.dictionaries(NAMES, ANY_VALUE, max_size=6), st.one_of(IDS, WRONG, st.none()))
+    def test_decode_accepts_exactly_what_validate_accepts(
+        self, fields: dict[str, Any], ident: Any
+    ) -> None:
+        obj = {**fields, "ID": ident} if ident is not None else fields
+        try:
+            line = orjson.dumps(obj)
+        except TypeError:  # an integer beyond 64 bits: not JSON orjson writes
+            return
+        result = decode(line, "tok")
+        problem = validate(orjson.loads(line))
+        if problem is None:
+            assert Change(str(obj["ID"]), orjson.loads(line), "tok") == result
+        else:
+            assert isinstance(result, Invalid)
+            assert problem == result.reason
+
+
 class TestKeyMismatch:
     def test_same_string_form_is_no_problem_another_names_both(self) -> None:
         """A change filed under its own ID's string form belongs there (an integer ID 123

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.factories import change
+from worker.core.batch import Batch
 from worker.core.coalesce import Coalescer
 
 
@@ -52,15 +53,15 @@ class TestCoalescerMerging:
         assert {"ID": "7", "lastname": "Lee", "firstname": "Bo"} == entry.body
         assert None is coalescer.peek()
 
-    def test_merged_entry_is_reencoded(self) -> None:
-        """A merge after the entry was encoded drops the stale encoding."""
+    def test_a_batch_keeps_the_body_it_was_formed_with(self) -> None:
+        """A change merged after its ID went out waits for the next request: the body of
+        the request in flight is not touched."""
         coalescer = Coalescer()
         coalescer.add(change(1, "a", lastname="Lee"), now=0.0)
-        peeked = coalescer.peek()
-        assert peeked is not None
-        peeked.encoded = b"stale"
+        batch = Batch([coalescer.pop()], 1)
+        sent = batch.body()
         coalescer.add(change(1, "b", lastname="Maes"), now=0.0)
-        assert None is coalescer.pop().encoded
+        assert sent == batch.body() == b'[{"ID":1,"lastname":"Lee"}]'
 
     def test_since_and_seq_are_those_of_the_oldest_change(self) -> None:
         """Linger and fairness count from the oldest change merged into an entry."""

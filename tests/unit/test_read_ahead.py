@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from worker.backends.ahead import ReadAhead, ReadAheadAbandoned
@@ -44,7 +45,7 @@ async def test_the_group_waits_for_it_and_a_shielded_read_outlives_the_cancellat
 
     async with anyio.create_task_group() as tg:
         ahead = ReadAhead(tg, read, limit_s=5, shield=True)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         tg.cancel_scope.cancel()
     assert answered.is_set()
     assert [7] == ahead.result()
@@ -58,7 +59,7 @@ async def test_an_unshielded_read_ends_with_the_group_as_abandoned() -> None:
     with anyio.fail_after(2):
         async with anyio.create_task_group() as tg:
             ahead = ReadAhead(tg, read, limit_s=5)
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             tg.cancel_scope.cancel()
     assert ahead.done()
     assert isinstance(ahead.error, ReadAheadAbandoned)

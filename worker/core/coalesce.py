@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from worker.core.change import Change
@@ -25,7 +25,6 @@ class Entry:
     """Arrival number of the oldest change merged here: the fairness order."""
     since: float
     """Arrival time of the oldest change merged here: what linger is measured from."""
-    encoded: bytes | None = field(default=None, repr=False)
 
 
 class Coalescer:
@@ -61,7 +60,6 @@ class Coalescer:
         if entry is not None:
             entry.body.update(change.fields)
             entry.tokens.append(change.token)
-            entry.encoded = None
             self.coalesced += 1
             return
         self._seq += 1
@@ -111,6 +109,16 @@ class Coalescer:
         self._in_flight.add(key)
         self.changes_waiting -= len(entry.tokens)
         return entry
+
+    def give_back(self, entries: list[Entry]) -> None:
+        """Entries just popped and not sent after all: waiting and ready again, in the place
+        their oldest change gives them (nothing can have merged into their IDs meanwhile)."""
+        for entry in entries:
+            key = entry.key
+            self._in_flight.discard(key)
+            self._waiting[key] = entry
+            self.changes_waiting += len(entry.tokens)
+            heapq.heappush(self._again, (entry.seq, key))
 
     def release(self, key: str) -> None:
         """The request holding ``key`` ended (applied or dead-lettered): newer changes may go."""

@@ -353,7 +353,8 @@ class Scheduler:
 
     def _form(self, now: float) -> Batch | None:
         limits = self.settings.limits
-        entries, _ = fill(self.coalescer, self.ceiling, limits.max_bytes)
+        entries, body = fill(self.coalescer, self.ceiling, limits.max_bytes)
+        encoded: bytes | None = body
         if self._suspects:
             kept = []
             for entry in entries:
@@ -361,10 +362,11 @@ class Scheduler:
                     self._urgent.append(Batch([entry], self._number(), Purpose.SUSPECT))
                 else:
                     kept.append(entry)
-            entries = kept
+            if len(kept) < len(entries):
+                entries, encoded = kept, None
         if not entries:
             return None
-        return Batch(entries, self._number())
+        return Batch(entries, self._number(), encoded=encoded)
 
     # -- outcomes --------------------------------------------------------------------------
 
@@ -487,9 +489,7 @@ class Scheduler:
                 part.abandoned_at = parent.abandoned_at
         return parts
 
-    def _lone_not_found(
-        self, batch: Batch, verdict: Verdict, now: float, settled: Settled
-    ) -> None:
+    def _lone_not_found(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
         """A lone contact answered 404: held for a 2xx that shows the API answers for real.
 
         An ID already found missing (sent alone as a suspect) was proven missing by an
