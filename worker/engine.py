@@ -26,7 +26,7 @@ from aiolimiter import AsyncLimiter
 
 from worker.backends.base import Held, HeldRecords, Record, Source
 from worker.core.batch import Batch
-from worker.core.change import Change, Invalid, decode
+from worker.core.change import Invalid, decode_all
 from worker.core.classify import Action, Verdict, classify, classify_failure
 from worker.core.coalesce import Entry
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
@@ -388,18 +388,17 @@ class Engine:
     async def _take(self, records: Sequence[Record]) -> None:
         scheduler = self.scheduler
         now = self._clock()
-        invalid: list[Invalid] = []
-        misfiled = self.source.misfiled if self.source.files_by_key else None
-        for token, line in records:
-            item = decode(line, token)
-            if type(item) is Change:
-                problem = None if misfiled is None else misfiled(token, item.key)
+        valid, invalid = decode_all(records)
+        if self.source.files_by_key and valid:
+            misfiled, kept = self.source.misfiled, []
+            for item in valid:
+                problem = misfiled(item[2], item[0])
                 if problem is None:
-                    scheduler.add(item, now)
+                    kept.append(item)
                 else:
-                    invalid.append(Invalid(problem, token, change=item.fields))
-            else:
-                invalid.append(item)  # type: ignore[arg-type]
+                    invalid.append(Invalid(problem, item[2], change=item[1]))
+            valid = kept
+        scheduler.add_all(valid, now)
         self.stats.records += len(records)
         self._notify()
         if invalid:

@@ -15,6 +15,7 @@ from worker.core.change import (
     Change,
     Invalid,
     decode,
+    decode_all,
     key_mismatch,
     key_of,
     validate,
@@ -341,6 +342,28 @@ class TestFastPathAgreesWithTheFieldByFieldCheck:
         else:
             assert isinstance(result, Invalid)
             assert problem == result.reason
+
+
+class TestDecodeAll:
+    """The hot path's decode of many records gives decode's verdicts, in order."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                valid_changes().map(orjson.dumps),
+                st.dictionaries(NAMES, ANY_VALUE, max_size=4).map(orjson.dumps),
+                st.sampled_from([b"{", b"[1]", b"null", b'"x"', b"\xff"]),
+            ),
+            max_size=12,
+        )
+    )
+    def test_same_verdicts_as_decode_one_by_one(self, lines: list[bytes]) -> None:
+        records = list(enumerate(lines))
+        valid, invalid = decode_all(records)
+        one_by_one = [decode(line, token) for token, line in records]
+        assert [(c.key, c.fields, c.token) for c in one_by_one if type(c) is Change] == valid
+        assert [i for i in one_by_one if type(i) is Invalid] == invalid
 
 
 class TestKeyMismatch:

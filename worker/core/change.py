@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,10 @@ class Change:
     """The object as it will be sent, ``ID`` included with its original type."""
     token: Hashable
     """The source's handle for acknowledging the record this change came from."""
+
+
+Decoded = tuple[str, dict[str, Any], Hashable]
+"""A valid change as the hot path carries it: (coalescing key, fields, token)."""
 
 
 @dataclass(slots=True)
@@ -178,6 +182,32 @@ def decode(line: bytes, token: Hashable) -> Change | Invalid:
     if type(obj) is dict:
         return Invalid(problem, token, change=obj)
     return Invalid(problem, token, raw=line.decode("utf-8", errors="replace"))
+
+
+def decode_all(records: Sequence[tuple[Hashable, bytes]]) -> tuple[list[Decoded], list[Invalid]]:
+    """Decode and validate many records: the valid changes, in order, and the invalid ones.
+
+    The same verdicts as :func:`decode`, in one loop and without a :class:`Change` per record
+    (the engine's hot path)."""
+    valid: list[Decoded] = []
+    invalid: list[Invalid] = []
+    append, loads, plain = valid.append, orjson.loads, _plainly_valid
+    for token, line in records:
+        try:
+            obj = loads(line)
+        except orjson.JSONDecodeError:
+            invalid.append(decode(line, token))  # type: ignore[arg-type]
+            continue
+        key = plain(obj) if type(obj) is dict else None
+        if key is not None:
+            append((key, obj, token))
+            continue
+        item = decode(line, token)
+        if type(item) is Change:
+            append((item.key, item.fields, token))
+        else:
+            invalid.append(item)  # type: ignore[arg-type]
+    return valid, invalid
 
 
 def key_mismatch(key: str, filed: str, where: str) -> str | None:

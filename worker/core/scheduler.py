@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from worker.core.backoff import MAX_RETRY_AFTER_S, Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose, fill, flush_due
-from worker.core.change import Change
+from worker.core.change import Change, Decoded
 from worker.core.classify import Action, Verdict
 from worker.core.coalesce import Coalescer, Covers, Entry
 from worker.core.split import DeadLetter, culprit, halves, release_held, split_known_bad
@@ -206,10 +206,15 @@ class Scheduler:
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change from the source."""
-        self.stats.changes += 1
+        self.add_all([(change.key, change.fields, change.token)], now)
+
+    def add_all(self, changes: list[Decoded], now: float) -> None:
+        """Take valid changes from the source, in its order."""
+        self.stats.changes += len(changes)
         if self._replays:
-            self._count_replayed(change.key)
-        self.coalescer.add(change, now)
+            for key, _, _ in changes:
+                self._count_replayed(key)
+        self.coalescer.add_all(changes, now)
 
     @property
     def has_room(self) -> bool:
