@@ -176,5 +176,5 @@ if __name__ == "__main__":
     parser.add_argument("--max-waiting", type=int, default=200_000)
     args = parser.parse_args()
     gc.freeze()
-    gc.set_threshold(10_000, 10, 10)  # as the worker tunes its own: compare code, not settings
+    gc.set_threshold(50_000, 20, 20)  # as the worker tunes its own: compare code, not settings
     print(orjson.dumps(asyncio.run(main(args))).decode(), file=sys.stderr, flush=True)
