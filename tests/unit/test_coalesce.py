@@ -203,3 +203,34 @@ class TestCoalescerCounts:
         coalescer.pop()
         assert 0 == coalescer.changes_waiting
         assert 1 == coalescer.coalesced  # "d" found nothing waiting to merge into
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 6)),
+        st.tuples(st.just("pop"), st.just(0)),
+        st.tuples(st.just("release"), st.integers(0, 6)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS, st.integers(0, 8))
+def test_pop_many_takes_what_as_many_pops_would(ops: list[tuple[str, int]], count: int) -> None:
+    """Whatever came before (merges, IDs in flight, releases that make IDs ready again),
+    pop_many(n) takes the same entries in the same order as n calls of pop."""
+    one, many = Coalescer(), Coalescer()
+    for number, (op, key) in enumerate(ops):
+        for coalescer in (one, many):
+            if op == "add":
+                coalescer.add(change(key, number, extra1=str(number)), now=float(number))
+            elif op == "pop" and coalescer.ready_count:
+                coalescer.pop()
+            elif op == "release" and coalescer.is_in_flight(str(key)):
+                coalescer.release(str(key))
+    expected = [one.pop() for _ in range(min(count, one.ready_count))]
+    assert [(e.key, e.tokens) for e in expected] == [
+        (e.key, e.tokens) for e in many.pop_many(count)
+    ]
+    assert (one.ready_count, one.changes_waiting) == (many.ready_count, many.changes_waiting)

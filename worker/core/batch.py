@@ -92,11 +92,9 @@ def fill(coalescer: Coalescer, ceiling: int, max_bytes: int) -> tuple[list[Entry
     ``ceiling`` entries is over ``max_bytes``, the longest prefix that fits goes and the rest
     is given back, ready again in its place.
     """
-    count = min(ceiling, coalescer.ready_count)
-    pop = coalescer.pop
-    taken = [pop() for _ in range(count)]
+    taken = coalescer.pop_many(ceiling)
     body = orjson.dumps([entry.body for entry in taken])
-    if len(body) <= max_bytes or count <= 1:
+    if len(body) <= max_bytes or len(taken) <= 1:
         return taken, body
     size, keep = 1, 0  # the brackets, less the first comma that is not written
     for entry in taken:

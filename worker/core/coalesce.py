@@ -129,6 +129,24 @@ class Coalescer:
             self.changes_waiting += len(entry.tokens)
             heapq.heappush(self._again, (entry.seq, key))
 
+    def pop_many(self, count: int) -> list[Entry]:
+        """Take the ``count`` oldest ready entries (at most :attr:`ready_count`), as
+        :meth:`pop` would one by one: the batcher's hot path."""
+        fresh, again, waiting, in_flight = self._fresh, self._again, self._waiting, self._in_flight
+        taken: list[Entry] = []
+        append, changes = taken.append, 0
+        for _ in range(min(count, len(fresh) + len(again))):
+            if again and not (fresh and waiting[fresh[0]].seq < again[0][0]):
+                key = heapq.heappop(again)[1]
+            else:
+                key = fresh.popleft()
+            entry = waiting.pop(key)
+            in_flight.add(key)
+            changes += len(entry.tokens)
+            append(entry)
+        self.changes_waiting -= changes
+        return taken
+
     def release(self, key: str) -> None:
         """The request holding ``key`` ended (applied or dead-lettered): newer changes may go."""
         self._in_flight.discard(key)
