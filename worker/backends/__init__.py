@@ -62,6 +62,7 @@ SCHEMES: dict[str, str] = {
     "rediss": "redis",
     "postgresql": "postgres",
     "postgres": "postgres",
+    "kafka": "kafka",
 }
 """The one scheme table: URI scheme -> the package under :mod:`worker.backends` serving it."""
 
@@ -99,7 +100,7 @@ def open_source(uri: str, *, follow: bool = False, checkpoint: str | None = None
         uri,
         lambda backend: backend.open_source(uri, follow=follow, checkpoint=checkpoint),
         f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin), sqlite:PATH,"
-        " redis://... or postgresql://...",
+        " redis://..., postgresql://... or kafka://...",
     )
 
 
@@ -128,5 +129,6 @@ def producer_for(uri: str) -> tuple[Init, Enqueue]:
     return offered(
         uri,
         lambda backend: backend.producer(),
-        f"unsupported input {uri!r}: use sqlite:PATH, redis://HOST:PORT/DB or postgresql://...",
+        f"unsupported input {uri!r}: use sqlite:PATH, redis://HOST:PORT/DB, postgresql://..."
+        " or kafka://HOST:PORT/TOPIC",
     )
