@@ -30,15 +30,14 @@ def uri_of(tansu: Tansu, topic: str, query: str = "") -> str:
     return f"kafka://{tansu.bootstrap}/{topic}?poll_s=0.1{query}"
 
 
-async def committed(tansu: Tansu, topic: str, partitions: int, group: str = "contact-worker"
-                    ) -> dict[int, int | None]:
+async def committed(
+    tansu: Tansu, topic: str, partitions: int, group: str = "contact-worker"
+) -> dict[int, int | None]:
     """The group's committed offset of each partition, as another client sees it."""
     consumer = AIOKafkaConsumer(bootstrap_servers=tansu.bootstrap, group_id=group)
     await consumer.start()
     try:
-        return {
-            p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)
-        }
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
     finally:
         await consumer.stop()
 

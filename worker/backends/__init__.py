@@ -109,8 +109,8 @@ def open_sink(uri: str) -> DeadLetterSink:
     return offered(
         uri,
         lambda backend: backend.open_sink(uri),
-        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, sqlite:PATH, redis://... or"
-        " postgresql://...",
+        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, sqlite:PATH, redis://...,"
+        " postgresql://... or kafka://...",
     )
 
 
@@ -120,7 +120,7 @@ def open_store(uri: str) -> DeadLetterStore:
         uri,
         lambda backend: backend.open_store(uri),
         f"unsupported dead-letter store {uri!r}: use the URI given to --dlq: jsonl:PATH,"
-        " sqlite:PATH, redis://...?stream=... or postgresql://...?table=...",
+        " sqlite:PATH, redis://...?stream=..., postgresql://...?table=... or kafka://HOST:PORT/TOPIC",
     )
 
 

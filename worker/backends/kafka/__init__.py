@@ -11,6 +11,8 @@ from worker.backends import Backend, Enqueue, Init
 # opened.
 if TYPE_CHECKING:
     from worker.backends.base import Source
+    from worker.deadletters.base import DeadLetterSink
+    from worker.deadletters.store import DeadLetterStore
 
 
 class KafkaBackend(Backend):
@@ -21,6 +23,18 @@ class KafkaBackend(Backend):
         from worker.backends.kafka.source import from_uri
 
         return from_uri(uri)
+
+    def open_sink(self, uri: str) -> DeadLetterSink | None:
+        """The topic ``<topic>.dead-letters`` (or ``dead_topic``)."""
+        from worker.backends.kafka.sink import from_uri
+
+        return from_uri(uri)
+
+    def open_store(self, uri: str) -> DeadLetterStore | None:
+        """The dead-letter topic, marked in ``<dead-letter topic>.replayed``."""
+        from worker.backends.kafka.store import KafkaStore
+
+        return KafkaStore.from_uri(uri)
 
     def producer(self) -> tuple[Init, Enqueue] | None:
         """Create the topics; produce records keyed by ID."""
