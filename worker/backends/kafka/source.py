@@ -26,6 +26,8 @@ from typing import Any, cast
 import anyio
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
     ConsumerStoppedError,
@@ -131,6 +133,9 @@ class KafkaSource(Source):
             rebalance_timeout_ms=max(session_ms, 30_000),
             max_poll_interval_ms=24 * 3600 * 1000,  # the engine's backpressure is not a stall
             retry_backoff_ms=200,
+            # Sticky: a rebalance moves as few partitions as it can (round robin for groups
+            # with members that do not offer sticky).
+            partition_assignment_strategy=(StickyPartitionAssignor, RoundRobinPartitionAssignor),
             **address.client_options(),
         )
         try:
