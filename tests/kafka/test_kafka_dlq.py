@@ -9,13 +9,11 @@ import anyio
 import pytest
 
 from tests.cli.test_cli import Gateway
-from tests.dlq.conftest import (  # noqa: F401 - fixtures of these tests too
+from tests.dlq.conftest import (
     DEAD,
     Dlq,
     applied_after_replay,
     applied_first,
-    dlq,
-    gateway,
     input_bytes,
     reasons,
     run_worker,
@@ -31,7 +29,7 @@ def test_show_replay_run_again(
     gateway: Gateway,
     tansu: Tansu,
     topic: str,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     """A real run leaves its dead letters in `<topic>.dead-letters`; `show` counts them; once
     the contacts exist `replay --reason not_found` produces them back into the topic, the next

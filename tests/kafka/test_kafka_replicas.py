@@ -83,7 +83,9 @@ def test_three_replicas_one_killed(tmp_path: Path, tansu: Tansu, topic: str) -> 
     changes come: every change is applied, per contact the sequence numbers never go back,
     every offset is committed, and SIGTERM stops every replica with 0."""
     partitions = 6
-    uri = f"kafka://{tansu.bootstrap}/{topic}?partitions={partitions}&poll_s=0.1&session_timeout_s=3"
+    uri = (
+        f"kafka://{tansu.bootstrap}/{topic}?partitions={partitions}&poll_s=0.1&session_timeout_s=3"
+    )
     gw = Gateway("--known-count", "300", "--latency", "uniform:30:90", "--record-history")
     replicas: list[Replica] = []
     try:
@@ -118,8 +120,9 @@ def test_three_replicas_one_killed(tmp_path: Path, tansu: Tansu, topic: str) -> 
                 )
                 replicas[1].kill()  # with records read and not acknowledged
                 wait(
-                    lambda: [replicas[i].metric("input_partitions_held") for i in (0, 2)]
-                    == [3.0, 3.0],
+                    lambda: (
+                        [replicas[i].metric("input_partitions_held") for i in (0, 2)] == [3.0, 3.0]
+                    ),
                     60,
                     "r1 and r3 never took r2's partitions over (3 + 3)",
                 )

@@ -19,6 +19,7 @@ new ones start from their committed offsets, as a replay range (DESIGN 9).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any, cast
@@ -55,6 +56,8 @@ log = structlog.get_logger("worker.backends.kafka")
 KafkaToken = tuple[int, int, str | None]
 """A record's token: its partition, its offset and its key (the contact ID it is filed under)."""
 
+SLOW_COMMIT_S = 5.0
+"""A commit taking longer than this marks the input unavailable until one succeeds."""
 QUIET_WAIT_S = 0.01
 """How often a revocation looks whether the requests in flight finished."""
 
@@ -162,7 +165,7 @@ class KafkaSource(Source):
         try:
             await self._commit(consumer)
         finally:
-            await consumer.stop()
+            await _stop(consumer)
         log.info(
             "kafka source closed",
             acked=self.acked,
@@ -366,7 +369,12 @@ class KafkaSource(Source):
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
+            async with anyio.create_task_group() as watch:
+                # aiokafka waits for the group coordinator without limit: say meanwhile that
+                # the input is out (the engine's acknowledgements wait with the commit).
+                watch.start_soon(self._slow_commit)
+                await consumer.commit(offsets)
+                watch.cancel_scope.cancel()
         except (CommitFailedError, IllegalStateError) as exc:
             # The group re-formed meanwhile: the next round (or the next holder) commits.
             log.info("kafka.commit_skipped", error=str(exc))
@@ -381,6 +389,11 @@ class KafkaSource(Source):
             kept = self._holdings.get(p)
             if kept is not None:
                 kept.progress.committed = point
+
+    async def _slow_commit(self) -> None:
+        await anyio.sleep(SLOW_COMMIT_S)
+        self.outages.failed("commit", "waiting for the group coordinator (brokers unreachable?)")
+        log.warning("kafka.commit_waiting", server=self.address.display)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -427,6 +440,18 @@ class KafkaSource(Source):
         if self._consumer is None:
             raise SourceError(f"kafka {self.address.display}: not open")
         return self._consumer
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    """Stop the consumer. aiokafka lets the cancellation of a fetch it was retrying (brokers
+    unreachable) escape from ``stop``: swallowed here unless this task is being cancelled."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("kafka.stopped_mid_fetch", detail="a fetch was being retried at stop")
 
 
 def from_uri(uri: str) -> KafkaSource:
