@@ -191,6 +191,10 @@ class Engine:
             self._notify()
         return changes
 
+    def ids_in_flight(self) -> int:
+        """Contact IDs with a request in flight now (retries waiting included)."""
+        return self.scheduler.coalescer.ids_in_flight
+
     # -- replay ranges (DESIGN 9: the source's ReplayListener) ------------------------------
 
     def replay_started(self, name: str, covers: Callable[[str], bool] | None) -> None:

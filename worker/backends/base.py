@@ -71,6 +71,11 @@ class AssignmentListener(Protocol):
         forgotten. Requests already in flight still finish."""
         ...
 
+    def ids_in_flight(self) -> int:
+        """Contact IDs with a request in flight now (retries waiting included): an input
+        whose group protocol lets it wait for them before giving partitions up asks this."""
+        ...
+
 
 NOTHING_LOST: Mapping[str, int] = MappingProxyType({})
 
