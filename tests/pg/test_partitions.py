@@ -66,7 +66,9 @@ pytestmark = pytest.mark.anyio
 
 
 class TestInTheEnginesTaskGroup:
-    async def test_keepers_run_in_the_engine_and_stop_with_it(self, db: Db, tmp_path: Path) -> None:
+    async def test_keepers_run_in_the_engine_and_stop_with_it(
+        self, db: Db, tmp_path: Path
+    ) -> None:
         """The lease and partition keepers are started by the engine, in its task group: once
         the run is over (the source still open) nothing of the source is left running."""
         await enqueue(db.uri(partitions=2), [line(i, 1) for i in range(1, 21)])
