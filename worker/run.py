@@ -177,7 +177,11 @@ async def _prepare(
             timeout_s=settings.request_timeout_s,
         )
     )
-    engine = Engine(source, sink, sender, engine_settings(settings, handle_signals=False))
+    # Replicas of one redis:// or postgresql:// input share the account's rate in its store.
+    shared = source.shared_rate() if settings.rate else None
+    engine = Engine(
+        source, sink, sender, engine_settings(settings, handle_signals=False), shared_rate=shared
+    )
     if settings.http_port:
         # Before the check: a port that is taken is a setting to fix, found before any request
         # is sent. /readyz says `starting` until the engine runs.
