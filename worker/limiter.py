@@ -23,8 +23,8 @@ import anyio
 
 from worker.core.rate import Schedule, ScheduleStatistics
 
-BINDING_WINDOW_S = 2.0
-BINDING_SHARE = 0.8
+BINDING_WINDOW_S = 1.0
+BINDING_SHARE = 0.6
 """The rate binds when the last BINDING_WINDOW_S used at least this share of it."""
 
 
