@@ -86,6 +86,20 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+AUTO = "auto"
+"""``--rate auto``: the worker learns the API's rate limit (worker.core.adapt)."""
+
+
+def rate_value(text: str) -> float | str:
+    """``auto``, or requests/s: a finite number >= 0 (0 = no limit)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return non_negative_float(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0."""
     value = _number(text, float)
@@ -165,7 +179,11 @@ class Settings:
     api_url: str = "https://api.smsgatewayapi.com"
     batch_size: int = 100
     linger_ms: float = 200.0
-    rate: float = 10.0
+    rate: float | str = 10.0
+    """Requests/s, or ``auto`` (:data:`AUTO`)."""
+    max_rate: float = 200.0
+    """The most requests/s ``--rate auto`` ever tries."""
+    max_retry_after_s: float = 300.0
     concurrency: int = 8
     http_port: int = 9102
     follow: bool = False
@@ -273,10 +291,29 @@ OPTIONS: tuple[Option, ...] = (
         "rate",
         "--rate",
         "WORKER_RATE",
-        non_negative_float,
+        rate_value,
         _DEFAULTS["rate"],
-        "most requests per second (0 = no limit)",
+        "most requests per second, in any one second, for the whole account (replicas on one"
+        " redis:// or postgresql:// input share it); auto = learn the API's limit; 0 = no limit",
         metavar="R",
+    ),
+    Option(
+        "max_rate",
+        "--max-rate",
+        "WORKER_MAX_RATE",
+        positive_float,
+        _DEFAULTS["max_rate"],
+        "the most requests per second --rate auto tries",
+        metavar="R",
+    ),
+    Option(
+        "max_retry_after_s",
+        "--max-retry-after",
+        "WORKER_MAX_RETRY_AFTER",
+        positive_float,
+        _DEFAULTS["max_retry_after_s"],
+        "longest Retry-After honoured, in seconds; a longer one is capped",
+        metavar="SECONDS",
     ),
     Option(
         "concurrency",

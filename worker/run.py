@@ -15,7 +15,8 @@ from aiohttp import web
 from worker.backends.base import Source, SourceError
 from worker.backends.sqlite.ingest import add_ingest_routes
 from worker.backends.sqlite.source import SqliteSpoolSource
-from worker.config import Settings, redact_uri
+from worker.config import AUTO, Settings, redact_uri
+from worker.core.adapt import AdaptSettings
 from worker.core.backoff import Backoff
 from worker.core.batch import BatchLimits
 from worker.core.scheduler import SchedulerSettings
@@ -53,7 +54,7 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
     limits = BatchLimits(settings.batch_size, settings.max_body_bytes, settings.linger_ms / 1000)
     scheduler = SchedulerSettings(
         limits=limits,
-        backoff=Backoff(),
+        backoff=Backoff(max_retry_after_s=settings.max_retry_after_s),
         max_waiting=settings.max_waiting,
         suspect_ttl_s=settings.suspect_ttl_s,
         max_retries=settings.max_retries,
@@ -61,13 +62,15 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         max_not_found_run=settings.max_not_found_run,
         timeout_grace_s=timeout_grace_s(settings),
     )
+    auto = settings.rate == AUTO
     return EngineSettings(
         scheduler,
-        settings.rate,
-        settings.concurrency,
-        settings.drain_timeout_s,
-        handle_signals,
-        settings.progress_interval_s,
+        0.0 if auto else float(settings.rate),
+        AdaptSettings(max_rate=settings.max_rate) if auto else None,
+        concurrency=settings.concurrency,
+        drain_timeout_s=settings.drain_timeout_s,
+        handle_signals=handle_signals,
+        progress_interval_s=settings.progress_interval_s,
     )
 
 
@@ -178,7 +181,11 @@ async def _prepare(
             timeout_s=settings.request_timeout_s,
         )
     )
-    engine = Engine(source, sink, sender, engine_settings(settings, handle_signals=False))
+    # Replicas of one redis:// or postgresql:// input share the account's rate in its store.
+    shared = source.shared_rate() if settings.rate else None
+    engine = Engine(
+        source, sink, sender, engine_settings(settings, handle_signals=False), shared_rate=shared
+    )
     if settings.http_port:
         # Before the check: a port that is taken is a setting to fix, found before any request
         # is sent. /readyz says `starting` until the engine runs.
@@ -196,9 +203,12 @@ async def _prepare(
         )
     # Before the engine (which reads) and before /readyz says ready: a refused login or a
     # misconfigured host stops the run with nothing read.
-    finding = await check_api(sender, request_timeout_s=settings.request_timeout_s)
+    finding = await check_api(
+        sender, request_timeout_s=settings.request_timeout_s, limiter=engine.limiter
+    )
     if finding.refusal is not None:
         raise finding.refusal
+    engine.pause_from_check(finding.retry_after_s)
     log.info(
         "starting",
         source=redact_uri(settings.source),

@@ -14,7 +14,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from worker.core.backoff import MAX_RETRY_AFTER_S, Backoff
+from worker.core.backoff import Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose, fill, flush_due
 from worker.core.change import Change, Decoded
 from worker.core.classify import Action, Verdict
@@ -584,7 +584,7 @@ class Scheduler:
             return
         delay = self.settings.backoff.delay(batch.attempt, self._rand(), verdict.retry_after_s)
         if verdict.retry_after_s is not None:
-            wait = min(verdict.retry_after_s, MAX_RETRY_AFTER_S)
+            wait = min(verdict.retry_after_s, self.settings.backoff.max_retry_after_s)
             self.paused_until = max(self.paused_until, now + wait)
         batch.not_before = now + delay
         heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
