@@ -15,9 +15,10 @@ from aiohttp import web
 from worker.backends.base import Source, SourceError
 from worker.backends.sqlite.ingest import add_ingest_routes
 from worker.backends.sqlite.source import SqliteSpoolSource
-from worker.config import Settings, redact_uri
+from worker.config import AUTO, Settings, redact_uri, senders
 from worker.core.backoff import Backoff
 from worker.core.batch import BatchLimits
+from worker.core.concurrency import AdaptiveSettings
 from worker.core.scheduler import SchedulerSettings
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
 from worker.engine import Ending, Engine, EngineSettings, Result
@@ -61,13 +62,15 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         max_not_found_run=settings.max_not_found_run,
         timeout_grace_s=timeout_grace_s(settings),
     )
+    adaptive = settings.concurrency == AUTO
     return EngineSettings(
         scheduler,
         settings.rate,
-        settings.concurrency,
+        senders(settings),
         settings.drain_timeout_s,
         handle_signals,
         settings.progress_interval_s,
+        adaptive=AdaptiveSettings(max_limit=settings.max_concurrency) if adaptive else None,
     )
 
 
@@ -170,7 +173,7 @@ async def _prepare(
             settings.api_url,
             settings.client_id,
             settings.client_secret,
-            concurrency=settings.concurrency,
+            concurrency=senders(settings),
             timeout_s=settings.request_timeout_s,
         )
     )
