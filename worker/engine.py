@@ -366,8 +366,8 @@ class Engine:
                 if records is None:
                     break
                 if isinstance(records, HeldRecords):
-                    for held in records:
-                        await self._take_slices(held.records, held)
+                    for i, held in enumerate(records, start=1):
+                        await self._take_slices(held.records, held, i < len(records))
                 else:
                     await self._take_slices(records, None)
         self._reading_done = True
@@ -376,12 +376,19 @@ class Engine:
             self._replay_ended(scheduler.end_all_replays(self._clock()))
         self._notify()
 
-    async def _take_slices(self, records: Sequence[Record], held: Held | None) -> None:
+    async def _take_slices(
+        self, records: Sequence[Record], held: Held | None, more: bool = False
+    ) -> None:
         """Take these records in, a slice at a time, waiting for room before each; records
-        read under a holding that ended meanwhile (``held``) are dropped, never acknowledged."""
+        read under a holding that ended meanwhile (``held``) are dropped, never acknowledged.
+        While more is readable (the rest of these, ``more`` records after them, or what the
+        source says it has), the scheduler reads ahead before it sends."""
         scheduler = self.scheduler
         # Slices keep the bound on waiting changes close, whatever the chunk size.
         for start in range(0, len(records), READ_SLICE):
+            scheduler.read_ahead(
+                more or start + READ_SLICE < len(records) or self.source.backlog, self._clock()
+            )
             while not scheduler.may_read:
                 self._replay_ended(scheduler.end_replays_when_full(self._clock()))
                 await self._wait_for_change(None)
@@ -398,6 +405,8 @@ class Engine:
                 return
             await self._take(records[start : start + READ_SLICE])
             await anyio.lowlevel.checkpoint()
+        if scheduler.read_ahead(more or self.source.backlog, self._clock()):
+            self._notify()  # the backlog is read: senders waiting for it may go
 
     async def _take(self, records: Sequence[Record]) -> None:
         scheduler = self.scheduler

@@ -160,6 +160,7 @@ class PartitionedRedisSource(PartitionLeases):
                         self._ahead = None  # its records are in the buffer already
                 if self._full_read and self._ahead is None:
                     self._ahead = asyncio.get_running_loop().create_task(self._read_ahead())
+                self.backlog = self._full_read
                 if held:
                     return held
                 continue
