@@ -1,8 +1,9 @@
 """The engine: anyio tasks carrying out the scheduler's decisions (DESIGN "Data flow").
 
 reader: source -> decode+validate -> scheduler (waits while the scheduler is full)
-senders (x concurrency): rate limiter -> next batch -> PATCH -> classify -> scheduler.resolve
-    -> dead letters (durable) -> the acknowledger's queue (waits while it is full)
+senders (x concurrency): [a slot under the adaptive limit] -> rate limiter -> next batch -> PATCH
+    -> classify -> scheduler.resolve -> dead letters (durable) -> the acknowledger's queue
+    (waits while it is full)
 acknowledger: everything queued since its last write -> source.ack, one call at a time
 reporter (with a progress interval): one ``progress`` log event per interval
 Everything that decides lives in ``worker.core``; this module only waits, sends and writes.
@@ -29,6 +30,7 @@ from worker.core.batch import Batch
 from worker.core.change import Invalid, decode_all
 from worker.core.classify import Action, Verdict, classify, classify_failure
 from worker.core.coalesce import Entry
+from worker.core.concurrency import AdaptiveLimit, AdaptiveSettings, Sample
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
@@ -41,6 +43,10 @@ log = structlog.get_logger("worker.engine")
 READ_SLICE = 1024
 """Records handed to the scheduler at a time between checks of its bound; the reader lets
 the senders run after each slice (the cadence ``worker.bench.model.sender_pace`` assumes)."""
+
+RATE_WAITED_S = 0.001
+"""A sender that waited longer than this for the rate limiter was held by the rate: its
+request tells the adaptive concurrency limit that more in flight would not help."""
 
 ACK_BACKLOG = 50_000
 """Changes settled and not yet acknowledged above which the senders wait for the acknowledger
@@ -84,10 +90,13 @@ class EngineSettings:
     """Pauses of every sender at least this long are logged at warning and make /readyz
     say ``paused``."""
     concurrency: int = 8
+    """Senders: requests in flight at most (the ceiling, with ``adaptive``)."""
     drain_timeout_s: float = 30.0
     handle_signals: bool = True
     progress_interval_s: float = 0.0
     """Seconds between ``progress`` log events; 0 = none."""
+    adaptive: AdaptiveSettings | None = None
+    """``--concurrency auto``: in flight follows :class:`AdaptiveLimit` up to ``concurrency``."""
 
 
 @dataclass(slots=True)
@@ -167,6 +176,11 @@ class Engine:
         """Every request waits for it, the start-up check's included (worker.run)."""
         self._paused_until = 0.0
         self._long_pause_until = 0.0
+        adaptive = self.settings.adaptive
+        self.adaptive = None if adaptive is None else AdaptiveLimit(adaptive)
+        """The adaptive concurrency limit (``--concurrency auto``), or None (fixed)."""
+        self._slots = 0
+        self._slot_freed = anyio.Event()
         self._changed = anyio.Event()
         # Settled changes waiting for the acknowledger: their tokens, and for the change-to-ack
         # histogram the entries they came in (with how many changes each group carried).
@@ -376,8 +390,8 @@ class Engine:
                 if records is None:
                     break
                 if isinstance(records, HeldRecords):
-                    for held in records:
-                        await self._take_slices(held.records, held)
+                    for i, held in enumerate(records, start=1):
+                        await self._take_slices(held.records, held, i < len(records))
                 else:
                     await self._take_slices(records, None)
         self._reading_done = True
@@ -386,12 +400,19 @@ class Engine:
             self._replay_ended(scheduler.end_all_replays(self._clock()))
         self._notify()
 
-    async def _take_slices(self, records: Sequence[Record], held: Held | None) -> None:
+    async def _take_slices(
+        self, records: Sequence[Record], held: Held | None, more: bool = False
+    ) -> None:
         """Take these records in, a slice at a time, waiting for room before each; records
-        read under a holding that ended meanwhile (``held``) are dropped, never acknowledged."""
+        read under a holding that ended meanwhile (``held``) are dropped, never acknowledged.
+        While more is readable (the rest of these, ``more`` records after them, or what the
+        source says it has), the scheduler reads ahead before it sends."""
         scheduler = self.scheduler
         # Slices keep the bound on waiting changes close, whatever the chunk size.
         for start in range(0, len(records), READ_SLICE):
+            scheduler.read_ahead(
+                more or start + READ_SLICE < len(records) or self.source.backlog, self._clock()
+            )
             while not scheduler.may_read:
                 self._replay_ended(scheduler.end_replays_when_full(self._clock()))
                 await self._wait_for_change(None)
@@ -408,6 +429,8 @@ class Engine:
                 return
             await self._take(records[start : start + READ_SLICE])
             await anyio.lowlevel.checkpoint()
+        if scheduler.read_ahead(more or self.source.backlog, self._clock()):
+            self._notify()  # the backlog is read: senders waiting for it may go
 
     async def _take(self, records: Sequence[Record]) -> None:
         scheduler = self.scheduler
@@ -432,22 +455,68 @@ class Engine:
     async def _send_loop(self) -> None:
         limiter = self.limiter
         while True:
-            # Wait for a slot before taking a batch (formed as late as possible), count the
-            # request only when it goes: a sender that waited for work meanwhile cannot send
-            # on a slot that has passed (the one-second windows stay exact).
-            if limiter is not None:
-                await self._rate_wait(limiter.ready())
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            if limiter is not None:
-                await self._rate_wait(limiter.acquire())
-            await self._send(batch)
+            await self._take_slot()
+            try:
+                # Wait for a slot before taking a batch (formed as late as possible), count
+                # the request only when it goes: a sender that waited for work meanwhile
+                # cannot send on a slot that has passed (the one-second windows stay exact).
+                waited_s = 0.0
+                if limiter is not None:
+                    waited_s += await self._rate_wait(limiter.ready())
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                if limiter is not None:
+                    waited_s += await self._rate_wait(limiter.acquire())
+                await self._send(batch, waited_s > RATE_WAITED_S)
+            finally:
+                self._give_slot()
 
-    async def _rate_wait(self, waiting: Awaitable[None]) -> None:
+    @property
+    def concurrency_limit(self) -> int:
+        """Requests that may be in flight now: ``--concurrency``, or the adaptive limit."""
+        return self.settings.concurrency if self.adaptive is None else self.adaptive.limit
+
+    async def _take_slot(self) -> None:
+        """Under ``--concurrency auto``: wait until fewer senders than the limit are busy."""
+        if self.adaptive is None:
+            return
+        while self._slots >= self.adaptive.limit:
+            await self._slot_freed.wait()
+        self._slots += 1
+
+    def _give_slot(self) -> None:
+        if self.adaptive is None:
+            return
+        self._slots -= 1
+        self._slot_freed.set()
+        self._slot_freed = anyio.Event()
+
+    def _adapt(
+        self, started: float, in_flight: tuple[int, int], verdict: Verdict, rate_waited: bool
+    ) -> None:
+        """Tell the adaptive limit how this request went (``in_flight``: requests in flight
+        and the limit when it went out); wake waiting senders if the limit grew."""
+        adaptive = self.adaptive
+        if adaptive is None:
+            return
+        now = self._clock()
+        status = verdict.status
+        failed = verdict.action is Action.RETRY and (status is None or status >= 500)
+        before = adaptive.limit
+        sample = Sample(now - started, *in_flight, rate_waited or status == 429, failed)
+        rate = 0.0 if self.limiter is None else self.limiter.rate_per_s
+        if adaptive.answered(sample, now, rate if rate > 0 else None) > before:
+            self._slot_freed.set()
+            self._slot_freed = anyio.Event()
+
+    async def _rate_wait(self, waiting: Awaitable[None]) -> float:
+        """Wait on the rate limiter; the seconds it took (counted in ``rate_wait_s``)."""
         started = self._clock()
         await waiting
-        self.stats.rate_wait_s += self._clock() - started
+        waited_s = self._clock() - started
+        self.stats.rate_wait_s += waited_s
+        return waited_s
 
     async def _next_batch(self) -> Batch | None:
         scheduler = self.scheduler
@@ -466,22 +535,23 @@ class Engine:
                 return None
             await self._wait_for_change(None if planned is None else max(0.0, planned - now))
 
-    async def _send(self, batch: Batch) -> None:
+    async def _send(self, batch: Batch, rate_waited: bool = False) -> None:
         # Every log line of this request (dead letters, retries, a fatal answer) carries its
         # ids; bound once per request, in this sender's own task context.
         bound = structlog.contextvars.bind_contextvars(
             batch=batch.number, request=next(self._requests)
         )
         try:
-            await self._send_bound(batch)
+            await self._send_bound(batch, rate_waited)
         finally:
             structlog.contextvars.reset_contextvars(**bound)
 
-    async def _send_bound(self, batch: Batch) -> None:
+    async def _send_bound(self, batch: Batch, rate_waited: bool) -> None:
         body = batch.body()
         histograms = self.histograms
         histograms.batch_contacts.observe(len(batch.entries))
         self.stats.in_flight += 1
+        in_flight = (self.stats.in_flight, self.concurrency_limit)
         started = self._clock()
         response: Response | None = None
         try:
@@ -497,6 +567,7 @@ class Engine:
         if response is not None:
             self._learn(response, now)
         histograms.request_seconds.observe(now - started)
+        self._adapt(started, in_flight, verdict, rate_waited)
         settled = self.scheduler.resolve(batch, verdict, now)
         if self.scheduler.paused_until > max(now, self._paused_until):
             self._pause(now, self.scheduler.paused_until, verdict)
@@ -749,13 +820,14 @@ class Engine:
             "retries": s.retries,
             "waiting": self.scheduler.coalescer.changes_waiting,
             "in_flight": e.in_flight,
+            "concurrency_limit": self.concurrency_limit,
             "read_per_s": _per_s(e.records - last.records, span),
             "acked_per_s": _per_s(e.acked - last.acked, span),
             "acked_per_s_overall": _per_s(e.acked, overall),
             "rate_wait_s": round(rate_wait, 3),
             "rate": 0.0 if self.limiter is None else round(self.limiter.rate_per_s, 2),
             "pauses": e.pauses,
-            "rate_wait_share": round(rate_wait / (span * self.settings.concurrency), 3)
+            "rate_wait_share": round(rate_wait / (span * self.concurrency_limit), 3)
             if span > 0
             else 0.0,
         }

@@ -15,10 +15,11 @@ from aiohttp import web
 from worker.backends.base import Source, SourceError
 from worker.backends.sqlite.ingest import add_ingest_routes
 from worker.backends.sqlite.source import SqliteSpoolSource
-from worker.config import AUTO, Settings, redact_uri
+from worker.config import AUTO, Settings, redact_uri, senders
 from worker.core.adapt import AdaptSettings
 from worker.core.backoff import Backoff
 from worker.core.batch import BatchLimits
+from worker.core.concurrency import AdaptiveSettings
 from worker.core.scheduler import SchedulerSettings
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
 from worker.engine import Ending, Engine, EngineSettings, Result
@@ -63,14 +64,16 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         timeout_grace_s=timeout_grace_s(settings),
     )
     auto = settings.rate == AUTO
+    adaptive = settings.concurrency == AUTO
     return EngineSettings(
         scheduler,
         0.0 if auto else float(settings.rate),
         AdaptSettings(max_rate=settings.max_rate) if auto else None,
-        concurrency=settings.concurrency,
+        concurrency=senders(settings),
         drain_timeout_s=settings.drain_timeout_s,
         handle_signals=handle_signals,
         progress_interval_s=settings.progress_interval_s,
+        adaptive=AdaptiveSettings(max_limit=settings.max_concurrency) if adaptive else None,
     )
 
 
@@ -177,7 +180,7 @@ async def _prepare(
             settings.api_url,
             settings.client_id,
             settings.client_secret,
-            concurrency=settings.concurrency,
+            concurrency=senders(settings),
             timeout_s=settings.request_timeout_s,
         )
     )

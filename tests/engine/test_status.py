@@ -90,6 +90,7 @@ PROGRESS_KEYS = {
     "retries",
     "waiting",
     "in_flight",
+    "concurrency_limit",
     "read_per_s",
     "acked_per_s",
     "acked_per_s_overall",

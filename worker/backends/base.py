@@ -218,6 +218,10 @@ class Source(abc.ABC):
     replay: ReplayListener | None = None
     """Set by the engine: told of replay ranges (through :class:`ReplayRanges`) by the sources
     that know what may have been read before a crash."""
+    backlog: bool = False
+    """Whether more records are readable now, without waiting, than the last ``read`` handed
+    out (it filled its chunk or page): the engine then reads ahead before it sends, so that
+    an ID's later changes in the backlog merge into its request (False: do not know)."""
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect, position at the first record not yet acknowledged."""

@@ -32,6 +32,16 @@ sending must start: the range is what the crashed run held (its waiting changes,
 flight or not yet acknowledged), a little more than max-waiting when it was full."""
 
 
+READ_AHEAD_S = 5.0
+"""Longest a readable backlog holds back sending (``SchedulerSettings.read_ahead_s``): reading
+a full --max-waiting of 200,000 changes takes about 2 s here."""
+
+
+READ_STALL_S = 0.1
+"""A read-ahead ends when the reader took nothing in for this long: the input that said it had
+more is waiting for more after all (its last page was full and the next one empty)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
     """Everything the scheduler decides with."""
@@ -55,6 +65,9 @@ class SchedulerSettings:
     timeout_grace_s: float = 60.0
     """After a request was abandoned (timeout, connection lost after sending) the API may
     still apply it: its IDs take no newer values until this long after it was abandoned."""
+    read_ahead_s: float = READ_AHEAD_S
+    """Longest the oldest ready change waits, while the input's backlog is read ahead, before
+    batches leave anyway (an input slower to read than this is not held up for it)."""
 
 
 ODD_NOISE_ODDS = 1e-6
@@ -179,6 +192,11 @@ class Scheduler:
         """The most entries per request; lowered when the API answers 413."""
         self.draining = False
         """Flush everything without waiting for linger (end of input or shutdown)."""
+        self._reading_ahead = False
+        self._merged_before = 0
+        """Changes merged (coalesced) before the backlog being read ahead began."""
+        self._read_at = 0.0
+        """When records were last taken in (a reader that stalls ends the read-ahead)."""
         self.paused_until = 0.0
         """No request before this time: the API asked everybody to wait (Retry-After)."""
         self.fatal: Verdict | None = None
@@ -244,6 +262,24 @@ class Scheduler:
         )
 
     @property
+    def reading_ahead(self) -> bool:
+        """The input holds a backlog readable now (told by :meth:`read_ahead`): new batches
+        wait until it is read, or the scheduler is full, so that an ID's later changes in it
+        merge into its request instead of following in another (:meth:`_read_ahead_until`)."""
+        return self._reading_ahead
+
+    def read_ahead(self, more: bool, now: float) -> bool:
+        """The engine takes records in (a slice of a read) at ``now``; ``more``: whether the
+        input has more readable now. True when the read-ahead ended with this call (senders
+        waiting for it may go)."""
+        if more and not self._reading_ahead:
+            self._merged_before = self.coalescer.coalesced
+        ended = self._reading_ahead and not more
+        self._reading_ahead = more
+        self._read_at = now
+        return ended
+
+    @property
     def outstanding(self) -> int:
         """Requests handed out and not resolved yet."""
         return self._outstanding
@@ -268,6 +304,10 @@ class Scheduler:
             return self._hand_out(heapq.heappop(self._delayed)[2])
         # A full scheduler flushes at once: waiting out linger would only stall the source.
         hurry = self.draining or not self.has_room
+        if self.reading_ahead and not hurry:
+            held_until = self._read_ahead_until(now)
+            if held_until is not None:
+                return self._sooner(held_until, fence_due)
         due = flush_due(self.coalescer, self.settings.limits, self.ceiling, now, hurry)
         if due is True:
             batch = self._form(now)
@@ -276,11 +316,31 @@ class Scheduler:
             if self._urgent:  # everything ready was a suspect, now queued alone
                 return self._hand_out(self._urgent.popleft())
             due = None
-        wake = None if due is True else due
+        return self._sooner(None if due is True else due, fence_due)
+
+    def _sooner(self, wake: float | None, fence_due: float | None) -> float | None:
+        """The earliest of ``wake``, the next retry and the next fence's end."""
         for first in (self._delayed[0][0] if self._delayed else None, fence_due):
             if first is not None:
                 wake = first if wake is None else min(wake, first)
         return wake
+
+    def _read_ahead_until(self, now: float) -> float | None:
+        """While the input's backlog is read ahead: until when new batches wait (None: they
+        need not). Sending an ID now would send it again for each later change of it in the
+        backlog; when the rate or the concurrency binds, the requests are what a drain costs,
+        and reading is many times faster than sending, so reading first costs next to no time.
+        The wait ends when the backlog is read, when the scheduler is full (memory stays within
+        --max-waiting), when the reader took nothing in for ``READ_STALL_S`` (an input that
+        said it had more and then waited), or after ``read_ahead_s``. It does not begin while
+        nothing read of the backlog so far merged into a waiting change (IDs that do not
+        repeat, where reading ahead would save nothing and leave the senders idle)."""
+        coalescer = self.coalescer
+        oldest = coalescer.peek()
+        if oldest is None or coalescer.coalesced == self._merged_before:
+            return None
+        until = min(oldest.since + self.settings.read_ahead_s, self._read_at + READ_STALL_S)
+        return until if now < until else None
 
     def _lift_fences(self, now: float) -> float | None:
         """Let newer changes of IDs whose grace has passed go, and their applied entries be

@@ -240,8 +240,9 @@ class EngineCollector(Collector):
         )
         yield _gauge(
             "concurrency_limit",
-            "Most requests in flight at once (--concurrency)",
-            engine.settings.concurrency,
+            "Most requests in flight at once now (--concurrency, or the adaptive limit of"
+            " --concurrency auto)",
+            engine.concurrency_limit,
         )
         yield _gauge(
             "batch_size_limit",

@@ -179,6 +179,7 @@ class JsonlSource(Source):
             if self._eof:
                 return None
             data: bytes = await self._file.read1(CHUNK_BYTES)
+            self.backlog = len(data) >= CHUNK_BYTES
             if data:
                 records = self._split(data)
                 if records:

@@ -234,6 +234,7 @@ class PartitionClaims(Source):
                 sql.claim_p, after, self._mine, self.batch, token, self.lease_s, held, pid, oid
             ),
         )
+        self.backlog = len(rows) >= self.batch
         if not rows:
             if self._replay_parts:
                 self._replay_partitions(gains, 0, 0, handed=False)

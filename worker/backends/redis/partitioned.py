@@ -166,6 +166,7 @@ class PartitionedRedisSource(PartitionLeases):
                         limit_s=AHEAD_LIMIT_S,
                         name=f"{self.name} read ahead",
                     )
+                self.backlog = self._full_read
                 if held:
                     return held
                 continue

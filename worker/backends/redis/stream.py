@@ -201,6 +201,7 @@ class RedisStreamSource(RedisClient, Source):
         records = await self._take_ahead()
         if not records:
             records = await self._read_next()
+        self.backlog = len(records) >= self.count
         if (
             len(records) >= self.count
             and not self._needs_recovery
