@@ -537,6 +537,26 @@ class TestSchedulerKnowledge:
         feed(s, 1, 2, 100, 101, now=1.0)
         assert ["100", "101", "1", "2"] == take(s, 1.0).keys
 
+    def test_deleted_after_it_was_learnt(self) -> None:
+        """Knowledge is a prior, not a promise: an ID known to exist that the API no longer
+        knows spoils its batch, is isolated like any other, and is known missing after."""
+        s = scheduler(max_items=4)
+        s.draining = True
+        feed(s, 1, 2, 3, 4)
+        s.resolve(take(s, 0.0), applied(), 0.0)
+        feed(s, 1, 2, 3, 4, now=1.0)
+        known = take(s, 1.0)
+        assert ["1", "2", "3", "4"] == known.keys
+        s.resolve(known, not_found(), 1.0)  # 3 was deleted meanwhile
+        first = take(s, 1.0)
+        assert (["1", "2"], []) == keys_of(s.resolve(first, applied(), 2.0))
+        half = take(s, 2.0)
+        assert ["3"] == half.keys
+        assert ([], ["3"]) == keys_of(s.resolve(half, not_found(), 2.0))
+        assert (["4"], []) == keys_of(s.resolve(take(s, 2.0), applied(), 2.0))
+        fact = s.knowledge.peek("3", 3.0)
+        assert fact is not None and "missing" == fact.known.value
+
     def test_memory_is_bounded(self) -> None:
         """Past max_suspects the oldest memory goes first."""
         s = scheduler(suspect_ttl_s=100.0, max_suspects=1)

@@ -162,6 +162,8 @@ class SchedulerStats:
     """Lone changes re-sent to confirm an answer with an undocumented error code."""
     fenced: int = 0
     """IDs held back from newer values after a request of theirs was abandoned."""
+    known_missing: int = 0
+    """Entries dead-lettered without a request: their IDs were known missing."""
 
     @property
     def isolation_requests(self) -> int:
@@ -392,6 +394,7 @@ class Scheduler:
                 self._existing.append(entry)
             else:
                 self._known_missing.append(self._known_missing_letter(entry, fact, now))
+                self.stats.known_missing += 1
         limit, max_bytes = self.ceiling, self.settings.limits.max_bytes
         if len(self._existing) >= limit or not self._fresh:
             entries = _pack([self._existing], limit, max_bytes)
