@@ -32,6 +32,7 @@ from worker.core.coalesce import Entry
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
+from worker.knowledge.feed import KnowledgeFeed
 from worker.obs.metrics import EngineHistograms
 from worker.sender import SEND_ERRORS, Response
 
@@ -166,6 +167,8 @@ class Engine:
         self._result: Result | None = None
         self._reader_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
+        self.knowledge: KnowledgeFeed | None = None
+        """Where the ID knowledge lasts (the input's store), set before :meth:`run`."""
         source.assignments = self
         source.replay = self
 
@@ -251,6 +254,8 @@ class Engine:
                 outer.start_soon(self._watch_signals)
             if self.settings.progress_interval_s > 0:
                 outer.start_soon(self._report_progress, self.settings.progress_interval_s)
+            if self.knowledge is not None:
+                outer.start_soon(self.knowledge.run)
             async with anyio.create_task_group() as work:
                 self._work_scope = work.cancel_scope
                 self._producers = 1 + self.settings.concurrency
@@ -259,6 +264,9 @@ class Engine:
                     work.start_soon(self._producing, self._send_loop)
                 work.start_soon(self._acknowledge)
             outer.cancel_scope.cancel()
+        if self.knowledge is not None:
+            with anyio.CancelScope(shield=True):
+                await self.knowledge.flush()  # what the last requests taught
         self.stats.finished = time.monotonic()
         self._running = False
         result = self._result or Result(Ending.DRAINED)
@@ -387,19 +395,25 @@ class Engine:
 
     async def _take(self, records: Sequence[Record]) -> None:
         scheduler = self.scheduler
-        now = self._clock()
         invalid: list[Invalid] = []
+        valid: list[Change] = []
         misfiled = self.source.misfiled if self.source.files_by_key else None
         for token, line in records:
             item = decode(line, token)
             if type(item) is Change:
                 problem = None if misfiled is None else misfiled(token, item.key)
                 if problem is None:
-                    scheduler.add(item, now)
+                    valid.append(item)
                 else:
                     invalid.append(Invalid(problem, token, change=item.fields))
             else:
                 invalid.append(item)  # type: ignore[arg-type]
+        if self.knowledge is not None and valid:
+            # Before the scheduler sees them: what the store knows shapes their batches.
+            await self.knowledge.prefetch(change.key for change in valid)
+        now = self._clock()
+        for change in valid:
+            scheduler.add(change, now)
         self.stats.records += len(records)
         self._notify()
         if invalid:

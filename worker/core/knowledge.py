@@ -57,6 +57,20 @@ class IdKnowledge:
         # Insertion order is learning order: the first entry is the oldest, the one to drop.
         self._facts: dict[Known, OrderedDict[str, float]] = {k: OrderedDict() for k in Known}
         self.stats = KnowledgeStats()
+        self._journal: list[tuple[str, Known, float]] | None = None
+
+    def keep_journal(self) -> None:
+        """From now on, remember each fact the API taught until :meth:`drain` (for a store)."""
+        if self._journal is None:
+            self._journal = []
+
+    def drain(self) -> list[tuple[str, Known, float]]:
+        """The facts learnt from the API since the last drain: (ID, fact, when learnt)."""
+        journal = self._journal
+        if not journal:
+            return []
+        self._journal = []
+        return journal
 
     def __len__(self) -> int:
         return sum(len(facts) for facts in self._facts.values())
@@ -85,10 +99,16 @@ class IdKnowledge:
             del facts[key]
         return None
 
-    def learn(self, key: str, known: Known, now: float) -> None:
-        """The API just told ``known`` about ``key``: it replaces whatever was known."""
+    def learn(self, key: str, known: Known, now: float, *, journal: bool = True) -> None:
+        """The API told ``known`` about ``key`` at ``now``: it replaces whatever was known.
+
+        ``journal=False``: a fact loaded from a store, not to be written back."""
         if not self.max_ids or not self.ttl_s:
             return
+        if journal and self._journal is not None:
+            self._journal.append((key, known, now))
+            if len(self._journal) > self.max_ids:  # a store away for long: keep the newest
+                del self._journal[: len(self._journal) - self.max_ids]
         for other, facts in self._facts.items():
             if other is not known:
                 facts.pop(key, None)
