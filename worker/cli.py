@@ -26,6 +26,8 @@ from worker.demo import configure_parser as configure_demo
 from worker.demo import main as demo_main
 from worker.engine import Ending
 from worker.errors import EXIT_AUTH, EXIT_FATAL, EXIT_OK, EXIT_USAGE, WorkerError, failure
+from worker.knowledge.cli import configure_parser as configure_state
+from worker.knowledge.cli import main as state_main
 from worker.obs import logging as obs_logging
 from worker.run import EXIT_CODES, backend_options, run_worker, tune_gc
 from worker.signals import SignalRouter
@@ -101,6 +103,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_dlq(args: argparse.Namespace) -> int:
     """``contact-worker dlq``."""
     return dlq_main(args)
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    """``contact-worker state``."""
+    return state_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     configure_dlq(dlq)
     dlq.set_defaults(func=cmd_dlq)
+
+    state = commands.add_parser(
+        "state",
+        help="show or clear what the worker learnt about which IDs exist",
+        description="The ID knowledge an input's store holds (docs/id-knowledge.md): how many "
+        "IDs are known to exist and known missing, or forget them all.",
+    )
+    configure_state(state)
+    state.set_defaults(func=cmd_state)
     return parser
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cli.test_cli import Gateway, run, summary, worker_env
+from tests.cli.test_cli import BIN, Gateway, run, summary, worker_env
 
 KNOWN = list(range(1, 496))
 MISSING = list(range(9001, 9006))
@@ -71,3 +74,62 @@ class TestKnowledgeAcrossRuns:
         assert 2 * len(MISSING) == dead
         assert done["isolation_requests"] > 0
         assert requests > 1 + math.ceil(len(KNOWN) / 100)
+
+
+def state(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BIN, "state", *args], capture_output=True, text=True, timeout=30, env=clean_env()
+    )
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "SMSGW_"))}
+
+
+@pytest.mark.slow
+def test_state_show_and_clear(gateway: Gateway, tmp_path: Path) -> None:
+    """`state show` counts what a run learnt; `state clear` forgets it; the next run then
+    isolates the missing IDs again."""
+    source, db = tmp_path / "in.jsonl", tmp_path / "state.db"
+    env = worker_env(gateway, tmp_path, WORKER_LOG_FORMAT="json")
+    write_changes(source, "first")
+    assert 0 == run(["--source", f"jsonl:{source}", "--state", f"sqlite:{db}"], env).returncode
+    shown = state("show", f"jsonl:{source}", "--state", f"sqlite:{db}", "--json")
+    assert 0 == shown.returncode, shown.stderr
+    assert (len(KNOWN), len(MISSING)) == itemgetter("exists", "missing")(json.loads(shown.stdout))
+    cleared = state("clear", f"jsonl:{source}", "--state", f"sqlite:{db}")
+    assert (0, f"forgot {len(KNOWN) + len(MISSING)} IDs") == (
+        cleared.returncode,
+        cleared.stdout.strip().rpartition(": ")[2],
+    )
+    again = run(["--source", f"jsonl:{source}", "--state", f"sqlite:{db}"], env)
+    assert summary(again.stderr)["isolation_requests"] > 0
+
+
+def test_state_of_a_file_input_needs_a_state_file() -> None:
+    """A jsonl: input has no store of its own: `state show` says to name one, exit 2."""
+    shown = state("show", "jsonl:in.jsonl")
+    assert 2 == shown.returncode
+    assert "--state sqlite:PATH" in shown.stderr
+
+
+def test_unreachable_store_exits_1() -> None:
+    """A store that cannot be reached: one line naming it, exit 1."""
+    shown = state("show", "redis://127.0.0.1:1/0?stream=s")
+    assert 1 == shown.returncode
+    assert "127.0.0.1:1" in shown.stderr
+
+
+def test_config_names_the_store() -> None:
+    """`contact-worker config` shows where ID knowledge lasts: the input's store by default."""
+    env = clean_env() | {"SMSGW_CLIENT_ID": "a", "SMSGW_CLIENT_SECRET": "b"}
+    shown = subprocess.run(
+        [BIN, "config", "--source", "sqlite:/tmp/spool.db", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert 0 == shown.returncode, shown.stderr
+    state_setting = json.loads(shown.stdout)["settings"]["state"]
+    assert "sqlite:/tmp/spool.db (id_knowledge)" in state_setting["store"]
