@@ -189,6 +189,7 @@ class Settings:
     max_waiting: int = DEFAULT_MAX_WAITING
     max_retries: int = 0
     max_not_found_run: int = 10
+    max_contradictions: int = 3
     confirm_tries: int = 3
     timeout_grace_s: float | None = None
     """None: twice --request-timeout."""
@@ -394,6 +395,15 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_int,
         _DEFAULTS["max_retries"],
         "transient failures of one request before exiting 1 (0 = retry forever)",
+    ),
+    Option(
+        "max_contradictions",
+        "--max-contradictions",
+        "WORKER_MAX_CONTRADICTIONS",
+        non_negative_int,
+        _DEFAULTS["max_contradictions"],
+        "lone 404s in a row on contacts the API applied within the hour that stop sending"
+        " (0 = never)",
     ),
     Option(
         "max_not_found_run",

@@ -63,6 +63,7 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         max_retries=settings.max_retries,
         confirm_tries=settings.confirm_tries,
         max_not_found_run=settings.max_not_found_run,
+        max_contradictions=settings.max_contradictions,
         timeout_grace_s=timeout_grace_s(settings),
     )
     return EngineSettings(

@@ -133,3 +133,26 @@ def test_config_names_the_store() -> None:
     assert 0 == shown.returncode, shown.stderr
     state_setting = json.loads(shown.stdout)["settings"]["state"]
     assert "sqlite:/tmp/spool.db (id_knowledge)" in state_setting["store"]
+
+
+@pytest.mark.slow
+def test_contradicted_knowledge_stops_the_run(tmp_path: Path) -> None:
+    """Contacts applied by the first run answered 404 one by one by the second (the URL now
+    leads to an account that knows none of them): exit 1 after --max-contradictions, nothing
+    dead-lettered on their account."""
+    source, db = tmp_path / "in.jsonl", tmp_path / "state.db"
+    args = ["--source", f"jsonl:{source}", "--state", f"sqlite:{db}"]
+    source.write_text("".join(json.dumps({"ID": str(i), "lastname": "x"}) + "\n" for i in KNOWN))
+    first = Gateway("--known-count", "500", "--latency", "1")
+    try:
+        assert 0 == run(args, worker_env(first, tmp_path)).returncode
+    finally:
+        first.stop()
+    other = Gateway("--known-count", "0", "--latency", "1")
+    try:
+        second = run(args, worker_env(other, tmp_path, WORKER_LOG_FORMAT="json"))
+    finally:
+        other.stop()
+    assert 1 == second.returncode, second.stderr
+    assert "applied each of them lately" in second.stderr
+    assert [] == dead_letters(tmp_path / "dead.jsonl")

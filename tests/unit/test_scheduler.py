@@ -571,6 +571,65 @@ class TestSchedulerKnowledge:
         assert settled is not None and ([], ["9"]) == keys_of(settled)
 
 
+class TestContradictions:
+    """Knowledge as a guard: lone 404s on IDs the API applied lately contradict "unknown ID";
+    repeated, they stop sending like any 404 that is not about IDs."""
+
+    def applied_then(self, now: float, *ids: int, **options: Any) -> Scheduler:
+        """A scheduler (lone requests) that had ``ids`` applied at 0, fed them again."""
+        s = scheduler(max_items=1, **options)
+        s.draining = True
+        feed(s, *ids)
+        for _ in ids:
+            s.resolve(take(s, 0.0), applied(), 0.0)
+        feed(s, *ids, now=now, value="again")
+        return s
+
+    def test_repeated_contradictions_stop(self) -> None:
+        """Three lone 404s in a row on IDs applied a minute ago: FOREIGN, the last one not
+        dead-lettered."""
+        s = self.applied_then(60.0, 1, 2, 3)
+        results = [s.resolve(take(s, 60.0), not_found(), 60.0) for _ in range(3)]
+        fatal = results[-1].fatal
+        assert fatal is not None and Action.FOREIGN == fatal.action
+        assert "applied each of them lately" in (fatal.detail or "")
+        assert [] == results[-1].dead
+        assert 3 == s.stats.contradictions
+        assert None is s.next_batch(60.0)
+
+    def test_one_contradiction_is_a_deleted_contact(self) -> None:
+        """A lone 404 on a recently applied ID alone is counted and dead-lettered: the contact
+        may have been deleted since."""
+        s = self.applied_then(60.0, 1)
+        settled = s.resolve(take(s, 60.0), not_found(), 60.0)
+        assert (None, ["1"]) == (settled.fatal, [d.entry.key for d in settled.dead])
+        assert 1 == s.stats.contradictions
+
+    def test_applied_long_ago_is_no_contradiction(self) -> None:
+        """An ID applied longer ago than recent_s may well have been deleted: no count."""
+        s = self.applied_then(500.0, 1, 2, 3, recent_s=100.0, suspect_ttl_s=1000.0)
+        results = [s.resolve(take(s, 500.0), not_found(), 500.0) for _ in range(3)]
+        assert [None, None, None] == [r.fatal for r in results]
+        assert 0 == s.stats.contradictions
+
+    def test_a_genuine_unknown_breaks_the_run(self) -> None:
+        """A lone 404 on an ID nothing was known of ends the run of contradictions."""
+        s = self.applied_then(60.0, 1, 2, 3)
+        feed(s, 9, now=60.0)
+        order = [take(s, 60.0) for _ in range(4)]
+        assert ["1", "2", "3", "9"] == [b.keys[0] for b in order]
+        verdicts = [s.resolve(b, not_found(), 60.0) for b in (order[0], order[1], order[3])]
+        assert all(v.fatal is None for v in verdicts)
+        assert None is s.resolve(order[2], not_found(), 60.0).fatal
+
+    def test_zero_turns_the_guard_off(self) -> None:
+        """max_contradictions 0: counted, never stops."""
+        s = self.applied_then(60.0, 1, 2, 3, max_contradictions=0)
+        results = [s.resolve(take(s, 60.0), not_found(), 60.0) for _ in range(3)]
+        assert [None, None, None] == [r.fatal for r in results]
+        assert 3 == s.stats.contradictions
+
+
 class TestSchedulerFatal:
     """Auth failures stop everything at once (DESIGN 6)."""
 

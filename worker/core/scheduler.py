@@ -57,6 +57,12 @@ class SchedulerSettings:
     max_not_found_run: int = 10
     """Lone contacts answered 404 in a row, with no request applied in between, at which the
     404s are taken for a wrong URL or a wrong account and sending stops (0 = never)."""
+    max_contradictions: int = 3
+    """Lone 404s in a row on IDs the API applied within ``recent_s`` at which the 404s are
+    taken for answers not about IDs (a wrong account behind the URL) and sending stops
+    (0 = never)."""
+    recent_s: float = 3600.0
+    """How recently an ID must have been applied for a lone 404 on it to contradict."""
     timeout_grace_s: float = 60.0
     """After a request was abandoned (timeout, connection lost after sending) the API may
     still apply it: its IDs take no newer values until this long after it was abandoned."""
@@ -164,6 +170,8 @@ class SchedulerStats:
     """IDs held back from newer values after a request of theirs was abandoned."""
     known_missing: int = 0
     """Entries dead-lettered without a request: their IDs were known missing."""
+    contradictions: int = 0
+    """Lone 404s on IDs the API had applied recently."""
 
     @property
     def isolation_requests(self) -> int:
@@ -208,6 +216,8 @@ class Scheduler:
         self._unconfirmed: list[tuple[DeadLetter, float | None]] = []
         self._lone_run = 0
         """Lone verdicts since the last applied request, written or not: the run."""
+        self._contradiction_run = 0
+        """Lone 404s in a row that contradicted what was known (the ID was applied lately)."""
         """Lone 404s since the last applied request: dead-lettered once a 2xx shows the API
         answers (or nothing is left to send), dropped unwritten if the run turns fatal."""
         self._fences: list[tuple[float, str]] = []
@@ -539,8 +549,32 @@ class Scheduler:
         return parts
 
     def _lone_not_found(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
-        """A lone contact answered 404: held for a 2xx that shows the API answers for real."""
+        """A lone contact answered 404: held for a 2xx that shows the API answers for real.
+
+        A 404 on an ID the API applied within ``recent_s`` contradicts "unknown ID" (the
+        contact may have been deleted since, so it counts, it does not stop); such
+        contradictions ``max_contradictions`` times in a row stop sending, as any 404 that is
+        not about IDs does, with nothing dead-lettered on their account."""
         letter = culprit(batch.entries[0], verdict)
+        fact = self.knowledge.peek(letter.entry.key, now)
+        if fact is None or fact.known is not Known.EXISTS or now - fact.learnt_at > (
+            self.settings.recent_s
+        ):
+            self._contradiction_run = 0
+        else:
+            self.stats.contradictions += 1
+            self._contradiction_run += 1
+            limit = self.settings.max_contradictions
+            if limit and self._contradiction_run >= limit:
+                detail = (
+                    f"{self._contradiction_run} lone contacts in a row answered 404 although"
+                    " the API applied each of them lately: taken for answers not about IDs"
+                    " (a wrong --api-url or account), not for deleted contacts (if they are,"
+                    f" raise --max-contradictions or set it to 0); last: {verdict.describe()}"
+                )
+                self.fatal = Verdict(Action.FOREIGN, verdict.status, verdict.error, detail)
+                settled.fatal = self.fatal
+                return
         self._hold_lone(letter, batch, verdict, now, settled)
 
     def _hold_lone(

@@ -258,6 +258,11 @@ def _knowledge(engine: Engine) -> Iterator[Metric]:
         lookups,
     )
     yield _gauge("id_knowledge_ids", "IDs known in memory (exists or missing)", len(knowledge))
+    yield _counter(
+        "id_contradictions",
+        "Lone 404s on contacts the API had applied lately",
+        engine.scheduler.stats.contradictions,
+    )
     yield _gauge(
         "unknown_share",
         "Share of fresh IDs found missing, as estimated (it sizes their groups)",
