@@ -557,8 +557,10 @@ class Scheduler:
         not about IDs does, with nothing dead-lettered on their account."""
         letter = culprit(batch.entries[0], verdict)
         fact = self.knowledge.peek(letter.entry.key, now)
-        if fact is None or fact.known is not Known.EXISTS or now - fact.learnt_at > (
-            self.settings.recent_s
+        if (
+            fact is None
+            or fact.known is not Known.EXISTS
+            or now - fact.learnt_at > self.settings.recent_s
         ):
             self._contradiction_run = 0
         else:
