@@ -183,12 +183,14 @@ class TestPlanCommand:
         assert data["inputs"]["unknown_share"] == 0.01
 
     def test_text(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """Without --json: a readable summary naming the bottleneck and the best batch size."""
+        """Without --json: a readable summary naming the bottleneck and what unknown IDs
+        cost against the information bound."""
         code, out, _ = run_plan(
             capsys, "--api-rate", "20", "--backlog", "1000", "--unknown-share", "0.05"
         )
         assert code == 0
-        assert "drain time" in out and "api_rate" in out and "fewest requests" in out
+        assert "drain time" in out and "api_rate" in out and "groups of 16" in out
+        assert "x the information bound" in out
 
     def test_inputs_that_do_not_fit(self, capsys: pytest.CaptureFixture[str]) -> None:
         """More contacts than changes: exit 2 and the reason."""
