@@ -15,6 +15,7 @@ from typing import Any
 from worker.bench.bounds import (
     INFERRED,
     PLAIN,
+    SPLITTING,
     binary_entropy,
     effective_rate,
     information_bound,
@@ -111,6 +112,10 @@ class Limits:
     bound_per_contact: float
     plain_halving_per_contact: float
     worker_halving_per_contact: float
+    """Halving that does not send the half known to hold a culprit (the worker before
+    generalized binary splitting)."""
+    splitting_per_contact: float
+    """Generalized binary splitting, as the worker does it now (worker.core.grouptest)."""
 
     @property
     def limit_s(self) -> float | None:
@@ -143,6 +148,7 @@ def limits_of(facts: InputFacts, variant: Variant) -> Limits:
         bound_per_contact=information_bound(n, p, size) / n if n else 0.0,
         plain_halving_per_contact=requests_per_contact(size, p, PLAIN),
         worker_halving_per_contact=requests_per_contact(size, p, INFERRED),
+        splitting_per_contact=requests_per_contact(size, p, SPLITTING),
     )
 
 

@@ -4,9 +4,9 @@ No network, no clock: the real :class:`worker.core.scheduler.Scheduler` gets the
 changes as fast as it has room for them (a reader always ahead of the senders, as under a rate
 limit), and each request it hands out is answered at once: 404 if it holds an unknown ID, else
 204. That gives the requests the worker's decisions need for this very input, free of timing;
-and, for comparison, what plain halving would have spent on the same groups (both halves of
-each refused group sent), counted with :func:`worker.bench.bounds.halving_requests`: an
-approximation, since plain halving would not have returned IDs to form later groups.
+and, for comparison, what plain halving would have spent on the same contacts in full batches
+of ``B`` (both halves of a refused batch sent; each distinct ID once, in the order it first
+came), counted with :func:`worker.bench.bounds.halving_requests`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Replay:
     known_missing: int
     """Changes dead-lettered without a request: their IDs were known missing."""
     plain_halving_requests: int
-    """The same groups, had each refused one been halved plainly instead."""
+    """Plain halving of the distinct IDs in full batches of B, in the order they first came."""
     contacts: int
 
     @property
@@ -69,7 +69,8 @@ def replay(
     scheduler = Scheduler(SchedulerSettings(limits=limits, max_waiting=max_waiting), lambda: 0.5)
     changes = (item for n, line in enumerate(lines) if type(item := decode(line, n)) is Change)
     distinct: set[str] = set()
-    requests = new = refused = plain = 0
+    requests = new = refused = 0
+    order: list[str] = []
     pending = True
     while True:
         while pending and scheduler.has_room:
@@ -78,7 +79,9 @@ def replay(
                 pending = False
                 scheduler.draining = True
                 break
-            distinct.add(change.key)
+            if change.key not in distinct:
+                distinct.add(change.key)
+                order.append(change.key)
             scheduler.add(change, 0.0)
         batch = scheduler.next_batch(0.0)
         if not isinstance(batch, Batch):
@@ -94,8 +97,12 @@ def replay(
         if batch.purpose is Purpose.NEW:
             new += 1
             refused += any(unknown)
-            plain += halving_requests(unknown, PLAIN)
         scheduler.resolve(batch, NOT_FOUND if any(unknown) else APPLIED, 0.0)
+    flags = [not is_known(key) for key in order]
+    plain = sum(
+        halving_requests(flags[start : start + batch_size], PLAIN)
+        for start in range(0, len(flags), batch_size)
+    )
     return Replay(
         requests=requests,
         new_batches=new,
