@@ -303,6 +303,17 @@ def goals_for(
         out.append(
             goal("time / time the rate allows", variant.label, worker["time_ratio"], time_goal)
         )
+    requests_goal = variant.run.requests_goal
+    if requests_goal and worker.get("contacts"):
+        floor = math.ceil(worker["contacts"] / variant.worker.batch_size)
+        out.append(
+            goal(
+                "requests / ceil(contacts / batch size)",
+                variant.label,
+                worker["requests"] / floor,
+                requests_goal,
+            )
+        )
     model_goal = variant.run.model_goal
     if model_goal:
         for key, name in (
