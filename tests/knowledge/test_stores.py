@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from tests.redis.conftest import SHARED, _reachable
 from worker.backends.postgres.uri import parse_uri as parse_pg
@@ -104,6 +108,7 @@ class TestKnowledgeStores:
         async with make() as store:
             await store.save([fact("1", Known.MISSING, 100.0)])
             await store.save([fact("1", Known.EXISTS, 150.0)])
+            await store.save([fact("1", Known.MISSING, 120.0)])  # a slow replica's older one
             assert [fact("1", Known.EXISTS, 150.0)] == await store.load(["1"], 0.0)
             assert StoreCounts(1, 0) == await store.counts()
 
@@ -139,3 +144,66 @@ async def test_unreachable_redis_is_a_knowledge_error() -> None:
     with pytest.raises(KnowledgeError, match="127.0.0.1:1"):
         await store.open()
     await store.close()
+
+
+Op = tuple[str, str, bool, float]
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["save", "prune"]),
+        st.sampled_from([str(n) for n in range(8)]),
+        st.booleans(),
+        st.floats(min_value=0.0, max_value=100.0, allow_nan=False).map(lambda x: round(x, 3)),
+    ),
+    max_size=25,
+)
+
+
+def model_of(ops: list[Op], max_ids: int) -> dict[str, tuple[bool, float]]:
+    """What a store must hold after ``ops`` (all at different times): the newest fact per ID,
+    pruned as asked."""
+    facts: dict[str, tuple[bool, float]] = {}
+    for kind, key, exists, at in ops:
+        if kind == "save":
+            if key not in facts or at >= facts[key][1]:
+                facts[key] = (exists, at)
+            continue
+        facts = {k: v for k, v in facts.items() if v[1] > at}
+        for flag in (True, False):
+            same = sorted(((v[1], k) for k, v in facts.items() if v[0] is flag), reverse=True)
+            for _, k in same[max_ids:]:
+                del facts[k]
+    return facts
+
+
+class TestStoresAgainstAModel:
+    """Random saves and prunes: each real store holds what a dict model says (no ties)."""
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("kind", KINDS)
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(ops=OPS)
+    def test_matches_the_model(self, kind: str, ops: list[Op]) -> None:
+        """Whatever the sequence, load returns the model's facts."""
+        times = [at for _, _, _, at in ops]
+        assume(len(times) == len(set(times)))
+
+        async def check(tmp: Path) -> None:
+            factory, cleanup = await MAKERS[kind](tmp)
+            try:
+                async with factory() as store:
+                    for op, key, exists, at in ops:
+                        if op == "save":
+                            known = Known.EXISTS if exists else Known.MISSING
+                            await store.save([StoredFact(key, known, at)])
+                        else:
+                            await store.prune(at, 3)
+                    got = {
+                        f.key: (f.known is Known.EXISTS, f.learnt_at)
+                        for f in await store.load([str(n) for n in range(8)], -1.0)
+                    }
+                assert model_of(ops, 3) == got
+            finally:
+                await cleanup()  # type: ignore[misc]
+
+        with tempfile.TemporaryDirectory() as name:
+            anyio.run(check, Path(name))

@@ -1,9 +1,9 @@
 """ID knowledge in Redis: two sorted sets beside the input's streams.
 
 ``<stream>:ids:exists`` and ``<stream>:ids:missing``, member the ID, score the wall-clock time
-it was learnt: ``ZMSCORE`` loads a slice of IDs in one round trip, ``ZREMRANGEBYSCORE`` drops
-what expired and ``ZREMRANGEBYRANK`` the oldest beyond the bound. Every replica of a
-(partitioned) stream shares them.
+it was learnt: ``ZMSCORE`` loads a slice of IDs in one round trip, a script saves a fact unless
+a newer one is there, ``ZREMRANGEBYSCORE`` drops what expired and ``ZREMRANGEBYRANK`` the oldest
+beyond the bound. Every replica of a (partitioned) stream shares them.
 """
 
 from __future__ import annotations
@@ -11,12 +11,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from worker.backends.redis.client import connect
 from worker.backends.redis.uri import StreamAddress
 from worker.core.knowledge import Known
 from worker.knowledge.base import KnowledgeError, KnowledgeStore, StoreCounts, StoredFact
+
+SAVE_SCRIPT = """
+-- KEYS[1]: the set of this kind of fact, KEYS[2]: the other kind's; ARGV: ID, time, ...
+-- The newer fact of an ID wins: an older one (a slow replica's) changes nothing.
+for i = 1, #ARGV, 2 do
+  local id, at = ARGV[i], tonumber(ARGV[i + 1])
+  local other = redis.call('ZSCORE', KEYS[2], id)
+  if (not other) or tonumber(other) <= at then
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('ZADD', KEYS[1], 'GT', at, id)
+  end
+end
+return 0
+"""
+SAVE_CHUNK = 1000
+"""Facts per script call: a long script blocks the server for others meanwhile."""
 
 
 class RedisKnowledge(KnowledgeStore):
@@ -27,6 +44,7 @@ class RedisKnowledge(KnowledgeStore):
         self.prefix = prefix or f"{address.stream}:ids"
         self.display = f"{address.display} {self.prefix}:{{exists,missing}}"
         self._client: Redis | None = None
+        self._save: AsyncScript | None = None
 
     def key(self, known: Known) -> str:
         """The sorted set of one kind of fact."""
@@ -41,6 +59,7 @@ class RedisKnowledge(KnowledgeStore):
     async def open(self) -> None:
         """Connect (nothing to create: sorted sets appear with their first member)."""
         self._client = connect(self.address, read_timeout_s=10.0)
+        self._save = self._client.register_script(SAVE_SCRIPT)
         try:
             await self._client.ping()
         except (RedisError, OSError) as exc:
@@ -74,19 +93,22 @@ class RedisKnowledge(KnowledgeStore):
         return list(best.values())
 
     async def save(self, facts: Sequence[StoredFact]) -> None:
-        """ZADD each fact to its kind and ZREM it from the other, pipelined."""
+        """Each fact into its kind's set and out of the other's, unless a newer one is there
+        (one script call per kind and chunk)."""
         if not facts:
             return
+        save = self._save
+        if save is None:
+            raise KnowledgeError(f"{self.display}: not open")
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for known in Known:
-                    mine = {f.key: f.learnt_at for f in facts if f.known is known}
-                    if mine:
-                        pipe.zadd(self.key(known), mine)
-                        for other in Known:
-                            if other is not known:
-                                pipe.zrem(self.key(other), *mine)
-                await pipe.execute()
+            for known in Known:
+                (other,) = (k for k in Known if k is not known)
+                mine = [f for f in facts if f.known is known]
+                for start in range(0, len(mine), SAVE_CHUNK):
+                    args: list[str | float] = []
+                    for fact in mine[start : start + SAVE_CHUNK]:
+                        args += [fact.key, repr(fact.learnt_at)]
+                    await save(keys=[self.key(known), self.key(other)], args=args)
         except (RedisError, OSError) as exc:
             raise KnowledgeError(f"{self.display}: {exc}") from exc
 
