@@ -46,7 +46,7 @@ class SchedulerSettings:
     """Changes held before the source is slowed down."""
     suspect_ttl_s: float = 900.0
     """How long what the API said about an ID (it exists, it is missing) is remembered."""
-    max_suspects: int = 100_000
+    max_suspects: int = 200_000
     """The most IDs remembered of each kind (exists, missing): the oldest go first."""
     max_retries: int = 0
     """Transient failures of one request before giving up (fatal); 0 = never give up."""
