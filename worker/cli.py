@@ -113,6 +113,13 @@ COMMANDS: tuple[Command, ...] = (
         "letters back into an input once their cause is fixed.",
         "worker.deadletters.cli",
     ),
+    Command(
+        "state",
+        "show or clear what the worker learnt about which IDs exist",
+        "The ID knowledge an input's store holds (docs/id-knowledge.md): how many IDs are "
+        "known to exist and known missing, or forget them all.",
+        "worker.knowledge.cli",
+    ),
 )
 
 

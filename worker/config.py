@@ -143,6 +143,15 @@ def non_empty(text: str) -> str:
     return text
 
 
+def state_uri(text: str) -> str:
+    """Where ID knowledge lasts: ``memory`` or ``sqlite:PATH``."""
+    if text == "memory":
+        return text
+    if text.startswith("sqlite:") and text.removeprefix("sqlite:").strip():
+        return text
+    raise ValueError(f"must be memory or sqlite:PATH, got {text!r}")
+
+
 def boolean(text: str) -> bool:
     """true/false, 1/0, yes/no, on/off."""
     lowered = text.strip().lower()
@@ -206,9 +215,13 @@ class Settings:
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     suspect_ttl_s: float = 900.0
+    known_ids: int = 200_000
+    state: str | None = None
+    """None: the input's own store (memory only for a jsonl: input)."""
     max_waiting: int = DEFAULT_MAX_WAITING
     max_retries: int = 0
     max_not_found_run: int = 10
+    max_contradictions: int = 3
     confirm_tries: int = 3
     timeout_grace_s: float | None = None
     """None: twice --request-timeout."""
@@ -405,8 +418,26 @@ OPTIONS: tuple[Option, ...] = (
         "WORKER_SUSPECT_TTL",
         non_negative_float,
         _DEFAULTS["suspect_ttl_s"],
-        "seconds an ID found missing is sent alone",
+        "seconds what the API said about an ID (it exists, it is missing) is remembered",
         metavar="SECONDS",
+    ),
+    Option(
+        "known_ids",
+        "--known-ids",
+        "WORKER_KNOWN_IDS",
+        non_negative_int,
+        _DEFAULTS["known_ids"],
+        "IDs remembered of each kind (exists, missing), the oldest forgotten first; 0 = none",
+    ),
+    Option(
+        "state",
+        "--state",
+        "WORKER_STATE",
+        state_uri,
+        None,
+        "where ID knowledge lasts: memory, or sqlite:PATH (default: the input's own store;"
+        " memory for a jsonl: input)",
+        metavar="URI",
     ),
     Option(
         "max_waiting",
@@ -423,6 +454,15 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_int,
         _DEFAULTS["max_retries"],
         "transient failures of one request before exiting 1 (0 = retry forever)",
+    ),
+    Option(
+        "max_contradictions",
+        "--max-contradictions",
+        "WORKER_MAX_CONTRADICTIONS",
+        non_negative_int,
+        _DEFAULTS["max_contradictions"],
+        "lone 404s in a row on contacts the API applied within the hour that stop sending"
+        " (0 = never)",
     ),
     Option(
         "max_not_found_run",

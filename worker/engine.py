@@ -34,6 +34,7 @@ from worker.core.concurrency import AdaptiveLimit, AdaptiveSettings, Sample
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
+from worker.knowledge.feed import KnowledgeFeed
 from worker.limiter import RateLimiter, SharedRate
 from worker.obs.metrics import EngineHistograms
 from worker.sender import SEND_ERRORS, Response
@@ -200,6 +201,8 @@ class Engine:
         self._result: Result | None = None
         self._reader_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
+        self.knowledge: KnowledgeFeed | None = None
+        """Where the ID knowledge lasts (the input's store), set before :meth:`run`."""
         source.assignments = self
         source.replay = self
 
@@ -289,6 +292,8 @@ class Engine:
                 outer.start_soon(self._watch_signals)
             if self.settings.progress_interval_s > 0:
                 outer.start_soon(self._report_progress, self.settings.progress_interval_s)
+            if self.knowledge is not None:
+                outer.start_soon(self.knowledge.run)
             async with anyio.create_task_group() as work:
                 self._work_scope = work.cancel_scope
                 self._producers = 1 + self.settings.concurrency
@@ -297,6 +302,9 @@ class Engine:
                     work.start_soon(self._producing, self._send_loop)
                 work.start_soon(self._acknowledge)
             outer.cancel_scope.cancel()
+        if self.knowledge is not None:
+            with anyio.CancelScope(shield=True):
+                await self.knowledge.flush()  # what the last requests taught
         self.stats.finished = time.monotonic()
         self._running = False
         result = self._result or Result(Ending.DRAINED)
@@ -445,6 +453,10 @@ class Engine:
                 else:
                     invalid.append(Invalid(problem, item[2], change=item[1]))
             valid = kept
+        if self.knowledge is not None and valid:
+            # Before the scheduler sees them: what the store knows shapes their batches.
+            await self.knowledge.prefetch(key for key, _, _ in valid)
+            now = self._clock()
         scheduler.add_all(valid, now)
         self.stats.records += len(records)
         self._notify()

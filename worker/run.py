@@ -24,6 +24,9 @@ from worker.core.scheduler import SchedulerSettings
 from worker.deadletters.base import DeadLetterError, DeadLetterSink
 from worker.engine import Ending, Engine, EngineSettings, Result
 from worker.errors import EXIT_AUTH, EXIT_FATAL, EXIT_OK, Fatal, UsageError
+from worker.knowledge.base import KnowledgeError
+from worker.knowledge.feed import KnowledgeFeed
+from worker.knowledge.open import knowledge_store
 from worker.obs.http import serve_status
 from worker.preflight import check_api
 from worker.sender import Sender
@@ -58,9 +61,11 @@ def engine_settings(settings: Settings, *, handle_signals: bool = True) -> Engin
         backoff=Backoff(max_retry_after_s=settings.max_retry_after_s),
         max_waiting=settings.max_waiting,
         suspect_ttl_s=settings.suspect_ttl_s,
+        max_suspects=settings.known_ids,
         max_retries=settings.max_retries,
         confirm_tries=settings.confirm_tries,
         max_not_found_run=settings.max_not_found_run,
+        max_contradictions=settings.max_contradictions,
         timeout_grace_s=timeout_grace_s(settings),
     )
     auto = settings.rate == AUTO
@@ -189,6 +194,7 @@ async def _prepare(
     engine = Engine(
         source, sink, sender, engine_settings(settings, handle_signals=False), shared_rate=shared
     )
+    engine.knowledge = await _open_knowledge(settings, engine, opened)
     if settings.http_port:
         # Before the check: a port that is taken is a setting to fix, found before any request
         # is sent. /readyz says `starting` until the engine runs.
@@ -222,6 +228,24 @@ async def _prepare(
         concurrency=settings.concurrency,
     )
     return engine
+
+
+async def _open_knowledge(
+    settings: Settings, engine: Engine, opened: AsyncExitStack
+) -> KnowledgeFeed | None:
+    """The feed between the input's knowledge store and the engine's scheduler; None for
+    memory only. A store that cannot be opened costs requests, not the run: a warning."""
+    store = knowledge_store(settings.source, settings.state)
+    if store is None or not settings.known_ids or not settings.suspect_ttl_s:
+        return None
+    try:
+        await store.open()
+    except KnowledgeError as exc:
+        log.warning("knowledge.unavailable", store=store.display, error=str(exc))
+        await store.close()
+        return None
+    opened.push_async_callback(store.close)
+    return KnowledgeFeed(store, engine.scheduler.knowledge)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -57,6 +57,10 @@ FAMILIES = {
     "contact_worker_input_reconnects": "counter",
     "contact_worker_input_unacked_records": "gauge",
     "contact_worker_build_info": "gauge",
+    "contact_worker_id_knowledge_lookups": "counter",
+    "contact_worker_id_knowledge_ids": "gauge",
+    "contact_worker_id_contradictions": "counter",
+    "contact_worker_unknown_share": "gauge",
 }
 """Every metric family /metrics always has, and its type (counters' samples end in _total)."""
 
@@ -70,8 +74,12 @@ INPUT_FAMILIES = {
     "contact_worker_input_partitions_held": "gauge",
     "contact_worker_input_leases_lost": "counter",
     "contact_worker_input_spool_depth": "gauge",
+    "contact_worker_id_knowledge_loaded": "counter",
+    "contact_worker_id_knowledge_saved": "counter",
+    "contact_worker_id_knowledge_store_failures": "counter",
 }
-"""Families of the inputs they apply to: partitioned ones, ones with leases, the spool."""
+"""Families of the inputs they apply to: partitioned ones, ones with leases, the spool, ones
+with a knowledge store."""
 
 PROCESS_FAMILIES = {
     "process_cpu_seconds": "counter",

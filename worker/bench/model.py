@@ -16,9 +16,10 @@ slower than the reader (the rate binds), so the window fills. When they are not,
 fewer changes waiting: the reader yields to them once per slice of ``READ_SLICE`` changes,
 each sender completes at most one request per slice (fewer if its answer takes longer), so a
 share ``pace`` of the changes read goes out at once and ``N * pace`` updates are sent.
-Updates go in batches of ``B``; a batch holding an unknown ID is halved as
-``worker.core.split`` does (expected cost from :func:`worker.bench.bounds.expected_requests`);
-an unknown ID seen again is sent alone.
+Updates go in batches of ``B``; fresh IDs go in groups sized for the unknown share and a refused
+group is searched by generalized binary splitting as ``worker.core.grouptest`` says (expected
+cost from :func:`worker.bench.bounds.requests_per_contact`); an unknown ID seen again (within
+its TTL) is dead-lettered without a request, and an ID seen again that exists is known to.
 Transient errors (share ``e``) cost ``1 / (1 - e)`` attempts per request.
 """
 
@@ -28,7 +29,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.bench.bounds import effective_rate, expected_requests, information_bound
+from worker.bench.bounds import (
+    SPLITTING,
+    effective_rate,
+    information_bound,
+    requests_per_contact,
+)
 from worker.core.scheduler import DEFAULT_MAX_WAITING
 
 CPU_US_PER_CHANGE = 10.0
@@ -178,7 +184,9 @@ def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
     chunk_s = READ_CHUNK_CHANGES * inputs.read_us_per_change / 1e6
     round_trip = (inputs.latency_ms + inputs.overhead_ms) / 1000 + chunk_s / 2
     answers = inputs.concurrency / round_trip
-    per_batch = expected_requests(inputs.batch_size, inputs.unknown_share)
+    per_batch = inputs.batch_size * requests_per_contact(
+        inputs.batch_size, inputs.unknown_share, SPLITTING
+    )
     steps = 200
     dt = fill_s / steps
     # No burst: what the schedule allows accumulates for one step at most.
@@ -198,15 +206,16 @@ def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
 def _requests(sends: float, distinct: float, inputs: PlanInputs, fill: float) -> tuple[float, ...]:
     """(new, isolation, retry) requests for ``sends`` updates to ``distinct`` IDs."""
     p = inputs.unknown_share
-    # An unknown ID is found once; seen again (within the suspect TTL) it goes alone.
-    alone = p * max(0.0, sends - distinct)
-    batched = sends - alone
-    batches = math.ceil(batched / fill) if batched > 0 else 0
-    share = min(1.0, p * distinct / batched) if batched > 0 else 0.0
+    # An ID is learnt at its first update: seen again (within the TTL) it is known to exist
+    # (and goes in full batches) or known missing (dead-lettered without a request).
+    fresh = min(sends, distinct)
+    known = (1.0 - p) * max(0.0, sends - distinct)
     size = max(1, round(fill))
-    per_batch = expected_requests(size, share) if batches else 0.0
-    new = float(batches + alone)
-    isolation = batches * max(0.0, per_batch - 1.0)
+    searched = fresh * requests_per_contact(size, p, SPLITTING) if fresh > 0 else 0.0
+    fresh_batches = math.ceil(fresh / fill) if fresh > 0 else 0
+    known_batches = math.ceil(known / fill) if known > 0 else 0
+    new = float(fresh_batches + known_batches)
+    isolation = max(0.0, searched - fresh_batches)
     retry = (new + isolation) * inputs.error_rate / (1.0 - inputs.error_rate)
     return new, isolation, retry
 

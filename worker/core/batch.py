@@ -84,6 +84,18 @@ def flush_due(
     return True if due <= now else due
 
 
+def fitting_prefix(entries: list[Entry], max_bytes: int) -> int:
+    """How many of ``entries``, from the first, make a body of at most ``max_bytes`` (at
+    least one, however large: the API is the judge of what it accepts)."""
+    size, keep = 1, 0  # the brackets, less the first comma that is not written
+    for entry in entries:
+        grown = size + len(orjson.dumps(entry.body)) + 1
+        if keep and grown > max_bytes:
+            break
+        keep, size = keep + 1, grown
+    return keep
+
+
 def fill(coalescer: Coalescer, ceiling: int, max_bytes: int) -> tuple[list[Entry], bytes]:
     """Take ready entries, oldest first, up to ``ceiling`` entries and ``max_bytes`` of body.
 
@@ -96,12 +108,7 @@ def fill(coalescer: Coalescer, ceiling: int, max_bytes: int) -> tuple[list[Entry
     body = orjson.dumps([entry.body for entry in taken])
     if len(body) <= max_bytes or len(taken) <= 1:
         return taken, body
-    size, keep = 1, 0  # the brackets, less the first comma that is not written
-    for entry in taken:
-        grown = size + len(orjson.dumps(entry.body)) + 1
-        if keep and grown > max_bytes:
-            break
-        keep, size = keep + 1, grown
+    keep = fitting_prefix(taken, max_bytes)
     coalescer.give_back(taken[keep:])
     kept = taken[:keep]
     return kept, orjson.dumps([entry.body for entry in kept])

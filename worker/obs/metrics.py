@@ -205,6 +205,7 @@ class EngineCollector(Collector):
             dict(s.dead_letters) | {"invalid": e.invalid},
         )
         yield _counter("retries", "Requests that failed transiently and will be retried", s.retries)
+        yield from _knowledge(engine)
         yield _counter(
             "rate_limit_wait_seconds",
             "Time senders waited on the rate limiter, summed over senders",
@@ -261,6 +262,37 @@ class EngineCollector(Collector):
             "Time from reading a change to acknowledging it (applied or dead-lettered);"
             " merged changes count from the oldest one's arrival",
             h.ack_seconds,
+        )
+
+
+def _knowledge(engine: Engine) -> Iterator[Metric]:
+    """What ID knowledge answered, and what went to and from its store."""
+    knowledge = engine.scheduler.knowledge
+    lookups = dict(knowledge.stats.hits) | {"unknown": knowledge.stats.misses}
+    yield _labelled(
+        "id_knowledge_lookups",
+        "IDs looked up when a batch was composed: hits (exists, missing) and misses (unknown)",
+        "result",
+        lookups,
+    )
+    yield _gauge("id_knowledge_ids", "IDs known in memory (exists or missing)", len(knowledge))
+    yield _counter(
+        "id_contradictions",
+        "Lone 404s on contacts the API had applied lately",
+        engine.scheduler.stats.contradictions,
+    )
+    yield _gauge(
+        "unknown_share",
+        "Share of fresh IDs found missing, as estimated (it sizes their groups)",
+        engine.scheduler.unknown_share.share,
+    )
+    feed = engine.knowledge
+    if feed is not None:
+        f = feed.stats
+        yield _counter("id_knowledge_loaded", "Facts loaded from the store", f.loaded)
+        yield _counter("id_knowledge_saved", "Facts written to the store", f.saved)
+        yield _counter(
+            "id_knowledge_store_failures", "Store operations that failed (run went on)", f.failures
         )
 
 
