@@ -457,19 +457,23 @@ class Scheduler:
         """Sort ready entries by what is known of their IDs, then pack one request: a full
         group of IDs known to exist, else a group of fresh IDs topped up with IDs known to
         exist, else what there is."""
-        coalescer, knowledge = self.coalescer, self.knowledge
+        coalescer, lookup = self.coalescer, self.knowledge.lookup
+        fresh_ids, existing_ids = self._fresh, self._existing
         while not self._group_full():
-            if coalescer.peek() is None:
+            # As many as neither pool can overflow with, in one take.
+            room = min(self.ceiling - len(existing_ids), self.group - len(fresh_ids))
+            taken = coalescer.pop_many(room)
+            if not taken:
                 break
-            entry = coalescer.pop()
-            fact = knowledge.lookup(entry.key, now)
-            if fact is None:
-                self._fresh.append(entry)
-            elif fact.known is Known.EXISTS:
-                self._existing.append(entry)
-            else:
-                self._known_missing.append(self._known_missing_letter(entry, fact, now))
-                self.stats.known_missing += 1
+            for entry in taken:
+                fact = lookup(entry.key, now)
+                if fact is None:
+                    fresh_ids.append(entry)
+                elif fact.known is Known.EXISTS:
+                    existing_ids.append(entry)
+                else:
+                    self._known_missing.append(self._known_missing_letter(entry, fact, now))
+                    self.stats.known_missing += 1
         limit = self.ceiling
         if len(self._existing) >= limit or not self._fresh:
             entries, fresh = _take(self._existing, limit), 0
