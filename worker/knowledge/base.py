@@ -82,5 +82,10 @@ class KnowledgeStore(abc.ABC):
         """Forget everything; how many facts were dropped."""
 
     @abc.abstractmethod
+    async def forget(self, keys: Sequence[str]) -> int:
+        """Forget what is known of ``keys`` (``dlq replay``: their changes are to be sent
+        again); how many facts were dropped."""
+
+    @abc.abstractmethod
     async def counts(self) -> StoreCounts:
         """How many facts are held, by kind (expired ones not pruned yet included)."""

@@ -109,6 +109,11 @@ class PostgresKnowledge(KnowledgeStore):
         status = await self._call(f"DELETE FROM {self.table}")
         return int(status.split()[-1])
 
+    async def forget(self, keys: Sequence[str]) -> int:
+        """Delete the facts of ``keys``."""
+        status = await self._call(f"DELETE FROM {self.table} WHERE id = ANY($1)", list(keys))
+        return int(status.split()[-1])
+
     async def counts(self) -> StoreCounts:
         """Facts held, by kind."""
         rows = await self._call(

@@ -133,6 +133,19 @@ class RedisKnowledge(KnowledgeStore):
             raise KnowledgeError(f"{self.display}: {exc}") from exc
         return counts.exists + counts.missing
 
+    async def forget(self, keys: Sequence[str]) -> int:
+        """ZREM the keys from both sets."""
+        if not keys:
+            return 0
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for known in Known:
+                    pipe.zrem(self.key(known), *keys)
+                removed = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise KnowledgeError(f"{self.display}: {exc}") from exc
+        return int(sum(removed))
+
     async def counts(self) -> StoreCounts:
         """ZCARD of each set."""
         try:

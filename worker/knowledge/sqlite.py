@@ -132,6 +132,21 @@ class SqliteKnowledge(KnowledgeStore):
         """Forget everything."""
         return await self._run(lambda conn: conn.execute(f"DELETE FROM {TABLE}").rowcount)
 
+    async def forget(self, keys: Sequence[str]) -> int:
+        """Delete the facts of ``keys``."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            dropped = 0
+            with _transaction(conn):
+                for start in range(0, len(keys), 500):
+                    chunk = list(keys[start : start + 500])
+                    marks = ",".join("?" * len(chunk))
+                    query = f"DELETE FROM {TABLE} WHERE id IN ({marks})"
+                    dropped += conn.execute(query, chunk).rowcount
+            return dropped
+
+        return await self._run(op)
+
     async def counts(self) -> StoreCounts:
         """Facts held, by kind."""
 
