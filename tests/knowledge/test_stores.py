@@ -207,3 +207,14 @@ class TestStoresAgainstAModel:
 
         with tempfile.TemporaryDirectory() as name:
             anyio.run(check, Path(name))
+
+
+class TestForget:
+    """dlq replay drops what is known of the contacts it puts back."""
+
+    async def test_forget(self, make: Callable[[], KnowledgeStore]) -> None:
+        """Forgotten IDs load as unknown; the others stay."""
+        async with make() as store:
+            await store.save([fact("1", Known.MISSING, 1.0), fact("2", Known.EXISTS, 1.0)])
+            await store.forget(["1", "9"])
+            assert [fact("2", Known.EXISTS, 1.0)] == await store.load(["1", "2"], 0.0)

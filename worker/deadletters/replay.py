@@ -11,7 +11,7 @@ database) both happen in one transaction, and each letter is replayed exactly on
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,16 @@ class ReplayReport:
         }
 
 
+def _contact_ids(lines: Iterable[bytes]) -> list[str]:
+    """The contact IDs of replayed change lines (as the coalescer keys them)."""
+    ids = []
+    for line in lines:
+        change = orjson.loads(line)
+        if isinstance(change, dict) and "ID" in change:
+            ids.append(str(change["ID"]))
+    return ids
+
+
 async def replay(
     store: DeadLetterStore,
     target: Target,
@@ -75,12 +85,15 @@ async def replay(
     dry_run: bool = False,
     page_size: int = PAGE,
     now: Callable[[], str] = utc_now,
+    forget: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> ReplayReport:
     """Replay what the planner chooses from ``store`` into ``target``.
 
     Raises StoreError (or StoreBusy) if the store cannot be opened, SourceError if the target
     fails before anything was written to it; a failure after that ends the replay early and is
-    in the report's ``error``, with everything done until then.
+    in the report's ``error``, with everything done until then. ``forget`` drops what the
+    input's ID knowledge holds of the contacts of ``not_found`` letters replayed: they were
+    replayed because the contacts exist now, and must not be dead-lettered again from it.
     """
     await store.open(replay=not dry_run)
     try:
@@ -126,6 +139,8 @@ async def replay(
                     report.unmarked = len(keys)
                     break
             replayed.update(c.reason for c in chosen)
+            if forget is not None:
+                await forget(_contact_ids(c.line for c in chosen if c.reason == "not_found"))
         return report
     finally:
         await store.close()

@@ -90,6 +90,11 @@ class PostgresKnowledge(KnowledgeStore):
             [f.learnt_at for f in newest.values()],
         )
 
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Delete the facts about ``keys``."""
+        if keys:
+            await self._call(f"DELETE FROM {self.table} WHERE id = ANY($1)", list(keys))
+
     async def prune(self, before: float, max_ids: int) -> int:
         """Drop expired facts, then the oldest beyond ``max_ids`` of each kind."""
         status = await self._call(f"DELETE FROM {self.table} WHERE learnt_at <= $1", before)

@@ -110,6 +110,17 @@ class SqliteKnowledge(KnowledgeStore):
 
         await self._run(op)
 
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Delete the facts about ``keys``."""
+        if not keys:
+            return
+
+        def op(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(f"DELETE FROM {TABLE} WHERE id = ?", [(k,) for k in keys])
+
+        await self._run(op)
+
     async def prune(self, before: float, max_ids: int) -> int:
         """Drop expired facts, then the oldest beyond ``max_ids`` of each kind."""
 
