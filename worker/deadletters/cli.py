@@ -153,37 +153,34 @@ def main(args: argparse.Namespace) -> int:
 
 class Forgetting:
     """What the input's knowledge store holds of replayed contacts, dropped as they go back;
-    a store that cannot be reached is a warning (the next run may dead-letter them again from
-    it until --suspect-ttl has passed, or `contact-worker state clear`)."""
+    opened at the first contacts to forget (after the input took a page: an input that cannot
+    be reached stays the one error). A store that cannot be reached is a warning (a run may
+    dead-letter them again from it until --suspect-ttl has passed, or `state clear`)."""
 
     def __init__(self, store: KnowledgeStore) -> None:
         self.store = store
-        self.ok = False
+        self.state = "closed"
 
     async def __aenter__(self) -> Callable[[list[str]], Awaitable[None]]:
-        try:
-            await self.store.open()
-            self.ok = True
-        except KnowledgeError as exc:
-            self._warn(exc)
         return self.forget
 
     async def forget(self, ids: list[str]) -> None:
-        if not self.ok or not ids:
+        if not ids or self.state == "failed":
             return
         try:
+            if self.state == "closed":
+                self.state = "failed"
+                await self.store.open()
+                self.state = "open"
             await self.store.forget(ids)
         except KnowledgeError as exc:
-            self.ok = False
-            self._warn(exc)
-
-    def _warn(self, exc: KnowledgeError) -> None:
-        print(
-            f"contact-worker: warning: could not forget the replayed contacts in {exc}: a run"
-            " may dead-letter them again until --suspect-ttl has passed (or run"
-            " `contact-worker state clear`)",
-            file=sys.stderr,
-        )
+            self.state = "failed"
+            print(
+                f"contact-worker: warning: could not forget the replayed contacts in {exc}: a"
+                " run may dead-letter them again until --suspect-ttl has passed (or run"
+                " `contact-worker state clear`)",
+                file=sys.stderr,
+            )
 
     async def __aexit__(self, *exc: object) -> None:
         await self.store.close()
