@@ -357,7 +357,7 @@ class Scheduler:
         if self._lifted:
             settled = Settled(applied=self._lifted)
             self._lifted = []
-        if self._known_missing:
+        if self._known_missing and self.fatal is None:
             settled = settled or Settled()
             known, self._known_missing = self._known_missing, []
             self._dead(known, now, settled, learn=False)
