@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.backends import is_store
+from worker.core.concurrency import DEFAULT_MAX_CONCURRENCY
 from worker.core.scheduler import DEFAULT_MAX_WAITING
 from worker.errors import ConfigError
 
@@ -70,6 +71,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+AUTO = "auto"
+"""``--rate auto`` learns the API's rate limit (worker.core.adapt); ``--concurrency auto``
+makes requests in flight adapt (worker.core.concurrency)."""
+
+
+def concurrency(text: str) -> int | str:
+    """An integer >= 1, or ``auto``."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return positive_int(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
+
+
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
     value = int(_number(text, int))
@@ -84,6 +100,16 @@ def non_negative_float(text: str) -> float:
     if value < 0:
         raise ValueError(f"must be 0 or more, got {text}")
     return value
+
+
+def rate_value(text: str) -> float | str:
+    """``auto``, or requests/s: a finite number >= 0 (0 = no limit)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return non_negative_float(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
 
 
 def positive_float(text: str) -> float:
@@ -174,8 +200,14 @@ class Settings:
     api_url: str = "https://api.smsgatewayapi.com"
     batch_size: int = 100
     linger_ms: float = 200.0
-    rate: float = 10.0
-    concurrency: int = 8
+    rate: float | str = 10.0
+    """Requests/s, or ``auto`` (:data:`AUTO`)."""
+    max_rate: float = 200.0
+    """The most requests/s ``--rate auto`` ever tries."""
+    max_retry_after_s: float = 300.0
+    concurrency: int | str = 8
+    """A number, or ``auto`` (adapts up to ``max_concurrency``)."""
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     http_port: int = 9102
     follow: bool = False
     checkpoint: str | None = None
@@ -286,18 +318,45 @@ OPTIONS: tuple[Option, ...] = (
         "rate",
         "--rate",
         "WORKER_RATE",
-        non_negative_float,
+        rate_value,
         _DEFAULTS["rate"],
-        "most requests per second (0 = no limit)",
+        "most requests per second, in any one second, for the whole account (replicas on one"
+        " redis:// or postgresql:// input share it); auto = learn the API's limit; 0 = no limit",
         metavar="R",
+    ),
+    Option(
+        "max_rate",
+        "--max-rate",
+        "WORKER_MAX_RATE",
+        positive_float,
+        _DEFAULTS["max_rate"],
+        "the most requests per second --rate auto tries",
+        metavar="R",
+    ),
+    Option(
+        "max_retry_after_s",
+        "--max-retry-after",
+        "WORKER_MAX_RETRY_AFTER",
+        positive_float,
+        _DEFAULTS["max_retry_after_s"],
+        "longest Retry-After honoured, in seconds; a longer one is capped",
+        metavar="SECONDS",
     ),
     Option(
         "concurrency",
         "--concurrency",
         "WORKER_CONCURRENCY",
-        positive_int,
+        concurrency,
         _DEFAULTS["concurrency"],
-        "most requests in flight",
+        "most requests in flight, or auto: adapts to the API's latency, up to --max-concurrency",
+    ),
+    Option(
+        "max_concurrency",
+        "--max-concurrency",
+        "WORKER_MAX_CONCURRENCY",
+        positive_int,
+        _DEFAULTS["max_concurrency"],
+        "the ceiling of --concurrency auto",
     ),
     Option(
         "http_port",
@@ -624,6 +683,13 @@ def explain(
     problems = [_problem(choice, file) for choice in choices if choice.problem is not None]
     problems += _conflicts({choice.option.field: choice.value for choice in choices})
     return Resolution(tuple(choices), tuple(problems), None if file is None else file.path)
+
+
+def senders(settings: Settings) -> int:
+    """Requests in flight at most: ``--concurrency``, or its ceiling when it is ``auto``."""
+    if settings.concurrency == AUTO:
+        return settings.max_concurrency
+    return int(settings.concurrency)
 
 
 def config_path(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:

@@ -14,7 +14,7 @@ import anyio
 
 from worker.backends.jsonl.sink import JsonlDeadLetters
 from worker.backends.jsonl.source import JsonlSource
-from worker.config import Secret, Settings, non_negative_float, positive_int
+from worker.config import Secret, Settings, non_negative_float, positive_int, senders
 from worker.engine import Engine, Result
 from worker.obs import logging as obs_logging
 from worker.run import EXIT_CODES, backend_options, engine_settings, tune_gc
@@ -228,7 +228,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
         await source.open()
         await sink.open()
         try:
-            async with Sender(url, "demo", secret, concurrency=settings.concurrency) as sender:
+            async with Sender(url, "demo", secret, concurrency=senders(settings)) as sender:
                 engine = Engine(source, sink, sender, engine_settings(settings))
                 progress = ProgressLine(engine, len(lines), sys.stderr)
                 async with anyio.create_task_group() as tg:

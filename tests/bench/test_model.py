@@ -14,14 +14,33 @@ from worker.bench.plan_cli import configure_parser, main
 
 class TestModel:
     def test_rate_bound_backlog(self) -> None:
-        """10,000 distinct IDs, batch 100, 20 requests/s: 100 requests in (100 - 12) / 20 s
-        (the burst less one request per sender goes at once) and the last one's latency."""
+        """10,000 distinct IDs, batch 100, 20 requests/s: 100 requests and the start-up
+        check in 101 / 20 s (the schedule has no burst) and the last one's latency."""
         inputs = PlanInputs(api_rate=20, backlog=10_000, contacts=10_000, latency_ms=20)
         result = plan(inputs)
         assert result.requests == pytest.approx(100)
         assert result.bottleneck == "api_rate"
-        assert result.drain_s == pytest.approx(88 / 20 + 0.021)
+        assert result.drain_s == pytest.approx(101 / 20 + 0.021)
         assert result.bound_requests == 100
+
+    @pytest.mark.parametrize(
+        ("rate", "backlog", "per_hour"), [(5, 2_000, 0), (20, 50_000, 0), (10, 0, 2_000_000)]
+    )
+    def test_never_plans_above_the_rate(self, rate: float, backlog: int, per_hour: int) -> None:
+        """Whatever the input (a backlog, an inflow far above what the rate carries), the
+        plan's requests per second and per hour stay within the rate limit."""
+        result = plan(
+            PlanInputs(
+                api_rate=rate,
+                backlog=backlog,
+                contacts=backlog or None,
+                changes_per_hour=per_hour,
+                batch_size=1,
+            )
+        )
+        assert result.requests_per_s <= rate
+        assert result.requests_per_hour <= rate * 3600
+        assert result.utilisation is not None and result.utilisation <= 1.0
 
     def test_worker_rate_below_the_api(self) -> None:
         """The lower of the worker's and the API's rate binds."""

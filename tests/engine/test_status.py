@@ -44,6 +44,9 @@ FAMILIES = {
     "contact_worker_in_flight_requests": "gauge",
     "contact_worker_waiting_changes": "gauge",
     "contact_worker_rate_limit_requests_per_second": "gauge",
+    "contact_worker_api_pauses": "counter",
+    "contact_worker_api_paused_seconds": "counter",
+    "contact_worker_api_paused_remaining_seconds": "gauge",
     "contact_worker_concurrency_limit": "gauge",
     "contact_worker_batch_size_limit": "gauge",
     "contact_worker_ready": "gauge",
@@ -95,11 +98,14 @@ PROGRESS_KEYS = {
     "retries",
     "waiting",
     "in_flight",
+    "concurrency_limit",
     "read_per_s",
     "acked_per_s",
     "acked_per_s_overall",
     "rate_wait_s",
     "rate_wait_share",
+    "rate",
+    "pauses",
 }
 """The fields of the ``progress`` log event, as docs/operations.md lists them."""
 

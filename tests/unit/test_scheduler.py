@@ -401,8 +401,9 @@ class TestSchedulerRetry:
         assert 30.0 == s.paused_until
 
     @pytest.mark.parametrize("header", ["1000000000", "99999999999999"])
-    def test_huge_retry_after_pauses_at_most_an_hour(self, header: str) -> None:
-        """A server asking for more than an hour is taken to mean an hour: the pause too."""
+    def test_huge_retry_after_pauses_at_most_the_cap(self, header: str) -> None:
+        """A server asking for more than --max-retry-after (default five minutes) is taken
+        to mean that much: the pause too."""
         s = scheduler(rand=0.0)
         s.draining = True
         feed(s, 1)

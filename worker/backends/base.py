@@ -16,10 +16,13 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from types import MappingProxyType, TracebackType
-from typing import NamedTuple, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Self, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
+
+if TYPE_CHECKING:
+    from worker.limiter import SharedRate
 
 # Re-exported: the inputs import them from here.
 from worker.errors import EnqueueStopped as EnqueueStopped
@@ -69,6 +72,11 @@ class AssignmentListener(Protocol):
         """These partitions are no longer read: forget the waiting changes of the contact IDs
         ``covers`` selects (unacknowledged: the next holder sends them); how many were
         forgotten. Requests already in flight still finish."""
+        ...
+
+    def ids_in_flight(self) -> int:
+        """Contact IDs with a request in flight now (retries waiting included): an input
+        whose group protocol lets it wait for them before giving partitions up asks this."""
         ...
 
 
@@ -210,6 +218,10 @@ class Source(abc.ABC):
     replay: ReplayListener | None = None
     """Set by the engine: told of replay ranges (through :class:`ReplayRanges`) by the sources
     that know what may have been read before a crash."""
+    backlog: bool = False
+    """Whether more records are readable now, without waiting, than the last ``read`` handed
+    out (it filled its chunk or page): the engine then reads ahead before it sends, so that
+    an ID's later changes in the backlog merge into its request (False: do not know)."""
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect, position at the first record not yet acknowledged."""
@@ -230,6 +242,11 @@ class Source(abc.ABC):
         """Start the input's background work (lease keepers, listeners) in the engine's task
         group, after ``open``: a failure there ends the run with it, and nothing of it is left
         running after the run."""
+
+    def shared_rate(self) -> SharedRate | None:
+        """The account's rate schedule in the input's store, which replicas reading this
+        input share (Redis, PostgreSQL); None: this replica keeps its own."""
+        return None
 
     @abc.abstractmethod
     async def read(self) -> Sequence[Record] | HeldRecords | None:

@@ -2,7 +2,8 @@
 
 A worker drains a backlog as fast as the slowest of three limits allows:
 
-* the API's rate: ``requests / R`` (less what the full token bucket lets go at once);
+* the API's rate: ``(requests + 1) / R``: the worker's schedule has no burst (worker.core.rate),
+  and the start-up check is one request of them; the plan never counts on more than R a second;
 * latency: ``requests * (latency + overhead) / concurrency``, each sender waits for its answer;
 * CPU: one worker process is one core; ``changes * c_change + requests * c_request``.
 
@@ -169,9 +170,9 @@ def sender_pace(inputs: PlanInputs, rate: float) -> float:
 def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
     """Updates sent again because their batch left before the rest of the backlog was read.
 
-    A full batch goes at once, also while the backlog is still being read: under a rate limit
-    the token bucket starts full, so requests go as fast as answers come back until it is
-    empty (the reader, busy decoding chunks, slows the answers down), then ``R`` a second. An
+    A full batch goes at once, also while the backlog is still being read, at most ``R`` a
+    second (the schedule has no burst: worker.core.rate), fewer when answers come back slower
+    (the reader, busy decoding chunks, slows them down). An
     ID whose batch left when a share ``f`` of the backlog was read goes again if it changes in
     the rest: with probability ``1 - e^(-m (1 - f))``, ``m`` its changes beyond the first.
     """
@@ -188,10 +189,11 @@ def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
     )
     steps = 200
     dt = fill_s / steps
-    tokens, sent, again = rate, 0.0, 0.0
+    # No burst: what the schedule allows accumulates for one step at most.
+    tokens, sent, again = 1.0, 0.0, 0.0
     for step in range(1, steps + 1):
         f = step / steps
-        tokens = min(rate, tokens + rate * dt)
+        tokens = min(max(1.0, rate * dt), tokens + rate * dt)
         readable = contacts * -math.expm1(-changes * f / contacts) / inputs.batch_size - sent
         batches = max(0.0, min(answers * dt, tokens) / per_batch)
         batches = min(batches, max(0.0, readable))
@@ -248,12 +250,10 @@ def _drain(inputs: PlanInputs, backlog: int, contacts: int, rate: float) -> _Dra
     new, isolation, retry = _requests(sends, contacts, inputs, inputs.batch_size)
     requests = new + isolation + retry
     per_request = (inputs.latency_ms + inputs.overhead_ms) / 1000
-    # The token bucket starts full, but the first requests of each sender wait for batches to
-    # form: measured, a drain gains (R - concurrency) / R seconds, not a whole second.
-    burst = max(0.0, rate - inputs.concurrency)
+    # No burst (worker.core.rate): every request, the start-up check's too, takes its slot.
     cpu_us = backlog * inputs.cpu_us_per_change + requests * inputs.cpu_us_per_request
     limits = {
-        "api_rate": max(0.0, requests - burst) / rate if rate else 0.0,
+        "api_rate": (requests + 1.0) / rate if rate else 0.0,
         "latency": requests * per_request / inputs.concurrency,
         "cpu": cpu_us / 1e6,
     }
@@ -314,6 +314,8 @@ def _steady(
     fill = min(float(inputs.batch_size), 1.0 + arrivals * inputs.linger_ms / 1000)
     new, isolation, retry = _requests(volume, volume, inputs, fill)
     per_hour = new + isolation + retry
+    if rate and per_hour > rate * 3600:  # never planned above R: the backlog grows instead
+        per_hour = rate * 3600
     return per_hour, (per_hour / 3600 / rate) if rate else None
 
 
@@ -335,7 +337,10 @@ def _replicas(
                 "fewer requests (batch size, --max-waiting) or a higher limit could"
             )
         count = max(1, math.ceil(max(limits["latency"], limits["cpu"]) / budget))
-        return count, f"{count} worker(s), IDs partitioned by hash, --rate {rate / count:g} each"
+        return count, (
+            f"{count} worker(s), IDs partitioned by hash, sharing --rate {rate:g} through"
+            " their redis:// or postgresql:// input"
+        )
     if volume <= 0 or capacity <= 0:
         return 1, "nothing to drain"
     if volume <= capacity:

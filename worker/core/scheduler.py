@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from worker.core.backoff import MAX_RETRY_AFTER_S, Backoff
-from worker.core.batch import Batch, BatchLimits, Purpose, flush_due
-from worker.core.change import Change
+from worker.core.backoff import Backoff
+from worker.core.batch import Batch, BatchLimits, Purpose, fitting_prefix, flush_due
+from worker.core.change import Change, Decoded
 from worker.core.classify import Action, Verdict
 from worker.core.coalesce import Coalescer, Covers, Entry
 from worker.core.grouptest import UnknownShare, group_size
@@ -34,6 +34,16 @@ REPLAY_ALLOWANCE = 2
 """While a replay range is held, reading goes on up to this many times max-waiting before
 sending must start: the range is what the crashed run held (its waiting changes, and those in
 flight or not yet acknowledged), a little more than max-waiting when it was full."""
+
+
+READ_AHEAD_S = 5.0
+"""Longest a readable backlog holds back sending (``SchedulerSettings.read_ahead_s``): reading
+a full --max-waiting of 200,000 changes takes about 2 s here."""
+
+
+READ_STALL_S = 0.1
+"""A read-ahead ends when the reader took nothing in for this long: the input that said it had
+more is waiting for more after all (its last page was full and the next one empty)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,9 @@ class SchedulerSettings:
     timeout_grace_s: float = 60.0
     """After a request was abandoned (timeout, connection lost after sending) the API may
     still apply it: its IDs take no newer values until this long after it was abandoned."""
+    read_ahead_s: float = READ_AHEAD_S
+    """Longest the oldest ready change waits, while the input's backlog is read ahead, before
+    batches leave anyway (an input slower to read than this is not held up for it)."""
 
 
 ODD_NOISE_ODDS = 1e-6
@@ -194,6 +207,11 @@ class Scheduler:
         """The most entries per request; lowered when the API answers 413."""
         self.draining = False
         """Flush everything without waiting for linger (end of input or shutdown)."""
+        self._reading_ahead = False
+        self._merged_before = 0
+        """Changes merged (coalesced) before the backlog being read ahead began."""
+        self._read_at = 0.0
+        """When records were last taken in (a reader that stalls ends the read-ahead)."""
         self.paused_until = 0.0
         """No request before this time: the API asked everybody to wait (Retry-After)."""
         self.fatal: Verdict | None = None
@@ -233,10 +251,15 @@ class Scheduler:
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change from the source."""
-        self.stats.changes += 1
+        self.add_all([(change.key, change.fields, change.token)], now)
+
+    def add_all(self, changes: list[Decoded], now: float) -> None:
+        """Take valid changes from the source, in its order."""
+        self.stats.changes += len(changes)
         if self._replays:
-            self._count_replayed(change.key)
-        self.coalescer.add(change, now)
+            for key, _, _ in changes:
+                self._count_replayed(key)
+        self.coalescer.add_all(changes, now)
 
     @property
     def has_room(self) -> bool:
@@ -269,6 +292,24 @@ class Scheduler:
         )
 
     @property
+    def reading_ahead(self) -> bool:
+        """The input holds a backlog readable now (told by :meth:`read_ahead`): new batches
+        wait until it is read, or the scheduler is full, so that an ID's later changes in it
+        merge into its request instead of following in another (:meth:`_read_ahead_until`)."""
+        return self._reading_ahead
+
+    def read_ahead(self, more: bool, now: float) -> bool:
+        """The engine takes records in (a slice of a read) at ``now``; ``more``: whether the
+        input has more readable now. True when the read-ahead ended with this call (senders
+        waiting for it may go)."""
+        if more and not self._reading_ahead:
+            self._merged_before = self.coalescer.coalesced
+        ended = self._reading_ahead and not more
+        self._reading_ahead = more
+        self._read_at = now
+        return ended
+
+    @property
     def outstanding(self) -> int:
         """Requests handed out and not resolved yet."""
         return self._outstanding
@@ -293,6 +334,10 @@ class Scheduler:
             return self._hand_out(heapq.heappop(self._delayed)[2])
         # A full scheduler flushes at once: waiting out linger would only stall the source.
         hurry = self.draining or not self.has_room
+        if self.reading_ahead and not hurry:
+            held_until = self._read_ahead_until(now)
+            if held_until is not None:
+                return self._sooner(held_until, fence_due)
         due = flush_due(self.coalescer, self.settings.limits, self.ceiling, now, hurry)
         if due is None and (self._fresh or self._existing):
             due = True  # nothing more to wait for: what was taken goes now
@@ -305,11 +350,31 @@ class Scheduler:
             due = None
         if self._known_missing:
             return now  # dead letters to settle: ask again at once
-        wake = None if due is True else due
+        return self._sooner(None if due is True else due, fence_due)
+
+    def _sooner(self, wake: float | None, fence_due: float | None) -> float | None:
+        """The earliest of ``wake``, the next retry and the next fence's end."""
         for first in (self._delayed[0][0] if self._delayed else None, fence_due):
             if first is not None:
                 wake = first if wake is None else min(wake, first)
         return wake
+
+    def _read_ahead_until(self, now: float) -> float | None:
+        """While the input's backlog is read ahead: until when new batches wait (None: they
+        need not). Sending an ID now would send it again for each later change of it in the
+        backlog; when the rate or the concurrency binds, the requests are what a drain costs,
+        and reading is many times faster than sending, so reading first costs next to no time.
+        The wait ends when the backlog is read, when the scheduler is full (memory stays within
+        --max-waiting), when the reader took nothing in for ``READ_STALL_S`` (an input that
+        said it had more and then waited), or after ``read_ahead_s``. It does not begin while
+        nothing read of the backlog so far merged into a waiting change (IDs that do not
+        repeat, where reading ahead would save nothing and leave the senders idle)."""
+        coalescer = self.coalescer
+        oldest = coalescer.peek()
+        if oldest is None or coalescer.coalesced == self._merged_before:
+            return None
+        until = min(oldest.since + self.settings.read_ahead_s, self._read_at + READ_STALL_S)
+        return until if now < until else None
 
     def _lift_fences(self, now: float) -> float | None:
         """Let newer changes of IDs whose grace has passed go, and their applied entries be
@@ -405,15 +470,24 @@ class Scheduler:
             else:
                 self._known_missing.append(self._known_missing_letter(entry, fact, now))
                 self.stats.known_missing += 1
-        limit, max_bytes = self.ceiling, self.settings.limits.max_bytes
+        limit = self.ceiling
         if len(self._existing) >= limit or not self._fresh:
-            entries = _pack([self._existing], limit, max_bytes)
+            entries, fresh = _take(self._existing, limit), 0
         else:
-            entries = _pack([self._fresh], self.group, max_bytes)
-            entries += _pack([self._existing], limit - len(entries), max_bytes, entries)
+            entries = _take(self._fresh, self.group)
+            fresh = len(entries)
+            entries += _take(self._existing, limit - fresh)
         if not entries:
             return None
-        return Batch(entries, self._number())
+        body = orjson.dumps([entry.body for entry in entries])
+        max_bytes = self.settings.limits.max_bytes
+        if len(body) > max_bytes and len(entries) > 1:
+            keep = fitting_prefix(entries, max_bytes)
+            for index in range(len(entries) - 1, keep - 1, -1):  # back in front, in order
+                (self._fresh if index < fresh else self._existing).appendleft(entries[index])
+            entries = entries[:keep]
+            body = orjson.dumps([entry.body for entry in entries])
+        return Batch(entries, self._number(), encoded=body)
 
     def _exists_at(self, now: float) -> Callable[[str], bool]:
         """Whether an ID is known to exist at ``now``."""
@@ -678,7 +752,7 @@ class Scheduler:
             return
         delay = self.settings.backoff.delay(batch.attempt, self._rand(), verdict.retry_after_s)
         if verdict.retry_after_s is not None:
-            wait = min(verdict.retry_after_s, MAX_RETRY_AFTER_S)
+            wait = min(verdict.retry_after_s, self.settings.backoff.max_retry_after_s)
             self.paused_until = max(self.paused_until, now + wait)
         batch.not_before = now + delay
         heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
@@ -741,22 +815,6 @@ class Scheduler:
                 replay.changes += 1
 
 
-def _pack(
-    pools: list[deque[Entry]], limit: int, max_bytes: int, already: list[Entry] | None = None
-) -> list[Entry]:
-    """Take entries from the front of ``pools``, in turn, up to ``limit`` entries and
-    ``max_bytes`` of body with what is ``already`` packed. One entry always goes, however
-    large: the API is the judge of what it accepts (413 makes it a culprit)."""
-    taken: list[Entry] = []
-    size = 1 + sum(len(entry.encoded or b"") + 1 for entry in already or ())
-    for pool in pools:
-        while pool and len(taken) < limit:
-            entry = pool[0]
-            if entry.encoded is None:
-                entry.encoded = orjson.dumps(entry.body)
-            grown = size + len(entry.encoded) + 1
-            if (taken or already) and grown > max_bytes:
-                return taken
-            taken.append(pool.popleft())
-            size = grown
-    return taken
+def _take(pool: deque[Entry], limit: int) -> list[Entry]:
+    """Up to ``limit`` entries from the front of ``pool``."""
+    return [pool.popleft() for _ in range(min(limit, len(pool)))]

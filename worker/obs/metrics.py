@@ -217,15 +217,33 @@ class EngineCollector(Collector):
             "Changes read and not sent yet (the backlog in memory)",
             coalescer.changes_waiting,
         )
+        limiter = engine.limiter
         yield _gauge(
             "rate_limit_requests_per_second",
-            "Most requests per second the worker sends (--rate; 0 = no limit)",
-            engine.settings.rate,
+            "Most requests per second the worker sends now (--rate, or what --rate auto"
+            " learned; 0 = no limit)",
+            0.0 if limiter is None else limiter.rate_per_s,
+        )
+        yield _counter(
+            "api_pauses",
+            "Pauses of every sender the API asked for (Retry-After, capped by --max-retry-after)",
+            e.pauses,
+        )
+        yield _counter(
+            "api_paused_seconds",
+            "Seconds every sender was paused by the API's Retry-After",
+            e.paused_s,
+        )
+        yield _gauge(
+            "api_paused_remaining_seconds",
+            "Seconds the pause of every sender still lasts (0: not paused)",
+            engine.paused_s,
         )
         yield _gauge(
             "concurrency_limit",
-            "Most requests in flight at once (--concurrency)",
-            engine.settings.concurrency,
+            "Most requests in flight at once now (--concurrency, or the adaptive limit of"
+            " --concurrency auto)",
+            engine.concurrency_limit,
         )
         yield _gauge(
             "batch_size_limit",

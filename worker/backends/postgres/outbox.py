@@ -243,6 +243,7 @@ class PgOutboxSource(PartitionClaims):
                 claim, after, self._mine, self.batch, token, self.lease_s
             ),
         )
+        self.backlog = len(rows) >= self.batch
         if not rows:
             return []
         deadline = started + self.lease_s

@@ -85,6 +85,7 @@ class SqliteSpoolSource(SpoolUser, Source):
                 rows = await spool.fetch(self._cursor, count)
             except SpoolError as exc:
                 raise SourceError(str(exc)) from exc
+            self.backlog = len(rows) >= count
             if rows:
                 self._cursor = rows[-1][0]
                 self.rows_read += len(rows)
