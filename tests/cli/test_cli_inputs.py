@@ -74,7 +74,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
             return int(redis_cli("XLEN", name)), int(redis_cli("XLEN", f"{name}:dead"))
 
         yield f"{REDIS}?stream={name}&consumer=cli-test&claim_idle_s=1", counts_redis
-        redis_cli("DEL", name, f"{name}:dead")
+        redis_cli("DEL", name, f"{name}:dead", f"{name}:ids:exists", f"{name}:ids:missing")
 
 
 @pytest.mark.slow
@@ -110,6 +110,13 @@ def test_input_end_to_end(tmp_path: Path, store: Store) -> None:
         assert expected_state(changes) == gw.get("/_sim/contacts")
         assert 501 == summary(stderr)["acked"]
         assert (0, 1) == counts()
+        # What the API taught lasts in the input's own store (docs/id-knowledge.md).
+        shown = subprocess.run(
+            [BIN, "state", "show", uri, "--json"], capture_output=True, text=True, timeout=60
+        )
+        assert 0 == shown.returncode, shown.stderr
+        known = json.loads(shown.stdout)
+        assert (len({str(c["ID"]) for c in changes}), 0) == (known["exists"], known["missing"])
     finally:
         gw.stop()
 

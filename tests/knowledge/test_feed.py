@@ -80,3 +80,21 @@ async def test_a_failing_store_is_skipped_then_retried(tmp_path: Path) -> None:
     clocks.now += 31.0
     assert feed.available
     await store.close()
+
+
+async def test_memory_forgets_what_the_store_forgot(tmp_path: Path) -> None:
+    """An ID memory knows missing (written already) that `dlq replay` or `state clear` dropped
+    from the store is forgotten by memory at its next prefetch: it is sent again."""
+    clocks = Clocks()
+    async with SqliteKnowledge(str(tmp_path / "s.db")) as store:
+        knowledge = IdKnowledge()
+        feed = KnowledgeFeed(store, knowledge, clock=clocks.mono, wall_clock=clocks.wall)
+        knowledge.learn("5", Known.MISSING, clocks.now)
+        knowledge.learn("6", Known.MISSING, clocks.now)
+        clocks.now += 1.0
+        await feed.flush()
+        await store.forget(["5"])
+        await feed.prefetch(["5", "6"])
+        assert None is knowledge.peek("5", clocks.now)
+        six = knowledge.peek("6", clocks.now)
+        assert six is not None and Known.MISSING == six.known

@@ -131,20 +131,6 @@ class TestKnowledgeStores:
             assert [] == await store.load(["0", "1"], 0.0)
             assert StoreCounts(0, 0) == await store.counts()
 
-    async def test_forget_drops_only_the_keys_named(
-        self, make: Callable[[], KnowledgeStore]
-    ) -> None:
-        """Forget (what ``dlq replay`` asks) drops the facts of the keys named, of either
-        kind, and says how many; the others stay."""
-        async with make() as store:
-            await store.save([fact(str(n), Known.MISSING, 1.0) for n in range(4)])
-            await store.save([fact("e", Known.EXISTS, 1.0)])
-            assert 2 == await store.forget(["1", "e", "not-known"])
-            assert 0 == await store.forget([])
-            assert ["0", "2", "3"] == sorted(f.key for f in await store.load(list("0123e"), 0.0))
-            assert StoreCounts(0, 3) == await store.counts()
-            assert 0 == await store.forget([str(n) for n in range(4, 1004)])  # many, none known
-
     async def test_many_ids_in_one_load(self, make: Callable[[], KnowledgeStore]) -> None:
         """A read slice of IDs loads in one call, whatever its size."""
         async with make() as store:
@@ -221,3 +207,14 @@ class TestStoresAgainstAModel:
 
         with tempfile.TemporaryDirectory() as name:
             anyio.run(check, Path(name))
+
+
+class TestForget:
+    """dlq replay drops what is known of the contacts it puts back."""
+
+    async def test_forget(self, make: Callable[[], KnowledgeStore]) -> None:
+        """Forgotten IDs load as unknown; the others stay."""
+        async with make() as store:
+            await store.save([fact("1", Known.MISSING, 1.0), fact("2", Known.EXISTS, 1.0)])
+            await store.forget(["1", "9"])
+            assert [fact("2", Known.EXISTS, 1.0)] == await store.load(["1", "2"], 0.0)

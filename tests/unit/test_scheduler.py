@@ -538,6 +538,26 @@ class TestSchedulerKnowledge:
         feed(s, 1, 2, 100, 101, now=1.0)
         assert ["100", "101", "1", "2"] == take(s, 1.0).keys
 
+    def test_search_of_a_topped_up_group_halves_the_fresh(self) -> None:
+        """A refused group of 64 fresh IDs topped up with 36 known to exist: the search
+        halves the fresh ones (the known almost never fail); the known ones returned by it go
+        with the known ones again."""
+        s = scheduler(max_items=100)
+        s.draining = True
+        feed(s, *range(1000, 1036))
+        s.resolve(take(s, 0.0), applied(), 0.0)
+        feed(s, *range(1000, 1036), now=1.0)
+        feed(s, *range(1, 65), now=1.0)
+        group = take(s, 1.0)
+        assert (64, 100) == (s.group, len(group.keys))
+        s.resolve(group, not_found(), 1.0)
+        first = take(s, 1.0)
+        assert [str(n) for n in range(1, 33)] == first.keys
+        s.resolve(first, not_found(), 1.0)  # the culprit is among 1..32
+        second = take(s, 1.0)
+        assert [str(n) for n in range(1, 17)] == second.keys
+        assert 36 == len(s._existing) and 32 == len(s._fresh)
+
     def test_deleted_after_it_was_learnt(self) -> None:
         """Knowledge is a prior, not a promise: an ID known to exist that the API no longer
         knows spoils its batch, is isolated like any other, and is known missing after."""

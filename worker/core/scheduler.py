@@ -422,7 +422,7 @@ class Scheduler:
         if self._lifted:
             settled = Settled(applied=self._lifted)
             self._lifted = []
-        if self._known_missing:
+        if self._known_missing and self.fatal is None:
             settled = settled or Settled()
             known, self._known_missing = self._known_missing, []
             self._dead(known, now, settled, learn=False)
@@ -493,6 +493,16 @@ class Scheduler:
             body = orjson.dumps([entry.body for entry in entries])
         return Batch(entries, self._number(), encoded=body)
 
+    def _exists_at(self, now: float) -> Callable[[str], bool]:
+        """Whether an ID is known to exist at ``now``."""
+        knowledge = self.knowledge
+
+        def exists(key: str) -> bool:
+            fact = knowledge.peek(key, now)
+            return fact is not None and fact.known is Known.EXISTS
+
+        return exists
+
     def _known_missing_letter(self, entry: Entry, fact: Fact, now: float) -> DeadLetter:
         ago_s = max(0.0, now - fact.learnt_at)
         detail = (
@@ -525,7 +535,7 @@ class Scheduler:
         elif action is Action.RETRY:
             self._retry(batch, verdict, now, settled)
         elif action is Action.ISOLATE:
-            self._release_held(batch)
+            self._release_held(batch, now)
             if not verdict.certain:
                 self._doubtful(batch, verdict, now, settled)
             elif len(batch.entries) == 1 and verdict.reason == "not_found":
@@ -533,7 +543,7 @@ class Scheduler:
             else:
                 self._known_bad(batch.entries, verdict, now, settled, batch)
         elif action is Action.SHRINK:
-            self._release_held(batch)
+            self._release_held(batch, now)
             self.stats.shrinks += 1
             self.ceiling = max(1, min(self.ceiling, len(batch.entries) // 2))
             if len(batch.entries) == 1:
@@ -610,7 +620,7 @@ class Scheduler:
         settled: Settled,
         parent: Batch | None = None,
     ) -> None:
-        plan = split_known_bad(entries, failure, self._number)
+        plan = split_known_bad(entries, failure, self._number, self._exists_at(now))
         if isinstance(plan, DeadLetter):
             self._dead([plan], now, settled, None if parent is None else self._fence_until(parent))
         else:
@@ -717,7 +727,7 @@ class Scheduler:
         requests instead of after the upper levels of every refused batch."""
         self._urgent.extendleft(reversed(parts))
 
-    def _release_held(self, batch: Batch) -> None:
+    def _release_held(self, batch: Batch, now: float) -> None:
         """The held half of a refused part: nothing was learnt about it. It returns to the
         fresh IDs, to ride in their next group (Hwang's generalized binary splitting), unless
         a request of its was abandoned: then it is sent as it is, keeping its fence."""
@@ -725,10 +735,13 @@ class Scheduler:
         if held is None:
             return
         held.failure = None
-        if held.abandoned_at is None:
-            self._fresh.extendleft(reversed(held.entries))
-        else:
+        if held.abandoned_at is not None:
             self._push_urgent([held])
+            return
+        exists = self._exists_at(now)
+        known = [entry for entry in held.entries if exists(entry.key)]
+        self._existing.extendleft(reversed(known))
+        self._fresh.extendleft(reversed([e for e in held.entries if not exists(e.key)]))
 
     def _retry(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
         batch.attempt += 1

@@ -36,12 +36,26 @@ def culprit(entry: Entry, failure: Verdict) -> DeadLetter:
 
 
 def split_known_bad(
-    entries: list[Entry], failure: Verdict, number: Callable[[], int]
+    entries: list[Entry],
+    failure: Verdict,
+    number: Callable[[], int],
+    exists: Callable[[str], bool] | None = None,
 ) -> Batch | DeadLetter:
-    """Plan for entries known to hold a culprit: the culprit itself, or a first half to send."""
+    """Plan for entries known to hold a culprit: the culprit itself, or a first half to send.
+
+    ``exists``: which IDs are known to exist. They almost never hold the culprit, so the half
+    is taken of the others (fresh first, as groups are packed): a fresh group topped up with
+    known IDs costs the search of the fresh ones, not of the whole batch.
+    """
     if len(entries) == 1:
         return culprit(entries[0], failure)
     middle = len(entries) // 2
+    if exists is not None:
+        fresh = 0
+        while fresh < len(entries) and not exists(entries[fresh].key):
+            fresh += 1
+        if 0 < fresh < len(entries):
+            middle = max(1, fresh // 2)
     second = Batch(entries[middle:], number(), Purpose.ISOLATE, failure=failure)
     return Batch(entries[:middle], number(), Purpose.ISOLATE, failure=failure, held=second)
 

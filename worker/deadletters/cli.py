@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Awaitable, Callable
 
 import anyio
 import orjson
@@ -12,11 +13,13 @@ import orjson
 from worker.backends import open_store
 from worker.deadletters.display import console, print_replay, print_summary, print_warnings
 from worker.deadletters.plan import Planner, parse_reasons
-from worker.deadletters.replay import replay
+from worker.deadletters.replay import ReplayReport, replay
 from worker.deadletters.store import DeadLetterStore
 from worker.deadletters.summary import Summary, Tally
 from worker.deadletters.targets import open_target
 from worker.errors import EXIT_FATAL, EXIT_OK, EXIT_USAGE
+from worker.knowledge.base import KnowledgeError, KnowledgeStore
+from worker.knowledge.open import knowledge_store
 
 REASONS = ("not_found", "rejected", "invalid")
 
@@ -124,7 +127,15 @@ def main_replay(args: argparse.Namespace) -> int:
             f"--to {args.to} is the dead-letter file itself: replay into an input", EXIT_USAGE
         )
     planner = Planner(reasons, args.limit)
-    report = anyio.run(lambda: replay(store, target, planner, dry_run=args.dry_run))
+    knowledge = None if args.dry_run else knowledge_store(args.to, None)
+
+    async def run() -> ReplayReport:
+        if knowledge is None:
+            return await replay(store, target, planner, dry_run=args.dry_run)
+        async with Forgetting(knowledge) as forget:
+            return await replay(store, target, planner, forget=forget)
+
+    report = anyio.run(run)
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report.to_json()) + b"\n")
     else:
@@ -138,6 +149,41 @@ def main(args: argparse.Namespace) -> int:
     """Run the ``dlq`` action the command line chose."""
     code: int = args.dlq_func(args)
     return code
+
+
+class Forgetting:
+    """What the input's knowledge store holds of replayed contacts, dropped as they go back;
+    opened at the first contacts to forget (after the input took a page: an input that cannot
+    be reached stays the one error). A store that cannot be reached is a warning (a run may
+    dead-letter them again from it until --suspect-ttl has passed, or `state clear`)."""
+
+    def __init__(self, store: KnowledgeStore) -> None:
+        self.store = store
+        self.state = "closed"
+
+    async def __aenter__(self) -> Callable[[list[str]], Awaitable[None]]:
+        return self.forget
+
+    async def forget(self, ids: list[str]) -> None:
+        if not ids or self.state == "failed":
+            return
+        try:
+            if self.state == "closed":
+                self.state = "failed"
+                await self.store.open()
+                self.state = "open"
+            await self.store.forget(ids)
+        except KnowledgeError as exc:
+            self.state = "failed"
+            print(
+                f"contact-worker: warning: could not forget the replayed contacts in {exc}: a"
+                " run may dead-letter them again until --suspect-ttl has passed (or run"
+                " `contact-worker state clear`)",
+                file=sys.stderr,
+            )
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.store.close()
 
 
 def _same_file(store_uri: str, target_uri: str) -> bool:

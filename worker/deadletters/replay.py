@@ -11,19 +11,16 @@ database) both happen in one transaction, and each letter is replayed exactly on
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from worker.backends.base import EnqueueStopped, SourceError
-from worker.core.change import key_of
 from worker.deadletters.plan import Planner, ReplayCounts
 from worker.deadletters.store import PAGE, DeadLetterStore, StoreError
 from worker.deadletters.targets import Target
-from worker.knowledge.base import KnowledgeError
-from worker.knowledge.open import forget_ids
 
 ORDER_WARNING = (
     "a replayed change is sent as it was when it failed: if a newer change to the same contact"
@@ -49,10 +46,6 @@ class ReplayReport:
     error: str | None = None
     """What stopped the replay before the end, if anything."""
     unmarked: int = 0
-    knowledge_forgotten: int | None = None
-    """Facts the input's ID knowledge dropped for the IDs replayed ``not_found`` (None: the
-    input keeps none), so that their changes are sent, not dead-lettered again at once."""
-    knowledge_error: str | None = None
     """Changes written to the input whose letters could not be marked: sent again next time."""
 
     @property
@@ -70,10 +63,18 @@ class ReplayReport:
             **self.counts.to_json(),
             "error": self.error,
             "unmarked": self.unmarked,
-            "knowledge_forgotten": self.knowledge_forgotten,
-            "knowledge_error": self.knowledge_error,
             "warning": ORDER_WARNING if self.replayed else None,
         }
+
+
+def _contact_ids(lines: Iterable[bytes]) -> list[str]:
+    """The contact IDs of replayed change lines (as the coalescer keys them)."""
+    ids = []
+    for line in lines:
+        change = orjson.loads(line)
+        if isinstance(change, dict) and "ID" in change:
+            ids.append(str(change["ID"]))
+    return ids
 
 
 async def replay(
@@ -84,19 +85,21 @@ async def replay(
     dry_run: bool = False,
     page_size: int = PAGE,
     now: Callable[[], str] = utc_now,
+    forget: Callable[[list[str]], Awaitable[None]] | None = None,
 ) -> ReplayReport:
     """Replay what the planner chooses from ``store`` into ``target``.
 
     Raises StoreError (or StoreBusy) if the store cannot be opened, SourceError if the target
     fails before anything was written to it; a failure after that ends the replay early and is
-    in the report's ``error``, with everything done until then.
+    in the report's ``error``, with everything done until then. ``forget`` drops what the
+    input's ID knowledge holds of the contacts of ``not_found`` letters replayed: they were
+    replayed because the contacts exist now, and must not be dead-lettered again from it.
     """
     await store.open(replay=not dry_run)
     try:
         atomic = not dry_run and store.holds_input(target.uri)
         report = ReplayReport(store.name, target.display, dry_run, atomic, planner.counts)
         replayed = report.counts.replayed
-        missing: list[str] = []
         while True:
             try:
                 page = await store.read(page_size)
@@ -136,21 +139,8 @@ async def replay(
                     report.unmarked = len(keys)
                     break
             replayed.update(c.reason for c in chosen)
-            missing += [key for c in chosen if c.reason == "not_found" and (key := _id(c.line))]
-        if missing:
-            try:
-                report.knowledge_forgotten = await forget_ids(target.uri, missing)
-            except KnowledgeError as exc:
-                report.knowledge_error = str(exc)
+            if forget is not None:
+                await forget(_contact_ids(c.line for c in chosen if c.reason == "not_found"))
         return report
     finally:
         await store.close()
-
-
-def _id(line: bytes) -> str | None:
-    """The contact ID (its coalescing key) of a replayed change."""
-    try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    return key_of(obj.get("ID")) if type(obj) is dict else None

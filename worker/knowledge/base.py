@@ -73,6 +73,10 @@ class KnowledgeStore(abc.ABC):
         """Keep ``facts``, each replacing whatever was known of its ID."""
 
     @abc.abstractmethod
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Drop every fact about ``keys`` (``dlq replay`` of IDs now created)."""
+
+    @abc.abstractmethod
     async def prune(self, before: float, max_ids: int) -> int:
         """Drop the facts learnt before ``before`` and the oldest beyond ``max_ids`` of each
         kind; how many were dropped."""
@@ -80,11 +84,6 @@ class KnowledgeStore(abc.ABC):
     @abc.abstractmethod
     async def clear(self) -> int:
         """Forget everything; how many facts were dropped."""
-
-    @abc.abstractmethod
-    async def forget(self, keys: Sequence[str]) -> int:
-        """Forget what is known of ``keys`` (``dlq replay``: their changes are to be sent
-        again); how many facts were dropped."""
 
     @abc.abstractmethod
     async def counts(self) -> StoreCounts:

@@ -12,6 +12,7 @@ goes on from memory, and tries the store again after ``retry_s``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import anyio
 import structlog
 
-from worker.core.knowledge import IdKnowledge
+from worker.core.knowledge import IdKnowledge, Known
 from worker.knowledge.base import KnowledgeError, KnowledgeStore, StoredFact
 
 log = structlog.get_logger("worker.knowledge")
@@ -62,6 +63,8 @@ class KnowledgeFeed:
         self.stats = FeedStats()
         self._down_until: float | None = None
         self._next_prune = 0.0
+        self._flushed_at = -math.inf
+        """When the last flush that wrote everything learnt until then began."""
         knowledge.keep_journal()
 
     @property
@@ -81,11 +84,20 @@ class KnowledgeFeed:
             self._down_until = None
 
     async def prefetch(self, keys: Iterable[str]) -> None:
-        """Load what the store knows of ``keys`` that memory does not."""
+        """Load what the store knows of ``keys`` that memory does not; and check again what
+        memory knows missing (written to the store already): ``dlq replay`` or ``state
+        clear`` may have dropped it there since, and then memory must forget it too."""
         if not self.available:
             return
         now, knowledge = self._clock(), self.knowledge
-        wanted = [key for key in dict.fromkeys(keys) if knowledge.peek(key, now) is None]
+        wanted, recheck = [], set()
+        for key in dict.fromkeys(keys):
+            held = knowledge.peek(key, now)
+            if held is None:
+                wanted.append(key)
+            elif held.known is Known.MISSING and held.learnt_at < self._flushed_at:
+                wanted.append(key)
+                recheck.add(key)
         if not wanted:
             return
         wall = self._wall()
@@ -97,7 +109,10 @@ class KnowledgeFeed:
         self._recovered()
         now = self._clock()
         for fact in facts:
+            recheck.discard(fact.key)
             knowledge.learn(fact.key, fact.known, now - (wall - fact.learnt_at), journal=False)
+        for key in recheck:  # gone from the store: forgotten on purpose
+            knowledge.forget(key)
         self.stats.looked_up += len(wanted)
         self.stats.loaded += len(facts)
 
@@ -105,12 +120,13 @@ class KnowledgeFeed:
         """Write what the API taught since the last flush; prune now and then."""
         if not self.available:
             return
-        journal = self.knowledge.drain()
         now, wall = self._clock(), self._wall()
+        journal = self.knowledge.drain()
         facts = [StoredFact(key, known, wall - (now - at)) for key, known, at in journal]
         try:
             await self.store.save(facts)
             self.stats.saved += len(facts)
+            self._flushed_at = now
             if now >= self._next_prune:
                 self._next_prune = now + self.prune_interval_s
                 self.stats.pruned += await self.store.prune(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from worker.errors import ConfigError
 from worker.knowledge.base import KnowledgeStore
 
@@ -40,13 +38,3 @@ def knowledge_store(source: str, state: str | None) -> KnowledgeStore | None:
 
         return PostgresKnowledge(parse_pg(source))
     return None
-
-
-async def forget_ids(source: str, keys: Sequence[str]) -> int | None:
-    """Forget what ``source``'s own store knows of ``keys``; how many facts were dropped (None:
-    the input keeps no knowledge of its own). Raises KnowledgeError if the store fails."""
-    store = knowledge_store(source, None)
-    if store is None or not keys:
-        return None if store is None else 0
-    async with store:
-        return await store.forget(keys)

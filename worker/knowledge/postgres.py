@@ -90,6 +90,11 @@ class PostgresKnowledge(KnowledgeStore):
             [f.learnt_at for f in newest.values()],
         )
 
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Delete the facts about ``keys``."""
+        if keys:
+            await self._call(f"DELETE FROM {self.table} WHERE id = ANY($1)", list(keys))
+
     async def prune(self, before: float, max_ids: int) -> int:
         """Drop expired facts, then the oldest beyond ``max_ids`` of each kind."""
         status = await self._call(f"DELETE FROM {self.table} WHERE learnt_at <= $1", before)
@@ -107,11 +112,6 @@ class PostgresKnowledge(KnowledgeStore):
     async def clear(self) -> int:
         """Forget everything."""
         status = await self._call(f"DELETE FROM {self.table}")
-        return int(status.split()[-1])
-
-    async def forget(self, keys: Sequence[str]) -> int:
-        """Delete the facts of ``keys``."""
-        status = await self._call(f"DELETE FROM {self.table} WHERE id = ANY($1)", list(keys))
         return int(status.split()[-1])
 
     async def counts(self) -> StoreCounts:

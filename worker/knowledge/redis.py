@@ -112,6 +112,18 @@ class RedisKnowledge(KnowledgeStore):
         except (RedisError, OSError) as exc:
             raise KnowledgeError(f"{self.display}: {exc}") from exc
 
+    async def forget(self, keys: Sequence[str]) -> None:
+        """ZREM the IDs from both sets."""
+        if not keys:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for known in Known:
+                    pipe.zrem(self.key(known), *keys)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise KnowledgeError(f"{self.display}: {exc}") from exc
+
     async def prune(self, before: float, max_ids: int) -> int:
         """Drop expired members, then the oldest beyond ``max_ids`` of each set."""
         try:
@@ -132,19 +144,6 @@ class RedisKnowledge(KnowledgeStore):
         except (RedisError, OSError) as exc:
             raise KnowledgeError(f"{self.display}: {exc}") from exc
         return counts.exists + counts.missing
-
-    async def forget(self, keys: Sequence[str]) -> int:
-        """ZREM the keys from both sets."""
-        if not keys:
-            return 0
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for known in Known:
-                    pipe.zrem(self.key(known), *keys)
-                removed = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise KnowledgeError(f"{self.display}: {exc}") from exc
-        return int(sum(removed))
 
     async def counts(self) -> StoreCounts:
         """ZCARD of each set."""

@@ -110,6 +110,17 @@ class SqliteKnowledge(KnowledgeStore):
 
         await self._run(op)
 
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Delete the facts about ``keys``."""
+        if not keys:
+            return
+
+        def op(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(f"DELETE FROM {TABLE} WHERE id = ?", [(k,) for k in keys])
+
+        await self._run(op)
+
     async def prune(self, before: float, max_ids: int) -> int:
         """Drop expired facts, then the oldest beyond ``max_ids`` of each kind."""
 
@@ -131,21 +142,6 @@ class SqliteKnowledge(KnowledgeStore):
     async def clear(self) -> int:
         """Forget everything."""
         return await self._run(lambda conn: conn.execute(f"DELETE FROM {TABLE}").rowcount)
-
-    async def forget(self, keys: Sequence[str]) -> int:
-        """Delete the facts of ``keys``."""
-
-        def op(conn: sqlite3.Connection) -> int:
-            dropped = 0
-            with _transaction(conn):
-                for start in range(0, len(keys), 500):
-                    chunk = list(keys[start : start + 500])
-                    marks = ",".join("?" * len(chunk))
-                    query = f"DELETE FROM {TABLE} WHERE id IN ({marks})"
-                    dropped += conn.execute(query, chunk).rowcount
-            return dropped
-
-        return await self._run(op)
 
     async def counts(self) -> StoreCounts:
         """Facts held, by kind."""
