@@ -27,7 +27,7 @@ pytestmark = pytest.mark.anyio
 
 
 def uri_of(tansu: Tansu, topic: str, query: str = "") -> str:
-    return f"kafka://{tansu.bootstrap}/{topic}?poll_s=0.1{query}"
+    return f"kafka://{tansu.bootstrap}/{topic}?poll_s=0.1&session_timeout_s=1{query}"
 
 
 async def committed(
@@ -64,6 +64,7 @@ async def read_n(source: KafkaSource, n: int) -> list[tuple[Any, bytes]]:
 
 
 class TestCommits:
+    @pytest.mark.slow
     async def test_commit_stops_at_the_first_record_not_acknowledged(
         self, tansu: Tansu, topic: str
     ) -> None:

@@ -35,7 +35,6 @@ _OWN_PARAMS = frozenset(
         "ssl_cafile",
         "ssl_certfile",
         "ssl_keyfile",
-        "ssl_check_hostname",
         "sasl_mechanism",
     }
 )
@@ -68,7 +67,6 @@ class KafkaAddress:
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = True
     sasl_mechanism: str | None = None
     username: str | None = None
     password: str | None = None
@@ -92,10 +90,8 @@ class KafkaAddress:
         }
         protocol = "PLAINTEXT"
         if self.tls:
+            # Always verified: certificates and host names, against ssl_cafile or the system's.
             context = ssl.create_default_context(cafile=self.ssl_cafile)
-            context.check_hostname = self.ssl_check_hostname
-            if not self.ssl_check_hostname:
-                context.verify_mode = ssl.CERT_NONE
             if self.ssl_certfile:
                 context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
             options["ssl_context"] = context
@@ -164,7 +160,6 @@ def parse_uri(uri: str) -> KafkaAddress:
         ssl_cafile=params.get("ssl_cafile"),
         ssl_certfile=params.get("ssl_certfile"),
         ssl_keyfile=params.get("ssl_keyfile"),
-        ssl_check_hostname=flag("kafka", params, "ssl_check_hostname", True),
         sasl_mechanism=mechanism,
         username=username,
         password=password,
