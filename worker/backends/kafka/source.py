@@ -5,8 +5,9 @@ changes of one contact land in one partition, in order. A record whose key is no
 ``ID`` is dead-lettered ``invalid`` (:meth:`KafkaSource.misfiled`), never sent.
 
 Offsets are committed by hand, per partition, up to the contiguous prefix of records that were
-applied or dead-lettered (:class:`~worker.backends.kafka.progress.PartitionProgress`), once
-per acknowledgement (the engine acknowledges in groups).
+applied or dead-lettered (:class:`~worker.backends.kafka.progress.PartitionProgress`), in
+groups: every ``COMMIT_INTERVAL_S`` by a committer in the engine's task group, at once when a
+partition's window is half used, before a rebalance and at the close.
 
 Rebalances: aiokafka speaks Kafka's eager protocol, where every member is told "revoked" for all
 its partitions before the group re-forms. Here that moment holds every waiting change (nothing
@@ -37,6 +38,7 @@ from aiokafka.errors import (
     KafkaError,
 )
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from anyio.abc import TaskGroup
 
 from worker.backends.base import (
     Held,
@@ -56,6 +58,8 @@ log = structlog.get_logger("worker.backends.kafka")
 KafkaToken = tuple[int, int, str | None]
 """A record's token: its partition, its offset and its key (the contact ID it is filed under)."""
 
+COMMIT_INTERVAL_S = 0.2
+"""How often the committer commits what was acknowledged since."""
 SLOW_COMMIT_S = 5.0
 """A commit taking longer than this marks the input unavailable until one succeeds."""
 QUIET_WAIT_S = 0.01
@@ -112,6 +116,8 @@ class KafkaSource(Source):
         self._holdings: dict[int, _Holding] = {}
         self._generation = 0
         self._rebalancing = False
+        self._dirty = False
+        """Records were done since the last commit."""
         self._ranges = ReplayRanges(self)
         self.outages = Outages()
         self.acked = 0
@@ -133,7 +139,9 @@ class KafkaSource(Source):
             max_poll_records=address.batch,
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(100, session_ms // 3),
-            rebalance_timeout_ms=max(session_ms, 30_000),
+            rebalance_timeout_ms=(rebalance_ms := max(session_ms, 30_000)),
+            # A JoinGroup may take the whole rebalance timeout to be answered.
+            request_timeout_ms=max(40_000, rebalance_ms + 5_000),
             max_poll_interval_ms=24 * 3600 * 1000,  # the engine's backpressure is not a stall
             retry_backoff_ms=200,
             # Sticky: a rebalance moves as few partitions as it can (round robin for groups
@@ -346,16 +354,35 @@ class KafkaSource(Source):
 
     # -- acknowledging -----------------------------------------------------------------------
 
+    def start(self, task_group: TaskGroup) -> None:
+        """Start the committer in the engine's task group."""
+        task_group.start_soon(self._commit_loop, name=f"{self.name} commits")
+
     async def ack(self, tokens: Sequence[Hashable]) -> None:
-        """Mark these records done; commit the partitions whose contiguous prefix grew."""
+        """Mark these records done; the committer commits them within ``COMMIT_INTERVAL_S``,
+        or this ack at once where a partition's window is half used up."""
         holdings = self._holdings
+        pressed = False
+        half = self.window // 2
         for p, offset, _ in cast(Sequence[KafkaToken], tokens):
             holding = holdings.get(p)
             if holding is not None and holding.progress.done(offset):
                 self.acked += 1
+                progress = holding.progress
+                if progress.next is not None and progress.committed is not None:
+                    pressed = pressed or progress.next - progress.committed >= half
+        self._dirty = True
         consumer = self._consumer
-        if consumer is not None and not self._rebalancing:
+        if pressed and consumer is not None and not self._rebalancing:
             await self._commit(consumer)
+
+    async def _commit_loop(self) -> None:
+        """Commit what is done, in groups: every ``COMMIT_INTERVAL_S`` while acks come."""
+        while True:
+            await anyio.sleep(COMMIT_INTERVAL_S)
+            consumer = self._consumer
+            if self._dirty and consumer is not None and not self._rebalancing:
+                await self._commit(consumer)
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         """Commit every held partition's commit point past its last commit, in one request."""
@@ -366,6 +393,7 @@ class KafkaSource(Source):
             if point is not None:
                 offsets[TopicPartition(self.topic, p)] = OffsetAndMetadata(point, "")
                 points[p] = point
+        self._dirty = False
         if not offsets:
             return
         try:
@@ -378,8 +406,10 @@ class KafkaSource(Source):
         except (CommitFailedError, IllegalStateError) as exc:
             # The group re-formed meanwhile: the next round (or the next holder) commits.
             log.info("kafka.commit_skipped", error=str(exc))
+            self._dirty = True
             return
         except KafkaError as exc:
+            self._dirty = True
             self.outages.failed("commit", str(exc) or type(exc).__name__)
             log.warning("kafka.commit_failed", error=repr(exc))
             return

@@ -90,7 +90,7 @@ class KafkaAddress:
         }
         protocol = "PLAINTEXT"
         if self.tls:
-            # Always verified, name included, as every other connection of the worker.
+            # Always verified: certificates and host names, against ssl_cafile or the system's.
             context = ssl.create_default_context(cafile=self.ssl_cafile)
             if self.ssl_certfile:
                 context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
