@@ -12,7 +12,8 @@ exact
     ``least / engine`` (the engine's ``elapsed_s``). Goal: 0 answers 429 (at most 1),
     ``least / wall >= 0.97``.
 auto
-    ``--rate auto`` against a limit the worker is not told (R = 5, 20, 100). Reports, from the
+    ``--rate auto --max-rate 200`` against a limit the worker is not told (R = 5, 20, 100).
+    Reports, from the
     30th second on (the simulator counts each second), the API's rate used (2xx per second / R)
     and the share of requests answered 429; and the rate the worker learned (its last
     ``progress`` event). Goal: >= 0.95 used, <= 2 % answered 429.
@@ -115,7 +116,12 @@ def worker_flags(rate: str, extra: list[str] | None = None) -> list[str]:
 
 
 def one_run(
-    source: Path, rate: str, sim: list[str], label: str, timeout_s: float
+    source: Path,
+    rate: str,
+    sim: list[str],
+    label: str,
+    timeout_s: float,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """A fresh simulator and one ``contact-worker run`` on ``source``; the figures."""
     events: list[dict[str, Any]] = []
@@ -127,7 +133,7 @@ def one_run(
             f"jsonl:{source}",
             "--dlq",
             f"jsonl:{WORK / (label + '-dead.jsonl')}",
-            *worker_flags(rate),
+            *worker_flags(rate, extra),
         ]
         process = run_process(
             command,
@@ -210,6 +216,7 @@ def scenario_auto(args: argparse.Namespace) -> dict[str, Any]:
                 sim_options(rate, args.window, requests),
                 label,
                 120 + 4 * args.seconds,
+                ["--max-rate", "200"],
             )
             seconds = run["sim"]["per_second"][30:-1]  # from the 30th second, the last partial
             sent = sum(total for total, _ in seconds)
