@@ -21,7 +21,8 @@ replicas
     Three replicas (``contact-worker run`` processes) on one partitioned ``redis://`` or
     ``postgresql://`` input with ``--rate R`` against an API limited to R: the share of 429s
     and the rate the three used together (2xx per second / R, over the seconds all were busy).
-    Goal: <= 2 % answered 429, >= 0.9 of R.
+    Goal: <= 2 % answered 429, >= 0.9 of R. With ``--auto``: ``--rate auto`` on each replica
+    against the hidden limit, counted from the 30th second.
 
 The API's limit is a token bucket of R tokens refilled at R/s answering 429 with
 ``Retry-After`` (the gateway of the issue) unless ``--window sliding`` (at most R in any one
@@ -266,7 +267,7 @@ def scenario_replicas(args: argparse.Namespace) -> dict[str, Any]:
             uri = _input_uri(kind, name, args.partitions)
             requests = int(rate * args.seconds)
             source = distinct_file(requests, "replicas")
-            label = f"replicas-{kind}-r{rate:g}-{round_}"
+            label = f"replicas-{kind}-r{rate:g}{'-auto' if args.auto else ''}-{round_}"
             env = os.environ | {"SMSGW_CLIENT_SECRET": "demo-secret"}
             subprocess.run([*cli_command(), "init", "--to", uri], check=True, env=env)
             with source.open("rb") as f:
@@ -283,7 +284,10 @@ def scenario_replicas(args: argparse.Namespace) -> dict[str, Any]:
                         "run",
                         "--source",
                         uri,
-                        *worker_flags(f"{rate:g}"),
+                        *worker_flags(
+                            "auto" if args.auto else f"{rate:g}",
+                            ["--max-rate", "200"] if args.auto else None,
+                        ),
                     ]
                     log_file = (WORK / f"{label}-{replica}.log").open("w")
                     procs.append(
@@ -311,12 +315,14 @@ def scenario_replicas(args: argparse.Namespace) -> dict[str, Any]:
                     log_file.close()
                 stats = simulator.stats()
             per_second = stats["per_second"]
-            busy = per_second[5:-1]  # all three have started and joined; the last is partial
+            # All three have started (auto: learned); the last second is partial.
+            busy = per_second[30 if args.auto else 5 : -1]
             sent = sum(total for total, _ in busy)
             refused = sum(r for _, r in busy)
             rows.append(
                 {
                     "input": kind,
+                    "rate_flag": "auto" if args.auto else f"{rate:g}",
                     "R": rate,
                     "round": round_,
                     "requests": requests,
@@ -348,6 +354,9 @@ def main() -> None:
     parser.add_argument("--window", choices=["bucket", "sliding"], default="bucket")
     parser.add_argument("--inputs", default="redis,postgresql")
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument(
+        "--auto", action="store_true", help="replicas: --rate auto (the limit hidden) instead of R"
+    )
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
     args.inputs = args.inputs.split(",")
@@ -373,7 +382,8 @@ def main() -> None:
         **result["scenario_rate"],
     }
     REPORTS.mkdir(parents=True, exist_ok=True)
-    path = REPORTS / f"{args.scenario}-{args.window}-{started:%Y%m%dT%H%M}.json"
+    kind = args.scenario + ("-auto" if args.scenario == "replicas" and args.auto else "")
+    path = REPORTS / f"{kind}-{args.window}-{started:%Y%m%dT%H%M}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: report[k] for k in report if k != "rows"}, indent=1))
     print(f"report: {path}")

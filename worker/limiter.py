@@ -57,6 +57,8 @@ class RateLimiter:
         self._sleep = sleep
         self.wait_s = 0.0
         """Time requests waited for their slot, summed over senders."""
+        self._booked_ahead_at = -1e18
+        """When a shared slot last lay in the future: the account's rate held a sender back."""
         self.late_slots = 0
         """Shared slots given up because the sender woke too late for them."""
         self._sent: deque[float] = deque()
@@ -115,6 +117,7 @@ class RateLimiter:
             wait = await shared.reserve(self.schedule.rate_per_s, self.paused_s())
             slot = self._clock() + wait  # the reply's time: late by at most the round trip
             if wait > 0.0:
+                self._booked_ahead_at = slot
                 await self._timed_sleep(wait)
             now = self._clock()
             if now - slot <= LATE_SLACK_S or attempt == MAX_REBOOKS:
@@ -138,6 +141,10 @@ class RateLimiter:
         """Whether the rate binds: the last BINDING_WINDOW_S used at least BINDING_SHARE of
         what it allowed. Only then may ``--rate auto`` grow: a worker with little to send
         learns nothing about the API's limit."""
+        if self.shared is not None:
+            # This replica's own share of the requests says nothing (the others send too):
+            # the account's schedule binds when it made a sender wait.
+            return now - self._booked_ahead_at <= BINDING_WINDOW_S
         sent = self._sent
         while sent and now - sent[0] > BINDING_WINDOW_S:
             sent.popleft()
