@@ -12,7 +12,8 @@ exact
     ``least / engine`` (the engine's ``elapsed_s``). Goal: 0 answers 429 (at most 1),
     ``least / wall >= 0.97``.
 auto
-    ``--rate auto`` against a limit the worker is not told (R = 5, 20, 100). Reports, from the
+    ``--rate auto --max-rate 200`` against a limit the worker is not told (R = 5, 20, 100).
+    Reports, from the
     30th second on (the simulator counts each second), the API's rate used (2xx per second / R)
     and the share of requests answered 429; and the rate the worker learned (its last
     ``progress`` event). Goal: >= 0.95 used, <= 2 % answered 429.
@@ -20,7 +21,8 @@ replicas
     Three replicas (``contact-worker run`` processes) on one partitioned ``redis://`` or
     ``postgresql://`` input with ``--rate R`` against an API limited to R: the share of 429s
     and the rate the three used together (2xx per second / R, over the seconds all were busy).
-    Goal: <= 2 % answered 429, >= 0.9 of R.
+    Goal: <= 2 % answered 429, >= 0.9 of R. With ``--auto``: ``--rate auto`` on each replica
+    against the hidden limit, counted from the 30th second.
 
 The API's limit is a token bucket of R tokens refilled at R/s answering 429 with
 ``Retry-After`` (the gateway of the issue) unless ``--window sliding`` (at most R in any one
@@ -115,7 +117,12 @@ def worker_flags(rate: str, extra: list[str] | None = None) -> list[str]:
 
 
 def one_run(
-    source: Path, rate: str, sim: list[str], label: str, timeout_s: float
+    source: Path,
+    rate: str,
+    sim: list[str],
+    label: str,
+    timeout_s: float,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
     """A fresh simulator and one ``contact-worker run`` on ``source``; the figures."""
     events: list[dict[str, Any]] = []
@@ -127,7 +134,7 @@ def one_run(
             f"jsonl:{source}",
             "--dlq",
             f"jsonl:{WORK / (label + '-dead.jsonl')}",
-            *worker_flags(rate),
+            *worker_flags(rate, extra),
         ]
         process = run_process(
             command,
@@ -210,6 +217,7 @@ def scenario_auto(args: argparse.Namespace) -> dict[str, Any]:
                 sim_options(rate, args.window, requests),
                 label,
                 120 + 4 * args.seconds,
+                ["--max-rate", "200"],
             )
             seconds = run["sim"]["per_second"][30:-1]  # from the 30th second, the last partial
             sent = sum(total for total, _ in seconds)
@@ -259,7 +267,7 @@ def scenario_replicas(args: argparse.Namespace) -> dict[str, Any]:
             uri = _input_uri(kind, name, args.partitions)
             requests = int(rate * args.seconds)
             source = distinct_file(requests, "replicas")
-            label = f"replicas-{kind}-r{rate:g}-{round_}"
+            label = f"replicas-{kind}-r{rate:g}{'-auto' if args.auto else ''}-{round_}"
             env = os.environ | {"SMSGW_CLIENT_SECRET": "demo-secret"}
             subprocess.run([*cli_command(), "init", "--to", uri], check=True, env=env)
             with source.open("rb") as f:
@@ -276,7 +284,10 @@ def scenario_replicas(args: argparse.Namespace) -> dict[str, Any]:
                         "run",
                         "--source",
                         uri,
-                        *worker_flags(f"{rate:g}"),
+                        *worker_flags(
+                            "auto" if args.auto else f"{rate:g}",
+                            ["--max-rate", "200"] if args.auto else None,
+                        ),
                     ]
                     log_file = (WORK / f"{label}-{replica}.log").open("w")
                     procs.append(
@@ -304,12 +315,14 @@ def scenario_replicas(args: argparse.Namespace) -> dict[str, Any]:
                     log_file.close()
                 stats = simulator.stats()
             per_second = stats["per_second"]
-            busy = per_second[5:-1]  # all three have started and joined; the last is partial
+            # All three have started (auto: learned); the last second is partial.
+            busy = per_second[30 if args.auto else 5 : -1]
             sent = sum(total for total, _ in busy)
             refused = sum(r for _, r in busy)
             rows.append(
                 {
                     "input": kind,
+                    "rate_flag": "auto" if args.auto else f"{rate:g}",
                     "R": rate,
                     "round": round_,
                     "requests": requests,
@@ -341,6 +354,9 @@ def main() -> None:
     parser.add_argument("--window", choices=["bucket", "sliding"], default="bucket")
     parser.add_argument("--inputs", default="redis,postgresql")
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument(
+        "--auto", action="store_true", help="replicas: --rate auto (the limit hidden) instead of R"
+    )
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
     args.inputs = args.inputs.split(",")
@@ -366,7 +382,8 @@ def main() -> None:
         **result["scenario_rate"],
     }
     REPORTS.mkdir(parents=True, exist_ok=True)
-    path = REPORTS / f"{args.scenario}-{args.window}-{started:%Y%m%dT%H%M}.json"
+    kind = args.scenario + ("-auto" if args.scenario == "replicas" and args.auto else "")
+    path = REPORTS / f"{kind}-{args.window}-{started:%Y%m%dT%H%M}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: report[k] for k in report if k != "rows"}, indent=1))
     print(f"report: {path}")

@@ -200,9 +200,10 @@ class Settings:
     api_url: str = "https://api.smsgatewayapi.com"
     batch_size: int = 100
     linger_ms: float = 200.0
-    rate: float | str = 10.0
-    """Requests/s, or ``auto`` (:data:`AUTO`)."""
-    max_rate: float = 200.0
+    rate: float | str = "auto"
+    """Requests/s, or ``auto`` (:data:`AUTO`): the default, the API's limit being undocumented
+    (docs/rate.md says why)."""
+    max_rate: float = 50.0
     """The most requests/s ``--rate auto`` ever tries."""
     max_retry_after_s: float = 300.0
     concurrency: int | str = 8

@@ -21,7 +21,10 @@ from typing import Protocol
 
 import anyio
 
-from worker.core.rate import Schedule, ScheduleStatistics
+from worker.core.rate import LATE_SLACK_S, Schedule, ScheduleStatistics
+
+MAX_REBOOKS = 3
+"""Slots a sender gives up for waking late before it sends late anyway."""
 
 BINDING_WINDOW_S = 1.0
 BINDING_SHARE = 0.6
@@ -54,6 +57,10 @@ class RateLimiter:
         self._sleep = sleep
         self.wait_s = 0.0
         """Time requests waited for their slot, summed over senders."""
+        self._booked_ahead_at = -1e18
+        """When a shared slot last lay in the future: the account's rate held a sender back."""
+        self.late_slots = 0
+        """Shared slots given up because the sender woke too late for them."""
         self._sent: deque[float] = deque()
         """When the requests of the last BINDING_WINDOW_S went."""
 
@@ -94,17 +101,30 @@ class RateLimiter:
     async def acquire(self) -> None:
         """Count one request that goes now, waiting first for its slot if it must."""
         if self.shared is not None:
-            await self.ready()
-            wait = await self.shared.reserve(self.schedule.rate_per_s, self.paused_s())
-            self.schedule.taken += 1
-            if wait > 0.0:
-                await self._timed_sleep(wait)
-            self._count(self._clock())
+            await self._acquire_shared(self.shared)
             return
         schedule = self.schedule
         while not schedule.take(self._clock()):
             await self._timed_sleep(schedule.wait_s(self._clock()))
         self._count(self._clock())
+
+    async def _acquire_shared(self, shared: SharedRate) -> None:
+        """Book a slot in the store, sleep until it; a sender that wakes more than
+        LATE_SLACK_S after its slot (a busy machine) books another rather than crowd the
+        next replica's request: the slots are exact, the requests within the slack of them."""
+        for attempt in range(MAX_REBOOKS + 1):
+            await self.ready()
+            wait = await shared.reserve(self.schedule.rate_per_s, self.paused_s())
+            slot = self._clock() + wait  # the reply's time: late by at most the round trip
+            if wait > 0.0:
+                self._booked_ahead_at = slot
+                await self._timed_sleep(wait)
+            now = self._clock()
+            if now - slot <= LATE_SLACK_S or attempt == MAX_REBOOKS:
+                self.schedule.taken += 1
+                self._count(now)
+                return
+            self.late_slots += 1
 
     async def _timed_sleep(self, wait_s: float) -> None:
         started = self._clock()
@@ -121,6 +141,10 @@ class RateLimiter:
         """Whether the rate binds: the last BINDING_WINDOW_S used at least BINDING_SHARE of
         what it allowed. Only then may ``--rate auto`` grow: a worker with little to send
         learns nothing about the API's limit."""
+        if self.shared is not None:
+            # This replica's own share of the requests says nothing (the others send too):
+            # the account's schedule binds when it made a sender wait.
+            return now - self._booked_ahead_at <= BINDING_WINDOW_S
         sent = self._sent
         while sent and now - sent[0] > BINDING_WINDOW_S:
             sent.popleft()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -33,9 +34,15 @@ REQUIRED = ["--source", "jsonl:in.jsonl", "--client-id", "id", "--client-secret"
 
 class TestPrecedence:
     def test_defaults(self) -> None:
-        """Unset options take DESIGN's defaults."""
+        """Unset options take DESIGN's defaults; the rate's is ``auto`` since issue 12 (the
+        API's limit is undocumented: docs/rate.md), with a ceiling of 50 requests/s."""
         settings = resolve(parse(REQUIRED), {})
-        assert (100, 200.0, 10.0, 8, 9102) == (
+        assert ("auto", 50.0, 300.0) == (
+            settings.rate,
+            settings.max_rate,
+            settings.max_retry_after_s,
+        )
+        assert (100, 200.0, "auto", 8, 9102) == (
             settings.batch_size,
             settings.linger_ms,
             settings.rate,
@@ -456,3 +463,38 @@ class TestRunHelp:
             assert shown in text
         for option in OPTIONS:
             assert f"{option.flag} {option.flag[2:].split('-')[0].upper()} " not in text, option
+
+
+class TestRateOptions:
+    """``--rate auto``, ``--max-rate``, ``--max-retry-after`` (issue 12)."""
+
+    @pytest.mark.parametrize(
+        ("text", "value"), [("auto", "auto"), ("AUTO", "auto"), ("12.5", 12.5), ("0", 0.0)]
+    )
+    def test_rate_takes_auto_or_a_number(self, text: str, value: object) -> None:
+        """``auto`` in any case, or a number of requests/s (0: no limit)."""
+        assert value == resolve(parse([*REQUIRED, "--rate", text]), {}).rate
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["--rate", "fast"], "--rate: not a number: 'fast' (or auto)"),
+            (["--rate", "-1"], "--rate: must be 0 or more, got -1 (or auto)"),
+            (["--max-rate", "0"], "--max-rate: must be more than 0"),
+            (["--max-retry-after", "-5"], "--max-retry-after: must be more than 0"),
+        ],
+    )
+    def test_bad_values_name_the_flag(self, argv: list[str], message: str) -> None:
+        """A bad value stops the command with the flag's name and what is wrong."""
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            resolve(parse([*REQUIRED, *argv]), {})
+
+    def test_environment(self) -> None:
+        """WORKER_RATE=auto, WORKER_MAX_RATE and WORKER_MAX_RETRY_AFTER read like the flags."""
+        env = {"WORKER_RATE": "auto", "WORKER_MAX_RATE": "80", "WORKER_MAX_RETRY_AFTER": "60"}
+        settings = resolve(parse(REQUIRED), env)
+        assert ("auto", 80.0, 60.0) == (
+            settings.rate,
+            settings.max_rate,
+            settings.max_retry_after_s,
+        )

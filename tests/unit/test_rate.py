@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from worker.core.rate import (
     JITTER_ALLOWANCE_S,
+    LATE_SLACK_S,
     NS_PER_S,
     Schedule,
     most_in_window,
@@ -59,7 +60,8 @@ class TestWindow:
             sent.append(to_ns(now))
         sent.sort()
         assert most_in_window(sent) <= _most(rate)
-        window = NS_PER_S + round(JITTER_ALLOWANCE_S * NS_PER_S)
+        # A late request keeps the grid (LATE_SLACK_S): the rest of the allowance still holds.
+        window = NS_PER_S + round((JITTER_ALLOWANCE_S - LATE_SLACK_S) * NS_PER_S)
         assert most_in_window(sent, window) <= _most(rate)
 
     @settings(max_examples=300, deadline=None)
@@ -100,6 +102,16 @@ class TestWindow:
         assert schedule.take(3.0)
         assert not schedule.take(3.0)
         assert pytest.approx(0.202) == schedule.wait_s(3.0)
+
+    def test_a_slightly_late_request_keeps_the_grid(self) -> None:
+        """A request 1 ms after its slot (a sleep's overshoot) does not push the next slot
+        back: at 100/s the schedule keeps its pace; one 50 ms late starts a new grid."""
+        schedule = Schedule(100.0)
+        assert schedule.take(0.0)
+        assert schedule.take(0.0111)  # slot 0.0101, 1 ms late
+        assert pytest.approx(0.0202 - 0.0111) == schedule.wait_s(0.0111)
+        assert schedule.take(0.1)  # far behind: the next is 5 ms short of a spacing later
+        assert pytest.approx(0.1 - LATE_SLACK_S + 0.0101) == 0.1 + schedule.wait_s(0.1)
 
     def test_rate_change_moves_the_next_slot(self) -> None:
         """A lower rate (--rate auto cut it) spaces the next request by the new spacing."""

@@ -171,6 +171,7 @@ class RateController:
         self._probe_every = settings.probe_every_s
         self._held_since: float | None = None
         self._probing_since: float | None = None
+        self._before_probe = 0.0
 
     def _held(self) -> float:
         s = self.settings
@@ -205,6 +206,7 @@ class RateController:
         if self._held_since is None:
             self._held_since = now
         elif now - self._held_since >= self._probe_every and self.rate < s.max_rate:
+            self._before_probe = self.limit
             self.limit *= 1.0 + s.probe_step
             self.rate = self._held()
             self.probes += 1
@@ -223,11 +225,15 @@ class RateController:
             return self.rate
         self._last_cut = now
         self.cuts += 1
-        if self._probing_since is not None:  # the probe failed: probe less often
+        first = self.limit is None
+        if self._probing_since is not None:  # the probe failed: undo it, probe less often
             self._probe_every = min(s.max_probe_every_s, self._probe_every * 2.0)
             self._probing_since = None
-        first = self.limit is None
-        self.limit = self.rate if first else min(self.rate, self.limit or self.rate)
+            self.limit = self._before_probe
+        elif first:
+            self.limit = self.rate
+        else:  # the held rate itself was too much: step back below it
+            self.limit = min(self.rate, self.limit or self.rate) * (1.0 - s.probe_step)
         self.rate = max(s.min_rate, self.rate * (s.first_cut if first else s.cut))
         self._held_since = None
         return self.rate
