@@ -469,10 +469,15 @@ class Engine:
         self._slot_freed = anyio.Event()
 
     def _adapt(
-        self, started: float, in_flight: tuple[int, int], verdict: Verdict, rate_waited: bool
+        self,
+        started: float,
+        in_flight: tuple[int, int, bool],
+        verdict: Verdict,
+        rate_waited: bool,
     ) -> None:
-        """Tell the adaptive limit how this request went (``in_flight``: requests in flight
-        and the limit when it went out); wake waiting senders if the limit grew."""
+        """Tell the adaptive limit how this request went (``in_flight``: requests in flight,
+        the limit, and whether a full batch more was ready when it went out); wake waiting
+        senders if the limit grew."""
         adaptive = self.adaptive
         if adaptive is None:
             return
@@ -480,7 +485,15 @@ class Engine:
         status = verdict.status
         failed = verdict.action is Action.RETRY and (status is None or status >= 500)
         before = adaptive.limit
-        sample = Sample(now - started, *in_flight, rate_waited or status == 429, failed)
+        count, limit, queued = in_flight
+        sample = Sample(
+            now - started,
+            count,
+            limit,
+            rate_waited=rate_waited or status == 429,
+            failed=failed,
+            queued=queued,
+        )
         rate = self.settings.rate
         if adaptive.answered(sample, now, rate if rate > 0 else None) > before:
             self._slot_freed.set()
@@ -519,7 +532,12 @@ class Engine:
         histograms = self.histograms
         histograms.batch_contacts.observe(len(batch.entries))
         self.stats.in_flight += 1
-        in_flight = (self.stats.in_flight, self.concurrency_limit)
+        scheduler = self.scheduler
+        in_flight = (
+            self.stats.in_flight,
+            self.concurrency_limit,
+            scheduler.coalescer.ready_count >= scheduler.ceiling,
+        )
         started = self._clock()
         try:
             response = await self.patcher.patch(body)
@@ -739,6 +757,18 @@ class Engine:
             fields, mark = self.progress(mark)
             log.info("progress", **fields)
 
+    def _adaptive_summary(self) -> dict[str, Any]:
+        """Under ``--concurrency auto``: the highest limit and how often it moved."""
+        if self.adaptive is None:
+            return {}
+        a = self.adaptive.statistics()
+        return {
+            "concurrency_highest": a.highest,
+            "concurrency_increases": a.increases,
+            "concurrency_decreases": a.decreases,
+            "round_trip_s": round(a.recent_rtt_s, 4),
+        }
+
     def summary(self) -> dict[str, Any]:
         """Counters of the run so far, as plain data."""
         s, e = self.scheduler.stats, self.stats
@@ -761,6 +791,8 @@ class Engine:
             "waiting": self.scheduler.coalescer.changes_waiting,
             "in_flight": e.in_flight,
             "rate_wait_s": round(e.rate_wait_s, 3),
+            "concurrency_limit": self.concurrency_limit,
+            **self._adaptive_summary(),
             "elapsed_s": round(elapsed, 3),
             "changes_per_s": round(e.records / elapsed, 1) if elapsed > 0 else math.nan,
         }
