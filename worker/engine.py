@@ -434,6 +434,8 @@ class Engine:
         while True:
             await self._take_slot()
             try:
+                if self._reading_done and self.scheduler.idle:
+                    return  # without a token: --max-concurrency senders would wait out one each
                 rate_waited = False
                 if limiter is not None:
                     started = self._clock()
