@@ -7,14 +7,14 @@ stage per change:
 split
     ``JsonlSource._split``: 256 KiB chunks into lines, with the per-line progress bookkeeping.
 decode
-    ``worker.core.change.decode`` (``orjson.loads`` + ``validate`` + ``Change``); two extra
+    ``worker.core.change.decode_all`` (``orjson.loads`` + the field check, by slices); two extra
     passes time ``orjson.loads`` and ``validate`` alone.
 add
-    ``Scheduler.add`` (the coalescer's merge and ready heap).
+    ``Scheduler.add_all`` (the coalescer's merge and ready queue, a slice at a time).
 form
-    ``Scheduler.next_batch`` (``fill``: popping ready entries, encoding each one).
+    ``Scheduler.next_batch`` (``fill``: popping ready entries, encoding the body in one call).
 body
-    ``Batch.body`` (joining the encoded entries).
+    ``Batch.body`` (encoded by ``fill`` already: nothing left to do).
 resolve
     ``Scheduler.resolve`` of an applied batch (release of the IDs).
 ack
@@ -52,7 +52,7 @@ from worker.backends.jsonl.source import CHUNK_BYTES, JsonlSource
 from worker.bench.harness import stream_file
 from worker.bench.report import Table
 from worker.core.batch import Batch, BatchLimits
-from worker.core.change import Change, decode, validate
+from worker.core.change import decode_all, validate
 from worker.core.classify import Action, Verdict
 from worker.core.scheduler import DEFAULT_MAX_WAITING, Scheduler, SchedulerSettings
 from worker.engine import READ_SLICE
@@ -129,15 +129,13 @@ def replay(
             while not scheduler.has_room:
                 send_one(now)
             t0 = clock()
-            items = [decode(line, token) for token, line in records[start : start + READ_SLICE]]
+            piece = records[start : start + READ_SLICE]
+            valid, _ = decode_all(piece)
             t1 = clock()
-            add = scheduler.add
-            for item in items:
-                if type(item) is Change:
-                    add(item, now)
+            scheduler.add_all(valid, now)
             spent["decode"] += t1 - t0
             spent["add"] += clock() - t1
-            counts["changes"] += len(items)
+            counts["changes"] += len(piece)
     scheduler.draining = True
     while send_one(clock()):
         pass

@@ -1,39 +1,126 @@
-"""The ``contact-worker`` command: run, demo, simulate."""
+"""The ``contact-worker`` command: one subcommand per module, imported only when it runs.
+
+Each subcommand's module gives ``configure_parser(parser)`` and ``main(args) -> int`` (or the
+names :class:`Command` says). Only the module of the command being run is imported: ``run``
+does not pay for the simulator's web server, the benchmarks' charts or the demo (about a
+quarter of a second of CPU at every start).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import anyio
 import structlog
 
-from worker import __version__, producer
-from worker.backends import open_sink, open_source
-from worker.bench.bench_cli import configure_parser as configure_bench
-from worker.bench.bench_cli import main as bench_main
-from worker.bench.plan_cli import configure_parser as configure_plan
-from worker.bench.plan_cli import main as plan_main
-from worker.config import add_options
-from worker.config_cli import configure_parser as configure_config
-from worker.config_cli import main as config_main
-from worker.config_file import resolve
-from worker.deadletters.cli import configure_parser as configure_dlq
-from worker.deadletters.cli import main as dlq_main
-from worker.demo import configure_parser as configure_demo
-from worker.demo import main as demo_main
-from worker.engine import Ending
-from worker.errors import EXIT_AUTH, EXIT_FATAL, EXIT_OK, EXIT_USAGE, WorkerError, failure
+from worker import __version__
+from worker.errors import EXIT_AUTH, EXIT_FATAL, EXIT_OK, EXIT_USAGE, failure
 from worker.obs import logging as obs_logging
-from worker.run import EXIT_CODES, backend_options, run_worker, tune_gc
-from worker.signals import SignalRouter
-from worker.sim.cli import configure_parser as configure_simulate
-from worker.sim.cli import main as simulate_main
 
 # Re-exported: the exit codes and their mapping are defined in worker.errors.
-__all__ = ["EXIT_AUTH", "EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "failure", "main"]
+__all__ = ["COMMANDS", "EXIT_AUTH", "EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "failure", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help, and the module that configures and runs it."""
+
+    name: str
+    help: str
+    description: str
+    module: str
+    configure: str = "configure_parser"
+    main: str = "main"
+
+    def attach(self, parser: argparse.ArgumentParser) -> None:
+        """Import the command's module; add its options; make it the parser's ``func``."""
+        module = importlib.import_module(self.module)
+        getattr(module, self.configure)(parser)
+        run: Callable[[argparse.Namespace], int] = getattr(module, self.main)
+        parser.set_defaults(func=run)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "run",
+        "sync changes from a source into the API",
+        "Sync changes from a source into the API. Every option also reads its environment "
+        "variable and the --config file (flag, then variable, then file, then default).",
+        "worker.run_cli",
+    ),
+    Command(
+        "config",
+        "show the settings `run` would use and where each comes from",
+        "Resolve the settings exactly as `run` does (flags, environment, --config file, "
+        "defaults) and print each with its origin; secrets masked. Exit 2 if `run` would "
+        "refuse them.",
+        "worker.config_cli",
+    ),
+    Command(
+        "demo",
+        "run the worker end to end on a simulated API",
+        "Generate a realistic change stream, start the simulated gateway in-process and run "
+        "the real engine on it.",
+        "worker.demo",
+    ),
+    Command(
+        "simulate",
+        "serve the simulated SMS Gateway API",
+        "A faithful fake of PATCH /v1/contact for tests and benchmarks.",
+        "worker.sim.cli",
+    ),
+    Command(
+        "bench",
+        "benchmark the worker against the baselines and the limits",
+        "Run a benchmark scenario (a packaged one by name, or a TOML file): the simulated API "
+        "and the worker in their own processes, the baselines beside them; write report.json, "
+        "report.md and charts.",
+        "worker.bench.bench_cli",
+    ),
+    Command(
+        "plan",
+        "predict drain time, requests and replicas (capacity model)",
+        "The capacity model: from the API's rate limit and latency, the worker's settings and "
+        "the change volume, predict throughput, requests, drain time and replicas.",
+        "worker.bench.plan_cli",
+    ),
+    Command(
+        "init",
+        "create what an input needs (table and trigger, consumer group, spool)",
+        "Create, idempotently, what an input needs: the outbox table, its trigger and "
+        "dead-letter table; the Redis consumer group; the SQLite spool.",
+        "worker.producer",
+        configure="configure_init_parser",
+        main="main_init",
+    ),
+    Command(
+        "enqueue",
+        "write JSONL changes from stdin to an input",
+        "Read JSONL changes from standard input and write them to an input, the way any "
+        "producer would (see docs/inputs/ for the wire formats).",
+        "worker.producer",
+        configure="configure_enqueue_parser",
+        main="main_enqueue",
+    ),
+    Command(
+        "dlq",
+        "show dead letters; replay their changes into an input",
+        "Look into a dead-letter store (the URI --dlq takes) and put the changes of dead "
+        "letters back into an input once their cause is fixed.",
+        "worker.deadletters.cli",
+    ),
+    Command(
+        "state",
+        "show or clear what the worker learnt about which IDs exist",
+        "The ID knowledge an input's store holds (docs/id-knowledge.md): how many IDs are "
+        "known to exist and known missing, or forget them all.",
+        "worker.knowledge.cli",
+    ),
+)
 
 
 def _fail(message: str, code: int) -> int:
@@ -41,70 +128,9 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """``contact-worker run``: SIGTERM and SIGINT are handled from its first line to the exit."""
-    signals = SignalRouter()
-    signals.install()
-    try:
-        return _run(args, signals)
-    finally:
-        signals.finish()
-
-
-def _run(args: argparse.Namespace, signals: SignalRouter) -> int:
-    """Resolve, open and run; an error that stops it goes to :func:`main` (one line, its exit
-    code); a run that ended maps its ending to the exit code."""
-    settings = resolve(args, os.environ)
-    obs_logging.configure(settings.log_format, settings.log_level)  # before the URIs' warnings
-    source = open_source(settings.source, follow=settings.follow, checkpoint=settings.checkpoint)
-    sink = open_sink(settings.dlq)
-    tune_gc()
-    try:
-        result = anyio.run(
-            run_worker, settings, source, sink, signals, backend_options=backend_options()
-        )
-    except WorkerError:
-        raise
-    except Exception:  # unforeseen: its traceback in the log, one line on stderr (main)
-        structlog.get_logger("worker").exception("fatal error")
-        raise
-    if result.message and result.ending in (Ending.AUTH, Ending.FATAL):
-        print(f"contact-worker: {result.message}", file=sys.stderr)
-    return EXIT_CODES[result.ending]
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """``contact-worker simulate``."""
-    return simulate_main(args)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """``contact-worker demo``."""
-    return demo_main(args)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """``contact-worker bench``."""
-    return bench_main(args)
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    """``contact-worker config``."""
-    return config_main(args)
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    """``contact-worker plan``."""
-    return plan_main(args)
-
-
-def cmd_dlq(args: argparse.Namespace) -> int:
-    """``contact-worker dlq``."""
-    return dlq_main(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``only``, the options of that command alone (the others are
+    listed with their help, and not imported)."""
     parser = argparse.ArgumentParser(
         prog="contact-worker",
         description="Keep contacts in the SMS Gateway API (Smstools) in sync with upstream "
@@ -112,95 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"contact-worker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = commands.add_parser(
-        "run",
-        help="sync changes from a source into the API",
-        description="Sync changes from a source into the API. Every "
-        "option also reads its environment variable and the --config file "
-        "(flag, then variable, then file, then default).",
-    )
-    add_options(run)
-    run.set_defaults(func=cmd_run)
-
-    config = commands.add_parser(
-        "config",
-        help="show the settings `run` would use and where each comes from",
-        description="Resolve the settings exactly as `run` does (flags, environment, --config "
-        "file, defaults) and print each with its origin; secrets masked. Exit 2 if `run` "
-        "would refuse them.",
-    )
-    configure_config(config)
-    config.set_defaults(func=cmd_config)
-
-    demo = commands.add_parser(
-        "demo",
-        help="run the worker end to end on a simulated API",
-        description="Generate a realistic change stream, start the "
-        "simulated gateway in-process and run the real engine on it.",
-    )
-    configure_demo(demo)
-    demo.set_defaults(func=cmd_demo)
-
-    simulate = commands.add_parser(
-        "simulate",
-        help="serve the simulated SMS Gateway API",
-        description="A faithful fake of PATCH /v1/contact for tests and benchmarks.",
-    )
-    configure_simulate(simulate)
-    simulate.set_defaults(func=cmd_simulate)
-
-    bench = commands.add_parser(
-        "bench",
-        help="benchmark the worker against the baselines and the limits",
-        description="Run a benchmark scenario (a packaged one by name, or a TOML file): the "
-        "simulated API and the worker in their own processes, the baselines beside them; write "
-        "report.json, report.md and charts.",
-    )
-    configure_bench(bench)
-    bench.set_defaults(func=cmd_bench)
-
-    plan = commands.add_parser(
-        "plan",
-        help="predict drain time, requests and replicas (capacity model)",
-        description="The capacity model: from the API's rate limit and latency, the worker's "
-        "settings and the change volume, predict throughput, requests, drain time and replicas.",
-    )
-    configure_plan(plan)
-    plan.set_defaults(func=cmd_plan)
-
-    init = commands.add_parser(
-        "init",
-        help="create what an input needs (table and trigger, consumer group, spool)",
-        description="Create, idempotently, what an input needs: the outbox table, its trigger "
-        "and dead-letter table; the Redis consumer group; the SQLite spool.",
-    )
-    producer.configure_init_parser(init)
-    init.set_defaults(func=producer.main_init)
-    enqueue = commands.add_parser(
-        "enqueue",
-        help="write JSONL changes from stdin to an input",
-        description="Read JSONL changes from standard input and write them to an input, "
-        "the way any producer would (see docs/inputs/ for the wire formats).",
-    )
-    producer.configure_enqueue_parser(enqueue)
-    enqueue.set_defaults(func=producer.main_enqueue)
-
-    dlq = commands.add_parser(
-        "dlq",
-        help="show dead letters; replay their changes into an input",
-        description="Look into a dead-letter store (the URI --dlq takes) and put the changes "
-        "of dead letters back into an input once their cause is fixed.",
-    )
-    configure_dlq(dlq)
-    dlq.set_defaults(func=cmd_dlq)
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.description)
+        if only is None or only == command.name:
+            command.attach(sub)
     return parser
+
+
+def _chosen(argv: Sequence[str]) -> str:
+    """The subcommand named on the command line ("" if none: ``--help``, ``--version``)."""
+    return next((arg for arg in argv if not arg.startswith("-")), "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script: an error ends a command with one line on stderr and
     its exit code (:func:`failure`), never a traceback."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args: Any = build_parser(_chosen(argv)).parse_args(argv)
     if not structlog.is_configured():
         # Logs before a command configures its own (a deprecated URI option's warning) go to
         # stderr: stdout is the commands' output (`config --json`, `dlq show --json`).

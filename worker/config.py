@@ -72,7 +72,8 @@ def positive_int(text: str) -> int:
 
 
 AUTO = "auto"
-"""The value of ``--concurrency`` that makes requests in flight adapt."""
+"""``--rate auto`` learns the API's rate limit (worker.core.adapt); ``--concurrency auto``
+makes requests in flight adapt (worker.core.concurrency)."""
 
 
 def concurrency(text: str) -> int | str:
@@ -99,6 +100,16 @@ def non_negative_float(text: str) -> float:
     if value < 0:
         raise ValueError(f"must be 0 or more, got {text}")
     return value
+
+
+def rate_value(text: str) -> float | str:
+    """``auto``, or requests/s: a finite number >= 0 (0 = no limit)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return non_negative_float(text)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto)") from None
 
 
 def positive_float(text: str) -> float:
@@ -130,6 +141,15 @@ def non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
     return text
+
+
+def state_uri(text: str) -> str:
+    """Where ID knowledge lasts: ``memory`` or ``sqlite:PATH``."""
+    if text == "memory":
+        return text
+    if text.startswith("sqlite:") and text.removeprefix("sqlite:").strip():
+        return text
+    raise ValueError(f"must be memory or sqlite:PATH, got {text!r}")
 
 
 def boolean(text: str) -> bool:
@@ -180,7 +200,11 @@ class Settings:
     api_url: str = "https://api.smsgatewayapi.com"
     batch_size: int = 100
     linger_ms: float = 200.0
-    rate: float = 10.0
+    rate: float | str = 10.0
+    """Requests/s, or ``auto`` (:data:`AUTO`)."""
+    max_rate: float = 200.0
+    """The most requests/s ``--rate auto`` ever tries."""
+    max_retry_after_s: float = 300.0
     concurrency: int | str = 8
     """A number, or ``auto`` (adapts up to ``max_concurrency``)."""
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
@@ -191,9 +215,13 @@ class Settings:
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     suspect_ttl_s: float = 900.0
+    known_ids: int = 200_000
+    state: str | None = None
+    """None: the input's own store (memory only for a jsonl: input)."""
     max_waiting: int = DEFAULT_MAX_WAITING
     max_retries: int = 0
     max_not_found_run: int = 10
+    max_contradictions: int = 3
     confirm_tries: int = 3
     timeout_grace_s: float | None = None
     """None: twice --request-timeout."""
@@ -290,10 +318,29 @@ OPTIONS: tuple[Option, ...] = (
         "rate",
         "--rate",
         "WORKER_RATE",
-        non_negative_float,
+        rate_value,
         _DEFAULTS["rate"],
-        "most requests per second (0 = no limit)",
+        "most requests per second, in any one second, for the whole account (replicas on one"
+        " redis:// or postgresql:// input share it); auto = learn the API's limit; 0 = no limit",
         metavar="R",
+    ),
+    Option(
+        "max_rate",
+        "--max-rate",
+        "WORKER_MAX_RATE",
+        positive_float,
+        _DEFAULTS["max_rate"],
+        "the most requests per second --rate auto tries",
+        metavar="R",
+    ),
+    Option(
+        "max_retry_after_s",
+        "--max-retry-after",
+        "WORKER_MAX_RETRY_AFTER",
+        positive_float,
+        _DEFAULTS["max_retry_after_s"],
+        "longest Retry-After honoured, in seconds; a longer one is capped",
+        metavar="SECONDS",
     ),
     Option(
         "concurrency",
@@ -371,8 +418,26 @@ OPTIONS: tuple[Option, ...] = (
         "WORKER_SUSPECT_TTL",
         non_negative_float,
         _DEFAULTS["suspect_ttl_s"],
-        "seconds an ID found missing is sent alone",
+        "seconds what the API said about an ID (it exists, it is missing) is remembered",
         metavar="SECONDS",
+    ),
+    Option(
+        "known_ids",
+        "--known-ids",
+        "WORKER_KNOWN_IDS",
+        non_negative_int,
+        _DEFAULTS["known_ids"],
+        "IDs remembered of each kind (exists, missing), the oldest forgotten first; 0 = none",
+    ),
+    Option(
+        "state",
+        "--state",
+        "WORKER_STATE",
+        state_uri,
+        None,
+        "where ID knowledge lasts: memory, or sqlite:PATH (default: the input's own store;"
+        " memory for a jsonl: input)",
+        metavar="URI",
     ),
     Option(
         "max_waiting",
@@ -389,6 +454,15 @@ OPTIONS: tuple[Option, ...] = (
         non_negative_int,
         _DEFAULTS["max_retries"],
         "transient failures of one request before exiting 1 (0 = retry forever)",
+    ),
+    Option(
+        "max_contradictions",
+        "--max-contradictions",
+        "WORKER_MAX_CONTRADICTIONS",
+        non_negative_int,
+        _DEFAULTS["max_contradictions"],
+        "lone 404s in a row on contacts the API applied within the hour that stop sending"
+        " (0 = never)",
     ),
     Option(
         "max_not_found_run",

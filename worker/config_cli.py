@@ -12,6 +12,7 @@ from worker.backends import open_sink, open_source
 from worker.config import Choice, Origin, Resolution, Secret, add_options, redact_uri
 from worker.config_file import resolution
 from worker.errors import EXIT_OK, EXIT_USAGE, ConfigError
+from worker.knowledge.open import knowledge_store
 
 MISSING_TEXT, INVALID_TEXT, NONE_TEXT = "(required, missing)", "(invalid)", "(none)"
 
@@ -50,10 +51,30 @@ def value_text(choice: Choice) -> str:
     return str(value)
 
 
+def knowledge_text(result: Resolution) -> str | None:
+    """Where ID knowledge lasts when ``state`` is not set: the input's own store, or memory."""
+    values = {c.option.field: c.value for c in result.choices if c.problem is None}
+    if values.get("state") is not None or not values.get("source"):
+        return None
+    try:
+        store = knowledge_store(values["source"], None)
+    except ConfigError:
+        return None
+    return f"(the input's store: {redact_uri(store.display)})" if store else "(memory only)"
+
+
 def render_table(result: Resolution) -> str:
     """The file's name, then aligned columns SETTING, VALUE, FROM, one line per setting."""
     rows = [("SETTING", "VALUE", "FROM")]
-    rows += [(c.option.field, value_text(c), c.describe()) for c in result.choices]
+    state = knowledge_text(result)
+    rows += [
+        (
+            c.option.field,
+            state if c.option.field == "state" and state else value_text(c),
+            c.describe(),
+        )
+        for c in result.choices
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [f"configuration file: {result.config_file}"] if result.config_file else []
     lines += [
@@ -74,6 +95,9 @@ def render_json(result: Resolution) -> str:
         }
         for c in result.choices
     }
+    state = knowledge_text(result)
+    if state and "state" in settings:
+        settings["state"]["store"] = state.removeprefix("(").removesuffix(")")
     data = {
         "config_file": result.config_file,
         "settings": settings,

@@ -124,6 +124,18 @@ def _log2_choose(n: int, k: int) -> float:
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
+def _knowledge_text(engine: Engine) -> str:
+    """What the scheduler knew of the IDs it composed batches from."""
+    knowledge = engine.scheduler.knowledge.stats
+    exists, missing = knowledge.hits["exists"], knowledge.hits["missing"]
+    share = engine.scheduler.unknown_share.share
+    return (
+        f"{exists:,} IDs sent known to exist (full batches), {missing:,} known missing"
+        f" (dead-lettered without a request), {knowledge.misses:,} fresh (in groups of"
+        f" {engine.scheduler.group} for the {share:.2%} found unknown)"
+    )
+
+
 def summary_table(engine: Engine, result: Result, verified: str) -> str:
     """The end-of-run table: what was read, sent, applied, dead-lettered, and what it cost."""
     data = engine.summary()
@@ -135,13 +147,18 @@ def summary_table(engine: Engine, result: Result, verified: str) -> str:
     isolation = data["isolation_requests"]
     elapsed = data["elapsed_s"]
     per_request = s.contacts_applied / max(1, requests)
-    found = s.dead_entries["not_found"]
-    sent = s.contacts_applied + found
-    bound = max(sent / engine.settings.scheduler.limits.max_items, _log2_choose(sent, found))
+    # The information bound holds for fresh IDs; IDs known from earlier answers need only
+    # their full batches (known to exist) or nothing (known missing).
+    knowledge = engine.scheduler.knowledge.stats
+    size = engine.settings.scheduler.limits.max_items
+    found = s.dead_entries["not_found"] - s.known_missing
+    fresh = knowledge.misses
+    bound = max(fresh / size, _log2_choose(fresh, found)) + knowledge.hits["exists"] / size
     cost = (
         f"{isolation:,} requests ({100 * isolation / max(1, requests):.1f}% of all) to find "
-        f"{found:,} unknown IDs among {sent:,} contacts sent; any strategy needs at least "
-        f"{math.ceil(bound):,} requests in all (ours: {requests / max(1.0, bound):.2f}x that)"
+        f"{found:,} unknown IDs among {fresh:,} fresh contacts sent; the information bound for "
+        f"them and full batches for the IDs known to exist make {math.ceil(bound):,} requests "
+        f"(ours: {requests / max(1.0, bound):.2f}x that)"
     )
     rows = [
         ("ending", result.ending.value),
@@ -152,6 +169,7 @@ def summary_table(engine: Engine, result: Result, verified: str) -> str:
         ("dead-lettered", f"{sum(dead.values()):,} changes ({dead_text})"),
         ("retries", f"{data['retries']:,}"),
         ("isolation cost", cost),
+        ("ID knowledge", _knowledge_text(engine)),
         (
             "throughput",
             f"{data['records_read'] / elapsed:,.0f} changes/s, "

@@ -23,17 +23,19 @@ from typing import Any, Protocol
 
 import anyio
 import structlog
-from aiolimiter import AsyncLimiter
 
 from worker.backends.base import Held, HeldRecords, Record, Source
+from worker.core.adapt import AdaptSettings, AdaptStatistics, RateController, read_hints
 from worker.core.batch import Batch
-from worker.core.change import Change, Invalid, decode
+from worker.core.change import Invalid, decode_all
 from worker.core.classify import Action, Verdict, classify, classify_failure
 from worker.core.coalesce import Entry
 from worker.core.concurrency import AdaptiveLimit, AdaptiveSettings, Sample
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
+from worker.knowledge.feed import KnowledgeFeed
+from worker.limiter import RateLimiter, SharedRate
 from worker.obs.metrics import EngineHistograms
 from worker.sender import SEND_ERRORS, Response
 
@@ -50,6 +52,10 @@ request tells the adaptive concurrency limit that more in flight would not help.
 ACK_BACKLOG = 50_000
 """Changes settled and not yet acknowledged above which the senders wait for the acknowledger
 (the acknowledgements' bounded queue)."""
+
+
+PAUSE_WARN_S = 5.0
+"""A pause of every sender (``Retry-After``) this long or longer is worth a warning."""
 
 
 class Patcher(Protocol):
@@ -78,7 +84,12 @@ class EngineSettings:
 
     scheduler: SchedulerSettings = SchedulerSettings()
     rate: float = 10.0
-    """Requests per second; 0 means no limit."""
+    """Requests per second; 0 means no limit (with ``adapt``: ignored)."""
+    adapt: AdaptSettings | None = None
+    """``--rate auto``: the rate is learned from the API's answers, up to its ``max_rate``."""
+    pause_warn_s: float = PAUSE_WARN_S
+    """Pauses of every sender at least this long are logged at warning and make /readyz
+    say ``paused``."""
     concurrency: int = 8
     """Senders: requests in flight at most (the ceiling, with ``adaptive``)."""
     drain_timeout_s: float = 30.0
@@ -100,6 +111,10 @@ class EngineStats:
     acked: int = 0
     in_flight: int = 0
     rate_wait_s: float = 0.0
+    pauses: int = 0
+    """Pauses of every sender the API asked for (``Retry-After``)."""
+    paused_s: float = 0.0
+    """Seconds every sender was paused, overlapping pauses counted once."""
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
@@ -144,6 +159,7 @@ class Engine:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+        shared_rate: SharedRate | None = None,
     ) -> None:
         self.source = source
         self.dead_letters = dead_letters
@@ -154,8 +170,13 @@ class Engine:
         self.histograms = EngineHistograms()
         self._clock = clock
         self._wall_clock = wall_clock
-        rate = self.settings.rate
-        self._limiter = AsyncLimiter(rate, 1.0) if rate > 0 else None
+        adapt = self.settings.adapt
+        self.controller = None if adapt is None else RateController(adapt, clock())
+        rate = self.settings.rate if self.controller is None else self.controller.rate
+        self.limiter = RateLimiter(rate, shared=shared_rate, clock=clock) if rate > 0 else None
+        """Every request waits for it, the start-up check's included (worker.run)."""
+        self._paused_until = 0.0
+        self._long_pause_until = 0.0
         adaptive = self.settings.adaptive
         self.adaptive = None if adaptive is None else AdaptiveLimit(adaptive)
         """The adaptive concurrency limit (``--concurrency auto``), or None (fixed)."""
@@ -180,6 +201,8 @@ class Engine:
         self._result: Result | None = None
         self._reader_scope: anyio.CancelScope | None = None
         self._work_scope: anyio.CancelScope | None = None
+        self.knowledge: KnowledgeFeed | None = None
+        """Where the ID knowledge lasts (the input's store), set before :meth:`run`."""
         source.assignments = self
         source.replay = self
 
@@ -204,6 +227,10 @@ class Engine:
             )
             self._notify()
         return changes
+
+    def ids_in_flight(self) -> int:
+        """Contact IDs with a request in flight now (retries waiting included)."""
+        return self.scheduler.coalescer.ids_in_flight
 
     # -- replay ranges (DESIGN 9: the source's ReplayListener) ------------------------------
 
@@ -265,6 +292,8 @@ class Engine:
                 outer.start_soon(self._watch_signals)
             if self.settings.progress_interval_s > 0:
                 outer.start_soon(self._report_progress, self.settings.progress_interval_s)
+            if self.knowledge is not None:
+                outer.start_soon(self.knowledge.run)
             async with anyio.create_task_group() as work:
                 self._work_scope = work.cancel_scope
                 self._producers = 1 + self.settings.concurrency
@@ -273,6 +302,9 @@ class Engine:
                     work.start_soon(self._producing, self._send_loop)
                 work.start_soon(self._acknowledge)
             outer.cancel_scope.cancel()
+        if self.knowledge is not None:
+            with anyio.CancelScope(shield=True):
+                await self.knowledge.flush()  # what the last requests taught
         self.stats.finished = time.monotonic()
         self._running = False
         result = self._result or Result(Ending.DRAINED)
@@ -411,18 +443,21 @@ class Engine:
     async def _take(self, records: Sequence[Record]) -> None:
         scheduler = self.scheduler
         now = self._clock()
-        invalid: list[Invalid] = []
-        misfiled = self.source.misfiled if self.source.files_by_key else None
-        for token, line in records:
-            item = decode(line, token)
-            if type(item) is Change:
-                problem = None if misfiled is None else misfiled(token, item.key)
+        valid, invalid = decode_all(records)
+        if self.source.files_by_key and valid:
+            misfiled, kept = self.source.misfiled, []
+            for item in valid:
+                problem = misfiled(item[2], item[0])
                 if problem is None:
-                    scheduler.add(item, now)
+                    kept.append(item)
                 else:
-                    invalid.append(Invalid(problem, token, change=item.fields))
-            else:
-                invalid.append(item)  # type: ignore[arg-type]
+                    invalid.append(Invalid(problem, item[2], change=item[1]))
+            valid = kept
+        if self.knowledge is not None and valid:
+            # Before the scheduler sees them: what the store knows shapes their batches.
+            await self.knowledge.prefetch(key for key, _, _ in valid)
+            now = self._clock()
+        scheduler.add_all(valid, now)
         self.stats.records += len(records)
         self._notify()
         if invalid:
@@ -430,23 +465,24 @@ class Engine:
             await self._dead_letter_invalid(invalid)
 
     async def _send_loop(self) -> None:
-        limiter = self._limiter
+        limiter = self.limiter
         while True:
             await self._take_slot()
             try:
                 if self._reading_done and self.scheduler.idle:
-                    return  # without a token: --max-concurrency senders would wait out one each
-                rate_waited = False
+                    return  # drained: --max-concurrency senders need not wait on the rate
+                # Wait for a slot before taking a batch (formed as late as possible), count
+                # the request only when it goes: a sender that waited for work meanwhile
+                # cannot send on a slot that has passed (the one-second windows stay exact).
+                waited_s = 0.0
                 if limiter is not None:
-                    started = self._clock()
-                    await limiter.acquire()
-                    waited_s = self._clock() - started
-                    self.stats.rate_wait_s += waited_s
-                    rate_waited = waited_s > RATE_WAITED_S
+                    waited_s += await self._rate_wait(limiter.ready())
                 batch = await self._next_batch()
                 if batch is None:
                     return
-                await self._send(batch, rate_waited)
+                if limiter is not None:
+                    waited_s += await self._rate_wait(limiter.acquire())
+                await self._send(batch, waited_s > RATE_WAITED_S)
             finally:
                 self._give_slot()
 
@@ -496,10 +532,18 @@ class Engine:
             failed=failed,
             queued=queued,
         )
-        rate = self.settings.rate
+        rate = 0.0 if self.limiter is None else self.limiter.rate_per_s
         if adaptive.answered(sample, now, rate if rate > 0 else None) > before:
             self._slot_freed.set()
             self._slot_freed = anyio.Event()
+
+    async def _rate_wait(self, waiting: Awaitable[None]) -> float:
+        """Wait on the rate limiter; the seconds it took (counted in ``rate_wait_s``)."""
+        started = self._clock()
+        await waiting
+        waited_s = self._clock() - started
+        self.stats.rate_wait_s += waited_s
+        return waited_s
 
     async def _next_batch(self) -> Batch | None:
         scheduler = self.scheduler
@@ -541,20 +585,24 @@ class Engine:
             scheduler.coalescer.ready_count >= scheduler.ceiling,
         )
         started = self._clock()
+        response: Response | None = None
         try:
-            response = await self.patcher.patch(body)
+            answer = await self.patcher.patch(body)
         except SEND_ERRORS as exc:
             verdict = classify_failure(exc)
         else:
-            verdict = classify(
-                response.status, response.body, response.retry_after, self._wall_clock()
-            )
+            response = answer
+            verdict = classify(answer.status, answer.body, answer.retry_after, self._wall_clock())
         finally:
             self.stats.in_flight -= 1
         now = self._clock()
+        if response is not None:
+            self._learn(response, now)
         histograms.request_seconds.observe(now - started)
         self._adapt(started, in_flight, verdict, rate_waited)
         settled = self.scheduler.resolve(batch, verdict, now)
+        if self.scheduler.paused_until > max(now, self._paused_until):
+            self._pause(now, self.scheduler.paused_until, verdict)
         log.debug(
             "batch",
             batch=batch.number,
@@ -579,6 +627,66 @@ class Engine:
             )
         await self._carry_out(settled)
         self._notify()
+
+    def _learn(self, response: Response, now: float) -> None:
+        """``--rate auto``: move the rate from this answer (and the API's rate headers)."""
+        controller, limiter = self.controller, self.limiter
+        if controller is None or limiter is None:
+            return
+        hints = None
+        if response.rate_headers:
+            hints = read_hints(response.rate_headers, self._wall_clock().timestamp())
+            if hints.exhausted_for_s:  # nothing left in the API's window: wait for its reset
+                limiter.pause_until(now + min(hints.exhausted_for_s, self._max_pause_s))
+        before = controller.rate
+        if response.status == 429:
+            rate = controller.throttled(now, hints)
+        else:
+            rate = controller.answered(now, binding=limiter.binding(now), hints=hints)
+        if rate != before:
+            limiter.set_rate(rate)
+            log.debug("rate.adapted", rate=round(rate, 3), status=response.status)
+
+    @property
+    def _max_pause_s(self) -> float:
+        return self.settings.scheduler.backoff.max_retry_after_s
+
+    def adapt_statistics(self) -> AdaptStatistics | None:
+        """``--rate auto``'s state (None with a fixed rate)."""
+        return None if self.controller is None else self.controller.statistics()
+
+    def _pause(self, now: float, until: float, verdict: Verdict) -> None:
+        """The API asked every sender to wait until ``until`` (Retry-After, capped by
+        --max-retry-after): the limiter holds them, then lets them out at the rate, one by one."""
+        self.stats.pauses += 1
+        self.stats.paused_s += until - max(now, self._paused_until)
+        self._paused_until = until
+        if self.limiter is not None:
+            self.limiter.pause_until(until)
+        length = until - now
+        if length >= self.settings.pause_warn_s:
+            self._long_pause_until = until
+            log.warning(
+                "api.paused",
+                pause_s=round(length, 3),
+                status=verdict.status,
+                asked_s=verdict.retry_after_s,
+                why="the API asked every sender to wait (Retry-After)",
+            )
+
+    def pause_from_check(self, retry_after_s: float | None) -> None:
+        """The start-up check was answered with a Retry-After: the engine starts paused."""
+        if retry_after_s is None:
+            return
+        now = self._clock()
+        wait = min(retry_after_s, self._max_pause_s)
+        self.scheduler.paused_until = max(self.scheduler.paused_until, now + wait)
+        self._pause(now, now + wait, Verdict(Action.RETRY, 429, retry_after_s=retry_after_s))
+
+    @property
+    def paused_s(self) -> float:
+        """Seconds the pause of every sender still lasts (0: none)."""
+        return max(0.0, self._paused_until - self._clock())
 
     def _fatal(self, verdict: Verdict) -> None:
         if verdict.action is Action.FATAL_AUTH:
@@ -710,7 +818,8 @@ class Engine:
         is opened before it); ``auth`` or ``fatal`` (stopped by the API's answer);
         ``foreign_answer`` (stopped by an answer that cannot be the API's, such as a proxy's
         404 page); ``draining`` (a signal came: finishing in-flight work); ``stopped`` (the run
-        is over).
+        is over); ``paused`` (the API asked every sender to wait, for at least
+        ``pause_warn_s``: nothing is sent until the pause ends).
         """
         result = self._result
         if result is not None and result.ending in (Ending.AUTH, Ending.FATAL):
@@ -721,6 +830,8 @@ class Engine:
             return False, "draining"
         if not self._running:
             return False, "starting" if self.stats.finished is None else "stopped"
+        if self._clock() < self._long_pause_until:
+            return False, "paused"
         return True, "running"
 
     def progress(self, since: ProgressMark | None = None) -> tuple[dict[str, Any], ProgressMark]:
@@ -746,6 +857,8 @@ class Engine:
             "acked_per_s": _per_s(e.acked - last.acked, span),
             "acked_per_s_overall": _per_s(e.acked, overall),
             "rate_wait_s": round(rate_wait, 3),
+            "rate": 0.0 if self.limiter is None else round(self.limiter.rate_per_s, 2),
+            "pauses": e.pauses,
             "rate_wait_share": round(rate_wait / (span * self.concurrency_limit), 3)
             if span > 0
             else 0.0,
@@ -793,6 +906,9 @@ class Engine:
             "waiting": self.scheduler.coalescer.changes_waiting,
             "in_flight": e.in_flight,
             "rate_wait_s": round(e.rate_wait_s, 3),
+            "rate": 0.0 if self.limiter is None else round(self.limiter.rate_per_s, 2),
+            "pauses": e.pauses,
+            "paused_s": round(e.paused_s, 3),
             "concurrency_limit": self.concurrency_limit,
             **self._adaptive_summary(),
             "elapsed_s": round(elapsed, 3),

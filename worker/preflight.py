@@ -30,6 +30,7 @@ import structlog
 from worker.config import redact_uri
 from worker.core.classify import WRONG_URL_STATUSES, Action, classify, classify_failure
 from worker.errors import EXIT_AUTH, EXIT_USAGE, ApiRefused, UsageError, WorkerError
+from worker.limiter import RateLimiter
 from worker.sender import SEND_ERRORS, Response, Sender
 
 log = structlog.get_logger("worker.preflight")
@@ -77,6 +78,8 @@ class Finding:
     message: str
     status: int | None = None
     error: str | None = None
+    retry_after_s: float | None = None
+    """The API's ``Retry-After`` with a transient answer: the engine starts paused that long."""
 
     @property
     def exit_code(self) -> int | None:
@@ -104,7 +107,7 @@ def judge_response(response: Response, now_wall: datetime.datetime, url: str = "
         return Finding(Outcome.REFUSED, message, status, error)
     if verdict.action is Action.RETRY:
         message = f"the API is not available now ({verdict.describe()}): starting anyway"
-        return Finding(Outcome.UNCERTAIN, message, status, error)
+        return Finding(Outcome.UNCERTAIN, message, status, error, verdict.retry_after_s)
     if verdict.action is Action.APPLIED or error in ACCEPTED_CODES:
         return Finding(Outcome.ACCEPTED, "the API accepted the credentials", status, error)
     if status in WRONG_URL_STATUSES:
@@ -156,8 +159,12 @@ async def check_api(
     *,
     request_timeout_s: float = PROBE_TIMEOUT_S,
     wall_clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    limiter: RateLimiter | None = None,
 ) -> Finding:
-    """Send ``[]`` once and decide; reads and acks nothing, and never retries."""
+    """Send ``[]`` once and decide; reads and acks nothing, and never retries. The request
+    counts against ``limiter`` (the engine's): --rate counts every request."""
+    if limiter is not None:
+        await limiter.acquire()
     try:
         response = await sender.probe(min(request_timeout_s, PROBE_TIMEOUT_S))
     except SEND_ERRORS as exc:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import aiohttp
 
 from worker import __version__
 from worker.config import Secret
+from worker.core.adapt import RATE_HEADERS
 
 SEND_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError, OSError)
 """What a request can fail with short of a response: all transient."""
@@ -24,6 +26,12 @@ class Response:
     status: int
     body: bytes
     retry_after: str | None
+    rate_headers: Mapping[str, str] = field(default_factory=dict)
+    """The API's rate-limit headers, where it sends them (``--rate auto`` reads them)."""
+
+
+def _rate_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    return {name: headers[name] for name in RATE_HEADERS if name in headers}
 
 
 class Sender:
@@ -77,7 +85,9 @@ class Sender:
         async with self._session.patch(self.url, data=body) as resp:
             status = resp.status
             data = b"" if status == 204 else await resp.read()
-            return Response(status, data, resp.headers.get("Retry-After"))
+            return Response(
+                status, data, resp.headers.get("Retry-After"), _rate_headers(resp.headers)
+            )
 
     async def probe(self, timeout_s: float) -> Response:
         """Send the empty array ``[]``, which applies nothing (the start-up check); may raise

@@ -107,6 +107,7 @@ class TestBenchEndToEnd:
             "bound_per_contact",
             "plain_halving_per_contact",
             "worker_halving_per_contact",
+            "splitting_per_contact",
             "limit_s",
         } <= set(backlog["limits"])
         assert {"predicted_drain_s", "drain_error", "requests_error"} <= set(backlog["model"])

@@ -7,21 +7,40 @@ import json
 
 import pytest
 
-from worker.bench.bounds import expected_requests
+from worker.bench.bounds import SPLITTING, requests_per_contact
 from worker.bench.model import PlanInputs, coalesced_sends, early_sends, plan
 from worker.bench.plan_cli import configure_parser, main
 
 
 class TestModel:
     def test_rate_bound_backlog(self) -> None:
-        """10,000 distinct IDs, batch 100, 20 requests/s: 100 requests in (100 - 12) / 20 s
-        (the burst less one request per sender goes at once) and the last one's latency."""
+        """10,000 distinct IDs, batch 100, 20 requests/s: 100 requests and the start-up
+        check in 101 / 20 s (the schedule has no burst) and the last one's latency."""
         inputs = PlanInputs(api_rate=20, backlog=10_000, contacts=10_000, latency_ms=20)
         result = plan(inputs)
         assert result.requests == pytest.approx(100)
         assert result.bottleneck == "api_rate"
-        assert result.drain_s == pytest.approx(88 / 20 + 0.021)
+        assert result.drain_s == pytest.approx(101 / 20 + 0.021)
         assert result.bound_requests == 100
+
+    @pytest.mark.parametrize(
+        ("rate", "backlog", "per_hour"), [(5, 2_000, 0), (20, 50_000, 0), (10, 0, 2_000_000)]
+    )
+    def test_never_plans_above_the_rate(self, rate: float, backlog: int, per_hour: int) -> None:
+        """Whatever the input (a backlog, an inflow far above what the rate carries), the
+        plan's requests per second and per hour stay within the rate limit."""
+        result = plan(
+            PlanInputs(
+                api_rate=rate,
+                backlog=backlog,
+                contacts=backlog or None,
+                changes_per_hour=per_hour,
+                batch_size=1,
+            )
+        )
+        assert result.requests_per_s <= rate
+        assert result.requests_per_hour <= rate * 3600
+        assert result.utilisation is not None and result.utilisation <= 1.0
 
     def test_worker_rate_below_the_api(self) -> None:
         """The lower of the worker's and the API's rate binds."""
@@ -76,15 +95,17 @@ class TestModel:
         assert coalesced_sends(0, 10, 10) == 0
 
     def test_unknown_ids_cost_isolation(self) -> None:
-        """Each batch costs the expected halving requests for its unknown share."""
+        """Fresh IDs cost the expected requests of generalized binary splitting for their
+        unknown share: 10,000 contacts at 1% in about 1.004 times the bound of 808."""
         result = plan(
             PlanInputs(
                 api_rate=10, backlog=10_000, contacts=10_000, unknown_share=0.01, max_waiting=10_000
             )
         )
         assert result.requests_new == pytest.approx(100, abs=1)
-        per_batch = expected_requests(100, 0.01)
-        assert result.requests_isolation == pytest.approx(100 * (per_batch - 1), rel=0.05)
+        searched = 10_000 * requests_per_contact(100, 0.01, SPLITTING)
+        assert result.requests_isolation == pytest.approx(searched - 100, rel=0.01)
+        assert result.requests_new + result.requests_isolation <= 1.01 * 808
         assert result.bound_requests == pytest.approx(808, abs=1)
 
     def test_errors_cost_retries(self) -> None:
@@ -181,12 +202,14 @@ class TestPlanCommand:
         assert data["inputs"]["unknown_share"] == 0.01
 
     def test_text(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """Without --json: a readable summary naming the bottleneck and the best batch size."""
+        """Without --json: a readable summary naming the bottleneck and what unknown IDs
+        cost against the information bound."""
         code, out, _ = run_plan(
             capsys, "--api-rate", "20", "--backlog", "1000", "--unknown-share", "0.05"
         )
         assert code == 0
-        assert "drain time" in out and "api_rate" in out and "fewest requests" in out
+        assert "drain time" in out and "api_rate" in out and "groups of 16" in out
+        assert "x the information bound" in out
 
     def test_inputs_that_do_not_fit(self, capsys: pytest.CaptureFixture[str]) -> None:
         """More contacts than changes: exit 2 and the reason."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from worker.bench.bounds import INFERRED, PLAIN, halving_requests
+from worker.bench.bounds import PLAIN, halving_requests, splitting_requests
 from worker.bench.figures import known_below
 from worker.bench.replay import replay
 
@@ -24,16 +24,16 @@ class TestReplay:
         """One batch of 8 with an unknown last ID: the core's count and plain halving's."""
         result = replay(lines(1, 2, 3, 4, 5, 6, 7, 999), known_below(100), batch_size=8)
         flags = [False] * 7 + [True]
-        assert result.requests == halving_requests(flags, INFERRED) == 4
+        assert result.requests == splitting_requests(flags, [8]) == 4
         assert result.plain_halving_requests == halving_requests(flags, PLAIN) == 7
         assert result.refused_batches == 1 and result.isolation_requests == 3
 
-    def test_a_known_missing_id_goes_alone_later(self) -> None:
-        """An unknown ID seen again after the core learnt it is sent alone (a suspect)."""
+    def test_a_known_missing_id_costs_no_request_later(self) -> None:
+        """An unknown ID seen again after the core learnt it is dead-lettered at once."""
         first = lines(1, 999)
         later = [orjson.dumps({"ID": 999, "lastname": "again"})]
         result = replay(first + later, known_below(100), batch_size=2, max_waiting=2)
-        assert result.suspect_requests == 1
+        assert (1, 2) == (result.known_missing, result.requests)  # the group and 1 alone
         assert result.per_contact == result.requests / 2
 
     def test_invalid_lines_are_skipped(self) -> None:

@@ -137,6 +137,16 @@ api.rate_limit = 20
         backlog = load_scenario(SCENARIOS / "backlog-1m.toml").variants[0].stream
         assert (backlog.changes, backlog.contacts) == (1_000_000, 200_000)
 
+    def test_recurring_ids_is_a_restart(self) -> None:
+        """recurring-ids runs the worker once before the measured run and asks for requests
+        within 1.1 times ceil(contacts / B)."""
+        variant = load_scenario(SCENARIOS / "recurring-ids.toml").variants[0]
+        assert (1, 1.1, 0.01) == (
+            variant.worker.warm_runs,
+            variant.run.requests_goal,
+            variant.stream.unknown_share,
+        )
+
 
 class TestPackagedScenarios:
     def test_by_name(self) -> None:

@@ -146,7 +146,7 @@ class TestExitCodes:
             ([], {}, "--source (or WORKER_SOURCE) is required"),
             (["--source", "jsonl:in.jsonl", "--batch-size", "0"], {}, "--batch-size"),
             (["--source", "jsonl:in.jsonl"], {"WORKER_RATE": "fast"}, "WORKER_RATE"),
-            (["--source", "kafka://x"], {}, "unsupported source"),
+            (["--source", "amqp://x"], {}, "unsupported source"),
             (["--source", "jsonl:missing.jsonl"], {}, "cannot open"),
             (["--source", "jsonl:in.jsonl", "--api-url", "ftp://x"], {}, "--api-url"),
             (["--source", "jsonl:-", "--follow"], {}, "stdin"),

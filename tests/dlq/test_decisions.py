@@ -147,7 +147,7 @@ class TestUsage:
             (["show", "jsonl:-"], "unsupported dead-letter store"),
             (["show", "redis://127.0.0.1:6379/0?bogus=1"], "unknown parameter 'bogus'"),
             (["show", "postgresql://u@h/db?table=Bad-Name"], "table must be"),
-            (["replay", "jsonl:d.jsonl", "--to", "kafka://x"], "unsupported input"),
+            (["replay", "jsonl:d.jsonl", "--to", "amqp://x"], "unsupported input"),
             (["replay", "jsonl:d.jsonl", "--to", "x", "--reason", "gone"], "unknown reason"),
             (["replay", "jsonl:d.jsonl", "--to", "jsonl:o", "--limit", "0"], "--limit"),
             (["show", "jsonl:d.jsonl", "--top", "-1"], "--top"),

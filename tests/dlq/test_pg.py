@@ -89,6 +89,8 @@ class TestRoundTrip:
         gateway.configure(known_count=200)
         report = dlq("replay", uri, "--to", uri, "--reason", "not_found", "--json").json()
         assert ({"not_found": 5}, True) == (report["replayed"], report["atomic"])
+        # The input's ID knowledge forgets them: their changes go out, not dead-lettered at once.
+        assert 5 == report["knowledge_forgotten"]
         assert (5, 8) == counts(schema)
         marked = psql(
             f"SELECT count(*) FROM {schema}.contact_changes_dead WHERE replayed_at IS NOT NULL"

@@ -82,6 +82,8 @@ class TestRoundTrip:
         gateway.configure(known_count=200)
         report = dlq("replay", uri, "--to", uri, "--reason", "not_found", "--json").json()
         assert ({"not_found": 5}, {"invalid": 1}) == (report["replayed"], report["without_change"])
+        # The input's ID knowledge forgets them: their changes go out, not dead-lettered at once.
+        assert 5 == report["knowledge_forgotten"]
         assert 5 == client.xlen(stream)
         assert 5 == client.hlen(f"{dead}:replayed")
         assert not client.exists(f"{dead}:replaying")  # the lock is gone

@@ -52,6 +52,8 @@ def test_show_replay_run_again(dlq: Dlq, gateway: Gateway, tmp_path: Path) -> No
     gateway.configure(known_count=200)
     report = dlq("replay", uri, "--to", uri, "--reason", "not_found", "--json").json()
     assert ({"not_found": 5}, True) == (report["replayed"], report["atomic"])
+    # The input's ID knowledge forgets them: their changes go out, not dead-lettered at once.
+    assert 5 == report["knowledge_forgotten"]
     assert (5, 8, 5) == counts(spool)
 
     run_worker(

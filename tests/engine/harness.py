@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 
 from worker.backends.jsonl.sink import JsonlDeadLetters
@@ -82,6 +83,7 @@ async def run_engine(
     client_secret: str = "demo-secret",
     checkpoint: bool = False,
     request_timeout_s: float = 5.0,
+    watch: Callable[[Engine], Awaitable[None]] | None = None,
 ) -> Run:
     """Write the changes to a file and run the worker on it until it ends."""
     source_path = write_lines(tmp_path / "in.jsonl", changes)
@@ -104,7 +106,13 @@ async def run_engine(
                 timeout_s=request_timeout_s,
             ) as sender:
                 engine = Engine(source, sink, sender, es)
-                result = await engine.run()
+                if watch is None:
+                    result = await engine.run()
+                else:  # a test looking at the engine while it runs
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(watch, engine)
+                        result = await engine.run()
+                        group.cancel_scope.cancel()
         finally:
             await sink.close()
             await source.close()

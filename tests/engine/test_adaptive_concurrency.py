@@ -108,7 +108,10 @@ class TestReadAhead:
         )
         assert Ending.DRAINED == run.result.ending
         assert distinct == run.sim.stats.contacts_applied
-        assert math.ceil(distinct / 100) == run.sim.stats.requests == run.sim.stats.by_status[204]
+        # Full batches, but for the first requests, which carry a group of fresh IDs sized for
+        # the unknown share assumed before any answer (Hwang's group for 1%: 64 IDs).
+        assert run.sim.stats.requests == run.sim.stats.by_status[204]
+        assert run.sim.stats.requests <= math.ceil(distinct / 100) + 1
         assert expected_state(changes) == run.sim.contacts
 
     async def test_memory_bound_holds(self, tmp_path: Path) -> None:

@@ -44,6 +44,9 @@ FAMILIES = {
     "contact_worker_in_flight_requests": "gauge",
     "contact_worker_waiting_changes": "gauge",
     "contact_worker_rate_limit_requests_per_second": "gauge",
+    "contact_worker_api_pauses": "counter",
+    "contact_worker_api_paused_seconds": "counter",
+    "contact_worker_api_paused_remaining_seconds": "gauge",
     "contact_worker_concurrency_limit": "gauge",
     "contact_worker_batch_size_limit": "gauge",
     "contact_worker_ready": "gauge",
@@ -54,6 +57,10 @@ FAMILIES = {
     "contact_worker_input_reconnects": "counter",
     "contact_worker_input_unacked_records": "gauge",
     "contact_worker_build_info": "gauge",
+    "contact_worker_id_knowledge_lookups": "counter",
+    "contact_worker_id_knowledge_ids": "gauge",
+    "contact_worker_id_contradictions": "counter",
+    "contact_worker_unknown_share": "gauge",
 }
 """Every metric family /metrics always has, and its type (counters' samples end in _total)."""
 
@@ -67,8 +74,12 @@ INPUT_FAMILIES = {
     "contact_worker_input_partitions_held": "gauge",
     "contact_worker_input_leases_lost": "counter",
     "contact_worker_input_spool_depth": "gauge",
+    "contact_worker_id_knowledge_loaded": "counter",
+    "contact_worker_id_knowledge_saved": "counter",
+    "contact_worker_id_knowledge_store_failures": "counter",
 }
-"""Families of the inputs they apply to: partitioned ones, ones with leases, the spool."""
+"""Families of the inputs they apply to: partitioned ones, ones with leases, the spool, ones
+with a knowledge store."""
 
 PROCESS_FAMILIES = {
     "process_cpu_seconds": "counter",
@@ -93,6 +104,8 @@ PROGRESS_KEYS = {
     "acked_per_s_overall",
     "rate_wait_s",
     "rate_wait_share",
+    "rate",
+    "pauses",
 }
 """The fields of the ``progress`` log event, as docs/operations.md lists them."""
 

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from tests.engine.harness import expected_state, settings
 from tests.redis.conftest import PrivateRedis
-from worker.backends.base import Source, SourceError, records_of
+from worker.backends.base import Source, SourceError, records_of, running
 from worker.backends.redis.producer import enqueue, init
 from worker.backends.redis.scripts import framed_pages
 from worker.backends.redis.sink import RedisStreamDeadLetters
@@ -508,23 +508,39 @@ async def test_a_full_page_has_the_next_read_ahead(redis_url: str, prefix: str) 
     uri = f"{redis_url}?stream={prefix}&batch=10&poll_s=0.1"
     await init(uri)
     await enqueue(uri, [b'{"ID": %d}' % i for i in range(25)])
-    source = from_uri(uri, consumer="c1")
-    await source.open()
     client = Redis.from_url(redis_url)
     try:
-        got: list[bytes] = []
-        with anyio.fail_after(10):
-            while len(got) < 10:
-                got += [value for _, value in await source.read()]
-            await wait_until(lambda: source._ahead is not None and source._ahead.done())
-        assert 20 == (await client.xpending(prefix, "contact-worker"))["pending"]
-        with anyio.fail_after(10):
-            while len(got) < 25:
-                got += [value for _, value in await source.read()]
-        assert got == [b'{"ID": %d}' % i for i in range(25)]
+        async with running(from_uri(uri, consumer="c1")) as source:
+            got: list[bytes] = []
+            with anyio.fail_after(10):
+                while len(got) < 10:
+                    got += [value for _, value in await source.read()]
+                await wait_until(lambda: source._ahead is not None and source._ahead.done())
+            assert 20 == (await client.xpending(prefix, "contact-worker"))["pending"]
+            with anyio.fail_after(10):
+                while len(got) < 25:
+                    got += [value for _, value in await source.read()]
+            assert got == [b'{"ID": %d}' % i for i in range(25)]
     finally:
         await client.aclose()
-        await source.close()
+
+
+async def test_without_a_task_group_nothing_is_read_ahead(redis_url: str, prefix: str) -> None:
+    """Background work runs only in the task group given to start(): a source opened alone
+    reads page by page, and nothing is pending at the consumer beyond what it handed out."""
+    uri = f"{redis_url}?stream={prefix}&batch=10&poll_s=0.1"
+    await init(uri)
+    await enqueue(uri, [b'{"ID": %d}' % i for i in range(25)])
+    client = Redis.from_url(redis_url)
+    async with from_uri(uri, consumer="c1") as source:
+        try:
+            page = await source.read()
+            await anyio.sleep(0.2)
+            assert 10 == len(page)
+            assert source._ahead is None
+            assert 10 == (await client.xpending(prefix, "contact-worker"))["pending"]
+        finally:
+            await client.aclose()
 
 
 async def test_a_page_read_ahead_and_never_handed_out_is_claimable_at_once(
@@ -535,14 +551,10 @@ async def test_a_page_read_ahead_and_never_handed_out_is_claimable_at_once(
     uri = f"{redis_url}?stream={prefix}&batch=10&poll_s=0.1"
     await init(uri)
     await enqueue(uri, [b'{"ID": %d}' % i for i in range(15)])
-    first = from_uri(uri, consumer="c1")
-    await first.open()
-    try:
+    async with running(from_uri(uri, consumer="c1")) as first:
         page = await first.read()
         await first.ack([token for token, _ in page])
         await wait_until(lambda: first._ahead is not None and first._ahead.done())
-    finally:
-        await first.close()
     second = from_uri(uri, consumer="c2")
     await second.open()
     try:

@@ -513,3 +513,57 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# --- the hidden rate limit (issue 12) ------------------------------------------------------------
+
+
+async def test_sliding_window_allows_r_in_any_second() -> None:
+    """``rate_window = sliding``: R requests at once pass, the next is 429 until the first
+    leaves the window; counted per second and as the most in any one second."""
+    async with gateway(SimConfig(rate_limit=3, rate_window="sliding")) as gw:
+        for i in range(3):
+            assert 204 == (await gw.patch({"ID": str(i), "lastname": "x"}))[0]
+        status, _, resp = await gw.patch({"ID": "9", "lastname": "x"})
+        assert 429 == status and resp.headers["Retry-After"] == "1"
+        stats = gw.sim.stats
+        assert (1, 4) == (stats.rate_limited, stats.max_per_second)  # arrivals, 429s too
+        assert [[4, 1]] == stats.per_second
+
+
+async def test_bucket_burst_and_fixed_retry_after() -> None:
+    """``rate_burst`` sizes the bucket; ``retry_after_s`` fixes the 429's Retry-After."""
+    async with gateway(SimConfig(rate_limit=1, rate_burst=2, retry_after_s=3600)) as gw:
+        assert 204 == (await gw.patch({"ID": "1", "lastname": "x"}))[0]
+        assert 204 == (await gw.patch({"ID": "2", "lastname": "x"}))[0]
+        status, _, resp = await gw.patch({"ID": "3", "lastname": "x"})
+        assert 429 == status and "3600" == resp.headers["Retry-After"]
+
+
+async def test_rate_headers() -> None:
+    """``rate_headers``: the IETF draft's RateLimit-Policy and RateLimit, and X-RateLimit-*,
+    on 2xx and on 429; what the worker reads from them is the limit and the exhaustion."""
+    from worker.core.adapt import read_hints
+
+    async with gateway(SimConfig(rate_limit=2, rate_window="sliding", rate_headers=True)) as gw:
+        _, _, first = await gw.patch({"ID": "1", "lastname": "x"})
+        assert "2;w=1" == first.headers["RateLimit-Policy"]
+        assert "1" == first.headers["X-RateLimit-Remaining"]
+        await gw.patch({"ID": "2", "lastname": "x"})
+        status, _, refused = await gw.patch({"ID": "3", "lastname": "x"})
+        assert 429 == status
+        hints = read_hints(dict(refused.headers), time.time())
+        assert 2.0 == hints.policy_rate
+        assert hints.exhausted_for_s is not None and 0 < hints.exhausted_for_s <= 1
+
+
+async def test_rate_knobs_over_post_config() -> None:
+    """The knobs can be set at run time; a bad window is refused with 400."""
+    async with gateway() as gw:
+        status, body = await gw.post(
+            "/_sim/config",
+            {"rate_limit": 5, "rate_window": "sliding", "rate_headers": True, "retry_after_s": 2},
+        )
+        assert 200 == status and "sliding" == body["rate_window"]
+        status, body = await gw.post("/_sim/config", {"rate_window": "fixed"})
+        assert 400 == status and "rate_window" in body["error"]

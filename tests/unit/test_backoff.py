@@ -42,10 +42,18 @@ class TestBackoff:
         """Retry-After 0 still gets a little jitter, never less than nothing."""
         assert pytest.approx(0.05) == Backoff(base_s=0.1).delay(3, 0.5, retry_after_s=0.0)
 
-    @pytest.mark.parametrize("huge", [3600.5, 86400.0, 1e12, float("inf")])
-    def test_huge_retry_after_is_capped_at_an_hour(self, huge: float) -> None:
-        """A server asking for more than an hour is taken to mean an hour."""
+    @pytest.mark.parametrize("huge", [300.5, 3600.5, 86400.0, 1e12, float("inf")])
+    def test_huge_retry_after_is_capped_at_five_minutes(self, huge: float) -> None:
+        """A server asking for more than --max-retry-after (default five minutes) is taken
+        to mean that much."""
+        assert 300.0 == MAX_RETRY_AFTER_S
         assert MAX_RETRY_AFTER_S == Backoff().delay(1, 0.0, retry_after_s=huge)
+
+    def test_max_retry_after_is_a_setting(self) -> None:
+        """--max-retry-after sets the cap: 20 s caps a 60 s wish, not a 10 s one."""
+        backoff = Backoff(max_retry_after_s=20.0)
+        assert 20.0 == backoff.delay(1, 0.0, retry_after_s=60.0)
+        assert 10.0 == backoff.delay(1, 0.0, retry_after_s=10.0)
 
     @settings(max_examples=300, deadline=None)
     @given(st.integers(1, 200), RAND, st.floats(0.001, 5.0), st.floats(0.01, 600.0))
@@ -61,7 +69,7 @@ class TestBackoff:
     @settings(max_examples=300, deadline=None)
     @given(st.integers(1, 200), RAND, st.floats(0.0, 1e9, allow_nan=False))
     def test_retry_after_bounds(self, attempt: int, rand: float, retry_after: float) -> None:
-        """min(Retry-After, an hour) <= delay < that + base, whatever the attempt."""
+        """min(Retry-After, the cap) <= delay < that + base, whatever the attempt."""
         backoff = Backoff(base_s=0.1, cap_s=30.0)
         floor = min(retry_after, MAX_RETRY_AFTER_S)
         delay = backoff.delay(attempt, rand, retry_after)

@@ -88,35 +88,40 @@ class TestFill:
         assert ["1", "2"] == [e.key for e in taken]
 
     def test_nothing_ready(self) -> None:
-        """Nothing ready: an empty list (and the size of ``[]``)."""
-        assert ([], 1) == fill(Coalescer(), 10, 1 << 20)
+        """Nothing ready: an empty list (and the body ``[]``)."""
+        assert ([], b"[]") == fill(Coalescer(), 10, 1 << 20)
 
     def test_respects_max_bytes(self) -> None:
         """Entries stop before the body would exceed max_bytes; the size is the body's size."""
         coalescer = coalescer_with(1, 2, 3)
         one = len(orjson.dumps({"ID": 1, "lastname": "Lee"}))
         limit = 1 + 2 * (one + 1)  # exactly two entries: "[" + a + "," + b + "]"
-        taken, size = fill(coalescer, 10, limit)
+        taken, body = fill(coalescer, 10, limit)
         assert ["1", "2"] == [e.key for e in taken]
-        assert limit == size
-        assert size == len(Batch(taken, 1).body())
+        assert limit == len(body)
+        assert body == Batch(taken, 1).body()
 
     def test_one_byte_less_takes_one_fewer(self) -> None:
-        """A limit one byte under two entries takes one."""
+        """A limit one byte under two entries takes one; the others are ready again, in
+        their place, and not in flight."""
         coalescer = coalescer_with(1, 2, 3)
         one = len(orjson.dumps({"ID": 1, "lastname": "Lee"}))
-        taken, size = fill(coalescer, 10, 2 * (one + 1))
+        taken, body = fill(coalescer, 10, 2 * (one + 1))
         assert ["1"] == [e.key for e in taken]
-        assert one + 2 == size
+        assert one + 2 == len(body)
+        assert 2 == coalescer.ready_count
+        assert not coalescer.is_in_flight("2") and not coalescer.is_in_flight("3")
+        coalescer.add(change(4, "t4", lastname="Lee"), now=1.0)
+        assert ["2", "3", "4"] == [e.key for e in fill(coalescer, 10, 1 << 20)[0]]
 
     def test_always_takes_one_even_if_oversized(self) -> None:
         """An entry larger than max_bytes still goes alone: the API judges it."""
         coalescer = Coalescer()
         coalescer.add(change(1, "t1", extra1="x" * 500), now=0.0)
         coalescer.add(change(2, "t2", extra1="y"), now=0.0)
-        taken, size = fill(coalescer, 10, 50)
+        taken, body = fill(coalescer, 10, 50)
         assert ["1"] == [e.key for e in taken]
-        assert len(Batch(taken, 1).body()) == size
+        assert Batch(taken, 1).body() == body
         assert 1 == coalescer.ready_count
 
     def test_oldest_first(self) -> None:
@@ -136,16 +141,18 @@ class TestFill:
     )
     def test_fill_bounds(self, values: list[str], ceiling: int, max_bytes: int) -> None:
         """Any fill: at least one entry, at most ``ceiling``; over max_bytes only when alone;
-        the size reported is the body's size."""
+        the body is the entries' array; the rest stays ready, oldest first."""
         coalescer = Coalescer()
         for i, value in enumerate(values):
             coalescer.add(change(i, i, lastname=value), now=0.0)
-        taken, size = fill(coalescer, ceiling, max_bytes)
-        body = Batch(taken, 1).body()
+        taken, body = fill(coalescer, ceiling, max_bytes)
+        assert body == Batch(taken, 1).body()
+        assert [e.body for e in taken] == orjson.loads(body)
         assert 1 <= len(taken) <= ceiling
-        assert len(body) == size
-        assert len(taken) == 1 or size <= max_bytes
+        assert len(taken) == 1 or len(body) <= max_bytes
         assert [str(i) for i in range(len(taken))] == [e.key for e in taken]
+        rest = [coalescer.pop().key for _ in range(coalescer.ready_count)]
+        assert [str(i) for i in range(len(taken), len(values))] == rest
 
 
 class TestBatchBody:

@@ -15,6 +15,7 @@ from worker.core.change import (
     Change,
     Invalid,
     decode,
+    decode_all,
     key_mismatch,
     key_of,
     validate,
@@ -314,6 +315,55 @@ class TestDecodeProperties:
         result = decode(orjson.dumps({**obj, name: wrong}), "tok")
         assert isinstance(result, Invalid)
         assert f"field {name!r} " in result.reason
+
+
+ANY_VALUE = st.one_of(WRONG, TEXT, st.booleans(), st.just("2024-02-30"), st.just("1990-05-17"))
+NAMES = st.sampled_from(sorted(FIELDS | {"id", "Phone", "extra9"}))
+
+
+class TestFastPathAgreesWithTheFieldByFieldCheck:
+    """decode takes a change whose fields all look right through a few C-level calls, and
+    every other object through validate's loop: the two must never disagree."""
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.dictionaries(NAMES, ANY_VALUE, max_size=6), st.one_of(IDS, WRONG, st.none()))
+    def test_decode_accepts_exactly_what_validate_accepts(
+        self, fields: dict[str, Any], ident: Any
+    ) -> None:
+        obj = {**fields, "ID": ident} if ident is not None else fields
+        try:
+            line = orjson.dumps(obj)
+        except TypeError:  # an integer beyond 64 bits: not JSON orjson writes
+            return
+        result = decode(line, "tok")
+        problem = validate(orjson.loads(line))
+        if problem is None:
+            assert Change(str(obj["ID"]), orjson.loads(line), "tok") == result
+        else:
+            assert isinstance(result, Invalid)
+            assert problem == result.reason
+
+
+class TestDecodeAll:
+    """The hot path's decode of many records gives decode's verdicts, in order."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                valid_changes().map(orjson.dumps),
+                st.dictionaries(NAMES, ANY_VALUE, max_size=4).map(orjson.dumps),
+                st.sampled_from([b"{", b"[1]", b"null", b'"x"', b"\xff"]),
+            ),
+            max_size=12,
+        )
+    )
+    def test_same_verdicts_as_decode_one_by_one(self, lines: list[bytes]) -> None:
+        records = list(enumerate(lines))
+        valid, invalid = decode_all(records)
+        one_by_one = [decode(line, token) for token, line in records]
+        assert [(c.key, c.fields, c.token) for c in one_by_one if type(c) is Change] == valid
+        assert [i for i in one_by_one if type(i) is Invalid] == invalid
 
 
 class TestKeyMismatch:

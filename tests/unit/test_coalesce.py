@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.factories import change
+from worker.core.batch import Batch
 from worker.core.coalesce import Coalescer
 
 
@@ -52,15 +53,15 @@ class TestCoalescerMerging:
         assert {"ID": "7", "lastname": "Lee", "firstname": "Bo"} == entry.body
         assert None is coalescer.peek()
 
-    def test_merged_entry_is_reencoded(self) -> None:
-        """A merge after the entry was encoded drops the stale encoding."""
+    def test_a_batch_keeps_the_body_it_was_formed_with(self) -> None:
+        """A change merged after its ID went out waits for the next request: the body of
+        the request in flight is not touched."""
         coalescer = Coalescer()
         coalescer.add(change(1, "a", lastname="Lee"), now=0.0)
-        peeked = coalescer.peek()
-        assert peeked is not None
-        peeked.encoded = b"stale"
+        batch = Batch([coalescer.pop()], 1)
+        sent = batch.body()
         coalescer.add(change(1, "b", lastname="Maes"), now=0.0)
-        assert None is coalescer.pop().encoded
+        assert sent == batch.body() == b'[{"ID":1,"lastname":"Lee"}]'
 
     def test_since_and_seq_are_those_of_the_oldest_change(self) -> None:
         """Linger and fairness count from the oldest change merged into an entry."""
@@ -202,3 +203,34 @@ class TestCoalescerCounts:
         coalescer.pop()
         assert 0 == coalescer.changes_waiting
         assert 1 == coalescer.coalesced  # "d" found nothing waiting to merge into
+
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 6)),
+        st.tuples(st.just("pop"), st.just(0)),
+        st.tuples(st.just("release"), st.integers(0, 6)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS, st.integers(0, 8))
+def test_pop_many_takes_what_as_many_pops_would(ops: list[tuple[str, int]], count: int) -> None:
+    """Whatever came before (merges, IDs in flight, releases that make IDs ready again),
+    pop_many(n) takes the same entries in the same order as n calls of pop."""
+    one, many = Coalescer(), Coalescer()
+    for number, (op, key) in enumerate(ops):
+        for coalescer in (one, many):
+            if op == "add":
+                coalescer.add(change(key, number, extra1=str(number)), now=float(number))
+            elif op == "pop" and coalescer.ready_count:
+                coalescer.pop()
+            elif op == "release" and coalescer.is_in_flight(str(key)):
+                coalescer.release(str(key))
+    expected = [one.pop() for _ in range(min(count, one.ready_count))]
+    assert [(e.key, e.tokens) for e in expected] == [
+        (e.key, e.tokens) for e in many.pop_many(count)
+    ]
+    assert (one.ready_count, one.changes_waiting) == (many.ready_count, many.changes_waiting)

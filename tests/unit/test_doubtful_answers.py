@@ -195,18 +195,21 @@ class TestNotFoundRun:
             assert None is s.resolve(take(s, 0.0), verdict, 0.0).fatal
 
     def test_ids_known_missing_are_dead_at_once(self) -> None:
-        """A suspect (an ID found missing earlier, sent alone) answered 404 again is dead at
-        once and does not count toward the run: a 2xx proved the URL when it was learnt."""
+        """An ID found missing earlier (a confirmed 404 on it alone) seen again is
+        dead-lettered without a request, citing that answer, and counts for no run: a 2xx
+        proved the URL when it was learnt."""
         s = scheduler(max_items=1, max_not_found_run=2)
         feed(s, 1, 2)
         s.resolve(take(s, 0.0), not_found(), 0.0)
         s.resolve(take(s, 0.0), applied(), 0.0)  # confirms 1 as missing
         for value in ("b", "c", "d"):
             feed(s, 1, value=value)
-            suspect = take(s, 1.0)
-            settled = s.resolve(suspect, not_found(), 1.0)
-            assert ([], ["1"]) == keys_of(settled)
+            assert 1.0 == s.next_batch(1.0)  # no request: a dead letter to settle
+            settled = s.settle_due(1.0)
+            assert settled is not None and ([], ["1"]) == keys_of(settled)
             assert None is settled.fatal
+            assert "earlier 404" in (settled.dead[0].detail or "")
+        assert s.idle
 
     def test_undocumented_rejections_in_a_row_stop_too(self) -> None:
         """Lone changes rejected with an undocumented code, nothing applied in between,

@@ -10,6 +10,7 @@ is needed; none of them may close a cycle.
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -89,8 +90,25 @@ def test_no_module_imports_itself_through_others() -> None:
 
 def test_the_graph_sees_function_level_imports(tmp_path: Path) -> None:
     """The check itself: an import inside a function is an edge."""
-    assert "worker.config_file" in imports_of("worker.cli")
     assert "worker.backends.redis.stream" in imports_of("worker.backends.redis")
+
+
+def test_the_command_line_imports_a_command_only_when_it_runs() -> None:
+    """Every command's module exists and has its two functions; starting the command line
+    (``--version``, ``--help``) imports none of them, nor the engine."""
+    from worker.cli import COMMANDS
+
+    for command in COMMANDS:
+        module = importlib.import_module(command.module)
+        assert callable(getattr(module, command.configure)), command.name
+        assert callable(getattr(module, command.main)), command.name
+    probe = (
+        "import sys, worker.cli\n"
+        "heavy = [m for m in sys.modules if m.startswith(('worker.bench', 'worker.sim', "
+        "'worker.demo', 'worker.engine', 'worker.run', 'worker.backends'))]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
 
 
 @pytest.mark.parametrize("first", ["worker.config_file", "worker.run", "worker.preflight"])

@@ -177,15 +177,15 @@ class TestSchedulerIsolation:
         assert 2 == s.stats.isolation_requests
         assert s.idle
 
-    def test_first_half_failed_held_half_sent_as_it_is(self) -> None:
-        """When the first half fails too, the held half is sent whole, and the failed half
-        is split in turn."""
+    def test_first_half_failed_held_half_returns_to_the_fresh(self) -> None:
+        """When the first half fails too, the held half returns to the fresh IDs (it goes
+        in their next group: nothing was learnt about it), and the failed half is split."""
         s, _ = self.refused(not_found(), 1, 2, 3, 4)
         s.resolve(take(s, 0.0), not_found(), 1.0)
         one = take(s, 1.0)  # depth first: the failed half's own split goes first
         assert ["1"] == one.keys
         held = take(s, 1.0)
-        assert (["3", "4"], Purpose.ISOLATE) == (held.keys, held.purpose)
+        assert (["3", "4"], Purpose.NEW) == (held.keys, held.purpose)
         assert (["3", "4"], []) == keys_of(s.resolve(held, applied(), 2.0))
         settled = s.resolve(one, not_found(), 2.0)
         assert ([], ["1"]) == keys_of(settled)
@@ -254,10 +254,10 @@ class TestSchedulerIsolation:
         feed(s, 2, value="later")
         one = take(s, 0.0)
         assert None is s.next_batch(0.0)
-        s.resolve(one, applied(), 1.0)  # 2 is now the inferred culprit
-        later = take(s, 1.0)
-        assert (["2"], Purpose.SUSPECT) == (later.keys, later.purpose)
-        assert ["2:later"] == later.entries[0].tokens
+        s.resolve(one, applied(), 1.0)  # 2 is now the inferred culprit, known missing
+        assert 1.0 == s.next_batch(1.0)
+        settled = s.settle_due(1.0)
+        assert settled is not None and ["2:later"] == settled.dead[0].entry.tokens
 
 
 class TestSchedulerShrink:
@@ -307,14 +307,15 @@ class TestSchedulerShrink:
         assert 1 == s.ceiling
 
     def test_shrink_of_an_isolating_half_releases_the_held_half(self) -> None:
-        """A first half refused as too large: its held half is sent as it is."""
+        """A first half refused as too large: its held half returns to the fresh IDs."""
         s = scheduler()
         s.draining = True
         feed(s, 1, 2, 3, 4)
         s.resolve(take(s, 0.0), not_found(), 0.0)
         s.resolve(take(s, 0.0), too_large(), 0.0)
-        handed = [take(s, 0.0).keys for _ in range(3)]
-        assert [["1"], ["2"], ["3", "4"]] == handed  # depth first: the halves first
+        handed = [take(s, 0.0).keys for _ in range(4)]
+        # depth first: the halves first; the held half then goes under the lowered ceiling
+        assert [["1"], ["2"], ["3"], ["4"]] == handed
 
 
 class TestSchedulerRetry:
@@ -400,8 +401,9 @@ class TestSchedulerRetry:
         assert 30.0 == s.paused_until
 
     @pytest.mark.parametrize("header", ["1000000000", "99999999999999"])
-    def test_huge_retry_after_pauses_at_most_an_hour(self, header: str) -> None:
-        """A server asking for more than an hour is taken to mean an hour: the pause too."""
+    def test_huge_retry_after_pauses_at_most_the_cap(self, header: str) -> None:
+        """A server asking for more than --max-retry-after (default five minutes) is taken
+        to mean that much: the pause too."""
         s = scheduler(rand=0.0)
         s.draining = True
         feed(s, 1)
@@ -464,8 +466,9 @@ class TestSchedulerRetry:
         assert ["3"] == take(s, 5.0).keys
 
 
-class TestSchedulerSuspects:
-    """IDs found missing are remembered and sent alone for a while (DESIGN 4)."""
+class TestSchedulerKnowledge:
+    """What the API said about IDs shapes the batches (DESIGN 11): IDs known missing are
+    dead-lettered without a request, IDs known to exist go together."""
 
     def found_missing(self, key: int = 9, now: float = 0.0, **options: Any) -> Scheduler:
         """A scheduler that just dead-lettered ``key`` as not_found."""
@@ -476,31 +479,37 @@ class TestSchedulerSuspects:
         assert ([], [str(key)]) == keys_of(settled)
         return s
 
-    def test_suspect_is_sent_alone(self) -> None:
-        """A later change to a missing ID goes in a request of its own."""
+    def test_known_missing_dead_without_a_request(self) -> None:
+        """A later change to a missing ID is dead-lettered at once; the others are sent."""
         s = self.found_missing()
         feed(s, 1, 9, 2, now=10.0)
-        batches = [take(s, 10.0) for _ in range(2)]
-        assert [(["1", "2"], Purpose.NEW), (["9"], Purpose.SUSPECT)] == [
-            (b.keys, b.purpose) for b in batches
-        ]
-        assert 1 == s.stats.requests_by_purpose["suspect"]
+        batch = take(s, 10.0)
+        assert (["1", "2"], Purpose.NEW) == (batch.keys, batch.purpose)
+        settled = s.settle_due(10.0)
+        assert settled is not None and ([], ["9"]) == keys_of(settled)
+        letter = settled.dead[0]
+        assert ("not_found", 404) == (letter.reason, letter.status)
+        assert "10 s ago" in (letter.detail or "")
+        assert 2 == sum(s.stats.requests_by_purpose.values())  # the first 404 and this one
 
-    def test_only_suspects_ready(self) -> None:
-        """A batch of nothing but a suspect goes alone as a suspect."""
+    def test_only_known_missing_ready(self) -> None:
+        """Nothing but a known missing ID ready: no request, a dead letter to settle."""
         s = self.found_missing()
         feed(s, 9, now=10.0)
-        batch = take(s, 10.0)
-        assert (["9"], Purpose.SUSPECT) == (batch.keys, batch.purpose)
+        assert 10.0 == s.next_batch(10.0)
+        settled = s.settle_due(10.0)
+        assert settled is not None and ([], ["9"]) == keys_of(settled)
+        assert s.idle
 
-    def test_still_missing_is_remembered_again(self) -> None:
-        """A suspect found missing again is dead-lettered and remembered afresh."""
+    def test_knowledge_is_not_refreshed_by_itself(self) -> None:
+        """A dead letter from knowledge does not renew it: it ends ``suspect_ttl_s`` after
+        the API's answer, however often the ID comes back."""
         s = self.found_missing()
         feed(s, 9, now=50.0)
-        settled = s.resolve(take(s, 50.0), not_found(), 50.0)
-        assert ([], ["9"]) == keys_of(settled)
-        feed(s, 9, 1, now=140.0)  # 40 after the first memory ended, within the second
-        assert ["1"] == take(s, 140.0).keys
+        assert 50.0 == s.next_batch(50.0)
+        s.settle_due(50.0)
+        feed(s, 9, 1, now=100.0)
+        assert ["9", "1"] == take(s, 100.0).keys
 
     def test_forgotten_after_the_ttl(self) -> None:
         """After suspect_ttl_s the ID batches with others again."""
@@ -509,13 +518,45 @@ class TestSchedulerSuspects:
         batch = take(s, 100.0)
         assert (["1", "9"], Purpose.NEW) == (batch.keys, batch.purpose)
 
-    def test_forgotten_when_applied(self) -> None:
-        """A suspect applied (the contact exists now) batches with others again."""
-        s = self.found_missing()
-        feed(s, 9, now=1.0)
-        s.resolve(take(s, 1.0), applied(), 1.0)
-        feed(s, 1, 9, now=2.0)
-        assert ["1", "9"] == take(s, 2.0).keys
+    def test_known_to_exist_go_together(self) -> None:
+        """IDs applied before go in a full batch of their own; fresh ones in their group."""
+        s = scheduler(max_items=4)
+        s.draining = True
+        feed(s, 1, 2, 3, 4)
+        s.resolve(take(s, 0.0), applied(), 0.0)
+        feed(s, 10, 1, 11, 2, 3, 4, now=1.0)
+        first = take(s, 1.0)
+        assert ["1", "2", "3", "4"] == first.keys
+        assert ["10", "11"] == take(s, 1.0).keys
+
+    def test_fresh_group_topped_up_with_known(self) -> None:
+        """A fresh group smaller than the batch is topped up with IDs known to exist."""
+        s = scheduler(max_items=100)
+        s.draining = True
+        feed(s, *range(1, 6))
+        s.resolve(take(s, 0.0), applied(), 0.0)
+        feed(s, 1, 2, 100, 101, now=1.0)
+        assert ["100", "101", "1", "2"] == take(s, 1.0).keys
+
+    def test_deleted_after_it_was_learnt(self) -> None:
+        """Knowledge is a prior, not a promise: an ID known to exist that the API no longer
+        knows spoils its batch, is isolated like any other, and is known missing after."""
+        s = scheduler(max_items=4)
+        s.draining = True
+        feed(s, 1, 2, 3, 4)
+        s.resolve(take(s, 0.0), applied(), 0.0)
+        feed(s, 1, 2, 3, 4, now=1.0)
+        known = take(s, 1.0)
+        assert ["1", "2", "3", "4"] == known.keys
+        s.resolve(known, not_found(), 1.0)  # 3 was deleted meanwhile
+        first = take(s, 1.0)
+        assert (["1", "2"], []) == keys_of(s.resolve(first, applied(), 2.0))
+        half = take(s, 2.0)
+        assert ["3"] == half.keys
+        assert ([], ["3"]) == keys_of(s.resolve(half, not_found(), 2.0))
+        assert (["4"], []) == keys_of(s.resolve(take(s, 2.0), applied(), 2.0))
+        fact = s.knowledge.peek("3", 3.0)
+        assert fact is not None and "missing" == fact.known.value
 
     def test_memory_is_bounded(self) -> None:
         """Past max_suspects the oldest memory goes first."""
@@ -526,7 +567,68 @@ class TestSchedulerSuspects:
         feed(s, 9)
         s.resolve(take(s, 0.0), not_found(), 1.0)
         feed(s, 1, 8, 9, now=2.0)
-        assert [["1", "8"], ["9"]] == [take(s, 2.0).keys for _ in range(2)]
+        assert ["1", "8"] == take(s, 2.0).keys
+        settled = s.settle_due(2.0)
+        assert settled is not None and ([], ["9"]) == keys_of(settled)
+
+
+class TestContradictions:
+    """Knowledge as a guard: lone 404s on IDs the API applied lately contradict "unknown ID";
+    repeated, they stop sending like any 404 that is not about IDs."""
+
+    def applied_then(self, now: float, *ids: int, **options: Any) -> Scheduler:
+        """A scheduler (lone requests) that had ``ids`` applied at 0, fed them again."""
+        s = scheduler(max_items=1, **options)
+        s.draining = True
+        feed(s, *ids)
+        for _ in ids:
+            s.resolve(take(s, 0.0), applied(), 0.0)
+        feed(s, *ids, now=now, value="again")
+        return s
+
+    def test_repeated_contradictions_stop(self) -> None:
+        """Three lone 404s in a row on IDs applied a minute ago: FOREIGN, the last one not
+        dead-lettered."""
+        s = self.applied_then(60.0, 1, 2, 3)
+        results = [s.resolve(take(s, 60.0), not_found(), 60.0) for _ in range(3)]
+        fatal = results[-1].fatal
+        assert fatal is not None and Action.FOREIGN == fatal.action
+        assert "applied each of them lately" in (fatal.detail or "")
+        assert [] == results[-1].dead
+        assert 3 == s.stats.contradictions
+        assert None is s.next_batch(60.0)
+
+    def test_one_contradiction_is_a_deleted_contact(self) -> None:
+        """A lone 404 on a recently applied ID alone is counted and dead-lettered: the contact
+        may have been deleted since."""
+        s = self.applied_then(60.0, 1)
+        settled = s.resolve(take(s, 60.0), not_found(), 60.0)
+        assert (None, ["1"]) == (settled.fatal, [d.entry.key for d in settled.dead])
+        assert 1 == s.stats.contradictions
+
+    def test_applied_long_ago_is_no_contradiction(self) -> None:
+        """An ID applied longer ago than recent_s may well have been deleted: no count."""
+        s = self.applied_then(500.0, 1, 2, 3, recent_s=100.0, suspect_ttl_s=1000.0)
+        results = [s.resolve(take(s, 500.0), not_found(), 500.0) for _ in range(3)]
+        assert [None, None, None] == [r.fatal for r in results]
+        assert 0 == s.stats.contradictions
+
+    def test_a_genuine_unknown_breaks_the_run(self) -> None:
+        """A lone 404 on an ID nothing was known of ends the run of contradictions."""
+        s = self.applied_then(60.0, 1, 2, 3)
+        feed(s, 9, now=60.0)
+        order = [take(s, 60.0) for _ in range(4)]
+        assert ["1", "2", "3", "9"] == [b.keys[0] for b in order]
+        verdicts = [s.resolve(b, not_found(), 60.0) for b in (order[0], order[1], order[3])]
+        assert all(v.fatal is None for v in verdicts)
+        assert None is s.resolve(order[2], not_found(), 60.0).fatal
+
+    def test_zero_turns_the_guard_off(self) -> None:
+        """max_contradictions 0: counted, never stops."""
+        s = self.applied_then(60.0, 1, 2, 3, max_contradictions=0)
+        results = [s.resolve(take(s, 60.0), not_found(), 60.0) for _ in range(3)]
+        assert [None, None, None] == [r.fatal for r in results]
+        assert 3 == s.stats.contradictions
 
 
 class TestSchedulerFatal:

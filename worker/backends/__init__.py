@@ -62,6 +62,7 @@ SCHEMES: dict[str, str] = {
     "rediss": "redis",
     "postgresql": "postgres",
     "postgres": "postgres",
+    "kafka": "kafka",
 }
 """The one scheme table: URI scheme -> the package under :mod:`worker.backends` serving it."""
 
@@ -99,7 +100,7 @@ def open_source(uri: str, *, follow: bool = False, checkpoint: str | None = None
         uri,
         lambda backend: backend.open_source(uri, follow=follow, checkpoint=checkpoint),
         f"unsupported source {uri!r}: use jsonl:PATH, jsonl:- (stdin), sqlite:PATH,"
-        " redis://... or postgresql://...",
+        " redis://..., postgresql://... or kafka://...",
     )
 
 
@@ -108,8 +109,8 @@ def open_sink(uri: str) -> DeadLetterSink:
     return offered(
         uri,
         lambda backend: backend.open_sink(uri),
-        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, sqlite:PATH, redis://... or"
-        " postgresql://...",
+        f"unsupported dead-letter sink {uri!r}: use jsonl:PATH, sqlite:PATH, redis://...,"
+        " postgresql://... or kafka://...",
     )
 
 
@@ -119,7 +120,7 @@ def open_store(uri: str) -> DeadLetterStore:
         uri,
         lambda backend: backend.open_store(uri),
         f"unsupported dead-letter store {uri!r}: use the URI given to --dlq: jsonl:PATH,"
-        " sqlite:PATH, redis://...?stream=... or postgresql://...?table=...",
+        " sqlite:PATH, redis://...?stream=..., postgresql://...?table=... or kafka://HOST:PORT/TOPIC",
     )
 
 
@@ -128,5 +129,6 @@ def producer_for(uri: str) -> tuple[Init, Enqueue]:
     return offered(
         uri,
         lambda backend: backend.producer(),
-        f"unsupported input {uri!r}: use sqlite:PATH, redis://HOST:PORT/DB or postgresql://...",
+        f"unsupported input {uri!r}: use sqlite:PATH, redis://HOST:PORT/DB, postgresql://..."
+        " or kafka://HOST:PORT/TOPIC",
     )

@@ -16,10 +16,13 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from types import MappingProxyType, TracebackType
-from typing import NamedTuple, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Self, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
+
+if TYPE_CHECKING:
+    from worker.limiter import SharedRate
 
 # Re-exported: the inputs import them from here.
 from worker.errors import EnqueueStopped as EnqueueStopped
@@ -69,6 +72,11 @@ class AssignmentListener(Protocol):
         """These partitions are no longer read: forget the waiting changes of the contact IDs
         ``covers`` selects (unacknowledged: the next holder sends them); how many were
         forgotten. Requests already in flight still finish."""
+        ...
+
+    def ids_in_flight(self) -> int:
+        """Contact IDs with a request in flight now (retries waiting included): an input
+        whose group protocol lets it wait for them before giving partitions up asks this."""
         ...
 
 
@@ -234,6 +242,11 @@ class Source(abc.ABC):
         """Start the input's background work (lease keepers, listeners) in the engine's task
         group, after ``open``: a failure there ends the run with it, and nothing of it is left
         running after the run."""
+
+    def shared_rate(self) -> SharedRate | None:
+        """The account's rate schedule in the input's store, which replicas reading this
+        input share (Redis, PostgreSQL); None: this replica keeps its own."""
+        return None
 
     @abc.abstractmethod
     async def read(self) -> Sequence[Record] | HeldRecords | None:

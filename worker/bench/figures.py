@@ -15,6 +15,7 @@ from typing import Any
 from worker.bench.bounds import (
     INFERRED,
     PLAIN,
+    SPLITTING,
     binary_entropy,
     effective_rate,
     information_bound,
@@ -111,6 +112,10 @@ class Limits:
     bound_per_contact: float
     plain_halving_per_contact: float
     worker_halving_per_contact: float
+    """Halving that does not send the half known to hold a culprit (the worker before
+    generalized binary splitting)."""
+    splitting_per_contact: float
+    """Generalized binary splitting, as the worker does it now (worker.core.grouptest)."""
 
     @property
     def limit_s(self) -> float | None:
@@ -143,6 +148,7 @@ def limits_of(facts: InputFacts, variant: Variant) -> Limits:
         bound_per_contact=information_bound(n, p, size) / n if n else 0.0,
         plain_halving_per_contact=requests_per_contact(size, p, PLAIN),
         worker_halving_per_contact=requests_per_contact(size, p, INFERRED),
+        splitting_per_contact=requests_per_contact(size, p, SPLITTING),
     )
 
 
@@ -296,6 +302,17 @@ def goals_for(
     if time_goal and worker.get("time_ratio") is not None:
         out.append(
             goal("time / time the rate allows", variant.label, worker["time_ratio"], time_goal)
+        )
+    requests_goal = variant.run.requests_goal
+    if requests_goal and worker.get("contacts"):
+        floor = math.ceil(worker["contacts"] / variant.worker.batch_size)
+        out.append(
+            goal(
+                "requests / ceil(contacts / batch size)",
+                variant.label,
+                worker["requests"] / floor,
+                requests_goal,
+            )
         )
     model_goal = variant.run.model_goal
     if model_goal:

@@ -226,6 +226,16 @@ class Harness:
             run_dir / "worker-dead-letters.jsonl",
             variant.worker,
         )
+        warm = variant.worker.warm_runs
+        if warm:
+            state = run_dir / "state.db"
+            state.unlink(missing_ok=True)
+            command += ["--state", f"sqlite:{state}"]
+        for k in range(warm):  # the same input before: the measured run is a restart
+            warm_log = run_dir / f"worker-warm-{k + 1}.log"
+            label = f"{variant.label}: contact-worker, warm-up run {k + 1}"
+            ran = self._measure(label, variant, command, source, warm_log, total, timeout_s)
+            worker_summary(ran[0].process, warm_log)
         log = run_dir / "worker.log"
         measured = self._measure(
             f"{variant.label}: contact-worker",

@@ -2,7 +2,8 @@
 
 A worker drains a backlog as fast as the slowest of three limits allows:
 
-* the API's rate: ``requests / R`` (less what the full token bucket lets go at once);
+* the API's rate: ``(requests + 1) / R``: the worker's schedule has no burst (worker.core.rate),
+  and the start-up check is one request of them; the plan never counts on more than R a second;
 * latency: ``requests * (latency + overhead) / concurrency``, each sender waits for its answer;
 * CPU: one worker process is one core; ``changes * c_change + requests * c_request``.
 
@@ -15,9 +16,10 @@ slower than the reader (the rate binds), so the window fills. When they are not,
 fewer changes waiting: the reader yields to them once per slice of ``READ_SLICE`` changes,
 each sender completes at most one request per slice (fewer if its answer takes longer), so a
 share ``pace`` of the changes read goes out at once and ``N * pace`` updates are sent.
-Updates go in batches of ``B``; a batch holding an unknown ID is halved as
-``worker.core.split`` does (expected cost from :func:`worker.bench.bounds.expected_requests`);
-an unknown ID seen again is sent alone.
+Updates go in batches of ``B``; fresh IDs go in groups sized for the unknown share and a refused
+group is searched by generalized binary splitting as ``worker.core.grouptest`` says (expected
+cost from :func:`worker.bench.bounds.requests_per_contact`); an unknown ID seen again (within
+its TTL) is dead-lettered without a request, and an ID seen again that exists is known to.
 Transient errors (share ``e``) cost ``1 / (1 - e)`` attempts per request.
 """
 
@@ -27,7 +29,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.bench.bounds import effective_rate, expected_requests, information_bound
+from worker.bench.bounds import (
+    SPLITTING,
+    effective_rate,
+    information_bound,
+    requests_per_contact,
+)
 from worker.core.scheduler import DEFAULT_MAX_WAITING
 
 CPU_US_PER_CHANGE = 10.0
@@ -163,9 +170,9 @@ def sender_pace(inputs: PlanInputs, rate: float) -> float:
 def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
     """Updates sent again because their batch left before the rest of the backlog was read.
 
-    A full batch goes at once, also while the backlog is still being read: under a rate limit
-    the token bucket starts full, so requests go as fast as answers come back until it is
-    empty (the reader, busy decoding chunks, slows the answers down), then ``R`` a second. An
+    A full batch goes at once, also while the backlog is still being read, at most ``R`` a
+    second (the schedule has no burst: worker.core.rate), fewer when answers come back slower
+    (the reader, busy decoding chunks, slows them down). An
     ID whose batch left when a share ``f`` of the backlog was read goes again if it changes in
     the rest: with probability ``1 - e^(-m (1 - f))``, ``m`` its changes beyond the first.
     """
@@ -177,13 +184,16 @@ def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
     chunk_s = READ_CHUNK_CHANGES * inputs.read_us_per_change / 1e6
     round_trip = (inputs.latency_ms + inputs.overhead_ms) / 1000 + chunk_s / 2
     answers = inputs.concurrency / round_trip
-    per_batch = expected_requests(inputs.batch_size, inputs.unknown_share)
+    per_batch = inputs.batch_size * requests_per_contact(
+        inputs.batch_size, inputs.unknown_share, SPLITTING
+    )
     steps = 200
     dt = fill_s / steps
-    tokens, sent, again = rate, 0.0, 0.0
+    # No burst: what the schedule allows accumulates for one step at most.
+    tokens, sent, again = 1.0, 0.0, 0.0
     for step in range(1, steps + 1):
         f = step / steps
-        tokens = min(rate, tokens + rate * dt)
+        tokens = min(max(1.0, rate * dt), tokens + rate * dt)
         readable = contacts * -math.expm1(-changes * f / contacts) / inputs.batch_size - sent
         batches = max(0.0, min(answers * dt, tokens) / per_batch)
         batches = min(batches, max(0.0, readable))
@@ -196,15 +206,16 @@ def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
 def _requests(sends: float, distinct: float, inputs: PlanInputs, fill: float) -> tuple[float, ...]:
     """(new, isolation, retry) requests for ``sends`` updates to ``distinct`` IDs."""
     p = inputs.unknown_share
-    # An unknown ID is found once; seen again (within the suspect TTL) it goes alone.
-    alone = p * max(0.0, sends - distinct)
-    batched = sends - alone
-    batches = math.ceil(batched / fill) if batched > 0 else 0
-    share = min(1.0, p * distinct / batched) if batched > 0 else 0.0
+    # An ID is learnt at its first update: seen again (within the TTL) it is known to exist
+    # (and goes in full batches) or known missing (dead-lettered without a request).
+    fresh = min(sends, distinct)
+    known = (1.0 - p) * max(0.0, sends - distinct)
     size = max(1, round(fill))
-    per_batch = expected_requests(size, share) if batches else 0.0
-    new = float(batches + alone)
-    isolation = batches * max(0.0, per_batch - 1.0)
+    searched = fresh * requests_per_contact(size, p, SPLITTING) if fresh > 0 else 0.0
+    fresh_batches = math.ceil(fresh / fill) if fresh > 0 else 0
+    known_batches = math.ceil(known / fill) if known > 0 else 0
+    new = float(fresh_batches + known_batches)
+    isolation = max(0.0, searched - fresh_batches)
     retry = (new + isolation) * inputs.error_rate / (1.0 - inputs.error_rate)
     return new, isolation, retry
 
@@ -239,12 +250,10 @@ def _drain(inputs: PlanInputs, backlog: int, contacts: int, rate: float) -> _Dra
     new, isolation, retry = _requests(sends, contacts, inputs, inputs.batch_size)
     requests = new + isolation + retry
     per_request = (inputs.latency_ms + inputs.overhead_ms) / 1000
-    # The token bucket starts full, but the first requests of each sender wait for batches to
-    # form: measured, a drain gains (R - concurrency) / R seconds, not a whole second.
-    burst = max(0.0, rate - inputs.concurrency)
+    # No burst (worker.core.rate): every request, the start-up check's too, takes its slot.
     cpu_us = backlog * inputs.cpu_us_per_change + requests * inputs.cpu_us_per_request
     limits = {
-        "api_rate": max(0.0, requests - burst) / rate if rate else 0.0,
+        "api_rate": (requests + 1.0) / rate if rate else 0.0,
         "latency": requests * per_request / inputs.concurrency,
         "cpu": cpu_us / 1e6,
     }
@@ -305,6 +314,8 @@ def _steady(
     fill = min(float(inputs.batch_size), 1.0 + arrivals * inputs.linger_ms / 1000)
     new, isolation, retry = _requests(volume, volume, inputs, fill)
     per_hour = new + isolation + retry
+    if rate and per_hour > rate * 3600:  # never planned above R: the backlog grows instead
+        per_hour = rate * 3600
     return per_hour, (per_hour / 3600 / rate) if rate else None
 
 
@@ -326,7 +337,10 @@ def _replicas(
                 "fewer requests (batch size, --max-waiting) or a higher limit could"
             )
         count = max(1, math.ceil(max(limits["latency"], limits["cpu"]) / budget))
-        return count, f"{count} worker(s), IDs partitioned by hash, --rate {rate / count:g} each"
+        return count, (
+            f"{count} worker(s), IDs partitioned by hash, sharing --rate {rate:g} through"
+            " their redis:// or postgresql:// input"
+        )
     if volume <= 0 or capacity <= 0:
         return 1, "nothing to drain"
     if volume <= capacity:

@@ -9,7 +9,12 @@ import math
 import sys
 from typing import Any
 
-from worker.bench.bounds import best_batch_size
+from worker.bench.bounds import (
+    INFERRED,
+    SPLITTING,
+    binary_entropy,
+    requests_per_contact,
+)
 from worker.bench.model import (
     CPU_US_PER_CHANGE,
     CPU_US_PER_REQUEST,
@@ -18,6 +23,7 @@ from worker.bench.model import (
     PlanInputs,
     plan,
 )
+from worker.core.grouptest import group_size
 from worker.core.scheduler import DEFAULT_MAX_WAITING
 
 
@@ -208,8 +214,27 @@ def render(result: Plan) -> str:
             )
         )
     if i.unknown_share > 0:
-        best = best_batch_size(i.unknown_share)
-        rows.append(("batch size", f"{best} needs the fewest requests per contact at this share"))
+        p, size = i.unknown_share, i.batch_size
+        bound = max(1 / size, binary_entropy(p))
+        splitting = requests_per_contact(size, p, SPLITTING)
+        halving = requests_per_contact(size, p, INFERRED)
+        rows.append(
+            (
+                "unknown IDs",
+                f"fresh IDs go in groups of {group_size(p, size)} (generalized binary splitting):"
+                f" {splitting:.4f} requests per contact, {splitting / bound:.2f}x the information"
+                f" bound (halving whole batches: {halving / bound:.2f}x); an ID seen again is"
+                " known (full batches if it exists, no request if it is missing)",
+            )
+        )
+        if size < 100 and group_size(p, 1000) > size:
+            rows.append(
+                (
+                    "batch size",
+                    f"a larger batch size lets fresh IDs go in groups of {group_size(p, 1000)}:"
+                    " fewer requests per contact",
+                )
+            )
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 

@@ -4,8 +4,9 @@ No network, no clock: the real :class:`worker.core.scheduler.Scheduler` gets the
 changes as fast as it has room for them (a reader always ahead of the senders, as under a rate
 limit), and each request it hands out is answered at once: 404 if it holds an unknown ID, else
 204. That gives the requests the worker's decisions need for this very input, free of timing;
-and, for the same first batches, what plain halving would have spent (both halves of a refused
-batch sent), counted with :func:`worker.bench.bounds.halving_requests`.
+and, for comparison, what plain halving would have spent on the same contacts in full batches
+of ``B`` (both halves of a refused batch sent; each distinct ID once, in the order it first
+came), counted with :func:`worker.bench.bounds.halving_requests`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.bench.bounds import INFERRED, PLAIN, halving_requests
+from worker.bench.bounds import PLAIN, halving_requests
 from worker.core.batch import Batch, BatchLimits, Purpose
 from worker.core.change import Change, decode
 from worker.core.classify import Action, Verdict
@@ -32,9 +33,10 @@ class Replay:
     new_batches: int
     refused_batches: int
     isolation_requests: int
-    suspect_requests: int
+    known_missing: int
+    """Changes dead-lettered without a request: their IDs were known missing."""
     plain_halving_requests: int
-    """The same run had refused batches been halved plainly (suspects as they were)."""
+    """Plain halving of the distinct IDs in full batches of B, in the order they first came."""
     contacts: int
 
     @property
@@ -67,7 +69,8 @@ def replay(
     scheduler = Scheduler(SchedulerSettings(limits=limits, max_waiting=max_waiting), lambda: 0.5)
     changes = (item for n, line in enumerate(lines) if type(item := decode(line, n)) is Change)
     distinct: set[str] = set()
-    requests = new = refused = suspects = plain_extra = 0
+    requests = new = refused = 0
+    order: list[str] = []
     pending = True
     while True:
         while pending and scheduler.has_room:
@@ -76,7 +79,9 @@ def replay(
                 pending = False
                 scheduler.draining = True
                 break
-            distinct.add(change.key)
+            if change.key not in distinct:
+                distinct.add(change.key)
+                order.append(change.key)
             scheduler.add(change, 0.0)
         batch = scheduler.next_batch(0.0)
         if not isinstance(batch, Batch):
@@ -91,21 +96,19 @@ def replay(
         unknown = [not is_known(key) for key in batch.keys]
         if batch.purpose is Purpose.NEW:
             new += 1
-            if any(unknown):
-                refused += 1
-                plain_extra += halving_requests(unknown, PLAIN) - halving_requests(
-                    unknown, INFERRED
-                )
-        elif batch.purpose is Purpose.SUSPECT:
-            suspects += 1
+            refused += any(unknown)
         scheduler.resolve(batch, NOT_FOUND if any(unknown) else APPLIED, 0.0)
-    isolation = requests - new - suspects
+    flags = [not is_known(key) for key in order]
+    plain = sum(
+        halving_requests(flags[start : start + batch_size], PLAIN)
+        for start in range(0, len(flags), batch_size)
+    )
     return Replay(
         requests=requests,
         new_batches=new,
         refused_batches=refused,
-        isolation_requests=isolation,
-        suspect_requests=suspects,
-        plain_halving_requests=requests + plain_extra,
+        isolation_requests=requests - new,
+        known_missing=scheduler.stats.known_missing,
+        plain_halving_requests=plain,
         contacts=len(distinct),
     )

@@ -193,6 +193,7 @@ def _isolation(variants: Sequence[Mapping[str, Any]]) -> str | None:
             f"{bound:.4f}",
             versus(limits["plain_halving_per_contact"]),
             versus(limits["worker_halving_per_contact"]),
+            versus(limits.get("splitting_per_contact")),
             versus(v["replay"]["plain_per_contact"]) if "replay" in v else "-",
             versus(v["replay"]["per_contact"]) if "replay" in v else "-",
             versus(v["worker"]["requests_per_contact"]),
@@ -214,7 +215,8 @@ def _isolation(variants: Sequence[Mapping[str, Any]]) -> str | None:
         "batch B",
         "bound max(1/B, H(p))",
         "plain halving (expected)",
-        "worker's halving (expected)",
+        "halving, known-bad half not sent (expected)",
+        "generalized binary splitting (expected)",
         "plain halving (replayed)",
         "worker's core (replayed)",
         "contact-worker (measured)",
@@ -280,12 +282,15 @@ def markdown(data: Mapping[str, Any], charts: Sequence[tuple[str, str]], chart_n
         parts += ["## Finding unknown IDs: requests per contact against the information bound", ""]
         parts += [isolation, ""]
         parts += [
-            "Expected figures are exact for independent unknown IDs in full batches of B: "
-            "plain halving sends both halves of a refused batch; the worker's halving does not "
-            "send the second half when the first was applied (it must hold the culprit). "
-            "Replayed: this input through the worker's pure core (worker.core.scheduler) "
-            "against a pure model of the API, all of it read before sending (no timing), and "
-            "the same first batches halved plainly. Measured: every request of the real run.",
+            "Expected figures are exact for independent unknown IDs, each sent once: plain "
+            "halving sends both halves of a refused batch of B; the halving the worker did "
+            "before does not send the second half when the first was applied (it must hold "
+            "the culprit); generalized binary splitting, what it does now, sends fresh IDs in "
+            "groups sized for the unknown share and returns the second half of a refused half "
+            "to the fresh IDs. Replayed: this input through the worker's pure core "
+            "(worker.core.scheduler) against a pure model of the API, all of it read before "
+            "sending (no timing; IDs seen again are known), and its distinct IDs halved "
+            "plainly in full batches. Measured: every request of the real run.",
             "",
         ]
     parts += ["## The capacity model (`contact-worker plan`) against the measured runs", ""]

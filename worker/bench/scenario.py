@@ -88,6 +88,10 @@ class WorkerConfig:
     request_timeout_s: float = 30.0
     max_waiting: int = DEFAULT_MAX_WAITING
     suspect_ttl_s: float = 900.0
+    warm_runs: int = 0
+    """Runs of the worker over the same input before the measured one, each a process of its
+    own, the ID knowledge kept between them in a SQLite file (``--state``): the measured run is
+    then a restart over recurring IDs. 0: none, ``--state memory``."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,9 @@ class RunConfig:
     """Goal for the worker's time over the time the rate allows (e.g. 1.111); 0: none."""
     model_goal: float = 0.15
     """Goal for the capacity model's relative error (drain time, requests); 0: none."""
+    requests_goal: float = 0.0
+    """Goal for the worker's requests over ceil(contacts / batch size), e.g. 1.1 for a run over
+    recurring IDs; 0: none."""
 
 
 @dataclass(frozen=True)
@@ -257,9 +264,15 @@ CHECKS: dict[str, dict[str, Callable[[object], Any]]] = {
         "request_timeout_s": _positive_float,
         "max_waiting": _int(1),
         "suspect_ttl_s": _float(0.0),
+        "warm_runs": _int(0),
     },
     "baselines": {"kinds": _kinds, "max_changes": _max_changes},
-    "run": {"timeout_s": _float(0.0), "time_goal": _float(0.0), "model_goal": _float(0.0)},
+    "run": {
+        "timeout_s": _float(0.0),
+        "time_goal": _float(0.0),
+        "model_goal": _float(0.0),
+        "requests_goal": _float(0.0),
+    },
 }
 
 TOP_LEVEL = ("name", "description", "sweep", "variants", *SECTIONS)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_RETRY_AFTER_S = 3600.0
-"""A server asking for more than an hour is taken to mean an hour: we check back then."""
+MAX_RETRY_AFTER_S = 300.0
+"""The default of ``--max-retry-after``: a server asking for more than five minutes is taken
+to mean five minutes (we check back then; a longer wish comes again with the next 429)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +15,8 @@ class Backoff:
 
     base_s: float = 0.1
     cap_s: float = 30.0
+    max_retry_after_s: float = MAX_RETRY_AFTER_S
+    """The longest ``Retry-After`` honoured (--max-retry-after); a longer one is capped."""
 
     def delay(self, attempt: int, rand: float, retry_after_s: float | None = None) -> float:
         """Seconds to wait before attempt ``attempt`` (1 = the first retry)."""
@@ -22,7 +25,7 @@ class Backoff:
         if retry_after_s is None:
             return jittered
         # The server's wish is a floor; a little jitter keeps many senders from waking together.
-        return min(retry_after_s, MAX_RETRY_AFTER_S) + rand * self.base_s
+        return min(retry_after_s, self.max_retry_after_s) + rand * self.base_s
 
 
 RECONNECT_BACKOFF = Backoff(base_s=0.1, cap_s=5.0)

@@ -53,15 +53,14 @@ class Batch:
     """How many times in a row ``last_answer`` came for this (lone) batch."""
     last_answer: tuple[int | None, str | None] | None = None
     """The last (status, error code) with an undocumented code, while confirming it."""
+    encoded: bytes | None = field(default=None, repr=False)
+    """The body, once encoded (by :func:`fill`, or by the first :meth:`body`)."""
 
     def body(self) -> bytes:
-        """The JSON array to PATCH."""
-        parts = []
-        for entry in self.entries:
-            if entry.encoded is None:
-                entry.encoded = orjson.dumps(entry.body)
-            parts.append(entry.encoded)
-        return b"[" + b",".join(parts) + b"]"
+        """The JSON array to PATCH, encoded once (an entry in flight never changes)."""
+        if self.encoded is None:
+            self.encoded = orjson.dumps([entry.body for entry in self.entries])
+        return self.encoded
 
     @property
     def keys(self) -> list[str]:
@@ -85,23 +84,31 @@ def flush_due(
     return True if due <= now else due
 
 
-def fill(coalescer: Coalescer, ceiling: int, max_bytes: int) -> tuple[list[Entry], int]:
+def fitting_prefix(entries: list[Entry], max_bytes: int) -> int:
+    """How many of ``entries``, from the first, make a body of at most ``max_bytes`` (at
+    least one, however large: the API is the judge of what it accepts)."""
+    size, keep = 1, 0  # the brackets, less the first comma that is not written
+    for entry in entries:
+        grown = size + len(orjson.dumps(entry.body)) + 1
+        if keep and grown > max_bytes:
+            break
+        keep, size = keep + 1, grown
+    return keep
+
+
+def fill(coalescer: Coalescer, ceiling: int, max_bytes: int) -> tuple[list[Entry], bytes]:
     """Take ready entries, oldest first, up to ``ceiling`` entries and ``max_bytes`` of body.
 
-    Returns the entries and the body size. One entry always goes, however large: the API is
-    the judge of what it accepts (413 makes it a culprit).
+    Returns the entries and their body, encoded in one call. One entry always goes, however
+    large: the API is the judge of what it accepts (413 makes it a culprit). When the body of
+    ``ceiling`` entries is over ``max_bytes``, the longest prefix that fits goes and the rest
+    is given back, ready again in its place.
     """
-    taken: list[Entry] = []
-    size = 1  # the brackets, less the first comma that is not written
-    while len(taken) < ceiling:
-        entry = coalescer.peek()
-        if entry is None:
-            break
-        if entry.encoded is None:
-            entry.encoded = orjson.dumps(entry.body)
-        grown = size + len(entry.encoded) + 1
-        if taken and grown > max_bytes:
-            break
-        taken.append(coalescer.pop())
-        size = grown
-    return taken, size
+    taken = coalescer.pop_many(ceiling)
+    body = orjson.dumps([entry.body for entry in taken])
+    if len(body) <= max_bytes or len(taken) <= 1:
+        return taken, body
+    keep = fitting_prefix(taken, max_bytes)
+    coalescer.give_back(taken[keep:])
+    kept = taken[:keep]
+    return kept, orjson.dumps([entry.body for entry in kept])

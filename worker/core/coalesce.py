@@ -5,10 +5,10 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from worker.core.change import Change
+from worker.core.change import Change, Decoded
 
 Covers = Callable[[str], bool]
 """Which contact IDs a hold covers (None in its place: every ID)."""
@@ -25,7 +25,6 @@ class Entry:
     """Arrival number of the oldest change merged here: the fairness order."""
     since: float
     """Arrival time of the oldest change merged here: what linger is measured from."""
-    encoded: bytes | None = field(default=None, repr=False)
 
 
 class Coalescer:
@@ -55,22 +54,30 @@ class Coalescer:
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change; later values win over earlier ones of the same ID."""
-        key = change.key
-        entry = self._waiting.get(key)
-        self.changes_waiting += 1
-        if entry is not None:
-            entry.body.update(change.fields)
-            entry.tokens.append(change.token)
-            entry.encoded = None
-            self.coalesced += 1
-            return
-        self._seq += 1
-        self._waiting[key] = Entry(key, change.fields, [change.token], self._seq, now)
-        if key not in self._in_flight:
-            if self._holds and self.is_held(key):
-                self._held.add(key)
-            else:
-                self._fresh.append(key)
+        self.add_all([(change.key, change.fields, change.token)], now)
+
+    def add_all(self, changes: list[Decoded], now: float) -> None:
+        """Take valid changes in source order; later values win over earlier ones of the
+        same ID. One loop for many: the engine's hot path."""
+        waiting, in_flight, fresh = self._waiting, self._in_flight, self._fresh
+        holds, seq, merged = self._holds, self._seq, 0
+        for key, fields, token in changes:
+            entry = waiting.get(key)
+            if entry is not None:
+                entry.body.update(fields)
+                entry.tokens.append(token)
+                merged += 1
+                continue
+            seq += 1
+            waiting[key] = Entry(key, fields, [token], seq, now)
+            if key not in in_flight:
+                if holds and self.is_held(key):
+                    self._held.add(key)
+                else:
+                    fresh.append(key)
+        self._seq = seq
+        self.coalesced += merged
+        self.changes_waiting += len(changes)
 
     @property
     def ready_count(self) -> int:
@@ -111,6 +118,34 @@ class Coalescer:
         self._in_flight.add(key)
         self.changes_waiting -= len(entry.tokens)
         return entry
+
+    def give_back(self, entries: list[Entry]) -> None:
+        """Entries just popped and not sent after all: waiting and ready again, in the place
+        their oldest change gives them (nothing can have merged into their IDs meanwhile)."""
+        for entry in entries:
+            key = entry.key
+            self._in_flight.discard(key)
+            self._waiting[key] = entry
+            self.changes_waiting += len(entry.tokens)
+            heapq.heappush(self._again, (entry.seq, key))
+
+    def pop_many(self, count: int) -> list[Entry]:
+        """Take the ``count`` oldest ready entries (at most :attr:`ready_count`), as
+        :meth:`pop` would one by one: the batcher's hot path."""
+        fresh, again, waiting, in_flight = self._fresh, self._again, self._waiting, self._in_flight
+        taken: list[Entry] = []
+        append, changes = taken.append, 0
+        for _ in range(min(count, len(fresh) + len(again))):
+            if again and not (fresh and waiting[fresh[0]].seq < again[0][0]):
+                key = heapq.heappop(again)[1]
+            else:
+                key = fresh.popleft()
+            entry = waiting.pop(key)
+            in_flight.add(key)
+            changes += len(entry.tokens)
+            append(entry)
+        self.changes_waiting -= changes
+        return taken
 
     def release(self, key: str) -> None:
         """The request holding ``key`` ended (applied or dead-lettered): newer changes may go."""

@@ -14,11 +14,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from worker.core.backoff import MAX_RETRY_AFTER_S, Backoff
-from worker.core.batch import Batch, BatchLimits, Purpose, fill, flush_due
-from worker.core.change import Change
+import orjson
+
+from worker.core.backoff import Backoff
+from worker.core.batch import Batch, BatchLimits, Purpose, fitting_prefix, flush_due
+from worker.core.change import Change, Decoded
 from worker.core.classify import Action, Verdict
 from worker.core.coalesce import Coalescer, Covers, Entry
+from worker.core.grouptest import UnknownShare, group_size
+from worker.core.knowledge import Fact, IdKnowledge, Known
 from worker.core.split import DeadLetter, culprit, halves, release_held, split_known_bad
 
 DEFAULT_MAX_WAITING = 200_000
@@ -52,8 +56,9 @@ class SchedulerSettings:
     max_waiting: int = DEFAULT_MAX_WAITING
     """Changes held before the source is slowed down."""
     suspect_ttl_s: float = 900.0
-    """How long an ID found missing is sent alone."""
-    max_suspects: int = 100_000
+    """How long what the API said about an ID (it exists, it is missing) is remembered."""
+    max_suspects: int = 200_000
+    """The most IDs remembered of each kind (exists, missing): the oldest go first."""
     max_retries: int = 0
     """Transient failures of one request before giving up (fatal); 0 = never give up."""
     confirm_tries: int = 3
@@ -63,6 +68,12 @@ class SchedulerSettings:
     max_not_found_run: int = 10
     """Lone contacts answered 404 in a row, with no request applied in between, at which the
     404s are taken for a wrong URL or a wrong account and sending stops (0 = never)."""
+    max_contradictions: int = 3
+    """Lone 404s in a row on IDs the API applied within ``recent_s`` at which the 404s are
+    taken for answers not about IDs (a wrong account behind the URL) and sending stops
+    (0 = never)."""
+    recent_s: float = 3600.0
+    """How recently an ID must have been applied for a lone 404 on it to contradict."""
     timeout_grace_s: float = 60.0
     """After a request was abandoned (timeout, connection lost after sending) the API may
     still apply it: its IDs take no newer values until this long after it was abandoned."""
@@ -173,6 +184,10 @@ class SchedulerStats:
     """Lone changes re-sent to confirm an answer with an undocumented error code."""
     fenced: int = 0
     """IDs held back from newer values after a request of theirs was abandoned."""
+    known_missing: int = 0
+    """Entries dead-lettered without a request: their IDs were known missing."""
+    contradictions: int = 0
+    """Lone 404s on IDs the API had applied recently."""
 
     @property
     def isolation_requests(self) -> int:
@@ -208,10 +223,22 @@ class Scheduler:
         self._delayed: list[tuple[float, int, Batch]] = []
         self._outstanding = 0
         self._numbers = 0
-        self._suspects: dict[str, float] = {}
+        self.knowledge = IdKnowledge(self.settings.suspect_ttl_s, self.settings.max_suspects)
+        """What the API said about IDs: batches are composed from it."""
+        self.unknown_share = UnknownShare()
+        """The share of fresh IDs found missing: it sizes their groups."""
+        self._fresh: deque[Entry] = deque()
+        """Taken from the coalescer (or returned by a search) and not sent yet: IDs nothing is
+        known about. They go in groups sized for the unknown share."""
+        self._existing: deque[Entry] = deque()
+        """Taken and not sent yet: IDs known to exist. They go together."""
+        self._known_missing: list[DeadLetter] = []
+        """IDs known missing, dead-lettered without a request (by :meth:`settle_due`)."""
         self._unconfirmed: list[tuple[DeadLetter, float | None]] = []
         self._lone_run = 0
         """Lone verdicts since the last applied request, written or not: the run."""
+        self._contradiction_run = 0
+        """Lone 404s in a row that contradicted what was known (the ID was applied lately)."""
         """Lone 404s since the last applied request: dead-lettered once a 2xx shows the API
         answers (or nothing is left to send), dropped unwritten if the run turns fatal."""
         self._fences: list[tuple[float, str]] = []
@@ -227,10 +254,15 @@ class Scheduler:
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change from the source."""
-        self.stats.changes += 1
+        self.add_all([(change.key, change.fields, change.token)], now)
+
+    def add_all(self, changes: list[Decoded], now: float) -> None:
+        """Take valid changes from the source, in its order."""
+        self.stats.changes += len(changes)
         if self._replays:
-            self._count_replayed(change.key)
-        self.coalescer.add(change, now)
+            for key, _, _ in changes:
+                self._count_replayed(key)
+        self.coalescer.add_all(changes, now)
 
     @property
     def has_room(self) -> bool:
@@ -256,6 +288,9 @@ class Scheduler:
             and not self._delayed
             and not self._unconfirmed
             and not self._lifted
+            and not self._fresh
+            and not self._existing
+            and not self._known_missing
             and not any(entry is not None for entry in self._fenced.values())
         )
 
@@ -307,13 +342,17 @@ class Scheduler:
             if held_until is not None:
                 return self._sooner(held_until, fence_due)
         due = flush_due(self.coalescer, self.settings.limits, self.ceiling, now, hurry)
+        if due is None and (self._fresh or self._existing):
+            due = True  # nothing more to wait for: what was taken goes now
+        elif due is not True and self._group_full():
+            due = True
         if due is True:
             batch = self._form(now)
             if batch is not None:
                 return self._hand_out(batch)
-            if self._urgent:  # everything ready was a suspect, now queued alone
-                return self._hand_out(self._urgent.popleft())
             due = None
+        if self._known_missing:
+            return now  # dead letters to settle: ask again at once
         return self._sooner(None if due is True else due, fence_due)
 
     def _sooner(self, wake: float | None, fence_due: float | None) -> float | None:
@@ -387,9 +426,13 @@ class Scheduler:
         if self._lifted:
             settled = Settled(applied=self._lifted)
             self._lifted = []
+        if self._known_missing:
+            settled = settled or Settled()
+            known, self._known_missing = self._known_missing, []
+            self._dead(known, now, settled, learn=False)
         if not self._unconfirmed or self.fatal is not None:
             return settled
-        if self._outstanding or self._urgent or self._delayed:
+        if self._outstanding or self._urgent or self._delayed or self._fresh or self._existing:
             return settled
         if self.coalescer.ready_count or self.coalescer.ids_held:
             return settled
@@ -406,29 +449,61 @@ class Scheduler:
         self._numbers += 1
         return self._numbers
 
-    def _is_suspect(self, key: str, now: float) -> bool:
-        until = self._suspects.get(key)
-        if until is None:
-            return False
-        if until > now:
-            return True
-        del self._suspects[key]
-        return False
+    @property
+    def group(self) -> int:
+        """How many fresh IDs go in one request now: Hwang's size for the unknown share."""
+        return group_size(self.unknown_share.share, self.ceiling)
+
+    def _group_full(self) -> bool:
+        return len(self._existing) >= self.ceiling or len(self._fresh) >= self.group
 
     def _form(self, now: float) -> Batch | None:
-        limits = self.settings.limits
-        entries, _ = fill(self.coalescer, self.ceiling, limits.max_bytes)
-        if self._suspects:
-            kept = []
-            for entry in entries:
-                if self._is_suspect(entry.key, now):
-                    self._urgent.append(Batch([entry], self._number(), Purpose.SUSPECT))
+        """Sort ready entries by what is known of their IDs, then pack one request: a full
+        group of IDs known to exist, else a group of fresh IDs topped up with IDs known to
+        exist, else what there is."""
+        coalescer, lookup = self.coalescer, self.knowledge.lookup
+        fresh_ids, existing_ids = self._fresh, self._existing
+        while not self._group_full():
+            # As many as neither pool can overflow with, in one take.
+            room = min(self.ceiling - len(existing_ids), self.group - len(fresh_ids))
+            taken = coalescer.pop_many(room)
+            if not taken:
+                break
+            for entry in taken:
+                fact = lookup(entry.key, now)
+                if fact is None:
+                    fresh_ids.append(entry)
+                elif fact.known is Known.EXISTS:
+                    existing_ids.append(entry)
                 else:
-                    kept.append(entry)
-            entries = kept
+                    self._known_missing.append(self._known_missing_letter(entry, fact, now))
+                    self.stats.known_missing += 1
+        limit = self.ceiling
+        if len(self._existing) >= limit or not self._fresh:
+            entries, fresh = _take(self._existing, limit), 0
+        else:
+            entries = _take(self._fresh, self.group)
+            fresh = len(entries)
+            entries += _take(self._existing, limit - fresh)
         if not entries:
             return None
-        return Batch(entries, self._number())
+        body = orjson.dumps([entry.body for entry in entries])
+        max_bytes = self.settings.limits.max_bytes
+        if len(body) > max_bytes and len(entries) > 1:
+            keep = fitting_prefix(entries, max_bytes)
+            for index in range(len(entries) - 1, keep - 1, -1):  # back in front, in order
+                (self._fresh if index < fresh else self._existing).appendleft(entries[index])
+            entries = entries[:keep]
+            body = orjson.dumps([entry.body for entry in entries])
+        return Batch(entries, self._number(), encoded=body)
+
+    def _known_missing_letter(self, entry: Entry, fact: Fact, now: float) -> DeadLetter:
+        ago_s = max(0.0, now - fact.learnt_at)
+        detail = (
+            f"found missing by the API {ago_s:.0f} s ago (an earlier 404 on it alone);"
+            " not sent again while that is remembered (--suspect-ttl)"
+        )
+        return DeadLetter(entry, "not_found", 404, "404", detail)
 
     # -- outcomes --------------------------------------------------------------------------
 
@@ -444,7 +519,7 @@ class Scheduler:
             self._lone_run = 0
             if self._unconfirmed:
                 self._confirm_lone(now, settled)
-            self._applied(batch.entries, settled, self._fence_until(batch))
+            self._applied(batch.entries, now, settled, self._fence_until(batch))
             if batch.held is not None:
                 held = release_held(batch)
                 assert held is not None and held.failure is not None
@@ -492,15 +567,23 @@ class Scheduler:
         return False
 
     def _applied(
-        self, entries: list[Entry], settled: Settled, fence_until: float | None = None
+        self,
+        entries: list[Entry],
+        now: float,
+        settled: Settled,
+        fence_until: float | None = None,
     ) -> None:
-        stats = self.stats
+        stats, knowledge = self.stats, self.knowledge
+        fresh = 0
         for entry in entries:
             if self._release(entry.key, fence_until, entry):
                 settled.applied.append(entry)
             stats.changes_applied += len(entry.tokens)
-            if self._suspects:
-                self._suspects.pop(entry.key, None)
+            fact = knowledge.peek(entry.key, now)
+            if fact is None or fact.known is not Known.EXISTS:
+                fresh += 1
+            knowledge.learn(entry.key, Known.EXISTS, now)
+        self.unknown_share.observe(fresh, 0)
         stats.contacts_applied += len(entries)
 
     def _dead(
@@ -509,23 +592,19 @@ class Scheduler:
         now: float,
         settled: Settled,
         fence_until: float | None = None,
+        *,
+        learn: bool = True,
     ) -> None:
+        """Dead-letter ``letters``; ``learn``: they are the API's answers (not knowledge)."""
         for letter in letters:
             key = letter.entry.key
             self._release(key, fence_until)
             self.stats.dead_letters[letter.reason] += len(letter.entry.tokens)
             self.stats.dead_entries[letter.reason] += 1
-            if letter.reason == "not_found":
-                self._remember_missing(key, now)
+            if learn and letter.reason == "not_found":
+                self.knowledge.learn(key, Known.MISSING, now)
+                self.unknown_share.observe(1, 1)
         settled.dead.extend(letters)
-
-    def _remember_missing(self, key: str, now: float) -> None:
-        suspects = self._suspects
-        suspects.pop(key, None)
-        suspects[key] = now + self.settings.suspect_ttl_s
-        if len(suspects) > self.settings.max_suspects:
-            # Insertion order is expiry order: the first one is the oldest memory.
-            del suspects[next(iter(suspects))]
 
     def _known_bad(
         self,
@@ -554,12 +633,32 @@ class Scheduler:
     def _lone_not_found(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
         """A lone contact answered 404: held for a 2xx that shows the API answers for real.
 
-        An ID already found missing (sent alone as a suspect) was proven missing by an
-        earlier, confirmed answer: dead at once, and no part of a run."""
+        A 404 on an ID the API applied within ``recent_s`` contradicts "unknown ID" (the
+        contact may have been deleted since, so it counts, it does not stop); such
+        contradictions ``max_contradictions`` times in a row stop sending, as any 404 that is
+        not about IDs does, with nothing dead-lettered on their account."""
         letter = culprit(batch.entries[0], verdict)
-        if batch.purpose is Purpose.SUSPECT:
-            self._dead([letter], now, settled, self._fence_until(batch))
-            return
+        fact = self.knowledge.peek(letter.entry.key, now)
+        if (
+            fact is None
+            or fact.known is not Known.EXISTS
+            or now - fact.learnt_at > self.settings.recent_s
+        ):
+            self._contradiction_run = 0
+        else:
+            self.stats.contradictions += 1
+            self._contradiction_run += 1
+            limit = self.settings.max_contradictions
+            if limit and self._contradiction_run >= limit:
+                detail = (
+                    f"{self._contradiction_run} lone contacts in a row answered 404 although"
+                    " the API applied each of them lately: taken for answers not about IDs"
+                    " (a wrong --api-url or account), not for deleted contacts (if they are,"
+                    f" raise --max-contradictions or set it to 0); last: {verdict.describe()}"
+                )
+                self.fatal = Verdict(Action.FOREIGN, verdict.status, verdict.error, detail)
+                settled.fatal = self.fatal
+                return
         self._hold_lone(letter, batch, verdict, now, settled)
 
     def _hold_lone(
@@ -623,9 +722,16 @@ class Scheduler:
         self._urgent.extendleft(reversed(parts))
 
     def _release_held(self, batch: Batch) -> None:
+        """The held half of a refused part: nothing was learnt about it. It returns to the
+        fresh IDs, to ride in their next group (Hwang's generalized binary splitting), unless
+        a request of its was abandoned: then it is sent as it is, keeping its fence."""
         held = release_held(batch)
-        if held is not None:
-            held.failure = None
+        if held is None:
+            return
+        held.failure = None
+        if held.abandoned_at is None:
+            self._fresh.extendleft(reversed(held.entries))
+        else:
             self._push_urgent([held])
 
     def _retry(self, batch: Batch, verdict: Verdict, now: float, settled: Settled) -> None:
@@ -641,7 +747,7 @@ class Scheduler:
             return
         delay = self.settings.backoff.delay(batch.attempt, self._rand(), verdict.retry_after_s)
         if verdict.retry_after_s is not None:
-            wait = min(verdict.retry_after_s, MAX_RETRY_AFTER_S)
+            wait = min(verdict.retry_after_s, self.settings.backoff.max_retry_after_s)
             self.paused_until = max(self.paused_until, now + wait)
         batch.not_before = now + delay
         heapq.heappush(self._delayed, (batch.not_before, batch.number, batch))
@@ -702,3 +808,8 @@ class Scheduler:
         for replay in self._replays.values():
             if replay.covers is None or replay.covers(key):
                 replay.changes += 1
+
+
+def _take(pool: deque[Entry], limit: int) -> list[Entry]:
+    """Up to ``limit`` entries from the front of ``pool``."""
+    return [pool.popleft() for _ in range(min(limit, len(pool)))]

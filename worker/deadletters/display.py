@@ -117,6 +117,13 @@ def print_warnings(console: Console, report: ReplayReport) -> None:
         console.print(f"warning: {ORDER_WARNING}", highlight=False)
     if report.error:
         console.print(f"stopped early: {report.error}", highlight=False)
+    if report.knowledge_error:
+        console.print(
+            f"the input's ID knowledge could not forget the IDs replayed: {report.knowledge_error};"
+            " a worker dead-letters them again at once while it remembers them missing"
+            " (--suspect-ttl), or until `contact-worker state clear`",
+            highlight=False,
+        )
     if report.unmarked:
         console.print(
             f"{_n(report.unmarked)} changes were written to {report.target} but not marked:"

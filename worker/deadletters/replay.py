@@ -18,9 +18,12 @@ from typing import Any
 import orjson
 
 from worker.backends.base import EnqueueStopped, SourceError
+from worker.core.change import key_of
 from worker.deadletters.plan import Planner, ReplayCounts
 from worker.deadletters.store import PAGE, DeadLetterStore, StoreError
 from worker.deadletters.targets import Target
+from worker.knowledge.base import KnowledgeError
+from worker.knowledge.open import forget_ids
 
 ORDER_WARNING = (
     "a replayed change is sent as it was when it failed: if a newer change to the same contact"
@@ -46,6 +49,10 @@ class ReplayReport:
     error: str | None = None
     """What stopped the replay before the end, if anything."""
     unmarked: int = 0
+    knowledge_forgotten: int | None = None
+    """Facts the input's ID knowledge dropped for the IDs replayed ``not_found`` (None: the
+    input keeps none), so that their changes are sent, not dead-lettered again at once."""
+    knowledge_error: str | None = None
     """Changes written to the input whose letters could not be marked: sent again next time."""
 
     @property
@@ -63,6 +70,8 @@ class ReplayReport:
             **self.counts.to_json(),
             "error": self.error,
             "unmarked": self.unmarked,
+            "knowledge_forgotten": self.knowledge_forgotten,
+            "knowledge_error": self.knowledge_error,
             "warning": ORDER_WARNING if self.replayed else None,
         }
 
@@ -87,6 +96,7 @@ async def replay(
         atomic = not dry_run and store.holds_input(target.uri)
         report = ReplayReport(store.name, target.display, dry_run, atomic, planner.counts)
         replayed = report.counts.replayed
+        missing: list[str] = []
         while True:
             try:
                 page = await store.read(page_size)
@@ -126,6 +136,21 @@ async def replay(
                     report.unmarked = len(keys)
                     break
             replayed.update(c.reason for c in chosen)
+            missing += [key for c in chosen if c.reason == "not_found" and (key := _id(c.line))]
+        if missing:
+            try:
+                report.knowledge_forgotten = await forget_ids(target.uri, missing)
+            except KnowledgeError as exc:
+                report.knowledge_error = str(exc)
         return report
     finally:
         await store.close()
+
+
+def _id(line: bytes) -> str | None:
+    """The contact ID (its coalescing key) of a replayed change."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return key_of(obj.get("ID")) if type(obj) is dict else None

@@ -205,6 +205,7 @@ class EngineCollector(Collector):
             dict(s.dead_letters) | {"invalid": e.invalid},
         )
         yield _counter("retries", "Requests that failed transiently and will be retried", s.retries)
+        yield from _knowledge(engine)
         yield _counter(
             "rate_limit_wait_seconds",
             "Time senders waited on the rate limiter, summed over senders",
@@ -216,10 +217,27 @@ class EngineCollector(Collector):
             "Changes read and not sent yet (the backlog in memory)",
             coalescer.changes_waiting,
         )
+        limiter = engine.limiter
         yield _gauge(
             "rate_limit_requests_per_second",
-            "Most requests per second the worker sends (--rate; 0 = no limit)",
-            engine.settings.rate,
+            "Most requests per second the worker sends now (--rate, or what --rate auto"
+            " learned; 0 = no limit)",
+            0.0 if limiter is None else limiter.rate_per_s,
+        )
+        yield _counter(
+            "api_pauses",
+            "Pauses of every sender the API asked for (Retry-After, capped by --max-retry-after)",
+            e.pauses,
+        )
+        yield _counter(
+            "api_paused_seconds",
+            "Seconds every sender was paused by the API's Retry-After",
+            e.paused_s,
+        )
+        yield _gauge(
+            "api_paused_remaining_seconds",
+            "Seconds the pause of every sender still lasts (0: not paused)",
+            engine.paused_s,
         )
         yield _gauge(
             "concurrency_limit",
@@ -244,6 +262,37 @@ class EngineCollector(Collector):
             "Time from reading a change to acknowledging it (applied or dead-lettered);"
             " merged changes count from the oldest one's arrival",
             h.ack_seconds,
+        )
+
+
+def _knowledge(engine: Engine) -> Iterator[Metric]:
+    """What ID knowledge answered, and what went to and from its store."""
+    knowledge = engine.scheduler.knowledge
+    lookups = dict(knowledge.stats.hits) | {"unknown": knowledge.stats.misses}
+    yield _labelled(
+        "id_knowledge_lookups",
+        "IDs looked up when a batch was composed: hits (exists, missing) and misses (unknown)",
+        "result",
+        lookups,
+    )
+    yield _gauge("id_knowledge_ids", "IDs known in memory (exists or missing)", len(knowledge))
+    yield _counter(
+        "id_contradictions",
+        "Lone 404s on contacts the API had applied lately",
+        engine.scheduler.stats.contradictions,
+    )
+    yield _gauge(
+        "unknown_share",
+        "Share of fresh IDs found missing, as estimated (it sizes their groups)",
+        engine.scheduler.unknown_share.share,
+    )
+    feed = engine.knowledge
+    if feed is not None:
+        f = feed.stats
+        yield _counter("id_knowledge_loaded", "Facts loaded from the store", f.loaded)
+        yield _counter("id_knowledge_saved", "Facts written to the store", f.saved)
+        yield _counter(
+            "id_knowledge_store_failures", "Store operations that failed (run went on)", f.failures
         )
 
 

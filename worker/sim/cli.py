@@ -9,7 +9,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from worker.sim.gateway import SimConfig, Simulator, serve
+from worker.sim.gateway import RATE_WINDOWS, SimConfig, Simulator, serve
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,36 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help='ms: "20", "uniform:10:50", "exp:20", "lognormal:20:0.5" (0)',
     )
-    p.add_argument("--rate-limit", type=float, metavar="R", help="requests/s before 429")
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="R",
+        help="requests/s before 429 with Retry-After (the hidden limit; none by default)",
+    )
+    p.add_argument(
+        "--rate-window",
+        choices=RATE_WINDOWS,
+        default="bucket",
+        help="how the limit counts: bucket (token bucket, --rate-burst tokens) or sliding (at"
+        " most R in any one second) (bucket)",
+    )
+    p.add_argument(
+        "--rate-burst",
+        type=float,
+        metavar="N",
+        help="the token bucket's size (default: R)",
+    )
+    p.add_argument(
+        "--retry-after",
+        type=float,
+        metavar="S",
+        help="the Retry-After of its 429s (default: until the limit has room, at least 1)",
+    )
+    p.add_argument(
+        "--rate-headers",
+        action="store_true",
+        help="send RateLimit-Policy, RateLimit and X-RateLimit-* headers",
+    )
     p.add_argument(
         "--error-rate", type=float, default=0.0, metavar="P", help="share of transient errors"
     )
@@ -112,6 +141,10 @@ def _config(args: argparse.Namespace) -> SimConfig:
         unknown_share=args.unknown_share,
         latency=args.latency,
         rate_limit=args.rate_limit,
+        rate_window=args.rate_window,
+        rate_burst=args.rate_burst,
+        rate_headers=args.rate_headers,
+        retry_after_s=args.retry_after,
         transient_error_rate=args.error_rate,
         max_array=args.max_array,
         drop_rate=args.drop_rate,

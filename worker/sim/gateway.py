@@ -9,6 +9,7 @@ import math
 import random
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 CONTACT_PATH = "/v1/contact"
+RATE_WINDOWS = ("bucket", "sliding")
 # The real API locks the account after repeated failed logins (code 1002); the threshold is ours.
 MAX_FAILED_LOGINS = 10
 
@@ -130,6 +132,17 @@ class SimConfig:
     unknown_share: float = 0.0
     latency: str = "0"
     rate_limit: float | None = None
+    """Requests/s the gateway allows before it answers 429 (the hidden limit; None: none)."""
+    rate_window: str = "bucket"
+    """How it counts: ``bucket`` (a token bucket of ``rate_burst`` tokens refilled at
+    ``rate_limit``/s) or ``sliding`` (at most ``rate_limit`` requests, rounded down, in any
+    one-second window: the strictest reading of "R requests per second")."""
+    rate_burst: float | None = None
+    """The bucket's size (None: ``rate_limit``, at least 1)."""
+    rate_headers: bool = False
+    retry_after_s: float | None = None
+    """The ``Retry-After`` its 429s carry (None: the seconds until the limit has room, >= 1)."""
+    """Send ``RateLimit-Policy``, ``RateLimit`` and ``X-RateLimit-*`` headers with answers."""
     transient_error_rate: float = 0.0
     max_array: int | None = None
     drop_rate: float = 0.0
@@ -168,6 +181,12 @@ class SimConfig:
             math.isfinite(self.rate_limit) and self.rate_limit > 0
         ):
             raise ValueError(f"rate_limit must be > 0 requests/s, got {self.rate_limit}")
+        if self.rate_window not in RATE_WINDOWS:
+            raise ValueError(f"rate_window must be one of {RATE_WINDOWS}, got {self.rate_window!r}")
+        if self.rate_burst is not None and not (
+            math.isfinite(self.rate_burst) and self.rate_burst >= 1
+        ):
+            raise ValueError(f"rate_burst must be >= 1, got {self.rate_burst}")
         if self.foreign_after < 0:
             raise ValueError(f"foreign_after must be >= 0, got {self.foreign_after}")
         if self.max_array is not None and self.max_array < 1:
@@ -238,6 +257,10 @@ _CONFIG_COERCERS: dict[str, Callable[[object], Any]] = {
     "unknown_share": _as_float,
     "latency": _as_latency,
     "rate_limit": _optional(_as_float),
+    "rate_window": _as_str,
+    "rate_burst": _optional(_as_float),
+    "rate_headers": _as_bool,
+    "retry_after_s": _optional(_as_float),
     "transient_error_rate": _as_float,
     "max_array": _optional(_as_int),
     "drop_rate": _as_float,
@@ -273,6 +296,12 @@ class SimStats:
     overlapping_id_requests: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    rate_limited: int = 0
+    """Requests answered 429 by the hidden rate limit."""
+    max_per_second: int = 0
+    """The most requests that arrived within any one second (a sliding window)."""
+    per_second: list[list[int]] = field(default_factory=list)
+    """Per second since the first request: [requests past the login, answered 429]."""
     bytes_received: int = 0
     started_at: float = field(default_factory=time.monotonic)
     first_request_at: float | None = None
@@ -292,13 +321,17 @@ class _Rejected(NamedTuple):
 
 
 class _TokenBucket:
-    """Token bucket with a burst of max(1, rate); its clock is time.monotonic."""
+    """Token bucket with a burst of ``burst`` (default max(1, rate)); clock time.monotonic."""
 
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: float, now: float, burst: float | None = None) -> None:
         self.rate = rate
-        self.burst = max(1.0, rate)
+        self.burst = burst if burst is not None else max(1.0, rate)
         self.tokens = self.burst
         self.updated = now
+
+    def state(self, now: float) -> tuple[int, float]:
+        """Whole tokens left and seconds until the bucket is full again."""
+        return int(self.tokens), (self.burst - self.tokens) / self.rate
 
     def take(self, now: float) -> float:
         """Take one token; return 0 on success, else the seconds until one is available."""
@@ -309,6 +342,34 @@ class _TokenBucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
+
+
+class _SlidingWindow:
+    """At most ``floor(rate)`` requests in any one-second window (a log of the last ones)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.limit = max(1, math.floor(rate))
+        self.times: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        times = self.times
+        while times and now - times[0] >= 1.0:
+            times.popleft()
+
+    def take(self, now: float) -> float:
+        """Count one request; 0 on success, else the seconds until the window has room."""
+        self._expire(now)
+        if len(self.times) < self.limit:
+            self.times.append(now)
+            return 0.0
+        return 1.0 - (now - self.times[0])
+
+    def state(self, now: float) -> tuple[int, float]:
+        """Requests left in the window and seconds until it empties."""
+        self._expire(now)
+        reset = 1.0 - (now - self.times[0]) if self.times else 0.0
+        return self.limit - len(self.times), reset
 
 
 class Simulator:
@@ -326,7 +387,9 @@ class Simulator:
         # Derived from config fields; refreshed lazily so direct `sim.config.x = ...` works too.
         self._latency_spec = ""
         self._latency: LatencySampler = parse_latency("0")
-        self._bucket: _TokenBucket | None = None
+        self._bucket: _TokenBucket | _SlidingWindow | None = None
+        self._bucket_spec: tuple[float, str, float | None] | None = None
+        self._arrivals: deque[float] = deque()
         self.reset()
 
     def reset(self) -> None:
@@ -339,6 +402,7 @@ class Simulator:
         self._locked = False
         self._rng = random.Random(self.config.seed)
         self._bucket = None
+        self._arrivals = deque()
 
     def is_known(self, id_key: str) -> bool:
         """Tell whether the contact with this ID (string form) exists at the gateway."""
@@ -433,14 +497,20 @@ class Simulator:
             code = cfg.disabled_code
             return self._answer(403, _error(code, _ACCOUNT_MESSAGES.get(code, "access denied")))
 
+        second = self._count_arrival(now)
         if cfg.rate_limit is not None:
-            bucket = self._bucket
-            if bucket is None or bucket.rate != cfg.rate_limit:
-                bucket = self._bucket = _TokenBucket(cfg.rate_limit, now)
+            bucket = self._limiter(cfg, now)
             wait = bucket.take(now)
             if wait > 0.0:
+                stats.rate_limited += 1
+                second[1] += 1
                 response = self._answer(429, _BODY_429)
-                response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                asked = cfg.retry_after_s
+                response.headers["Retry-After"] = (
+                    f"{asked:g}" if asked is not None else str(max(1, math.ceil(wait)))
+                )
+                if cfg.rate_headers:
+                    self._rate_headers(response, bucket, now)
                 return response
 
         if cfg.transient_error_rate and rng.random() < cfg.transient_error_rate:
@@ -505,7 +575,57 @@ class Simulator:
                 history.setdefault(key, []).append(obj)
         # self.stats, not `stats`: a /_sim/reset may have replaced the counters meanwhile.
         self.stats.contacts_applied += len(objects)
-        return self._answer(204)
+        response = self._answer(204)
+        if cfg.rate_headers and cfg.rate_limit is not None:
+            self._rate_headers(response, self._limiter(cfg, now), time.monotonic())
+        return response
+
+    def _limiter(self, cfg: SimConfig, now: float) -> _TokenBucket | _SlidingWindow:
+        """The hidden rate limit as configured now (rebuilt, full, when a knob changes)."""
+        assert cfg.rate_limit is not None
+        spec = (cfg.rate_limit, cfg.rate_window, cfg.rate_burst)
+        bucket = self._bucket
+        if bucket is None or spec != self._bucket_spec:
+            if cfg.rate_window == "sliding":
+                bucket = _SlidingWindow(cfg.rate_limit)
+            else:
+                bucket = _TokenBucket(cfg.rate_limit, now, cfg.rate_burst)
+            self._bucket, self._bucket_spec = bucket, spec
+        return bucket
+
+    def _count_arrival(self, now: float) -> list[int]:
+        """Count a request past the login in its second and in the sliding window; the
+        second's counters ([requests, 429s])."""
+        stats = self.stats
+        arrivals = self._arrivals
+        arrivals.append(now)
+        while now - arrivals[0] >= 1.0:
+            arrivals.popleft()
+        if len(arrivals) > stats.max_per_second:
+            stats.max_per_second = len(arrivals)
+        first = stats.first_request_at if stats.first_request_at is not None else now
+        index = int(now - first)
+        per_second = stats.per_second
+        while len(per_second) <= index:
+            per_second.append([0, 0])
+        per_second[index][0] += 1
+        return per_second[index]
+
+    def _rate_headers(
+        self, response: web.StreamResponse, bucket: _TokenBucket | _SlidingWindow, now: float
+    ) -> None:
+        """The IETF draft's headers and the common X-RateLimit-* ones."""
+        limit = self.config.rate_limit
+        assert limit is not None
+        remaining, reset_s = bucket.state(now)
+        reset = max(0, math.ceil(reset_s))
+        quota = f"{limit:g}"
+        headers = response.headers
+        headers["RateLimit-Policy"] = f"{quota};w=1"
+        headers["RateLimit"] = f"limit={quota}, remaining={max(0, remaining)}, reset={reset}"
+        headers["X-RateLimit-Limit"] = quota
+        headers["X-RateLimit-Remaining"] = str(max(0, remaining))
+        headers["X-RateLimit-Reset"] = str(reset)
 
     async def _hold(self, keys: Sequence[str], delay: float) -> None:
         """Sleep `delay` with `keys` registered as in flight, counting overlaps."""

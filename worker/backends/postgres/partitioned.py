@@ -38,6 +38,8 @@ from worker.backends.postgres.pool import (
     in_transaction,
     retrying,
 )
+from worker.backends.postgres.rate import TABLE as RATE_TABLE
+from worker.backends.postgres.rate import PgRate
 from worker.backends.postgres.sql import (
     Statements,
 )
@@ -172,6 +174,11 @@ class PartitionClaims(Source):
         self.stats.claims += 1
         rows.sort(key=_first)
         return rows, token, started
+
+    def shared_rate(self) -> PgRate:
+        """The account's rate, booked from one row of ``contact_worker_rate`` (next to the
+        outbox) by every replica of this input."""
+        return PgRate(lambda: self._pool, self.target.outbox, self.target.qualify(RATE_TABLE))
 
     def _count_retry(self) -> None:
         self.stats.retries += 1

@@ -21,6 +21,7 @@ from worker.backends.base import (
     Outages,
     SourceError,
 )
+from worker.backends.redis.rate import RedisRate
 from worker.backends.redis.scripts import ACK_SCRIPT, READ_SCRIPT, START
 from worker.backends.redis.uri import StreamAddress
 from worker.core.backoff import RECONNECT_BACKOFF
@@ -229,6 +230,10 @@ class RedisClient:
             reconnects=self.reconnects,
             unacked=unacked,
         )
+
+    def shared_rate(self) -> RedisRate:
+        """The account's rate, booked from ``<stream>:rate`` by every replica of this input."""
+        return RedisRate(lambda: self._client, f"{self.address.stream}:rate")
 
     def _require_client(self) -> Redis:
         if self._client is None:

@@ -13,10 +13,12 @@ from typing import cast
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from worker.backends.ahead import ReadAhead
 from worker.backends.base import (
     Held as HeldRecords,
 )
@@ -90,8 +92,9 @@ class PartitionLeases(RedisClient, Source):
         self._full_read = False
         """The last read brought at least ``count`` records: a backlog, worth reading ahead."""
         self._wake = asyncio.Event()
-        self._ahead: asyncio.Task[None] | None = None
-        """The next read, started when the last slice of a full read was handed out."""
+        self._ahead: ReadAhead[None] | None = None
+        """The next read, started in the engine's task group when a full read was handed out."""
+        self._task_group: TaskGroup | None = None
         self._reading: set[int] = set()
         """Partitions named in the XREADGROUP in progress: not released before it returns."""
         self._next_check_at = 0.0

@@ -3,8 +3,6 @@ read by one replica at a time under a lease."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Hashable, Sequence
 from itertools import repeat
 from typing import Any, cast
@@ -15,6 +13,7 @@ from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from worker.backends.ahead import ReadAhead, ReadAheadAbandoned
 from worker.backends.base import (
     Held,
     HeldRecords,
@@ -51,6 +50,12 @@ from worker.core.backoff import RECONNECT_BACKOFF
 from worker.core.partition import partition_mismatch
 
 log = structlog.get_logger("worker.backends.redis")
+
+
+AHEAD_LIMIT_S = 10.0
+"""How long a read ahead may take. It is not shielded: cancelled with the run, what it had
+brought stays pending here, and whoever takes the partition next claims it at once."""
+READ_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_ERRORS, ReadAheadAbandoned)
 
 
 class PartitionedRedisSource(PartitionLeases):
@@ -105,6 +110,7 @@ class PartitionedRedisSource(PartitionLeases):
 
     def start(self, task_group: TaskGroup) -> None:
         """Start the lease keeper in the engine's task group."""
+        self._task_group = task_group
         task_group.start_soon(self._keep_loop, name=f"{self.name} leases")
 
     def _wrong_type(self, exc: ResponseError) -> str:
@@ -114,11 +120,7 @@ class PartitionedRedisSource(PartitionLeases):
         """Release every lease (the keeper stopped with the engine's task group), leave the
         member set, disconnect. What a read ahead brought and was never handed out is pending
         here: whoever takes the partition next claims it at once."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ahead
+        self._ahead = None  # ended with the task group, or left to fail on the closed client
         client, self._client = self._client, None
         if client is None:
             return
@@ -155,11 +157,15 @@ class PartitionedRedisSource(PartitionLeases):
                     self._scanned.difference_update(token for token, _ in out)
                 held = self._by_holding(out)
                 ahead = self._ahead
-                if ahead is not None and ahead.done() and not ahead.cancelled():
-                    if ahead.exception() is None:
-                        self._ahead = None  # its records are in the buffer already
-                if self._full_read and self._ahead is None:
-                    self._ahead = asyncio.get_running_loop().create_task(self._read_ahead())
+                if ahead is not None and ahead.done() and ahead.error is None:
+                    self._ahead = None  # its records are in the buffer already
+                if self._full_read and self._ahead is None and self._task_group is not None:
+                    self._ahead = ReadAhead(
+                        self._task_group,
+                        self._read_ahead,
+                        limit_s=AHEAD_LIMIT_S,
+                        name=f"{self.name} read ahead",
+                    )
                 self.backlog = self._full_read
                 if held:
                     return held
@@ -171,10 +177,10 @@ class PartitionedRedisSource(PartitionLeases):
             try:
                 ahead, self._ahead = self._ahead, None
                 if ahead is not None:
-                    await ahead  # its records are in the buffer
+                    await ahead.wait()  # its records are in the buffer
                 else:
                     await self._read_ahead()
-            except TRANSIENT_ERRORS as exc:
+            except READ_ERRORS as exc:
                 failures += 1
                 for state in self._held.values():
                     state.claimed = False

@@ -37,7 +37,6 @@ stream above, unchanged.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import time
@@ -46,9 +45,11 @@ from typing import Any
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from worker.backends.ahead import ReadAhead, ReadAheadAbandoned
 from worker.backends.base import (
     Record,
     ReplayRanges,
@@ -118,7 +119,8 @@ class RedisStreamSource(RedisClient, Source):
         self._scan_from: bytes | None = None
         self._needs_recovery = True
         self._next_claim_at = 0.0
-        self._ahead: asyncio.Task[list[Record]] | None = None
+        self._ahead: ReadAhead[list[Record]] | None = None
+        self._task_group: TaskGroup | None = None
         self._ranges = ReplayRanges(self)
         """The pending entries re-read at the start: one replay range, over every ID."""
 
@@ -135,6 +137,10 @@ class RedisStreamSource(RedisClient, Source):
             group=self.group,
             consumer=self.consumer,
         )
+
+    def start(self, task_group: TaskGroup) -> None:
+        """Reads ahead run in the engine's task group (none is started without one)."""
+        self._task_group = task_group
 
     def _wrong_type(self, exc: ResponseError) -> str:
         return f"key {self.stream!r} exists and is not a stream"
@@ -161,14 +167,9 @@ class RedisStreamSource(RedisClient, Source):
         """A page read ahead and never handed out is pending at this consumer: mark it idle for
         long, so that the next consumer claims it at once instead of after claim_idle_ms."""
         ahead, self._ahead = self._ahead, None
-        if ahead is None:
+        if ahead is None or not await ahead.settle(AHEAD_RELEASE_WAIT_S):
             return
-        with anyio.move_on_after(AHEAD_RELEASE_WAIT_S):
-            await asyncio.wait([ahead])
-        if not ahead.done():
-            ahead.cancel()
-            return
-        if ahead.cancelled() or ahead.exception() is not None:
+        if ahead.error is not None:
             return
         ids: list[Any] = [token for token, _ in ahead.result()]
         if not ids:
@@ -206,8 +207,15 @@ class RedisStreamSource(RedisClient, Source):
             and not self._needs_recovery
             and self._scan_from is None
             and self._clock() < self._next_claim_at
+            and self._task_group is not None
         ):
-            self._ahead = asyncio.get_running_loop().create_task(self._read_ahead())
+            self._ahead = ReadAhead(
+                self._task_group,
+                self._read_ahead,
+                limit_s=AHEAD_RELEASE_WAIT_S,
+                shield=True,  # what it brings is pending here: close() must see it to release it
+                name=f"{self.name} read ahead",
+            )
         return records
 
     async def _read_ahead(self) -> list[Record]:
@@ -222,10 +230,10 @@ class RedisStreamSource(RedisClient, Source):
         if ahead is None:
             return []
         try:
-            # Shielded, and still in _ahead while awaited: a reader stopped meanwhile leaves
-            # the page to close(), which releases it.
-            records = await asyncio.shield(ahead)
-        except (RedisError, OSError) as exc:
+            # Still in _ahead while awaited: a reader stopped meanwhile leaves the page to
+            # close(), which releases it.
+            records = await ahead.wait()
+        except (RedisError, OSError, ReadAheadAbandoned) as exc:
             self._ahead = None
             log.info("read ahead failed: reading again", error=str(exc))
             self._needs_recovery = True

@@ -1,0 +1,130 @@
+"""ID knowledge: what the API said about each ID, kept for a while (DESIGN 11).
+
+Two facts are kept per ID, each with the time it was learnt: *exists* (a request holding it was
+applied) and *missing* (it was dead-lettered ``not_found`` on a confirmed answer). They are a
+prior, not a promise: the API's contacts change, so every fact expires after its time-to-live,
+and a newer answer replaces an older one. The scheduler composes batches from them:
+
+* IDs known to exist go together (they almost never fail);
+* IDs known missing are dead-lettered at once, citing the earlier answer, without a request:
+  sending them alone would cost a request each for an answer already given;
+* fresh IDs go in groups sized for the unknown share (``worker.core.grouptest``).
+
+Size is bounded: beyond ``max_ids`` per fact, the oldest learnt is forgotten first. Pure: time
+comes in as ``now``; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+class Known(enum.Enum):
+    """What is known about one ID."""
+
+    EXISTS = "exists"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """One fact about one ID: what, and when it was learnt (the scheduler's clock)."""
+
+    known: Known
+    learnt_at: float
+
+
+@dataclass(slots=True)
+class KnowledgeStats:
+    """Look-ups answered from knowledge (hits, by fact) and not (misses)."""
+
+    hits: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in Known})
+    misses: int = 0
+    forgotten: int = 0
+    """Facts dropped because the size bound was reached."""
+
+
+class IdKnowledge:
+    """The facts learnt from the API, each kept ``ttl_s``, at most ``max_ids`` of each kind."""
+
+    def __init__(self, ttl_s: float = 900.0, max_ids: int = 100_000) -> None:
+        if max_ids < 0 or ttl_s < 0:
+            raise ValueError("ttl_s and max_ids must be >= 0")
+        self.ttl_s = ttl_s
+        self.max_ids = max_ids
+        # Insertion order is learning order: the first entry is the oldest, the one to drop.
+        self._facts: dict[Known, OrderedDict[str, float]] = {k: OrderedDict() for k in Known}
+        self.stats = KnowledgeStats()
+        self._journal: list[tuple[str, Known, float]] | None = None
+
+    def keep_journal(self) -> None:
+        """From now on, remember each fact the API taught until :meth:`drain` (for a store)."""
+        if self._journal is None:
+            self._journal = []
+
+    def drain(self) -> list[tuple[str, Known, float]]:
+        """The facts learnt from the API since the last drain: (ID, fact, when learnt)."""
+        journal = self._journal
+        if not journal:
+            return []
+        self._journal = []
+        return journal
+
+    def __len__(self) -> int:
+        return sum(len(facts) for facts in self._facts.values())
+
+    def count(self, known: Known) -> int:
+        """How many facts of one kind are held (expired ones included until looked up)."""
+        return len(self._facts[known])
+
+    def lookup(self, key: str, now: float) -> Fact | None:
+        """The live fact about ``key``, if any; counts a hit or a miss."""
+        fact = self.peek(key, now)
+        if fact is None:
+            self.stats.misses += 1
+        else:
+            self.stats.hits[fact.known.value] += 1
+        return fact
+
+    def peek(self, key: str, now: float) -> Fact | None:
+        """The live fact about ``key`` without counting; expired facts are dropped."""
+        for known, facts in self._facts.items():
+            learnt = facts.get(key)
+            if learnt is None:
+                continue
+            if learnt + self.ttl_s > now:
+                return Fact(known, learnt)
+            del facts[key]
+        return None
+
+    def learn(self, key: str, known: Known, now: float, *, journal: bool = True) -> None:
+        """The API told ``known`` about ``key`` at ``now``: it replaces whatever was known.
+
+        ``journal=False``: a fact loaded from a store, not to be written back."""
+        if not self.max_ids or not self.ttl_s:
+            return
+        if journal and self._journal is not None:
+            self._journal.append((key, known, now))
+            if len(self._journal) > self.max_ids:  # a store away for long: keep the newest
+                del self._journal[: len(self._journal) - self.max_ids]
+        for other, facts in self._facts.items():
+            if other is not known:
+                facts.pop(key, None)
+        facts = self._facts[known]
+        facts.pop(key, None)
+        facts[key] = now
+        if len(facts) > self.max_ids:
+            facts.popitem(last=False)
+            self.stats.forgotten += 1
+
+    def forget(self, key: str) -> None:
+        """Drop every fact about ``key``."""
+        for facts in self._facts.values():
+            facts.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        for facts in self._facts.values():
+            facts.clear()
