@@ -10,10 +10,10 @@ auto
     allow by Little's law (M / latency), and against a fixed ``--concurrency M`` run in the
     same round. Goal: >= 0.9 of Little's law.
 rate
-    ``--concurrency auto`` at a rate limit (API and worker at R/s, 200 ms latency): the highest
-    adaptive limit seen in the ``progress`` events and the most requests the simulator saw at
-    once, against what the rate needs (R x latency). Goal: no more than the rate needs
-    (R x latency x 1.5 + 1, the controller's headroom), nor than its start (4).
+    ``--concurrency auto`` at a rate limit (API and worker at R/s, 50 and 200 ms): the highest
+    limit any answer left (the summary's ``concurrency_highest``) and the most requests the
+    simulator saw at once, against what the rate needs (R x latency). Goal: the limit never
+    above what the rate needs with the controller's headroom (R x latency x 1.5 + 1).
 backlog
     A rate-limited backlog that coalesces: 60,000 changes over 40,000 IDs (uniform), API and
     worker at 20 requests/s; and 1,000,000 changes over 200,000 IDs without a rate limit.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
 import os
 import statistics
@@ -140,7 +141,7 @@ def scenario_auto(args: argparse.Namespace) -> list[str]:
                 s = run["summary"]
                 rps = s["requests"] / s["elapsed_s"]
                 ratios[kind].append(rps / bound)
-                final = run["limits"][-1] if run["limits"] else ""
+                final = s["concurrency_limit"]
                 out.append(
                     f"| {latency_ms} ms | {round_} | {run['load_1m']:.2f} | {kind} |"
                     f" {s['requests']} | {s['elapsed_s']:.2f} | {rps:.1f} | {bound:.0f} |"
@@ -157,42 +158,50 @@ def scenario_auto(args: argparse.Namespace) -> list[str]:
 
 
 def scenario_rate(args: argparse.Namespace) -> list[str]:
-    """--concurrency auto at a rate limit: the limit against what the rate needs."""
-    rate, latency_ms = args.rate, 200
-    needed = rate * latency_ms / 1000
-    ceiling = math.ceil(needed * 1.5 + 1)
+    """--concurrency auto at a rate limit: the limit against what the rate needs, and the
+    drain against a fixed --concurrency 8 (the default) in the same round."""
+    rate = args.rate
     changes = int(rate * args.batch_size * args.seconds)
     source = distinct_file(changes, seed=12)
     worker = WorkerConfig(batch_size=args.batch_size, linger_ms=5, rate=rate, concurrency=8)
     out = [
-        f"### rate: API and worker at {rate:g} requests/s, {latency_ms} ms, --concurrency auto"
-        f" --max-concurrency {args.max_concurrency}; the rate needs {needed:g} in flight",
+        f"### rate: API and worker at {rate:g} requests/s, --concurrency auto"
+        f" --max-concurrency {args.max_concurrency}, against --concurrency 8",
         "",
-        "| round | load | requests | 429s | engine s | requests/s | highest limit | most in"
-        " flight at the API | rate x latency |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| latency | round | load | run | requests | 429s | engine s | requests/s | highest"
+        " limit | most in flight at the API | round trip s | rate x round trip x 1.5 + 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    peaks = []
-    for round_ in range(1, args.rounds + 1):
-        label = f"rate-r{round_}"
-        extra = ["--concurrency", "auto", "--max-concurrency", str(args.max_concurrency)]
-        sim = ["--latency", str(latency_ms), "--rate-limit", f"{rate:g}"]
-        run = run_worker(source, worker, extra, sim, label)
-        s = run["summary"]
-        peak = max(run["limits"], default=0)
-        peaks.append(peak)
-        out.append(
-            f"| {round_} | {run['load_1m']:.2f} | {s['requests']} |"
-            f" {s['requests_by_status'].get('429', 0)} | {s['elapsed_s']:.2f} |"
-            f" {s['requests'] / s['elapsed_s']:.1f} | {peak} | {run['sim']['max_in_flight']} |"
-            f" {needed:g} |"
-        )
-    out += [
+    within, times = [], []
+    for latency_ms, round_ in itertools.product((50, 200), range(1, args.rounds + 1)):
+        elapsed = {}
+        for kind, extra in (
+            ("auto", ["--concurrency", "auto", "--max-concurrency", str(args.max_concurrency)]),
+            ("fixed 8", ["--concurrency", "8"]),
+        ):
+            label = f"rate-{latency_ms}ms-{kind.replace(' ', '')}-r{round_}"
+            sim = ["--latency", str(latency_ms), "--rate-limit", f"{rate:g}"]
+            run = run_worker(source, worker, extra, sim, label)
+            s = run["summary"]
+            elapsed[kind] = s["elapsed_s"]
+            highest, cap, rtt = "", "", ""
+            if "concurrency_highest" in s:
+                highest, rtt = int(s["concurrency_highest"]), float(s["round_trip_s"])
+                cap = math.ceil(rate * rtt * 1.5 + 1)
+                within.append(highest <= cap)
+            out.append(
+                f"| {latency_ms} ms | {round_} | {run['load_1m']:.2f} | {kind} | {s['requests']} |"
+                f" {s['requests_by_status'].get('429', 0)} | {s['elapsed_s']:.2f} |"
+                f" {s['requests'] / s['elapsed_s']:.1f} | {highest} |"
+                f" {run['sim']['max_in_flight']} | {rtt} | {cap} |"
+            )
+        times.append(elapsed["auto"] / elapsed["fixed 8"])
+    return [
+        *out,
         "",
-        f"- highest limit (median of rounds) {median(peaks)}: within rate x latency x 1.5 + 1 ="
-        f" {ceiling} and the start (4): {max(peaks) <= max(ceiling, 4)}",
+        f"- the highest limit within rate x round trip x 1.5 + 1 in every round: {all(within)};"
+        f" drain time auto / fixed 8 (median): {median(times)}",
     ]
-    return out
 
 
 def scenario_backlog(args: argparse.Namespace) -> list[str]:

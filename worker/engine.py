@@ -469,6 +469,8 @@ class Engine:
         while True:
             await self._take_slot()
             try:
+                if self._reading_done and self.scheduler.idle:
+                    return  # drained: --max-concurrency senders need not wait on the rate
                 # Wait for a slot before taking a batch (formed as late as possible), count
                 # the request only when it goes: a sender that waited for work meanwhile
                 # cannot send on a slot that has passed (the one-second windows stay exact).
@@ -505,10 +507,15 @@ class Engine:
         self._slot_freed = anyio.Event()
 
     def _adapt(
-        self, started: float, in_flight: tuple[int, int], verdict: Verdict, rate_waited: bool
+        self,
+        started: float,
+        in_flight: tuple[int, int, bool],
+        verdict: Verdict,
+        rate_waited: bool,
     ) -> None:
-        """Tell the adaptive limit how this request went (``in_flight``: requests in flight
-        and the limit when it went out); wake waiting senders if the limit grew."""
+        """Tell the adaptive limit how this request went (``in_flight``: requests in flight,
+        the limit, and whether a full batch more was ready when it went out); wake waiting
+        senders if the limit grew."""
         adaptive = self.adaptive
         if adaptive is None:
             return
@@ -516,7 +523,15 @@ class Engine:
         status = verdict.status
         failed = verdict.action is Action.RETRY and (status is None or status >= 500)
         before = adaptive.limit
-        sample = Sample(now - started, *in_flight, rate_waited or status == 429, failed)
+        count, limit, queued = in_flight
+        sample = Sample(
+            now - started,
+            count,
+            limit,
+            rate_waited=rate_waited or status == 429,
+            failed=failed,
+            queued=queued,
+        )
         rate = 0.0 if self.limiter is None else self.limiter.rate_per_s
         if adaptive.answered(sample, now, rate if rate > 0 else None) > before:
             self._slot_freed.set()
@@ -563,7 +578,12 @@ class Engine:
         histograms = self.histograms
         histograms.batch_contacts.observe(len(batch.entries))
         self.stats.in_flight += 1
-        in_flight = (self.stats.in_flight, self.concurrency_limit)
+        scheduler = self.scheduler
+        in_flight = (
+            self.stats.in_flight,
+            self.concurrency_limit,
+            scheduler.coalescer.ready_count >= scheduler.ceiling,
+        )
         started = self._clock()
         response: Response | None = None
         try:
@@ -852,6 +872,18 @@ class Engine:
             fields, mark = self.progress(mark)
             log.info("progress", **fields)
 
+    def _adaptive_summary(self) -> dict[str, Any]:
+        """Under ``--concurrency auto``: the highest limit and how often it moved."""
+        if self.adaptive is None:
+            return {}
+        a = self.adaptive.statistics()
+        return {
+            "concurrency_highest": a.highest,
+            "concurrency_increases": a.increases,
+            "concurrency_decreases": a.decreases,
+            "round_trip_s": round(a.recent_rtt_s, 4),
+        }
+
     def summary(self) -> dict[str, Any]:
         """Counters of the run so far, as plain data."""
         s, e = self.scheduler.stats, self.stats
@@ -877,6 +909,8 @@ class Engine:
             "rate": 0.0 if self.limiter is None else round(self.limiter.rate_per_s, 2),
             "pauses": e.pauses,
             "paused_s": round(e.paused_s, 3),
+            "concurrency_limit": self.concurrency_limit,
+            **self._adaptive_summary(),
             "elapsed_s": round(elapsed, 3),
             "changes_per_s": round(e.records / elapsed, 1) if elapsed > 0 else math.nan,
         }

@@ -32,10 +32,10 @@ def run_api(limit: AdaptiveLimit, latency_s: float, rounds: int, rate: float | N
 class TestGrowth:
     def test_slow_start_reaches_the_ceiling_in_a_few_round_trips(self) -> None:
         """Latency-bound with the API keeping up: the limit doubles per round trip up to
-        --max-concurrency (from 4 to 64: four round trips)."""
+        --max-concurrency (from 8 to 64: three round trips)."""
         limit = AdaptiveLimit(AdaptiveSettings(max_limit=64))
-        assert 4 == limit.limit
-        assert 64 == run_api(limit, 0.2, rounds=4)
+        assert 8 == limit.limit
+        assert 64 == run_api(limit, 0.2, rounds=3)
 
     def test_never_past_the_ceiling(self) -> None:
         """However long it runs, the ceiling holds."""
@@ -46,15 +46,26 @@ class TestGrowth:
         more to send: the input binds) do not grow it."""
         limit = AdaptiveLimit()
         for i in range(100):
-            limit.answered(Sample(0.05, 2, 4), i * 0.05)
-        assert 4 == limit.limit
+            limit.answered(Sample(0.05, 2, 8), i * 0.05)
+        assert 8 == limit.limit
+
+    def test_half_used_with_work_waiting_grows(self) -> None:
+        """Answers come in bursts and the requests they free go out one by one: a request
+        that went out with half the limit used while a full batch more was waiting counts as
+        held back by the limit; with nothing waiting it does not."""
+        limit = AdaptiveLimit(AdaptiveSettings(max_limit=64))
+        limit.answered(Sample(0.05, 4, 8, queued=True), 0.05)
+        assert 9 == limit.limit
+        limit.answered(Sample(0.05, 4, 8), 0.1)
+        limit.answered(Sample(0.05, 3, 8, queued=True), 0.15)
+        assert 9 == limit.limit
 
     def test_no_growth_while_the_rate_limiter_binds(self) -> None:
         """Requests that waited for the rate limiter, or were answered 429, never grow it."""
         limit = AdaptiveLimit()
         for i in range(100):
-            limit.answered(Sample(0.05, 4, 4, rate_waited=True), i * 0.05)
-        assert 4 == limit.limit
+            limit.answered(Sample(0.05, 8, 8, rate_waited=True), i * 0.05)
+        assert 8 == limit.limit
 
 
 class TestRateLimit:
@@ -65,6 +76,7 @@ class TestRateLimit:
         needed = math.ceil(rate * latency_s * 1.5 + 1.0)
         limit = AdaptiveLimit(AdaptiveSettings(max_limit=64))
         assert needed >= run_api(limit, latency_s, rounds=50, rate=rate)
+        assert needed >= limit.highest  # from the first answer on, never more
 
     def test_the_rate_needs_more_than_the_start(self) -> None:
         """A rate that needs more in flight than the start lets it grow that far."""

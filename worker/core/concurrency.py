@@ -4,10 +4,11 @@ The adaptive limit is AIMD on the round-trip time, in the manner of Vector's ada
 concurrency and TCP Vegas, with Netflix concurrency-limits' gradient for the decrease:
 
 - **Grow while latency-bound.** A request that went out with the limit used in full (as many in
-  flight as the limit allows) says that more in flight would carry more: by Little's law, in
+  flight as the limit allows, or half of it with a full batch more waiting) says that more in
+  flight would carry more: by Little's law, in
   flight = rate x latency, and the latency does not depend on the concurrency while the API
-  keeps up. The limit grows by one per such answer until the first decrease (a slow start that
-  doubles it per round trip), then by one per round trip.
+  keeps up. The limit starts at 8 (the fixed default) and grows by one per such answer until
+  the first decrease (a slow start that doubles it per round trip), then by one per round trip.
 - **Shrink when latency rises or requests fail.** The baseline is a slow average of the round
   trip; when the recent average exceeds ``tolerance`` times it, the API queues: the limit is
   cut by the ratio (at most to half), once per round trip. A timeout, a lost connection or a
@@ -35,7 +36,8 @@ class AdaptiveSettings:
 
     max_limit: int = DEFAULT_MAX_CONCURRENCY
     min_limit: int = 1
-    initial: int = 4
+    initial: int = 8
+    """Where the limit starts: the fixed default of ``--concurrency``."""
     tolerance: float = 2.0
     """The recent round trip may reach this many times the baseline before the limit shrinks."""
     backoff_ratio: float = 0.75
@@ -56,12 +58,13 @@ class Sample:
     in_flight: int
     """Requests in flight when it went out, itself included."""
     limit: int
-    """The limit when it went out: it went out with the limit used in full if ``in_flight``
-    reached this."""
+    """The limit when it went out."""
     rate_waited: bool = False
     """It waited for the rate limiter before it went out (the rate binds)."""
     failed: bool = False
     """A timeout, a lost connection or a 5xx: the API is overloaded or away."""
+    queued: bool = False
+    """A full batch more was ready to go when it went out: work waited for the limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,8 @@ class LimitStatistics:
     baseline_rtt_s: float
     increases: int
     decreases: int
+    highest: int
+    """The highest limit any answer left."""
 
 
 class AdaptiveLimit:
@@ -90,6 +95,8 @@ class AdaptiveLimit:
         """No second decrease before this time: one cut per round trip."""
         self.increases = 0
         self.decreases = 0
+        self.highest = 0
+        """The highest limit any answer left (the start not counted)."""
 
     @property
     def limit(self) -> int:
@@ -110,13 +117,26 @@ class AdaptiveLimit:
             self._decrease(s.backoff_ratio, now)
         elif self._recent_s > s.tolerance * self._baseline_s > 0.0:
             self._decrease(max(0.5, s.tolerance * self._baseline_s / self._recent_s), now)
-        elif not sample.rate_waited and sample.in_flight >= sample.limit:
+        elif not sample.rate_waited and self._bound(sample):
             self._increase()
         if rate_per_s is not None and rate_per_s > 0:
             needed = rate_per_s * self._recent_s * s.headroom + 1.0
             if self._limit > needed:
                 self._limit = max(float(s.min_limit), min(self._limit, math.ceil(needed)))
+        self.highest = max(self.highest, self.limit)
         return self.limit
+
+    @staticmethod
+    def _bound(sample: Sample) -> bool:
+        """Whether the limit held this request's work back: it went out with the limit used
+        in full (less one: when an answer raises the limit, the request sent first after it
+        goes out before the answered one's slot is given back), or with at least half of it
+        used while a full batch more was waiting (answers come in bursts, and the requests
+        they free go out one by one: the first ones see few in flight under a limit that
+        the burst already raised)."""
+        if sample.in_flight + 1 >= sample.limit:
+            return True
+        return sample.queued and 2 * sample.in_flight >= sample.limit
 
     def _increase(self) -> None:
         s = self.settings
@@ -137,5 +157,10 @@ class AdaptiveLimit:
     def statistics(self) -> LimitStatistics:
         """The limit, the round-trip averages, and how often it moved."""
         return LimitStatistics(
-            self.limit, self._recent_s, self._baseline_s, self.increases, self.decreases
+            self.limit,
+            self._recent_s,
+            self._baseline_s,
+            self.increases,
+            self.decreases,
+            self.highest,
         )

@@ -41,9 +41,10 @@ READ_AHEAD_S = 5.0
 a full --max-waiting of 200,000 changes takes about 2 s here."""
 
 
-READ_STALL_S = 0.1
+READ_STALL_S = 0.5
 """A read-ahead ends when the reader took nothing in for this long: the input that said it had
-more is waiting for more after all (its last page was full and the next one empty)."""
+more is waiting for more after all (its last page was full and the next one empty). Taking in
+a slice takes about 10 ms; on a busy machine the gaps between slices reach 100 ms."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,8 @@ class SchedulerSettings:
     read_ahead_s: float = READ_AHEAD_S
     """Longest the oldest ready change waits, while the input's backlog is read ahead, before
     batches leave anyway (an input slower to read than this is not held up for it)."""
+    read_stall_s: float = READ_STALL_S
+    """A read-ahead ends when the reader took nothing in for this long."""
 
 
 ODD_NOISE_ODDS = 1e-6
@@ -365,7 +368,7 @@ class Scheduler:
         backlog; when the rate or the concurrency binds, the requests are what a drain costs,
         and reading is many times faster than sending, so reading first costs next to no time.
         The wait ends when the backlog is read, when the scheduler is full (memory stays within
-        --max-waiting), when the reader took nothing in for ``READ_STALL_S`` (an input that
+        --max-waiting), when the reader took nothing in for ``read_stall_s`` (an input that
         said it had more and then waited), or after ``read_ahead_s``. It does not begin while
         nothing read of the backlog so far merged into a waiting change (IDs that do not
         repeat, where reading ahead would save nothing and leave the senders idle)."""
@@ -373,7 +376,8 @@ class Scheduler:
         oldest = coalescer.peek()
         if oldest is None or coalescer.coalesced == self._merged_before:
             return None
-        until = min(oldest.since + self.settings.read_ahead_s, self._read_at + READ_STALL_S)
+        settings = self.settings
+        until = min(oldest.since + settings.read_ahead_s, self._read_at + settings.read_stall_s)
         return until if now < until else None
 
     def _lift_fences(self, now: float) -> float | None:
