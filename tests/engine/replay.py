@@ -109,9 +109,11 @@ async def run_replay(
     engine_settings: EngineSettings | None = None,
     during: Callable[[Engine], Awaitable[None]] | None = None,
     timeout_s: float = 60.0,
+    until_acked: bool = True,
 ) -> ReplayRun:
     """Seed the gateway with what the crashed run applied, open ``source``, run the engine
-    until ``acked`` records are acknowledged (or the input ends), then shut it down."""
+    until ``acked`` records are acknowledged (or the input ends), then shut it down. Without
+    ``until_acked`` (a finite input), the run ends on its own, drained."""
     config = sim_config()
     sim = Simulator(config)
     es = engine_settings or settings(batch=10, concurrency=4)
@@ -132,7 +134,8 @@ async def run_replay(
 
                     with anyio.fail_after(timeout_s):
                         async with anyio.create_task_group() as tg:
-                            tg.start_soon(stop_when_acked)
+                            if until_acked:
+                                tg.start_soon(stop_when_acked)
                             if during is not None:
                                 tg.start_soon(during, engine)
                             result = await engine.run()

@@ -36,7 +36,10 @@ class TestJsonlReplay:
         checkpoint = tmp_path / "cp.json"
         crashed_checkpoint(checkpoint, source_path, read_to=source_path.stat().st_size)
         run = await run_replay(
-            tmp_path, JsonlSource(str(source_path), checkpoint=str(checkpoint)), len(changes)
+            tmp_path,
+            JsonlSource(str(source_path), checkpoint=str(checkpoint)),
+            len(changes),
+            until_acked=False,
         )
         assert Ending.DRAINED == run.result.ending
         assert [] == regressions(run.sim.history)
