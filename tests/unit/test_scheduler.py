@@ -643,6 +643,23 @@ class TestContradictions:
         assert all(v.fatal is None for v in verdicts)
         assert None is s.resolve(order[2], not_found(), 60.0).fatal
 
+    def test_a_request_applied_in_between_breaks_the_run(self) -> None:
+        """Contacts deleted in the API now and then, with requests applied in between, are
+        not a run: each is a deleted contact, dead-lettered, and sending goes on."""
+        s = self.applied_then(60.0, 1, 2, 3)
+        feed(s, 7, 8, now=60.0)
+        order = [take(s, 60.0) for _ in range(5)]
+        assert ["1", "2", "3", "7", "8"] == [b.keys[0] for b in order]
+        results = [
+            s.resolve(order[0], not_found(), 60.0),
+            s.resolve(order[3], applied(), 60.0),
+            s.resolve(order[1], not_found(), 60.0),
+            s.resolve(order[4], applied(), 60.0),
+            s.resolve(order[2], not_found(), 60.0),
+        ]
+        assert [None] * 5 == [r.fatal for r in results]
+        assert 3 == s.stats.contradictions
+
     def test_zero_turns_the_guard_off(self) -> None:
         """max_contradictions 0: counted, never stops."""
         s = self.applied_then(60.0, 1, 2, 3, max_contradictions=0)

@@ -69,11 +69,12 @@ class SchedulerSettings:
     """Lone contacts answered 404 in a row, with no request applied in between, at which the
     404s are taken for a wrong URL or a wrong account and sending stops (0 = never)."""
     max_contradictions: int = 3
-    """Lone 404s in a row on IDs the API applied within ``recent_s`` at which the 404s are
-    taken for answers not about IDs (a wrong account behind the URL) and sending stops
-    (0 = never)."""
+    """Lone 404s in a row (nothing applied in between) on IDs the API applied within
+    ``recent_s`` at which the 404s are taken for answers not about IDs (a wrong account behind
+    the URL) and sending stops (0 = never)."""
     recent_s: float = 3600.0
-    """How recently an ID must have been applied for a lone 404 on it to contradict."""
+    """How recently an ID must have been applied for a lone 404 on it to contradict (the
+    "exists" fact must also still be known: ``suspect_ttl_s`` bounds it in practice)."""
     timeout_grace_s: float = 60.0
     """After a request was abandoned (timeout, connection lost after sending) the API may
     still apply it: its IDs take no newer values until this long after it was abandoned."""
@@ -527,6 +528,7 @@ class Scheduler:
             self._odd.answered(batch.last_answer, verdict)
         if action is Action.APPLIED:
             self._lone_run = 0
+            self._contradiction_run = 0  # contradictions count only in a row, as lone 404s
             if self._unconfirmed:
                 self._confirm_lone(now, settled)
             self._applied(batch.entries, now, settled, self._fence_until(batch))
