@@ -105,6 +105,38 @@ class TestKnowledge:
         ]
         assert 1 == k.stats.forgotten
 
+    def test_a_large_bound_is_kept_in_bulk(self) -> None:
+        """A large bound is trimmed in one pass past a tenth more, to exactly max_ids, the
+        oldest learnt first; a fact learnt again counts as newest."""
+        k = IdKnowledge(max_ids=100)
+        for n in range(110):
+            k.learn(str(n), Known.EXISTS, float(n))
+        assert 110 == k.count(Known.EXISTS)
+        k.learn("0", Known.EXISTS, 110.0)  # learnt again: the newest now
+        k.learn("110", Known.EXISTS, 111.0)
+        assert 100 == k.count(Known.EXISTS)
+        kept = [str(n) for n in range(112) if k.peek(str(n), 112.0) is not None]
+        assert ["0", *[str(n) for n in range(12, 111)]] == kept
+        assert 11 == k.stats.forgotten
+
+    def test_learn_applied_is_learn_of_each(self) -> None:
+        """learn_applied (the hot path) leaves what learn would, and counts the IDs that were
+        not known to exist (fresh or known missing)."""
+        one, many = IdKnowledge(max_ids=5, ttl_s=10.0), IdKnowledge(max_ids=5, ttl_s=10.0)
+        for k in (one, many):
+            k.learn("a", Known.EXISTS, 0.0)
+            k.learn("m", Known.MISSING, 0.0)
+            k.learn("old", Known.EXISTS, -20.0)
+        keys = ["a", "m", "old", "new", "x", "y", "z"]
+        for key in keys:
+            one.learn(key, Known.EXISTS, 1.0)
+        assert 6 == many.learn_applied(keys, 1.0)
+        assert [one.peek(key, 1.5) for key in keys] == [many.peek(key, 1.5) for key in keys]
+        assert (one.count(Known.EXISTS), one.count(Known.MISSING)) == (
+            many.count(Known.EXISTS),
+            many.count(Known.MISSING),
+        )
+
     def test_zero_keeps_nothing(self) -> None:
         """max_ids 0 or ttl 0: nothing is kept."""
         for k in (IdKnowledge(max_ids=0), IdKnowledge(ttl_s=0.0)):

@@ -17,7 +17,6 @@ comes in as ``now``; nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
@@ -47,15 +46,26 @@ class KnowledgeStats:
 
 
 class IdKnowledge:
-    """The facts learnt from the API, each kept ``ttl_s``, at most ``max_ids`` of each kind."""
+    """The facts learnt from the API, each kept ``ttl_s``, at most ``max_ids`` of each kind.
+
+    One plain dict per kind, ID -> when learnt, in learning order (a fact learnt again moves to
+    the end): about 75 bytes per ID beside the ID's string, which the coalescer holds already.
+    The size bound is kept in bulk: past ``max_ids`` plus a tenth, the oldest learnt are dropped
+    down to ``max_ids`` in one pass (a constant cost per fact learnt).
+    """
 
     def __init__(self, ttl_s: float = 900.0, max_ids: int = 100_000) -> None:
         if max_ids < 0 or ttl_s < 0:
             raise ValueError("ttl_s and max_ids must be >= 0")
         self.ttl_s = ttl_s
         self.max_ids = max_ids
-        # Insertion order is learning order: the first entry is the oldest, the one to drop.
-        self._facts: dict[Known, OrderedDict[str, float]] = {k: OrderedDict() for k in Known}
+        self._exists: dict[str, float] = {}
+        self._missing: dict[str, float] = {}
+        self._facts: dict[Known, dict[str, float]] = {
+            Known.EXISTS: self._exists,
+            Known.MISSING: self._missing,
+        }
+        self._slack = max_ids // 10
         self.stats = KnowledgeStats()
         self._journal: list[tuple[str, Known, float]] | None = None
 
@@ -73,7 +83,7 @@ class IdKnowledge:
         return journal
 
     def __len__(self) -> int:
-        return sum(len(facts) for facts in self._facts.values())
+        return len(self._exists) + len(self._missing)
 
     def count(self, known: Known) -> int:
         """How many facts of one kind are held (expired ones included until looked up)."""
@@ -90,13 +100,17 @@ class IdKnowledge:
 
     def peek(self, key: str, now: float) -> Fact | None:
         """The live fact about ``key`` without counting; expired facts are dropped."""
-        for known, facts in self._facts.items():
-            learnt = facts.get(key)
-            if learnt is None:
-                continue
+        learnt = self._exists.get(key)
+        if learnt is not None:
             if learnt + self.ttl_s > now:
-                return Fact(known, learnt)
-            del facts[key]
+                return Fact(Known.EXISTS, learnt)
+            del self._exists[key]
+        if self._missing:
+            learnt = self._missing.get(key)
+            if learnt is not None:
+                if learnt + self.ttl_s > now:
+                    return Fact(Known.MISSING, learnt)
+                del self._missing[key]
         return None
 
     def learn(self, key: str, known: Known, now: float, *, journal: bool = True) -> None:
@@ -109,15 +123,51 @@ class IdKnowledge:
             self._journal.append((key, known, now))
             if len(self._journal) > self.max_ids:  # a store away for long: keep the newest
                 del self._journal[: len(self._journal) - self.max_ids]
-        for other, facts in self._facts.items():
-            if other is not known:
-                facts.pop(key, None)
-        facts = self._facts[known]
-        facts.pop(key, None)
+        if known is Known.EXISTS:
+            facts, other = self._exists, self._missing
+        else:
+            facts, other = self._missing, self._exists
+        if other:
+            other.pop(key, None)
+        facts.pop(key, None)  # learnt again: to the end, the newest
         facts[key] = now
-        if len(facts) > self.max_ids:
-            facts.popitem(last=False)
-            self.stats.forgotten += 1
+        if len(facts) > self.max_ids + self._slack:
+            self._bound(known)
+
+    def learn_applied(self, keys: list[str], now: float) -> int:
+        """The API applied requests holding ``keys`` at ``now``: each is known to exist.
+        Returns how many were not known to exist before (fresh, or known missing)."""
+        if not self.max_ids or not self.ttl_s:
+            return len(keys)
+        exists, missing, ttl = self._exists, self._missing, self.ttl_s
+        journal = self._journal
+        fresh = 0
+        for key in keys:
+            learnt = exists.pop(key, None)
+            if learnt is None or learnt + ttl <= now:
+                fresh += 1
+            exists[key] = now
+        if missing:
+            for key in keys:
+                missing.pop(key, None)
+        if journal is not None:
+            journal.extend((key, Known.EXISTS, now) for key in keys)
+            if len(journal) > self.max_ids:
+                del journal[: len(journal) - self.max_ids]
+        if len(exists) > self.max_ids + self._slack:
+            self._bound(Known.EXISTS)
+        return fresh
+
+    def _bound(self, known: Known) -> None:
+        """Drop the oldest learnt facts of one kind down to ``max_ids``."""
+        facts = self._facts[known]
+        over = len(facts) - self.max_ids
+        if over <= 0:
+            return
+        kept = dict(list(facts.items())[over:])
+        facts.clear()
+        facts.update(kept)
+        self.stats.forgotten += over
 
     def forget(self, key: str) -> None:
         """Drop every fact about ``key``."""

@@ -585,16 +585,21 @@ class Scheduler:
         settled: Settled,
         fence_until: float | None = None,
     ) -> None:
-        stats, knowledge = self.stats, self.knowledge
-        fresh = 0
-        for entry in entries:
-            if self._release(entry.key, fence_until, entry):
-                settled.applied.append(entry)
-            stats.changes_applied += len(entry.tokens)
-            fact = knowledge.peek(entry.key, now)
-            if fact is None or fact.known is not Known.EXISTS:
-                fresh += 1
-            knowledge.learn(entry.key, Known.EXISTS, now)
+        stats = self.stats
+        changes = 0
+        if fence_until is None:
+            release = self.coalescer.release
+            for entry in entries:
+                release(entry.key)
+                changes += len(entry.tokens)
+            settled.applied.extend(entries)
+        else:
+            for entry in entries:
+                if self._release(entry.key, fence_until, entry):
+                    settled.applied.append(entry)
+                changes += len(entry.tokens)
+        stats.changes_applied += changes
+        fresh = self.knowledge.learn_applied([entry.key for entry in entries], now)
         self.unknown_share.observe(fresh, 0)
         stats.contacts_applied += len(entries)
 

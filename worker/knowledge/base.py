@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from worker.core.knowledge import Known
 
-BYTES_PER_ID = {"memory": 175, "sqlite": 45, "redis": 105, "postgresql": 120}
+BYTES_PER_ID = {"memory": 90, "sqlite": 45, "redis": 105, "postgresql": 120}
 """About what one fact costs in each store, key of 8-12 characters, indexes included
 (measured: see docs/id-knowledge.md)."""
 
