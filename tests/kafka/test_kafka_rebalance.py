@@ -93,3 +93,56 @@ async def test_a_second_member_takes_exactly_its_partitions(tansu: Tansu, topic:
             kept = [token for token, _ in first if token[0] in a.held]  # type: ignore[index]
             assert len(kept) == a.statistics().unacked  # the kept records are still A's
             group.cancel_scope.cancel()
+
+
+class Replays:
+    """A replay listener that records the ranges a source announces."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.done: list[str] = []
+
+    def replay_started(self, name: str, covers: Callable[[str], bool] | None) -> None:
+        self.started.append(name)
+
+    def replay_done(self, name: str) -> None:
+        self.done.append(name)
+
+
+@pytest.mark.slow
+async def test_the_group_re_forms_only_after_requests_in_flight_end(
+    tansu: Tansu, topic: str
+) -> None:
+    """While A has a request in flight, its revocation holds every waiting change (a hold over
+    all IDs) and the group does not re-form: B gets no partition, and reads nothing, before
+    A's request ended; then the hold ends with the new assignment."""
+    uri = uri_of(tansu, topic, "&partitions=2")
+    await init(uri)
+    await enqueue(uri, [orjson.dumps({"ID": str(i), "lastname": "x"}) for i in range(20)])
+    a, b = from_uri(uri), from_uri(uri)
+    listener = Listener([])
+    in_flight = {"ids": 1}
+    listener.ids_in_flight = lambda: in_flight["ids"]  # type: ignore[method-assign]
+    replays = Replays()
+    a.assignments, a.replay = listener, replays
+    async with running(a):
+        await read_n(a, 20)
+        async with running(b), anyio.create_task_group() as group:
+            b_records: list[tuple[object, bytes]] = []
+
+            async def read_b() -> None:
+                while True:
+                    b_records.extend(records_of(await b.read()))
+
+            group.start_soon(read_b)
+            with anyio.fail_after(30):
+                await until(lambda: "kafka:rebalance" in replays.started)
+            await anyio.sleep(2)  # the request is still in flight: nothing moves
+            assert ([], []) == (b.held, b_records)
+            assert [0, 1] == a.held and "kafka:rebalance" not in replays.done
+            in_flight["ids"] = 0
+            with anyio.fail_after(30):
+                await until(lambda: bool(b.held) and bool(b_records))
+            assert "kafka:rebalance" in replays.done
+            assert 1 == len(a.held) and set(a.held).isdisjoint(b.held)
+            group.cancel_scope.cancel()
