@@ -108,9 +108,10 @@ def kafka_committed(uri: str, partitions: int) -> int:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     topic = uri.split("/")[3].split("?")[0]
+    group = uri.split("group=")[1].split("&")[0]
 
     async def read() -> int:
-        consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA["bootstrap"], group_id="contact-worker")
+        consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA["bootstrap"], group_id=group)
         await consumer.start()
         try:
             tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -216,7 +217,7 @@ def run_input(
         # stay in the group.
         uri = (
             f"kafka://{KAFKA['bootstrap']}/bench-{tag}?partitions={partitions}&poll_s=0.2"
-            "&session_timeout_s=10"
+            f"&session_timeout_s=10&group=bench-{tag}"
         )
     elif kind == "redis":
         lease_s = 2 if live or replicas == 1 else 20

@@ -15,7 +15,9 @@ new is sent) until the requests in flight finished, then commits: whichever part
 of their requests is in flight when their next holder starts. Once the new assignment is known,
 exactly the partitions taken away are revoked (their waiting changes forgotten, unacknowledged:
 the next holder reads them from the committed offset); the kept ones go on where they were; the
-new ones start from their committed offsets, as a replay range (DESIGN 9).
+new ones start from their committed offsets, as a replay range (DESIGN 9). A member the group
+dropped meanwhile (unreachable past the session timeout) keeps nothing: another may have read
+its partitions, so all of them start again from their committed offsets.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ class KafkaSource(Source):
         self._rebalancing = False
         self._dirty = False
         """Records were done since the last commit."""
+        self._evicted = False
+        """The group dropped this member before the rebalance under way."""
         self._ranges = ReplayRanges(self)
         self.outages = Outages()
         self.acked = 0
@@ -297,6 +301,9 @@ class KafkaSource(Source):
             if self._clock() >= deadline:
                 break
             await anyio.sleep(QUIET_WAIT_S)
+        # Dropped from the group (unreachable past the session): another member may have read
+        # these partitions meanwhile, so none of them is kept as it was.
+        self._evicted = getattr(consumer._coordinator, "generation", 0) == -1
         if listener is not None and listener.ids_in_flight():
             log.warning(
                 "kafka.revoke_in_flight",
@@ -310,7 +317,11 @@ class KafkaSource(Source):
         """The group formed: revoke exactly the partitions taken away, go on with the kept
         ones where they were, start the new ones from their committed offsets."""
         consumer = self._consumer
-        for p in sorted(set(self._holdings) - partitions):
+        gone = set(self._holdings) - partitions
+        if self._evicted:
+            gone = set(self._holdings)
+            self._evicted = False
+        for p in sorted(gone):
             self._lose(p, "kafka.partition_revoked")
         for p in sorted(partitions & set(self._holdings)):
             holding = self._holdings[p]
