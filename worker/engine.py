@@ -229,8 +229,11 @@ class Engine:
         return changes
 
     def ids_in_flight(self) -> int:
-        """Contact IDs with a request in flight now (retries waiting included)."""
-        return self.scheduler.coalescer.ids_in_flight
+        """Contact IDs whose requests may still change something at the API: in flight now,
+        retries waiting, fenced after a timeout; not the lone 404s held for a 2xx (answered:
+        a rebalance waiting on them would wait for a 2xx its own hold keeps from coming)."""
+        scheduler = self.scheduler
+        return scheduler.coalescer.ids_in_flight - scheduler.ids_answered
 
     # -- replay ranges (DESIGN 9: the source's ReplayListener) ------------------------------
 

@@ -699,3 +699,21 @@ class TestSchedulerFatal:
         assert fatal is not None
         assert Action.FATAL == fatal.action
         assert None is s.next_batch(0.0)
+
+
+class TestAnsweredIds:
+    """What a rebalance may wait for: IDs whose requests can still change something at the
+    API, not the lone 404s held for a 2xx (answered; the hold of a rebalance would otherwise
+    keep the 2xx they wait for from coming)."""
+
+    def test_a_lone_404_held_for_a_2xx_is_answered(self) -> None:
+        s = scheduler(max_items=1, max_not_found_run=10)
+        s.draining = True
+        feed(s, 1, 2)
+        first = take(s, 0.0)
+        settled = s.resolve(first, not_found(), 0.0)
+        assert [] == settled.dead  # held for a 2xx, not dead-lettered yet
+        second = take(s, 0.0)
+        assert (2, 1) == (s.coalescer.ids_in_flight, s.ids_answered)
+        s.resolve(second, applied(), 0.0)  # the 2xx confirms the 404
+        assert (0, 0) == (s.coalescer.ids_in_flight, s.ids_answered)

@@ -441,6 +441,13 @@ class Scheduler:
         self._confirm_lone(now, settled)
         return settled
 
+    @property
+    def ids_answered(self) -> int:
+        """IDs still "in flight" for the coalescer whose requests the API has answered: lone
+        404s held for a 2xx (not applied, whatever comes). Nothing of theirs can still change
+        at the API, so a partition holding them may be handed over."""
+        return sum(1 for _, fence_until in self._unconfirmed if fence_until is None)
+
     def _hand_out(self, batch: Batch) -> Batch:
         self._outstanding += 1
         self.stats.requests_by_purpose[batch.purpose.value] += 1

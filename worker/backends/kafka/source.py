@@ -53,6 +53,7 @@ from worker.backends.base import (
     SourceStatistics,
 )
 from worker.backends.kafka.progress import PartitionProgress
+from worker.backends.kafka.rate import PartitionShareRate
 from worker.backends.kafka.uri import KafkaAddress, parse_uri
 
 log = structlog.get_logger("worker.backends.kafka")
@@ -116,6 +117,8 @@ class KafkaSource(Source):
         self._clock = clock
         self._consumer: AIOKafkaConsumer | None = None
         self._holdings: dict[int, _Holding] = {}
+        self._partitions_total = 1
+        """The topic's partitions, as the group's metadata last said (the rate's share)."""
         self._generation = 0
         self._rebalancing = False
         self._dirty = False
@@ -313,10 +316,23 @@ class KafkaSource(Source):
             )
         await self._commit(consumer)
 
+    def shared_rate(self) -> PartitionShareRate:
+        """The account's rate, split by partition share (:mod:`worker.backends.kafka.rate`)."""
+        return PartitionShareRate(self._rate_share)
+
+    def _rate_share(self) -> float:
+        total = max(1, self._partitions_total)
+        return max(1, len(self._holdings)) / total
+
     def _assigned(self, partitions: set[int]) -> None:
         """The group formed: revoke exactly the partitions taken away, go on with the kept
         ones where they were, start the new ones from their committed offsets."""
         consumer = self._consumer
+        if consumer is not None:
+            known = consumer.partitions_for_topic(self.topic)
+            if known:
+                self._partitions_total = len(known)
+        self._partitions_total = max(self._partitions_total, len(partitions))
         gone = set(self._holdings) - partitions
         if self._evicted:
             gone = set(self._holdings)
