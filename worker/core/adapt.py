@@ -238,6 +238,23 @@ class RateController:
         self._held_since = None
         return self.rate
 
+    def adopt(self, rate: float) -> float:
+        """Another replica sharing the account's schedule moved the rate: take it as ours.
+        A lower one means it met a 429 at the account's rate, which counts as ours: the limit
+        comes down as :meth:`throttled` brings it down (slow start ends). The new rate."""
+        s = self.settings
+        rate = max(s.min_rate, min(s.max_rate, rate))
+        if rate > self.rate and self.limit is None:
+            return self.rate  # in slow start each doubles its own: taking theirs compounds
+        if rate < self.rate:
+            if self.limit is None:
+                self.limit = self.rate
+            else:
+                self.limit = min(self.rate, self.limit) * (1.0 - s.probe_step)
+            self._probing_since = self._held_since = None
+        self.rate = rate
+        return rate
+
     def _policy(self, rate: float) -> None:
         self.limit = rate
         self.from_policy = True
