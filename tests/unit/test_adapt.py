@@ -83,12 +83,15 @@ class TestController:
         assert 40.0 == c.limit
 
     def test_one_cut_per_interval(self) -> None:
-        """429s of requests already in flight cut once, not once each."""
+        """429s of requests already in flight cut once, not once each; 429s that go on
+        after the interval cut harder (0.7: the last cut was not enough); a 429 long after
+        the last cut cuts by 0.9."""
         c = RateController(AdaptSettings(start_rate=40.0), 0.0)
         c.throttled(1.0)
         for t in (1.1, 1.5, 1.9):
             assert 20.0 == c.throttled(t)
-        assert pytest.approx(18.0) == c.throttled(2.1)
+        assert pytest.approx(14.0) == c.throttled(2.1)
+        assert pytest.approx(12.6) == c.throttled(10.0)
 
     def test_back_to_just_under_the_limit(self) -> None:
         """After a cut the rate closes in on 0.97 of the remembered limit within seconds,

@@ -64,6 +64,10 @@ class AdaptSettings:
     """The multiplicative decrease on a 429 once a limit is remembered."""
     first_cut: float = 0.5
     """The decrease on the first 429 (slow start overshoots up to twice the limit)."""
+    cut_again: float = 0.7
+    again_within_s: float = 2.5
+    """A 429 this soon after the last cut (it was not enough: 429s go on) cuts by
+    ``cut_again``: a rate far above the limit (replicas' slow starts) comes down in seconds."""
     cut_interval_s: float = 1.0
     """At most one cut per interval: the answers of requests already in flight are one round."""
     approach_s: float = 2.0
@@ -223,6 +227,7 @@ class RateController:
             return self.rate
         if now - self._last_cut < s.cut_interval_s:
             return self.rate
+        again = now - self._last_cut < s.again_within_s  # the last cut was not enough
         self._last_cut = now
         self.cuts += 1
         first = self.limit is None
@@ -234,7 +239,8 @@ class RateController:
             self.limit = self.rate
         else:  # the held rate itself was too much: step back below it
             self.limit = min(self.rate, self.limit or self.rate) * (1.0 - s.probe_step)
-        self.rate = max(s.min_rate, self.rate * (s.first_cut if first else s.cut))
+        cut = s.first_cut if first else s.cut_again if again else s.cut
+        self.rate = max(s.min_rate, self.rate * cut)
         self._held_since = None
         return self.rate
 
