@@ -330,6 +330,8 @@ def scenario_replicas(args: argparse.Namespace) -> dict[str, Any]:
                     "answers_429": stats["rate_limited"],
                     "share_429": round(stats["rate_limited"] / max(1, stats["requests"]), 4),
                     "used_together": round((sent - refused) / max(1, len(busy)) / rate, 4),
+                    "share_429_counted": round(refused / max(1, sent), 4),
+                    "counted_from_s": 30 if args.auto else 5,
                     "max_in_one_second": stats["max_per_second"],
                     "wall_s": round(time.monotonic() - started, 2),
                 }

@@ -641,6 +641,9 @@ class Engine:
             hints = read_hints(response.rate_headers, self._wall_clock().timestamp())
             if hints.exhausted_for_s:  # nothing left in the API's window: wait for its reset
                 limiter.pause_until(now + min(hints.exhausted_for_s, self._max_pause_s))
+        account = limiter.account_rate
+        if account is not None and abs(account - controller.rate) > 0.01 * controller.rate:
+            limiter.follow(controller.adopt(account))  # another replica moved the account's
         before = controller.rate
         if response.status == 429:
             rate = controller.throttled(now, hints)

@@ -34,9 +34,12 @@ BINDING_SHARE = 0.6
 class SharedRate(Protocol):
     """A schedule kept in a store that replicas share: books one slot, says when it is."""
 
-    async def reserve(self, rate_per_s: float, paused_until_s: float) -> float:
-        """Book the next slot at ``rate_per_s`` (none before ``paused_until_s`` seconds from
-        now, 0: no pause); the seconds from now until it."""
+    async def reserve(
+        self, rate_per_s: float, paused_until_s: float, publish: bool
+    ) -> tuple[float, float]:
+        """Book the next slot (none before ``paused_until_s`` seconds from now, 0: no pause)
+        at the account's rate; ``publish``: ``rate_per_s`` is the account's rate from now on.
+        The seconds from now until the slot, and the account's rate."""
         ...
 
 
@@ -57,6 +60,11 @@ class RateLimiter:
         self._sleep = sleep
         self.wait_s = 0.0
         """Time requests waited for their slot, summed over senders."""
+        self._publish = True
+        """The next booking publishes this replica's rate as the account's (at the start, and
+        after ``--rate auto`` moved it)."""
+        self.account_rate: float | None = None
+        """The rate the account's shared schedule keeps (what a replica last published)."""
         self._booked_ahead_at = -1e18
         """When a shared slot last lay in the future: the account's rate held a sender back."""
         self.late_slots = 0
@@ -71,6 +79,13 @@ class RateLimiter:
 
     def set_rate(self, rate_per_s: float) -> None:
         """Keep another rate from now on (``--rate auto`` learned it)."""
+        if rate_per_s != self.schedule.rate_per_s:
+            self.schedule.set_rate(rate_per_s, self._clock())
+            self._publish = True
+            self.account_rate = None  # what was read before is older than this change
+
+    def follow(self, rate_per_s: float) -> None:
+        """Keep the rate another replica published for the account (not published again)."""
         if rate_per_s != self.schedule.rate_per_s:
             self.schedule.set_rate(rate_per_s, self._clock())
 
@@ -114,7 +129,11 @@ class RateLimiter:
         next replica's request: the slots are exact, the requests within the slack of them."""
         for attempt in range(MAX_REBOOKS + 1):
             await self.ready()
-            wait = await shared.reserve(self.schedule.rate_per_s, self.paused_s())
+            wait, account = await shared.reserve(
+                self.schedule.rate_per_s, self.paused_s(), self._publish
+            )
+            self._publish = False
+            self.account_rate = account
             slot = self._clock() + wait  # the reply's time: late by at most the round trip
             if wait > 0.0:
                 self._booked_ahead_at = slot

@@ -90,6 +90,50 @@ def pg_schema() -> Iterator[str]:
     asyncio.run(run(f"DROP SCHEMA {schema} CASCADE"))
 
 
+class TestPublishedRate:
+    """The account's rate lives with its schedule: what one replica publishes, all keep."""
+
+    @pytest.mark.anyio
+    async def test_redis(self, redis_url: str) -> None:
+        """A replica publishing 10/s sets the spacing another (at 50/s, not publishing)
+        books with; the account's rate comes back with each booking."""
+        from redis.asyncio import Redis
+
+        from worker.backends.redis.rate import RedisRate
+
+        client = Redis.from_url(redis_url)
+        key = f"test:{uuid.uuid4().hex}:rate"
+        try:
+            a, b = RedisRate(lambda: client, key), RedisRate(lambda: client, key)
+            _, account = await a.reserve(10.0, 0.0, True)
+            assert account == pytest.approx(10.0, rel=1e-4)
+            wait, account = await b.reserve(50.0, 0.0, False)
+            assert account == pytest.approx(10.0, rel=1e-4)
+            assert wait == pytest.approx(0.101, abs=0.01)  # a's spacing, not b's 20 ms
+        finally:
+            await client.delete(key)
+            await client.aclose()
+
+    @pytest.mark.anyio
+    async def test_postgresql(self, pg_schema: str) -> None:
+        """The same in one PostgreSQL row."""
+        import asyncpg
+
+        from worker.backends.postgres.rate import PgRate
+
+        pool = await asyncpg.create_pool(BASE_DSN, min_size=1, max_size=2)
+        try:
+            table = f"{pg_schema}.contact_worker_rate"
+            a, b = PgRate(lambda: pool, "outbox", table), PgRate(lambda: pool, "outbox", table)
+            _, account = await a.reserve(10.0, 0.0, True)
+            assert account == pytest.approx(10.0, rel=1e-4)
+            wait, account = await b.reserve(50.0, 0.0, False)
+            assert account == pytest.approx(10.0, rel=1e-4)
+            assert wait == pytest.approx(0.101, abs=0.01)
+        finally:
+            await pool.close()
+
+
 @pytest.mark.slow
 class TestSharedRate:
     def test_three_replicas_on_redis_keep_one_rate(self, redis_url: str) -> None:

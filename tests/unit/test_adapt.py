@@ -83,12 +83,15 @@ class TestController:
         assert 40.0 == c.limit
 
     def test_one_cut_per_interval(self) -> None:
-        """429s of requests already in flight cut once, not once each."""
+        """429s of requests already in flight cut once, not once each; 429s that go on
+        after the interval cut harder (0.7: the last cut was not enough); a 429 long after
+        the last cut cuts by 0.9."""
         c = RateController(AdaptSettings(start_rate=40.0), 0.0)
         c.throttled(1.0)
         for t in (1.1, 1.5, 1.9):
             assert 20.0 == c.throttled(t)
-        assert pytest.approx(18.0) == c.throttled(2.1)
+        assert pytest.approx(14.0) == c.throttled(2.1)
+        assert pytest.approx(12.6) == c.throttled(10.0)
 
     def test_back_to_just_under_the_limit(self) -> None:
         """After a cut the rate closes in on 0.97 of the remembered limit within seconds,
@@ -210,3 +213,26 @@ class TestConvergence:
         used, refused = _drive(api(limit), limit, 240.0)
         assert used >= 0.95
         assert refused <= 0.02
+
+
+class TestAdopt:
+    """Replicas sharing the account's schedule follow the rate another one published."""
+
+    def test_a_lower_rate_counts_as_a_429(self) -> None:
+        """Another replica cut the account's rate: ours follows, slow start ends, and the
+        rate we were at is remembered as the limit."""
+        c = RateController(AdaptSettings(start_rate=40.0), 0.0)
+        assert 20.0 == c.adopt(20.0)
+        assert 40.0 == c.limit
+
+    def test_a_higher_rate_in_slow_start_is_not_taken(self) -> None:
+        """In slow start each replica doubles its own: taking another's would compound."""
+        c = RateController(AdaptSettings(start_rate=4.0), 0.0)
+        assert 4.0 == c.adopt(16.0)
+
+    def test_a_higher_rate_is_taken_once_a_limit_is_known(self) -> None:
+        """Past slow start, another replica's growth (its probe, its approach) is taken."""
+        c = RateController(AdaptSettings(start_rate=40.0), 0.0)
+        c.throttled(0.0)
+        assert 30.0 == c.adopt(30.0)
+        assert 200.0 == c.adopt(1e9)  # never above --max-rate

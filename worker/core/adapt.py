@@ -64,6 +64,10 @@ class AdaptSettings:
     """The multiplicative decrease on a 429 once a limit is remembered."""
     first_cut: float = 0.5
     """The decrease on the first 429 (slow start overshoots up to twice the limit)."""
+    cut_again: float = 0.7
+    again_within_s: float = 2.5
+    """A 429 this soon after the last cut (it was not enough: 429s go on) cuts by
+    ``cut_again``: a rate far above the limit (replicas' slow starts) comes down in seconds."""
     cut_interval_s: float = 1.0
     """At most one cut per interval: the answers of requests already in flight are one round."""
     approach_s: float = 2.0
@@ -223,6 +227,7 @@ class RateController:
             return self.rate
         if now - self._last_cut < s.cut_interval_s:
             return self.rate
+        again = now - self._last_cut < s.again_within_s  # the last cut was not enough
         self._last_cut = now
         self.cuts += 1
         first = self.limit is None
@@ -234,9 +239,27 @@ class RateController:
             self.limit = self.rate
         else:  # the held rate itself was too much: step back below it
             self.limit = min(self.rate, self.limit or self.rate) * (1.0 - s.probe_step)
-        self.rate = max(s.min_rate, self.rate * (s.first_cut if first else s.cut))
+        cut = s.first_cut if first else s.cut_again if again else s.cut
+        self.rate = max(s.min_rate, self.rate * cut)
         self._held_since = None
         return self.rate
+
+    def adopt(self, rate: float) -> float:
+        """Another replica sharing the account's schedule moved the rate: take it as ours.
+        A lower one means it met a 429 at the account's rate, which counts as ours: the limit
+        comes down as :meth:`throttled` brings it down (slow start ends). The new rate."""
+        s = self.settings
+        rate = max(s.min_rate, min(s.max_rate, rate))
+        if rate > self.rate and self.limit is None:
+            return self.rate  # in slow start each doubles its own: taking theirs compounds
+        if rate < self.rate:
+            if self.limit is None:
+                self.limit = self.rate
+            else:
+                self.limit = min(self.rate, self.limit) * (1.0 - s.probe_step)
+            self._probing_since = self._held_since = None
+        self.rate = rate
+        return rate
 
     def _policy(self, rate: float) -> None:
         self.limit = rate

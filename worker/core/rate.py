@@ -137,6 +137,12 @@ class Schedule:
         return ScheduleStatistics(self._rate, self.taken, self._paused_until)
 
 
+def rate_of(spacing_us: int) -> float:
+    """The rate whose spacing (in microseconds) this is: :func:`spacing_ns`'s inverse."""
+    window_ns = NS_PER_S + round(JITTER_ALLOWANCE_S * NS_PER_S)
+    return window_ns / (max(1, spacing_us) * 1000)
+
+
 def most_in_window(times_ns: list[int], window_ns: int = NS_PER_S) -> int:
     """The most of these (sorted) times that any half-open window ``[t, t + window)`` holds:
     what an API counting requests per second saw at worst."""
