@@ -21,10 +21,7 @@ from typing import Protocol
 
 import anyio
 
-from worker.core.rate import LATE_SLACK_S, Schedule, ScheduleStatistics
-
-MAX_REBOOKS = 3
-"""Slots a sender gives up for waking late before it sends late anyway."""
+from worker.core.rate import SHARED_LATE_SLACK_S, Schedule, ScheduleStatistics
 
 BINDING_WINDOW_S = 1.0
 BINDING_SHARE = 0.6
@@ -124,22 +121,26 @@ class RateLimiter:
         self._count(self._clock())
 
     async def _acquire_shared(self, shared: SharedRate) -> None:
-        """Book a slot in the store, sleep until it; a sender that wakes more than
-        LATE_SLACK_S after its slot (a busy machine) books another rather than crowd the
-        next replica's request: the slots are exact, the requests within the slack of them."""
-        for attempt in range(MAX_REBOOKS + 1):
+        """Book a slot in the store, sleep until it. The slot is reckoned from when the
+        booking was sent (the store answered later, so the real slot is no earlier): a
+        sender that finds itself more than SHARED_LATE_SLACK_S past it (a slow answer, a busy
+        machine) books another rather than crowd the next replica's request, however many
+        times it takes. The schedule's spacing covers that slack (SHARED_ALLOWANCE_S)."""
+        while True:
             await self.ready()
+            sent_at = self._clock()
             wait, account = await shared.reserve(
                 self.schedule.rate_per_s, self.paused_s(), self._publish
             )
             self._publish = False
             self.account_rate = account
-            slot = self._clock() + wait  # the reply's time: late by at most the round trip
-            if wait > 0.0:
-                self._booked_ahead_at = slot
-                await self._timed_sleep(wait)
+            slot = sent_at + wait
             now = self._clock()
-            if now - slot <= LATE_SLACK_S or attempt == MAX_REBOOKS:
+            if slot > now:
+                self._booked_ahead_at = slot
+                await self._timed_sleep(slot - now)
+            now = self._clock()
+            if now - slot <= SHARED_LATE_SLACK_S:
                 self.schedule.taken += 1
                 self._count(now)
                 return

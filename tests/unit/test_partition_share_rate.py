@@ -20,14 +20,14 @@ class Clock:
 
 
 async def test_slots_are_spaced_by_the_share() -> None:
-    """Holding 2 of 6 partitions at 30 requests/s: 10 requests per 1.01 s, none before a
+    """Holding 2 of 6 partitions at 30 requests/s: 10 requests per 1.025 s, none before a
     pause ends."""
     clock = Clock()
     rate = PartitionShareRate(lambda: 2 / 6, clock)
-    waits = [await rate.reserve(30.0, 0.0) for _ in range(4)]
-    assert pytest.approx([0.0, 0.101, 0.202, 0.303]) == waits
+    waits = [(await rate.reserve(30.0, 0.0, False))[0] for _ in range(4)]
+    assert pytest.approx([0.0, 0.1025, 0.205, 0.3075]) == waits
     clock.now += 5.0
-    assert pytest.approx(2.0) == await rate.reserve(30.0, 2.0)
+    assert pytest.approx(2.0) == (await rate.reserve(30.0, 2.0, False))[0]
 
 
 @settings(max_examples=100, deadline=None)
@@ -55,7 +55,7 @@ def test_the_group_never_exceeds_the_account_rate(
         for replica in replicas:
             at = clock.now
             while True:
-                wait = await replica.reserve(rate_per_s, 0.0)
+                wait, _ = await replica.reserve(rate_per_s, 0.0, False)
                 if wait > span_s:
                     break
                 times.append(at + wait)

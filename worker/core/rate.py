@@ -35,16 +35,26 @@ fraction of a millisecond every time, which would otherwise cost 2 % of the rate
 Half the jitter allowance: any window of 1.005 s still holds at most R requests."""
 
 
+SHARED_LATE_SLACK_S = 0.02
+"""How late after its booked slot a replica's request may still go, measured from when the
+booking was *sent* (the store's answer can only have come later: the real slot is no earlier
+than that estimate, so the measured lateness bounds the true one from above)."""
+SHARED_ALLOWANCE_S = SHARED_LATE_SLACK_S + JITTER_ALLOWANCE_S / 2
+"""The shared schedule keeps R requests per 1.025 s: a request late by up to
+SHARED_LATE_SLACK_S, plus the network's share of the jitter, never makes R + 1 in a second."""
+
+
 def to_ns(seconds: float) -> int:
     """Seconds as whole nanoseconds, rounded up (a slot is never early)."""
     return math.ceil(seconds * NS_PER_S)
 
 
-def spacing_ns(rate_per_s: float) -> int:
-    """The least gap between two requests at ``rate_per_s``, in whole nanoseconds (up)."""
+def spacing_ns(rate_per_s: float, allowance_s: float = JITTER_ALLOWANCE_S) -> int:
+    """The least gap between two requests at ``rate_per_s``, in whole nanoseconds (up), for
+    R requests per ``1 + allowance_s`` seconds."""
     if not (math.isfinite(rate_per_s) and rate_per_s > 0):
         raise ValueError(f"rate must be a finite number > 0, got {rate_per_s}")
-    window_ns = NS_PER_S + round(JITTER_ALLOWANCE_S * NS_PER_S)
+    window_ns = NS_PER_S + round(allowance_s * NS_PER_S)
     return max(1, math.ceil(window_ns / rate_per_s))
 
 
@@ -137,9 +147,9 @@ class Schedule:
         return ScheduleStatistics(self._rate, self.taken, self._paused_until)
 
 
-def rate_of(spacing_us: int) -> float:
+def rate_of(spacing_us: int, allowance_s: float = JITTER_ALLOWANCE_S) -> float:
     """The rate whose spacing (in microseconds) this is: :func:`spacing_ns`'s inverse."""
-    window_ns = NS_PER_S + round(JITTER_ALLOWANCE_S * NS_PER_S)
+    window_ns = NS_PER_S + round(allowance_s * NS_PER_S)
     return window_ns / (max(1, spacing_us) * 1000)
 
 

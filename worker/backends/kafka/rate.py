@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 
-from worker.core.rate import JITTER_ALLOWANCE_S
+from worker.core.rate import SHARED_ALLOWANCE_S
 
 
 class PartitionShareRate:
@@ -29,11 +29,14 @@ class PartitionShareRate:
         self._clock = clock
         self._next = float("-inf")
 
-    async def reserve(self, rate_per_s: float, paused_until_s: float) -> float:
-        """Book the next slot at this replica's share of ``rate_per_s``; seconds until it."""
+    async def reserve(
+        self, rate_per_s: float, paused_until_s: float, publish: bool
+    ) -> tuple[float, float]:
+        """Book the next slot at this replica's share of ``rate_per_s``: the seconds until
+        it, and the account's rate (this replica's own: nothing is published to others)."""
         now = self._clock()
         whole = max(1, math.floor(rate_per_s * self._share() + 1e-9))
-        interval = (1.0 + JITTER_ALLOWANCE_S) / whole
+        interval = (1.0 + SHARED_ALLOWANCE_S) / whole
         slot = max(now + paused_until_s, self._next)
         self._next = slot + interval
-        return slot - now
+        return slot - now, rate_per_s

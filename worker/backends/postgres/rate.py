@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 
 from worker.backends.postgres.pool import TRANSIENT_ERRORS
-from worker.core.rate import NS_PER_S, Schedule, rate_of, spacing_ns
+from worker.core.rate import NS_PER_S, SHARED_ALLOWANCE_S, Schedule, rate_of, spacing_ns
 
 log = structlog.get_logger("worker.backends.postgres.rate")
 
@@ -65,7 +65,7 @@ RETURNING t.next_us - t.spacing_us - c.now_us, t.next_us - t.spacing_us, t.spaci
         self, rate_per_s: float, paused_until_s: float, publish: bool
     ) -> tuple[float, float]:
         """Book the next slot; the seconds from now until it, and the account's rate."""
-        spacing_us = max(1, spacing_ns(rate_per_s) * 1_000_000 // NS_PER_S)
+        spacing_us = max(1, spacing_ns(rate_per_s, SHARED_ALLOWANCE_S) * 1_000_000 // NS_PER_S)
         pause_us = max(0, round(paused_until_s * 1e6))
         pool = self._pool()
         try:
@@ -84,7 +84,7 @@ RETURNING t.next_us - t.spacing_us - c.now_us, t.next_us - t.spacing_us, t.spaci
         if self._fallback is not None:
             log.info("rate.shared_again", row=self.name)
             self._fallback = None
-        return max(0, int(wait_us)) / 1e6, rate_of(account_us)
+        return max(0, int(wait_us)) / 1e6, rate_of(account_us, SHARED_ALLOWANCE_S)
 
     def _alone(self, rate_per_s: float, paused_until_s: float, exc: BaseException) -> float:
         now = time.monotonic()

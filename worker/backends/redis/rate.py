@@ -17,7 +17,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from worker.core.rate import NS_PER_S, Schedule, rate_of, spacing_ns
+from worker.core.rate import NS_PER_S, SHARED_ALLOWANCE_S, Schedule, rate_of, spacing_ns
 
 log = structlog.get_logger("worker.backends.redis.rate")
 
@@ -62,7 +62,7 @@ class RedisRate:
     ) -> tuple[float, float]:
         """Book the next slot; the seconds from now until it, and the account's rate."""
         client = self._client()
-        spacing_us = max(1, spacing_ns(rate_per_s) * 1_000_000 // NS_PER_S)
+        spacing_us = max(1, spacing_ns(rate_per_s, SHARED_ALLOWANCE_S) * 1_000_000 // NS_PER_S)
         pause_us = max(0, round(paused_until_s * 1e6))
         try:
             if client is None:
@@ -80,7 +80,7 @@ class RedisRate:
         if self._fallback is not None:
             log.info("rate.shared_again", key=self.key)
             self._fallback = None
-        return wait_us / 1e6, rate_of(account_us)
+        return wait_us / 1e6, rate_of(account_us, SHARED_ALLOWANCE_S)
 
     def _alone(self, rate_per_s: float, paused_until_s: float, exc: BaseException) -> float:
         import time
