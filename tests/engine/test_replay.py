@@ -98,6 +98,7 @@ class TestJsonlReplay:
             JsonlSource(str(source_path), checkpoint=str(checkpoint)),
             len(changes),
             engine_settings=settings(batch=10, concurrency=4, max_waiting=500),
+            until_acked=False,
         )
         assert Ending.DRAINED == run.result.ending
         assert expected(changes) == run.sim.contacts

@@ -42,22 +42,29 @@ def _replicas(kind: str, url: str, name: str, delays: list[float]) -> list[dict[
         for delay in delays
     ]
     out = []
-    for proc in procs:
-        stdout, _ = proc.communicate(timeout=60)
-        assert 0 == proc.returncode
-        out.append(orjson.loads(stdout))
+    try:
+        for proc in procs:
+            stdout, _ = proc.communicate(timeout=60)
+            assert 0 == proc.returncode
+            out.append(orjson.loads(stdout))
+    finally:
+        for proc in procs:  # none left running when one failed
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=10)
     return out
 
 
 def _check(replicas: list[dict[str, list[int]]]) -> None:
     """Together: the slots booked (the store's clock) never put more than R in any second;
-    the requests as the processes woke up for them neither, but for the wake-ups' lateness
-    beyond the schedule's 10 ms allowance (checked over 0.98 s); and the rate is used to at
-    least 0.9 while any replica had work, from the first second on."""
+    the requests as the processes woke up for them neither (a sender later than 20 ms after
+    its slot, reckoned from when it asked for it, books another; the shared schedule keeps R
+    per 1.025 s); and the rate is used to at least 0.9 while any replica had work, from the
+    first second on."""
     slots = sorted(us * 1000 for one in replicas for us in one["slots_us"])
     assert most_in_window(slots, NS_PER_S) <= RATE
     sent = sorted(t for one in replicas for t in one["sent_ns"])
-    assert most_in_window(sent, NS_PER_S * 98 // 100) <= RATE
+    assert most_in_window(sent, NS_PER_S) <= RATE
     span_s = (slots[-1] - slots[0]) / NS_PER_S
     assert len(slots) >= 0.9 * RATE * span_s
     assert all(one["slots_us"] for one in replicas)  # each replica got slots

@@ -54,8 +54,8 @@ RETURNING t.next_us - t.spacing_us - c.now_us, t.next_us - t.spacing_us, t.spaci
                 f"CREATE TABLE IF NOT EXISTS {self.table} (name text PRIMARY KEY,"
                 " next_us bigint NOT NULL DEFAULT 0, spacing_us bigint NOT NULL DEFAULT 0)"
             )
-        except asyncpg.UniqueViolationError:
-            pass  # another replica created it at the same moment
+        except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+            pass  # another replica created it at the same moment (IF NOT EXISTS races)
         await conn.execute(
             f"INSERT INTO {self.table} (name) VALUES ($1) ON CONFLICT DO NOTHING", self.name
         )
