@@ -152,3 +152,24 @@ class TestSharedRate:
     def test_three_replicas_on_postgresql_keep_one_rate(self, pg_schema: str) -> None:
         """The same with the schedule in one PostgreSQL row."""
         _check(_replicas("pg", BASE_DSN, f"{pg_schema}.outbox", [0.0, 0.0, 2.0]))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["redis", "postgresql"])
+async def test_an_unreachable_store_leaves_a_schedule_of_its_own(kind: str) -> None:
+    """While the store cannot be reached (no connection yet, or lost), a replica books from a
+    schedule of its own at the full rate, pauses included, and says so once."""
+    from structlog.testing import capture_logs
+
+    from worker.backends.postgres.rate import PgRate
+    from worker.backends.redis.rate import RedisRate
+
+    store = RedisRate(lambda: None, "x:rate") if kind == "redis" else PgRate(lambda: None, "x")
+    with capture_logs() as logs:
+        waits = [(await store.reserve(10.0, 0.0, False))[0] for _ in range(3)]
+        paused, _ = await store.reserve(10.0, 2.0, False)
+    assert waits[0] == pytest.approx(0.0, abs=0.01)
+    assert waits[1] - waits[0] == pytest.approx(0.101, abs=0.01)
+    assert waits[2] - waits[1] == pytest.approx(0.101, abs=0.01)
+    assert paused >= 2.0
+    assert 1 == sum(1 for e in logs if e["event"] == "rate.shared_unavailable")

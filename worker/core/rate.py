@@ -163,3 +163,18 @@ def most_in_window(times_ns: list[int], window_ns: int = NS_PER_S) -> int:
             start += 1
         most = max(most, end - start + 1)
     return most
+
+
+def alone_wait(
+    fallback: Schedule | None, rate_per_s: float, paused_until_s: float, now: float
+) -> tuple[Schedule, float]:
+    """While the shared schedule cannot be reached, a replica books from a schedule of its
+    own (``fallback``, made here the first time) at the full rate: that schedule, and the
+    seconds from ``now`` until the slot it booked."""
+    if fallback is None:
+        fallback = Schedule(rate_per_s)
+    elif fallback.rate_per_s != rate_per_s:
+        fallback.set_rate(rate_per_s, now)
+    if paused_until_s > 0:
+        fallback.pause_until(now + paused_until_s)
+    return fallback, max(0.0, fallback.reserve(now) - now)

@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 
 from worker.backends.postgres.pool import TRANSIENT_ERRORS
-from worker.core.rate import NS_PER_S, SHARED_ALLOWANCE_S, Schedule, rate_of, spacing_ns
+from worker.core.rate import NS_PER_S, SHARED_ALLOWANCE_S, Schedule, alone_wait, rate_of, spacing_ns
 
 log = structlog.get_logger("worker.backends.postgres.rate")
 
@@ -87,12 +87,9 @@ RETURNING t.next_us - t.spacing_us - c.now_us, t.next_us - t.spacing_us, t.spaci
         return max(0, int(wait_us)) / 1e6, rate_of(account_us, SHARED_ALLOWANCE_S)
 
     def _alone(self, rate_per_s: float, paused_until_s: float, exc: BaseException) -> float:
-        now = time.monotonic()
         if self._fallback is None:
             log.warning("rate.shared_unavailable", row=self.name, error=str(exc))
-            self._fallback = Schedule(rate_per_s)
-        elif self._fallback.rate_per_s != rate_per_s:
-            self._fallback.set_rate(rate_per_s, now)
-        if paused_until_s > 0:
-            self._fallback.pause_until(now + paused_until_s)
-        return max(0.0, self._fallback.reserve(now) - now)
+        self._fallback, wait = alone_wait(
+            self._fallback, rate_per_s, paused_until_s, time.monotonic()
+        )
+        return wait
