@@ -60,6 +60,36 @@ def gateway() -> Iterator[Gateway]:
     gw.stop()
 
 
+class WorkerProcess:
+    """One `contact-worker run --source URI` process, its stderr appended to ``log``: started,
+    killed (SIGKILL) and restarted, or stopped (SIGTERM) for its exit code."""
+
+    def __init__(
+        self, uri: str, env: dict[str, str], log: Path, *, stop_timeout_s: float = 30.0
+    ) -> None:
+        self.uri = uri
+        self.env = env
+        self.log = log
+        self.stop_timeout_s = stop_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, **env: str) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [BIN, "run", "--source", self.uri], env={**self.env, **env}, stderr=out
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(self.stop_timeout_s)
+
+
 def worker_env(gw: Gateway, tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment a user would set: credentials and API URL in variables."""
     return api_env(gw.url, tmp_path, **extra)

@@ -5,7 +5,6 @@ value applied after a newer one (checked at the simulator)."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
 import urllib.error
@@ -15,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.cli.test_cli import BIN, Gateway, worker_env
+from tests.cli.test_cli import BIN, Gateway, WorkerProcess, worker_env
 from tests.engine.harness import expected_state
 from tests.engine.test_engine import applied_in_order, stream
 from tests.kafka.conftest import Tansu, free_port
@@ -37,37 +36,19 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-class Replica:
+class Replica(WorkerProcess):
     """One `contact-worker run` process with its status port."""
 
     def __init__(self, uri: str, env: dict[str, str], log: Path) -> None:
-        self.uri = uri
-        self.env = env
-        self.log = log
+        super().__init__(uri, env, log, stop_timeout_s=60.0)
         self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, **env: str) -> None:
         self.port = free_port()
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [BIN, "run", "--source", self.uri],
-                env={**self.env, "WORKER_HTTP_PORT": str(self.port)},
-                stderr=out,
-            )
+        super().start(**env, WORKER_HTTP_PORT=str(self.port))
 
     def metric(self, name: str) -> float | None:
         return scrape(self.port).get(name)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
 
 
 def wait(predicate: object, timeout_s: float, what: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import time
 import uuid
@@ -19,7 +18,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tests.cli.test_cli import BIN, Gateway, worker_env
+from tests.cli.test_cli import BIN, Gateway, WorkerProcess, worker_env
 from tests.engine.harness import expected_state
 from tests.engine.test_engine import applied_in_order, stream
 from tests.redis.test_redis_source import dead_letters, pending, run
@@ -389,31 +388,12 @@ class TestLeases:
 REDIS = "redis://127.0.0.1:6379/0"
 
 
-class Replica:
+class Replica(WorkerProcess):
     """One `contact-worker run` process with a stable consumer name."""
 
     def __init__(self, uri: str, name: str, env: dict[str, str], log: Path) -> None:
-        self.uri = f"{uri}&consumer={name}"
+        super().__init__(f"{uri}&consumer={name}", env, log)
         self.name = name
-        self.env = env
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [BIN, "run", "--source", self.uri], env=self.env, stderr=out
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 @pytest.fixture

@@ -84,31 +84,18 @@ def flush_due(
     return True if due <= now else due
 
 
-def fitting_prefix(entries: list[Entry], max_bytes: int) -> int:
-    """How many of ``entries``, from the first, make a body of at most ``max_bytes`` (at
-    least one, however large: the API is the judge of what it accepts)."""
+def pack(entries: list[Entry], max_bytes: int) -> tuple[list[Entry], bytes]:
+    """The longest prefix of ``entries`` whose body is at most ``max_bytes``, and that body,
+    encoded in one call (entry by entry only when all of them are over). One entry always
+    goes, however large: the API is the judge of what it accepts (413 makes it a culprit)."""
+    body = orjson.dumps([entry.body for entry in entries])
+    if len(body) <= max_bytes or len(entries) <= 1:
+        return entries, body
     size, keep = 1, 0  # the brackets, less the first comma that is not written
     for entry in entries:
         grown = size + len(orjson.dumps(entry.body)) + 1
         if keep and grown > max_bytes:
             break
         keep, size = keep + 1, grown
-    return keep
-
-
-def fill(coalescer: Coalescer, ceiling: int, max_bytes: int) -> tuple[list[Entry], bytes]:
-    """Take ready entries, oldest first, up to ``ceiling`` entries and ``max_bytes`` of body.
-
-    Returns the entries and their body, encoded in one call. One entry always goes, however
-    large: the API is the judge of what it accepts (413 makes it a culprit). When the body of
-    ``ceiling`` entries is over ``max_bytes``, the longest prefix that fits goes and the rest
-    is given back, ready again in its place.
-    """
-    taken = coalescer.pop_many(ceiling)
-    body = orjson.dumps([entry.body for entry in taken])
-    if len(body) <= max_bytes or len(taken) <= 1:
-        return taken, body
-    keep = fitting_prefix(taken, max_bytes)
-    coalescer.give_back(taken[keep:])
-    kept = taken[:keep]
+    kept = entries[:keep]
     return kept, orjson.dumps([entry.body for entry in kept])

@@ -119,16 +119,6 @@ class Coalescer:
         self.changes_waiting -= len(entry.tokens)
         return entry
 
-    def give_back(self, entries: list[Entry]) -> None:
-        """Entries just popped and not sent after all: waiting and ready again, in the place
-        their oldest change gives them (nothing can have merged into their IDs meanwhile)."""
-        for entry in entries:
-            key = entry.key
-            self._in_flight.discard(key)
-            self._waiting[key] = entry
-            self.changes_waiting += len(entry.tokens)
-            heapq.heappush(self._again, (entry.seq, key))
-
     def pop_many(self, count: int) -> list[Entry]:
         """Take the ``count`` oldest ready entries (at most :attr:`ready_count`), as
         :meth:`pop` would one by one: the batcher's hot path."""

@@ -14,10 +14,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-import orjson
-
 from worker.core.backoff import Backoff
-from worker.core.batch import Batch, BatchLimits, Purpose, fitting_prefix, flush_due
+from worker.core.batch import Batch, BatchLimits, Purpose, flush_due, pack
 from worker.core.change import Change, Decoded
 from worker.core.classify import Action, Verdict
 from worker.core.coalesce import Coalescer, Covers, Entry
@@ -495,15 +493,10 @@ class Scheduler:
             entries += _take(self._existing, limit - fresh)
         if not entries:
             return None
-        body = orjson.dumps([entry.body for entry in entries])
-        max_bytes = self.settings.limits.max_bytes
-        if len(body) > max_bytes and len(entries) > 1:
-            keep = fitting_prefix(entries, max_bytes)
-            for index in range(len(entries) - 1, keep - 1, -1):  # back in front, in order
-                (self._fresh if index < fresh else self._existing).appendleft(entries[index])
-            entries = entries[:keep]
-            body = orjson.dumps([entry.body for entry in entries])
-        return Batch(entries, self._number(), encoded=body)
+        kept, body = pack(entries, self.settings.limits.max_bytes)
+        for index in range(len(entries) - 1, len(kept) - 1, -1):  # back in front, in order
+            (self._fresh if index < fresh else self._existing).appendleft(entries[index])
+        return Batch(kept, self._number(), encoded=body)
 
     def _exists_at(self, now: float) -> Callable[[str], bool]:
         """Whether an ID is known to exist at ``now``."""
@@ -680,8 +673,7 @@ class Scheduler:
                     " (a wrong --api-url or account), not for deleted contacts (if they are,"
                     f" raise --max-contradictions or set it to 0); last: {verdict.describe()}"
                 )
-                self.fatal = Verdict(Action.FOREIGN, verdict.status, verdict.error, detail)
-                settled.fatal = self.fatal
+                self._stop(Action.FOREIGN, verdict, detail, settled)
                 return
         self._hold_lone(letter, batch, verdict, now, settled)
 
@@ -704,8 +696,12 @@ class Scheduler:
                 " not for verdicts on the changes (if they are, raise --max-not-found-run or"
                 f" set it to 0); last: {verdict.describe()}"
             )
-            self.fatal = Verdict(Action.FOREIGN, verdict.status, verdict.error, detail)
-            settled.fatal = self.fatal
+            self._stop(Action.FOREIGN, verdict, detail, settled)
+
+    def _stop(self, action: Action, verdict: Verdict, detail: str, settled: Settled) -> None:
+        """Stop sending: ``action`` (FOREIGN or FATAL) ends the run, its answer and why."""
+        self.fatal = Verdict(action, verdict.status, verdict.error, detail)
+        settled.fatal = self.fatal
 
     def _confirm_lone(self, now: float, settled: Settled) -> None:
         held, self._unconfirmed = self._unconfirmed, []
@@ -769,8 +765,7 @@ class Scheduler:
         limit = self.settings.max_retries
         if limit and batch.attempt > limit:
             detail = f"gave up after {limit} retries; last: {verdict.describe()}"
-            self.fatal = Verdict(Action.FATAL, verdict.status, verdict.error, detail)
-            settled.fatal = self.fatal
+            self._stop(Action.FATAL, verdict, detail, settled)
             return
         delay = self.settings.backoff.delay(batch.attempt, self._rand(), verdict.retry_after_s)
         if verdict.retry_after_s is not None:
