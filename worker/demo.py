@@ -17,7 +17,7 @@ from worker.backends.jsonl.source import JsonlSource
 from worker.config import Secret, Settings, non_negative_float, positive_int, senders
 from worker.engine import Engine, Result
 from worker.obs import logging as obs_logging
-from worker.run import EXIT_CODES, backend_options, engine_settings, tune_gc
+from worker.run import EXIT_CODES, backend_options, engine_settings, tune_runtime
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 from worker.sim.stream import StreamSpec, expected_final_state, generate_lines
@@ -254,7 +254,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 when everything drained and the API state checks out."""
-    tune_gc()
+    tune_runtime()
 
     obs_logging.configure("console" if sys.stderr.isatty() else "json", "warning")
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="contact-worker-demo-"))

@@ -29,7 +29,7 @@ from worker.core.adapt import AdaptSettings, AdaptStatistics, RateController, re
 from worker.core.batch import Batch
 from worker.core.change import Invalid, decode_all
 from worker.core.classify import Action, Verdict, classify, classify_failure
-from worker.core.coalesce import Entry
+from worker.core.coalesce import Entry, all_tokens
 from worker.core.concurrency import AdaptiveLimit, AdaptiveSettings, Sample
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
@@ -217,7 +217,7 @@ class Engine:
         """Forget the waiting changes of the IDs ``covers`` selects, unacknowledged; records
         of these partitions read and not taken in yet are dropped when their turn comes."""
         forgotten = self.scheduler.coalescer.forget(covers)
-        changes = sum(len(entry.tokens) for entry in forgotten)
+        changes = sum(entry.changes for entry in forgotten)
         if forgotten:
             log.warning(
                 "partition lost: forgot waiting changes",
@@ -329,14 +329,14 @@ class Engine:
             log.info(
                 "shutdown.fenced_dropped",
                 ids=len(fenced),
-                changes=sum(len(entry.tokens) for entry in fenced),
+                changes=sum(entry.changes for entry in fenced),
             )
         dropped = self.scheduler.drop_replays()
         if dropped:
             log.info(
                 "source.replay_dropped",
                 ids=len(dropped),
-                changes=sum(len(entry.tokens) for entry in dropped),
+                changes=sum(entry.changes for entry in dropped),
             )
         if self._result is None:
             self._result = Result(Ending.SHUTDOWN)
@@ -727,7 +727,7 @@ class Engine:
         if settled.dead:
             await self._dead_letter(settled.dead)
         if settled.applied:
-            tokens = [token for entry in settled.applied for token in entry.tokens]
+            tokens = all_tokens(settled.applied)
             await self._ack(tokens, settled.applied)
 
     async def _ack(self, tokens: list[Hashable], entries: list[Entry] | None = None) -> None:
@@ -769,7 +769,7 @@ class Engine:
         records = [
             record(
                 letter.reason,
-                change=letter.entry.body,
+                change=letter.entry.fields,
                 source=describe(letter.entry.tokens),
                 status=letter.status,
                 error=letter.error,
@@ -779,7 +779,7 @@ class Engine:
             for letter in letters
         ]
         entries = [letter.entry for letter in letters]
-        await self._store_dead(records, [t for entry in entries for t in entry.tokens], entries)
+        await self._store_dead(records, all_tokens(entries), entries)
 
     async def _dead_letter_invalid(self, invalid: list[Invalid]) -> None:
         at, describe = self._wall_clock(), self.source.describe

@@ -15,7 +15,7 @@ from worker.config_file import resolve
 from worker.engine import Ending
 from worker.errors import WorkerError
 from worker.obs import logging as obs_logging
-from worker.run import EXIT_CODES, backend_options, run_worker, tune_gc
+from worker.run import EXIT_CODES, backend_options, run_worker, tune_runtime
 from worker.signals import SignalRouter
 
 
@@ -41,7 +41,7 @@ def _run(args: argparse.Namespace, signals: SignalRouter) -> int:
     obs_logging.configure(settings.log_format, settings.log_level)  # before the URIs' warnings
     source = open_source(settings.source, follow=settings.follow, checkpoint=settings.checkpoint)
     sink = open_sink(settings.dlq)
-    tune_gc()
+    tune_runtime()
     try:
         result = anyio.run(
             run_worker, settings, source, sink, signals, backend_options=backend_options()

@@ -58,7 +58,7 @@ class TestReadAhead:
         assert s.read_ahead(False, 0.1)  # the backlog is read: the read-ahead ends
         batches = drain(s, 0.3)
         assert [["1", "2"], ["3"]] == [b.keys for b in batches]
-        assert all(e.body["extra1"] == "b" for b in batches for e in b.entries)
+        assert all(e.fields["extra1"] == "b" for b in batches for e in b.entries)
 
     def test_a_full_scheduler_sends(self) -> None:
         """At --max-waiting, batches leave although more is readable: memory stays bounded."""

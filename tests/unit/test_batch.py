@@ -146,7 +146,7 @@ class TestFill:
             coalescer.add(change(i, i, lastname=value), now=0.0)
         taken, body = fill(coalescer, ceiling, max_bytes)
         assert body == Batch(taken, 1).body()
-        assert [e.body for e in taken] == orjson.loads(body)
+        assert [e.fields for e in taken] == orjson.loads(body)
         assert 1 <= len(taken) <= ceiling
         assert len(taken) == 1 or len(body) <= max_bytes
         assert [str(i) for i in range(len(taken))] == [e.key for e in taken]

@@ -30,7 +30,7 @@ class TestCoalescerMerging:
         coalescer.add(change(1, "b", lastname="Maes", phone="+32"), now=1.0)
         coalescer.add(change(1, "c", extra1=""), now=2.0)
         entry = coalescer.pop()
-        assert {"ID": 1, "lastname": "Maes", "extra1": "", "phone": "+32"} == entry.body
+        assert {"ID": 1, "lastname": "Maes", "extra1": "", "phone": "+32"} == entry.fields
         assert ["a", "b", "c"] == entry.tokens
 
     def test_one_entry_per_id(self) -> None:
@@ -50,7 +50,7 @@ class TestCoalescerMerging:
         coalescer.add(change(7, "a", lastname="Lee"), now=0.0)
         coalescer.add(change("7", "b", firstname="Bo"), now=0.0)
         entry = coalescer.pop()
-        assert {"ID": "7", "lastname": "Lee", "firstname": "Bo"} == entry.body
+        assert {"ID": "7", "lastname": "Lee", "firstname": "Bo"} == entry.fields
         assert None is coalescer.peek()
 
     def test_a_batch_keeps_the_body_it_was_formed_with(self) -> None:
@@ -100,7 +100,7 @@ class TestCoalescerMerging:
         actual_tokens = {}
         while coalescer.peek() is not None:
             entry = coalescer.pop()
-            actual[entry.key] = entry.body
+            actual[entry.key] = entry.fields
             actual_tokens[entry.key] = entry.tokens
         assert expected == actual
         assert tokens == actual_tokens

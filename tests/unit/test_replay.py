@@ -135,7 +135,7 @@ class TestSchedulerReplay:
         batch = s.next_batch(3.0)
         assert isinstance(batch, Batch)
         assert [{"ID": 7, "unsubscribed": True, "extra1": "2"}, {"ID": 8, "extra1": "1"}] == [
-            e.body for e in batch.entries
+            e.fields for e in batch.entries
         ]
         assert None is s.end_replay("in.jsonl", now=3.0)
 
@@ -219,7 +219,7 @@ class TestSchedulerReplay:
                 s.add(change(id_, seq, extra1=str(value)), 0.0)
             position += size
             while isinstance(batch := s.next_batch(0.0), Batch):
-                sent += [e.body for e in batch.entries]
+                sent += [e.fields for e in batch.entries]
                 s.resolve(batch, applied(), 0.0)
         for id_, value in changes[position:]:
             s.add(change(id_, None, extra1=str(value)), 0.0)
@@ -233,6 +233,6 @@ class TestSchedulerReplay:
 def _drain(s: Scheduler) -> list[dict[str, Any]]:
     bodies: list[dict[str, Any]] = []
     while isinstance(batch := s.next_batch(0.0), Batch):
-        bodies += [e.body for e in batch.entries]
+        bodies += [e.fields for e in batch.entries]
         s.resolve(batch, applied(), 0.0)
     return bodies

@@ -112,7 +112,7 @@ class TestSchedulerBatching:
         assert None is s.next_batch(1.0)
         s.resolve(first, applied(), 1.0)
         second = take(s, 1.0)
-        assert [{"ID": 1, "extra1": "b", "lastname": "Lee"}] == [e.body for e in second.entries]
+        assert [{"ID": 1, "extra1": "b", "lastname": "Lee"}] == [e.fields for e in second.entries]
         assert ["t2", "t3"] == second.entries[0].tokens
 
     def test_batches_have_fresh_numbers(self) -> None:

@@ -59,7 +59,7 @@ class Batch:
     def body(self) -> bytes:
         """The JSON array to PATCH, encoded once (an entry in flight never changes)."""
         if self.encoded is None:
-            self.encoded = orjson.dumps([entry.body for entry in self.entries])
+            self.encoded = _array(_encoded(self.entries))
         return self.encoded
 
     @property
@@ -88,14 +88,23 @@ def pack(entries: list[Entry], max_bytes: int) -> tuple[list[Entry], bytes]:
     """The longest prefix of ``entries`` whose body is at most ``max_bytes``, and that body,
     encoded in one call (entry by entry only when all of them are over). One entry always
     goes, however large: the API is the judge of what it accepts (413 makes it a culprit)."""
-    body = orjson.dumps([entry.body for entry in entries])
-    if len(body) <= max_bytes or len(entries) <= 1:
-        return entries, body
+    parts = _encoded(entries)
+    if len(parts) <= 1 or sum(map(len, parts)) + len(parts) + 1 <= max_bytes:
+        return entries, _array(parts)
     size, keep = 1, 0  # the brackets, less the first comma that is not written
-    for entry in entries:
-        grown = size + len(orjson.dumps(entry.body)) + 1
+    for part in parts:
+        grown = size + len(part) + 1
         if keep and grown > max_bytes:
             break
         keep, size = keep + 1, grown
-    kept = entries[:keep]
-    return kept, orjson.dumps([entry.body for entry in kept])
+    return entries[:keep], _array(parts[:keep])
+
+
+def _encoded(entries: list[Entry]) -> list[bytes]:
+    """Each entry's object as JSON: most are held encoded already (``Entry.body``)."""
+    dumps = orjson.dumps
+    return [body if type(body := entry.body) is bytes else dumps(body) for entry in entries]
+
+
+def _array(parts: list[bytes]) -> bytes:
+    return b"[" + b",".join(parts) + b"]"

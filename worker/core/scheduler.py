@@ -591,13 +591,13 @@ class Scheduler:
             release = self.coalescer.release
             for entry in entries:
                 release(entry.key)
-                changes += len(entry.tokens)
+                changes += entry.changes
             settled.applied.extend(entries)
         else:
             for entry in entries:
                 if self._release(entry.key, fence_until, entry):
                     settled.applied.append(entry)
-                changes += len(entry.tokens)
+                changes += entry.changes
         stats.changes_applied += changes
         fresh = self.knowledge.learn_applied([entry.key for entry in entries], now)
         self.unknown_share.observe(fresh, 0)
@@ -616,7 +616,7 @@ class Scheduler:
         for letter in letters:
             key = letter.entry.key
             self._release(key, fence_until)
-            self.stats.dead_letters[letter.reason] += len(letter.entry.tokens)
+            self.stats.dead_letters[letter.reason] += letter.entry.changes
             self.stats.dead_entries[letter.reason] += 1
             if learn and letter.reason == "not_found":
                 self.knowledge.learn(key, Known.MISSING, now)

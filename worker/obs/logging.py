@@ -27,7 +27,11 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if console:
-        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+        processors.append(
+            structlog.dev.ConsoleRenderer(
+                colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+            )
+        )
         factory: Any = structlog.PrintLoggerFactory(stream)
     else:
         processors += [

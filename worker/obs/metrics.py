@@ -129,7 +129,7 @@ class EngineHistograms:
             return
         total = 0.0
         for entry in entries:
-            weight = len(entry.tokens)
+            weight = entry.changes
             waited = now - entry.since
             counts[bisect_left(bounds, waited)] += weight
             total += waited * weight
