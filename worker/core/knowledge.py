@@ -17,13 +17,26 @@ comes in as ``now``; nothing here does I/O.
 from __future__ import annotations
 
 import enum
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 MOVE_AFTER = 0.25
 """A fact learnt again moves to the end of its kind's order (the bound drops from the front)
 only when it was learnt more than this share of the TTL ago; otherwise only its time changes.
 Moving it each time churned the dict for nothing and kept each ID's newest string alive
 (scattered through memory) instead of the one already held: 7 to 14 MB at 200,000 IDs."""
+
+
+class Keyed(Protocol):
+    """Anything with a contact ID (a coalescer entry)."""
+
+    @property
+    def key(self) -> str: ...
+
+
+K = TypeVar("K", bound=Keyed)
 
 
 class Known(enum.Enum):
@@ -104,6 +117,38 @@ class IdKnowledge:
         else:
             self.stats.hits[fact.known.value] += 1
         return fact
+
+    def sort(
+        self, items: Sequence[K], now: float, fresh: deque[K], existing: deque[K]
+    ) -> list[tuple[K, Fact]]:
+        """Sort ``items`` by what is known of their keys, counting hits and misses as
+        :meth:`lookup` does: onto ``fresh`` (nothing known) or ``existing`` (known to exist),
+        in order; those known missing are returned, with their fact. The batcher's hot path:
+        one loop, no :class:`Fact` but for the missing."""
+        exists, missing, ttl = self._exists, self._missing, self.ttl_s
+        to_fresh, to_existing = fresh.append, existing.append
+        found: list[tuple[K, Fact]] = []
+        hits = 0
+        for item in items:
+            key = item.key
+            learnt = exists.get(key)
+            if learnt is not None:
+                if learnt + ttl > now:
+                    to_existing(item)
+                    hits += 1
+                    continue
+                del exists[key]
+            if missing:
+                fact = self.peek(key, now)
+                if fact is not None:
+                    found.append((item, fact))
+                    continue
+            to_fresh(item)
+        stats = self.stats
+        stats.hits[Known.EXISTS.value] += hits
+        stats.hits[Known.MISSING.value] += len(found)
+        stats.misses += len(items) - hits - len(found)
+        return found
 
     def peek(self, key: str, now: float) -> Fact | None:
         """The live fact about ``key`` without counting; expired facts are dropped."""

@@ -18,7 +18,7 @@ from worker.core.backoff import Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose, flush_due, pack
 from worker.core.change import Change, Decoded
 from worker.core.classify import Action, Verdict
-from worker.core.coalesce import Coalescer, Covers, Entry
+from worker.core.coalesce import Coalescer, Covers, Entry, changes_in
 from worker.core.grouptest import UnknownShare, group_size
 from worker.core.knowledge import Fact, IdKnowledge, Known
 from worker.core.split import DeadLetter, culprit, halves, release_held, split_known_bad
@@ -467,7 +467,7 @@ class Scheduler:
         """Sort ready entries by what is known of their IDs, then pack one request: a full
         group of IDs known to exist, else a group of fresh IDs topped up with IDs known to
         exist, else what there is."""
-        coalescer, lookup = self.coalescer, self.knowledge.lookup
+        coalescer, sort = self.coalescer, self.knowledge.sort
         fresh_ids, existing_ids = self._fresh, self._existing
         while not self._group_full():
             # As many as neither pool can overflow with, in one take.
@@ -475,15 +475,9 @@ class Scheduler:
             taken = coalescer.pop_many(room)
             if not taken:
                 break
-            for entry in taken:
-                fact = lookup(entry.key, now)
-                if fact is None:
-                    fresh_ids.append(entry)
-                elif fact.known is Known.EXISTS:
-                    existing_ids.append(entry)
-                else:
-                    self._known_missing.append(self._known_missing_letter(entry, fact, now))
-                    self.stats.known_missing += 1
+            for entry, fact in sort(taken, now, fresh_ids, existing_ids):
+                self._known_missing.append(self._known_missing_letter(entry, fact, now))
+                self.stats.known_missing += 1
         limit = self.ceiling
         if len(self._existing) >= limit or not self._fresh:
             entries, fresh = _take(self._existing, limit), 0
@@ -586,19 +580,16 @@ class Scheduler:
         fence_until: float | None = None,
     ) -> None:
         stats = self.stats
-        changes = 0
         if fence_until is None:
             release = self.coalescer.release
             for entry in entries:
                 release(entry.key)
-                changes += entry.changes
             settled.applied.extend(entries)
         else:
             for entry in entries:
                 if self._release(entry.key, fence_until, entry):
                     settled.applied.append(entry)
-                changes += entry.changes
-        stats.changes_applied += changes
+        stats.changes_applied += changes_in(entries)
         fresh = self.knowledge.learn_applied([entry.key for entry in entries], now)
         self.unknown_share.observe(fresh, 0)
         stats.contacts_applied += len(entries)
