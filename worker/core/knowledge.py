@@ -68,8 +68,8 @@ class IdKnowledge:
     """The facts learnt from the API, each kept ``ttl_s``, at most ``max_ids`` of each kind.
 
     One plain dict per kind, ID -> when learnt, in learning order (a fact learnt again moves to
-    the end once older than :data:`MOVE_AFTER` of the TTL): about 75 bytes per ID beside the
-    ID's string.
+    the end once older than :data:`MOVE_AFTER` of the TTL): about 40 bytes per ID beside the
+    ID's string (about 55).
     The size bound is kept in bulk: past ``max_ids`` plus a tenth, the oldest learnt are dropped
     down to ``max_ids`` in one pass (a constant cost per fact learnt).
     """
