@@ -152,9 +152,11 @@ class TestWorstCase:
         assert 11 == worst_case_requests(1000, 0, 100, 100)
 
     def test_each_unknown_costs_a_search(self) -> None:
-        """Each unknown ID: a refused group, a tail group and ceil(log2 B) more."""
-        assert 9 + 1 + 10 * (2 + 7) == worst_case_requests(1000, 10, 100, 100)
-        assert 7 == search_requests(100) == search_requests(128)
+        """Each unknown ID: a refused group, a tail group and a search: ceil(log2 B) halvings,
+        the pad of the last refused step sent, and ceil(log2 (B - 1)) to search that pad."""
+        assert 9 + 1 + 10 * (2 + 15) == worst_case_requests(1000, 10, 100, 100)
+        assert 7 + 1 + 7 == search_requests(100) == search_requests(128)
+        assert 1 + 1 + 0 == search_requests(2)
         assert 0 == search_requests(1)
 
 

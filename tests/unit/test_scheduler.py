@@ -540,8 +540,8 @@ class TestSchedulerKnowledge:
 
     def test_search_of_a_topped_up_group_halves_the_fresh(self) -> None:
         """A refused group of 64 fresh IDs topped up with 36 known to exist: the search
-        halves the fresh ones (the known almost never fail); the known ones returned by it go
-        with the known ones again."""
+        halves the fresh ones (the known almost never fail); the known ones returned by it
+        ride with the next step of the search."""
         s = scheduler(max_items=100)
         s.draining = True
         feed(s, *range(1000, 1036))
@@ -555,8 +555,10 @@ class TestSchedulerKnowledge:
         assert [str(n) for n in range(1, 33)] == first.keys
         s.resolve(first, not_found(), 1.0)  # the culprit is among 1..32
         second = take(s, 1.0)
-        assert [str(n) for n in range(1, 17)] == second.keys
-        assert 36 == len(s._existing) and 32 == len(s._fresh)
+        assert [str(n) for n in range(1, 17)] == [entry.key for entry in second.core]
+        assert [str(n) for n in range(1000, 1036)] == second.keys[16:]
+        assert 36 == second.riders
+        assert 0 == len(s._existing) and 32 == len(s._fresh)
 
     def test_deleted_after_it_was_learnt(self) -> None:
         """Knowledge is a prior, not a promise: an ID known to exist that the API no longer
