@@ -187,6 +187,8 @@ class SchedulerStats:
     """Entries dead-lettered without a request: their IDs were known missing."""
     contradictions: int = 0
     """Lone 404s on IDs the API had applied recently."""
+    riders: int = 0
+    """Entries that went with a search step as riders (counted each time they rode)."""
 
     @property
     def isolation_requests(self) -> int:
@@ -226,6 +228,8 @@ class Scheduler:
         """What the API said about IDs: batches are composed from it."""
         self.unknown_share = UnknownShare()
         """The share of fresh IDs found missing: it sizes their groups."""
+        self._missing_ahead = 0
+        """Missing IDs counted in the share when their searches began, not found yet."""
         self._fresh: deque[Entry] = deque()
         """Taken from the coalescer (or returned by a search) and not sent yet: IDs nothing is
         known about. They go in groups sized for the unknown share."""
@@ -549,6 +553,7 @@ class Scheduler:
             self._existing.extendleft(reversed(existing[keep:]))
         if keep:
             batch.entries, batch.riders, batch.encoded = kept, keep, body
+            self.stats.riders += keep
         return batch
 
     def _take_fresh(self, count: int, now: float) -> list[Entry]:
@@ -623,6 +628,12 @@ class Scheduler:
             elif len(batch.entries) == 1 and verdict.reason == "not_found":
                 self._lone_not_found(batch, verdict, now, settled)
             else:
+                if verdict.reason == "not_found" and batch.purpose is Purpose.NEW:
+                    # Its search will find one missing ID: counted now, for the share that
+                    # sizes groups and riders while it runs (with requests in flight, groups
+                    # applied meanwhile would otherwise make the share look lower and lower).
+                    self._missing_ahead += 1
+                    self.unknown_share.observe(0, 1)
                 self._known_bad(batch.entries, verdict, now, settled, batch)
         elif action is Action.SHRINK:
             self._release_held(batch, now)
@@ -696,7 +707,11 @@ class Scheduler:
             self.stats.dead_entries[letter.reason] += 1
             if learn and letter.reason == "not_found":
                 self.knowledge.learn(key, Known.MISSING, now)
-                self.unknown_share.observe(1, 1)
+                if self._missing_ahead:  # counted when its search began
+                    self._missing_ahead -= 1
+                    self.unknown_share.observe(1, 0)
+                else:
+                    self.unknown_share.observe(1, 1)
         settled.dead.extend(letters)
 
     def _known_bad(
