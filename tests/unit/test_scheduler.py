@@ -889,3 +889,21 @@ class TestRiders:
         assert Action.FOREIGN == s.fatal.action
         assert 0 == dead
         assert 0 < s.stats.riders
+
+    def test_a_refused_group_counts_its_missing_id_at_once(self) -> None:
+        """The share sizing groups and riders counts a refused group's missing ID when its
+        search begins (groups applied meanwhile must not make the share look lower), and
+        the culprit found later only as seen."""
+        s = rider_scheduler(8)
+        feed(s, *range(1, 31))
+        s.resolve(take(s, 0.0), not_found(), 0.0)
+        assert (0.0, 1.0) == (s.unknown_share.seen, s.unknown_share.missing)
+        s.resolve(take(s, 0.0), applied(), 0.0)  # 1-4 and riders 9-12
+        step = take(s, 0.0)  # [5, 6] + riders
+        s.resolve(step, applied(), 0.0)  # held [7, 8]: its first part alone
+        lone = take(s, 0.0)
+        assert ["7"] == [e.key for e in lone.core]
+        settled = s.resolve(lone, applied(), 0.0)  # 8 inferred
+        assert ["8"] == [d.entry.key for d in settled.dead]
+        applied_count = 8 + len(step.keys) + len(lone.keys)
+        assert (applied_count + 1.0, 1.0) == (s.unknown_share.seen, s.unknown_share.missing)
