@@ -510,7 +510,7 @@ class Scheduler:
 
     def _top_up(self, batch: Batch, now: float) -> Batch:
         """A search step leaves with riders (``worker.core.split``): IDs known to exist, up to
-        the ceiling, then fresh IDs from the coalescer when the cap binds
+        the ceiling, then fresh IDs from the coalescer when the share is low enough for them
         (:func:`~worker.core.grouptest.fresh_riders`) and a batch could be formed now. Applied,
         its request settles a batch's worth of contacts instead of a half, a quarter, ... of
         a group; refused, its riders are the pad the search goes on in.
