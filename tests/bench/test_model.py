@@ -210,6 +210,16 @@ class TestPlanCommand:
         assert code == 0
         assert "drain time" in out and "api_rate" in out and "groups of 16" in out
         assert "x the information bound" in out
+        assert "riders" not in out
+
+    def test_text_says_riders_at_a_very_low_share(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """At 0.1 % unknown the summary says that a search's requests carry riders (the
+        expectation it prints is without them)."""
+        code, out, _ = run_plan(
+            capsys, "--api-rate", "20", "--backlog", "1000", "--unknown-share", "0.001"
+        )
+        assert code == 0
+        assert "groups of 100" in out and "(riders)" in out
 
     def test_inputs_that_do_not_fit(self, capsys: pytest.CaptureFixture[str]) -> None:
         """More contacts than changes: exit 2 and the reason."""

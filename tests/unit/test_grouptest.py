@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.factories import applied, change, not_found
+from worker.core import grouptest
 from worker.core.batch import Batch, BatchLimits, Purpose
 from worker.core.grouptest import (
+    PRIOR_SHARE,
     UnknownShare,
     group_size,
     search_requests,
@@ -152,9 +154,11 @@ class TestWorstCase:
         assert 11 == worst_case_requests(1000, 0, 100, 100)
 
     def test_each_unknown_costs_a_search(self) -> None:
-        """Each unknown ID: a refused group, a tail group and ceil(log2 B) more."""
-        assert 9 + 1 + 10 * (2 + 7) == worst_case_requests(1000, 10, 100, 100)
-        assert 7 == search_requests(100) == search_requests(128)
+        """Each unknown ID: a refused group, a tail group and a search: ceil(log2 B) halvings,
+        the pad of the last refused step sent, and ceil(log2 (B - 1)) to search that pad."""
+        assert 9 + 1 + 10 * (2 + 15) == worst_case_requests(1000, 10, 100, 100)
+        assert 7 + 1 + 7 == search_requests(100) == search_requests(128)
+        assert 1 + 1 + 0 == search_requests(2)
         assert 0 == search_requests(1)
 
 
@@ -162,13 +166,14 @@ class TestWorstCase:
 
 
 def run_against_model(
-    contacts: int, missing: frozenset[int], batch_size: int
+    contacts: int, missing: frozenset[int], batch_size: int, prior_share: float = PRIOR_SHARE
 ) -> tuple[int, set[str], set[str], int, Scheduler]:
     """Every change added at once, requests sent one at a time and answered by a model API
     (404 if any ID in it is missing, else 204, all or nothing). Returns the requests, the IDs
     applied, the IDs dead-lettered ``not_found``, the smallest group the plan chose."""
     limits = BatchLimits(max_items=batch_size, linger_s=0.0)
     s = Scheduler(SchedulerSettings(limits=limits, max_not_found_run=0), lambda: 0.5)
+    s.unknown_share = UnknownShare(prior_share=prior_share)
     for n in range(contacts):
         s.add(change(n, token=n, lastname="x"), 0.0)
     s.draining = True
@@ -237,6 +242,62 @@ class TestPlanAgainstModel:
         assert len(missing) == len(dead_ids)
         assert requests <= math.ceil(2000 / 64) + 1 + len(missing) * (1 + search_requests(100))
         assert 0 == s.stats.requests_by_purpose["suspect"]
+
+
+class TestPlanWithRidersAgainstModel:
+    """The same with a low unknown share, where search steps carry riders: whichever IDs are
+    missing, every valid change applied, every missing ID dead-lettered, within the bound."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.integers(min_value=1, max_value=400).flatmap(
+            lambda n: st.tuples(
+                st.just(n),
+                st.frozensets(st.integers(min_value=0, max_value=n - 1), max_size=n),
+                st.sampled_from([1, 2, 3, 4, 8, 16, 100]),
+                st.sampled_from([0.001, 0.0001]),
+            )
+        )
+    )
+    def test_every_change_settled_within_the_bound(
+        self, case: tuple[int, frozenset[int], int, float]
+    ) -> None:
+        """Applied exactly the IDs the API knows, dead-lettered exactly the missing ones, in
+        at most ``worst_case_requests`` requests."""
+        contacts, missing, batch_size, prior = case
+        requests, applied_ids, dead_ids, smallest, s = run_against_model(
+            contacts, missing, batch_size, prior
+        )
+        event(f"riders: {'yes' if s.stats.riders else 'no'}")
+        assert {str(n) for n in range(contacts) if n not in missing} == applied_ids
+        assert {str(n) for n in missing} == dead_ids
+        assert requests <= worst_case_requests(contacts, len(missing), smallest, batch_size)
+
+    def test_riders_cost_more_than_halving_at_worst(self) -> None:
+        """With riders a search may spend more than halving its group: 38 contacts, 9 and 29
+        missing, batches of 8 take 16 requests, one more than a bound of ceil(log2 8) per
+        search allows (the pad of a refused step is sent, then searched): the bound's extra
+        terms are needed, and the plan stays within them."""
+        requests, _, dead_ids, smallest, s = run_against_model(38, frozenset({9, 29}), 8, 0.001)
+        assert {"9", "29"} == dead_ids
+        assert 0 < s.stats.riders
+        halving_only = 30 // smallest + 1 + 2 * (2 + 3)
+        assert halving_only < requests <= worst_case_requests(38, 2, smallest, 8)
+
+    def test_sparse_unknowns_with_riders(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """0.1 % unknown among 50,000 fresh IDs, batches of 100: fewer requests than without
+        fresh riders on the same IDs (the steps of a search are full), every ID settled."""
+        import random
+
+        rng = random.Random(13)
+        missing = frozenset(n for n in range(50_000) if rng.random() < 0.001)
+        with_riders, applied_ids, dead_ids, _, s = run_against_model(50_000, missing, 100, 0.001)
+        assert (50_000 - len(missing), len(missing)) == (len(applied_ids), len(dead_ids))
+        assert 0 < s.stats.riders
+        monkeypatch.setattr(grouptest, "RIDER_NOISE", 0.0)
+        without, _, _, _, s = run_against_model(50_000, missing, 100, 0.001)
+        assert 0 == s.stats.riders
+        assert with_riders < without
 
 
 class TestRecurringIds:

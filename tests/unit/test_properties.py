@@ -248,6 +248,7 @@ def drive(data: st.DataObject, shape: Shape) -> Run:
         ("isolation request", stats.requests_by_purpose["isolate"]),
         ("known missing dead-lettered at once", stats.known_missing),
         ("inferred culprit", stats.inferred_culprits),
+        ("rider", stats.riders),
         ("shrink", stats.shrinks),
         ("retry", stats.retries),
         ("fenced ID", stats.fenced),

@@ -19,7 +19,8 @@ from tests.unit.factories import (
 )
 from worker.core.backoff import MAX_RETRY_AFTER_S, Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose
-from worker.core.classify import Action, Verdict, classify
+from worker.core.classify import Action, Verdict, classify, classify_failure
+from worker.core.grouptest import UnknownShare
 from worker.core.scheduler import Scheduler, SchedulerSettings, Settled
 
 
@@ -540,8 +541,8 @@ class TestSchedulerKnowledge:
 
     def test_search_of_a_topped_up_group_halves_the_fresh(self) -> None:
         """A refused group of 64 fresh IDs topped up with 36 known to exist: the search
-        halves the fresh ones (the known almost never fail); the known ones returned by it go
-        with the known ones again."""
+        halves the fresh ones (the known almost never fail); the known ones returned by it
+        ride with the next step of the search."""
         s = scheduler(max_items=100)
         s.draining = True
         feed(s, *range(1000, 1036))
@@ -555,8 +556,10 @@ class TestSchedulerKnowledge:
         assert [str(n) for n in range(1, 33)] == first.keys
         s.resolve(first, not_found(), 1.0)  # the culprit is among 1..32
         second = take(s, 1.0)
-        assert [str(n) for n in range(1, 17)] == second.keys
-        assert 36 == len(s._existing) and 32 == len(s._fresh)
+        assert [str(n) for n in range(1, 17)] == [entry.key for entry in second.core]
+        assert [str(n) for n in range(1000, 1036)] == second.keys[16:]
+        assert 36 == second.riders
+        assert 0 == len(s._existing) and 32 == len(s._fresh)
 
     def test_deleted_after_it_was_learnt(self) -> None:
         """Knowledge is a prior, not a promise: an ID known to exist that the API no longer
@@ -717,3 +720,190 @@ class TestAnsweredIds:
         assert (2, 1) == (s.coalescer.ids_in_flight, s.ids_answered)
         s.resolve(second, applied(), 0.0)  # the 2xx confirms the 404
         assert (0, 0) == (s.coalescer.ids_in_flight, s.ids_answered)
+
+
+def rider_scheduler(max_items: int, **options: Any) -> Scheduler:
+    """A draining scheduler whose unknown share is low (0.1 %): search steps take riders."""
+    s = scheduler(max_items=max_items, linger_s=0.0, **options)
+    s.unknown_share = UnknownShare(prior_share=0.001)
+    s.draining = True
+    return s
+
+
+class TestRiders:
+    """Search steps carry riders (worker.core.split): a step's request is full, and what is
+    inferred stays sound."""
+
+    def test_search_step_filled_with_fresh_riders(self) -> None:
+        """A refused group of 8: its first half goes with 4 fresh riders from the input."""
+        s = rider_scheduler(8)
+        feed(s, *range(1, 31))
+        group = take(s, 0.0)
+        assert [str(n) for n in range(1, 9)] == group.keys
+        s.resolve(group, not_found(), 0.0)
+        first = take(s, 0.0)
+        assert Purpose.ISOLATE == first.purpose
+        assert ["1", "2", "3", "4"] == [e.key for e in first.core]
+        assert (["9", "10", "11", "12"], 4) == (first.keys[4:], first.riders)
+        assert 4 == s.stats.riders
+
+    def test_applied_step_applies_its_riders(self) -> None:
+        """Applied, a step applies its riders too; the held half is known bad and split at
+        once, its first part again with riders."""
+        s = rider_scheduler(8)
+        feed(s, *range(1, 31))
+        s.resolve(take(s, 0.0), not_found(), 0.0)
+        settled = s.resolve(take(s, 0.0), applied(), 1.0)
+        assert (["1", "2", "3", "4", "9", "10", "11", "12"], []) == keys_of(settled)
+        second = take(s, 1.0)
+        assert (["5", "6"], 6) == ([e.key for e in second.core], second.riders)
+        assert [str(n) for n in range(13, 19)] == second.keys[2:]
+
+    def test_refused_step_goes_on_in_its_core_and_riders(self) -> None:
+        """Refused, a step's held part returns to the pool, and the search goes on in the
+        step: the first half of its core, with new riders from the input, never the IDs just
+        returned (refused once, they go in the next group)."""
+        s = rider_scheduler(8)
+        feed(s, *range(1, 31))
+        s.resolve(take(s, 0.0), not_found(), 0.0)
+        s.resolve(take(s, 0.0), not_found(), 1.0)
+        assert ["5", "6", "7", "8"] == [e.key for e in s._fresh]
+        second = take(s, 1.0)
+        assert (["1", "2"], 6) == ([e.key for e in second.core], second.riders)
+        assert [str(n) for n in range(13, 19)] == second.keys[2:]
+
+    def refused_down_to_one(self) -> tuple[Scheduler, Batch]:
+        """Group 1-4 refused, step [1, 2] + 5, 6 refused, step [1] + 7, 8, 9 refused: the
+        core is 1, the pad 7-9. Returns the scheduler and the step that goes next."""
+        s = rider_scheduler(4)
+        feed(s, *range(1, 21))
+        s.resolve(take(s, 0.0), not_found(), 0.0)
+        step = take(s, 0.0)
+        assert (["1", "2", "5", "6"], 2) == (step.keys, step.riders)
+        s.resolve(step, not_found(), 0.0)
+        step = take(s, 0.0)
+        assert (["1", "7", "8", "9"], 3) == (step.keys, step.riders)
+        s.resolve(step, not_found(), 0.0)
+        return s, take(s, 0.0)
+
+    def test_core_of_one_sends_the_pad_and_infers_the_culprit(self) -> None:
+        """Core 1 and pad 7-9: the pad goes without riders; applied, 1 is the culprit, found
+        without a request of its own (every other member of the refused step was applied)."""
+        s, pad = self.refused_down_to_one()
+        assert (["7", "8", "9"], 0, Purpose.ISOLATE) == (pad.keys, pad.riders, pad.purpose)
+        settled = s.resolve(pad, applied(), 1.0)
+        assert (["7", "8", "9"], ["1"]) == keys_of(settled)
+        assert ("not_found", 404) == (settled.dead[0].reason, settled.dead[0].status)
+        assert 1 == s.stats.inferred_culprits
+
+    def test_refused_pad_is_searched_without_riders(self) -> None:
+        """The pad refused: 1 returns to the pool (nothing learnt about it), and the pad is
+        searched without riders: its first part goes alone, a lone 404 as ever."""
+        s, pad = self.refused_down_to_one()
+        settled = s.resolve(pad, not_found(), 1.0)
+        assert ([], []) == keys_of(settled)
+        assert "1" in [e.key for e in s._fresh]
+        lone = take(s, 1.0)
+        assert (["7"], 0) == (lone.keys, lone.riders)
+        assert ([], ["7"]) == keys_of(s.resolve(lone, not_found(), 2.0))
+        assert 0 == s.stats.inferred_culprits
+
+    def test_no_fresh_riders_while_the_share_is_not_low(self) -> None:
+        """At the prior share (1 %) a batch of 100 fresh riders would hold one unknown ID:
+        the step goes without them."""
+        s = scheduler(max_items=100, linger_s=0.0)
+        s.draining = True
+        feed(s, *range(1, 300))
+        group = take(s, 0.0)
+        assert 64 == len(group.keys)
+        s.resolve(group, not_found(), 0.0)
+        first = take(s, 0.0)
+        assert (32, 0) == (len(first.keys), first.riders)
+
+    def test_riders_trimmed_to_max_bytes_go_back_in_order(self) -> None:
+        """Riders are dropped first when the body would be too large; the dropped ones go
+        back in front of the pool, in order."""
+        limits = BatchLimits(max_items=8, max_bytes=1 << 20, linger_s=0.0)
+        probe = Scheduler(SchedulerSettings(limits=limits))
+        feed(probe, 1)
+        small = len(take(probe, 0.0).body())
+        feed(probe, 100, value="x" * 60)
+        large = len(take(probe, 0.0).body())
+        # The group of 8 small ones fits; its first half and two large riders, not three.
+        max_bytes = 4 * (small - 1) + 2 * (large - 1) + 8
+        s = scheduler(max_items=8, linger_s=0.0, max_not_found_run=0)
+        s.settings = SchedulerSettings(
+            limits=BatchLimits(max_items=8, max_bytes=max_bytes, linger_s=0.0),
+            max_not_found_run=0,
+        )
+        s.unknown_share = UnknownShare(prior_share=0.001)
+        s.draining = True
+        feed(s, *range(1, 9))
+        feed(s, *range(100, 110), value="x" * 60)
+        group = take(s, 0.0)
+        assert [str(n) for n in range(1, 9)] == group.keys
+        s.resolve(group, not_found(), 0.0)
+        first = take(s, 0.0)
+        assert (["1", "2", "3", "4", "100", "101"], 2) == (first.keys, first.riders)
+        assert len(first.body()) <= max_bytes
+        assert ["102", "103"] == [e.key for e in s._fresh]
+
+    def test_no_riders_in_a_search_for_a_rejected_change(self) -> None:
+        """A 400 is not about IDs: its search goes without riders."""
+        s = rider_scheduler(8)
+        feed(s, *range(1, 31))
+        s.resolve(take(s, 0.0), rejected(), 0.0)
+        first = take(s, 0.0)
+        assert (["1", "2", "3", "4"], 0) == (first.keys, first.riders)
+
+    def test_no_riders_in_a_search_of_an_abandoned_request(self) -> None:
+        """A request abandoned (it may yet be applied) keeps its entries through its search:
+        its IDs are fenced, nothing joins them."""
+        s = rider_scheduler(8)
+        feed(s, *range(1, 31))
+        group = take(s, 0.0)
+        s.resolve(group, classify_failure(TimeoutError()), 0.0)
+        again = s.next_batch(10.0)
+        assert again is group
+        s.resolve(group, not_found(), 10.0)
+        first = take(s, 10.0)
+        assert (["1", "2", "3", "4"], 0) == (first.keys, first.riders)
+
+    def test_a_wrong_url_answering_404_to_everything_stops(self) -> None:
+        """Every request answered 404 (a wrong URL): searches with riders still end in lone
+        requests, and the run of lone 404s stops sending; nothing is dead-lettered."""
+        s = rider_scheduler(8, max_not_found_run=10)
+        feed(s, *range(1, 2001))
+        requests, dead = 0, 0
+        while s.fatal is None:
+            batch = s.next_batch(0.0)
+            if not isinstance(batch, Batch):
+                settled = s.settle_due(0.0)
+                assert settled is not None, "stalled before the stop"
+                dead += len(settled.dead)
+                continue
+            requests += 1
+            assert requests < 1000, "no stop"
+            settled = s.resolve(batch, not_found(), 0.0)
+            dead += len(settled.dead)
+        assert Action.FOREIGN == s.fatal.action
+        assert 0 == dead
+        assert 0 < s.stats.riders
+
+    def test_a_refused_group_counts_its_missing_id_at_once(self) -> None:
+        """The share sizing groups and riders counts a refused group's missing ID when its
+        search begins (groups applied meanwhile must not make the share look lower), and
+        the culprit found later only as seen."""
+        s = rider_scheduler(8)
+        feed(s, *range(1, 31))
+        s.resolve(take(s, 0.0), not_found(), 0.0)
+        assert (0.0, 1.0) == (s.unknown_share.seen, s.unknown_share.missing)
+        s.resolve(take(s, 0.0), applied(), 0.0)  # 1-4 and riders 9-12
+        step = take(s, 0.0)  # [5, 6] + riders
+        s.resolve(step, applied(), 0.0)  # held [7, 8]: its first part alone
+        lone = take(s, 0.0)
+        assert ["7"] == [e.key for e in lone.core]
+        settled = s.resolve(lone, applied(), 0.0)  # 8 inferred
+        assert ["8"] == [d.entry.key for d in settled.dead]
+        applied_count = 8 + len(step.keys) + len(lone.keys)
+        assert (applied_count + 1.0, 1.0) == (s.unknown_share.seen, s.unknown_share.missing)

@@ -103,3 +103,58 @@ class TestCulprit:
         """A lone entry too large is rejected with the 413."""
         lone = entry("1")
         assert DeadLetter(lone, "rejected", 413, None, None) == culprit(lone, too_large())
+
+
+class TestSplitWithRiders:
+    """A refused step that carried riders: its core is halved, its riders (the pad) stay with
+    the held part; a core of one sends the pad."""
+
+    def test_core_halved_pad_held(self) -> None:
+        """Core 1-4 and pad 5-6: the first half of the core goes; the held part is the other
+        half and the pad, which it keeps as its riders."""
+        batch = split_known_bad(
+            entries("1", "2", "3", "4", "5", "6"), not_found(), numbers().__next__, riders=2
+        )
+        assert isinstance(batch, Batch) and batch.held is not None
+        assert (["1", "2"], 0) == (batch.keys, batch.riders)
+        assert (["3", "4", "5", "6"], 2) == (batch.held.keys, batch.held.riders)
+        assert ["3", "4"] == [e.key for e in batch.held.core]
+        assert (False, False) == (batch.no_riders, batch.held.no_riders)
+
+    def test_core_of_one_sends_the_pad(self) -> None:
+        """Core 1 and pad 5-7: the pad goes, without riders; the core's entry is held (the
+        culprit if the pad is applied)."""
+        batch = split_known_bad(
+            entries("1", "5", "6", "7"), not_found(), numbers().__next__, riders=3
+        )
+        assert isinstance(batch, Batch) and batch.held is not None
+        assert (["5", "6", "7"], 0, True) == (batch.keys, batch.riders, batch.no_riders)
+        assert (["1"], 0) == (batch.held.keys, batch.held.riders)
+
+    def test_a_search_in_a_pad_takes_no_riders(self) -> None:
+        """Both parts of a search without riders are without riders."""
+        batch = split_known_bad(
+            entries("1", "2", "3"), not_found(), numbers().__next__, no_riders=True
+        )
+        assert isinstance(batch, Batch) and batch.held is not None
+        assert (True, True) == (batch.no_riders, batch.held.no_riders)
+
+    def test_one_entry_is_the_culprit_whatever_it_was(self) -> None:
+        """A lone entry is the culprit, even counted as a rider."""
+        lone = entry("9")
+        plan = split_known_bad([lone], not_found(), numbers().__next__, riders=1)
+        assert DeadLetter(lone, "not_found", 404, "404", "Contact not found") == plan
+
+    def test_known_to_exist_ordering_is_of_the_core(self) -> None:
+        """The fresh part of the core is halved (IDs known to exist almost never fail); the
+        pad is not looked at."""
+        known = {"3", "4"}
+        batch = split_known_bad(
+            entries("1", "2", "3", "4", "5", "6"),
+            not_found(),
+            numbers().__next__,
+            known.__contains__,
+            riders=2,
+        )
+        assert isinstance(batch, Batch) and batch.held is not None
+        assert (["1"], ["2", "3", "4", "5", "6"]) == (batch.keys, batch.held.keys)

@@ -23,7 +23,7 @@ from worker.bench.model import (
     PlanInputs,
     plan,
 )
-from worker.core.grouptest import group_size
+from worker.core.grouptest import fresh_riders, group_size
 from worker.core.scheduler import DEFAULT_MAX_WAITING
 
 
@@ -224,7 +224,13 @@ def render(result: Plan) -> str:
                 f"fresh IDs go in groups of {group_size(p, size)} (generalized binary splitting):"
                 f" {splitting:.4f} requests per contact, {splitting / bound:.2f}x the information"
                 f" bound (halving whole batches: {halving / bound:.2f}x); an ID seen again is"
-                " known (full batches if it exists, no request if it is missing)",
+                " known (full batches if it exists, no request if it is missing)"
+                + (
+                    "; at this share the requests of a search also carry other IDs (riders),"
+                    " so it costs somewhat fewer (docs/id-knowledge.md)"
+                    if fresh_riders(p, size)
+                    else ""
+                ),
             )
         )
         if size < 100 and group_size(p, 1000) > size:

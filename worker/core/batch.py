@@ -46,6 +46,12 @@ class Batch:
     """Why the batch this one was split from failed (for culprits found by inference)."""
     held: Batch | None = field(default=None, repr=False)
     """The other half of a failed batch, sent (or split) only once this one is resolved."""
+    riders: int = 0
+    """How many trailing entries are riders: IDs a search step carries besides the ones it
+    searches (its core), so that its request is not half empty (``worker.core.split``)."""
+    no_riders: bool = False
+    """A search in the riders of an earlier step: it takes no riders of its own, so that
+    every search ends within its bound (``worker.core.grouptest.search_requests``)."""
     abandoned_at: float | None = None
     """When a send of this batch was last given up without an answer (it may still be
     applied by the API): its IDs are fenced from newer values for a grace period after."""
@@ -61,6 +67,11 @@ class Batch:
         if self.encoded is None:
             self.encoded = _array(_encoded(self.entries))
         return self.encoded
+
+    @property
+    def core(self) -> list[Entry]:
+        """The entries the search step searches: all of them but its riders."""
+        return self.entries[: len(self.entries) - self.riders]
 
     @property
     def keys(self) -> list[str]:

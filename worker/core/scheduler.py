@@ -19,7 +19,7 @@ from worker.core.batch import Batch, BatchLimits, Purpose, flush_due, pack
 from worker.core.change import Change, Decoded
 from worker.core.classify import Action, Verdict
 from worker.core.coalesce import Coalescer, Covers, Entry, changes_in
-from worker.core.grouptest import UnknownShare, group_size
+from worker.core.grouptest import UnknownShare, fresh_riders, group_size
 from worker.core.knowledge import Fact, IdKnowledge, Known
 from worker.core.split import DeadLetter, culprit, halves, release_held, split_known_bad
 
@@ -188,6 +188,8 @@ class SchedulerStats:
     """Entries dead-lettered without a request: their IDs were known missing."""
     contradictions: int = 0
     """Lone 404s on IDs the API had applied recently."""
+    riders: int = 0
+    """Entries that went with a search step as riders (counted each time they rode)."""
 
     @property
     def isolation_requests(self) -> int:
@@ -227,6 +229,8 @@ class Scheduler:
         """What the API said about IDs: batches are composed from it."""
         self.unknown_share = UnknownShare()
         """The share of fresh IDs found missing: it sizes their groups."""
+        self._missing_ahead = 0
+        """Missing IDs counted in the share when their searches began, not found yet."""
         self._fresh: deque[Entry] = deque()
         """Taken from the coalescer (or returned by a search) and not sent yet: IDs nothing is
         known about. They go in groups sized for the unknown share."""
@@ -332,7 +336,7 @@ class Scheduler:
             return self.paused_until
         fence_due = self._lift_fences(now)
         if self._urgent:
-            return self._hand_out(self._urgent.popleft())
+            return self._hand_out(self._top_up(self._urgent.popleft(), now))
         if self._delayed and self._delayed[0][0] <= now:
             return self._hand_out(heapq.heappop(self._delayed)[2])
         # A full scheduler flushes at once: waiting out linger would only stall the source.
@@ -468,17 +472,11 @@ class Scheduler:
         """Sort ready entries by what is known of their IDs, then pack one request: a full
         group of IDs known to exist, else a group of fresh IDs topped up with IDs known to
         exist, else what there is."""
-        coalescer, sort = self.coalescer, self.knowledge.sort
-        fresh_ids, existing_ids = self._fresh, self._existing
         while not self._group_full():
             # As many as neither pool can overflow with, in one take.
-            room = min(self.ceiling - len(existing_ids), self.group - len(fresh_ids))
-            taken = coalescer.pop_many(room)
-            if not taken:
+            room = min(self.ceiling - len(self._existing), self.group - len(self._fresh))
+            if not self._take_in(room, now):
                 break
-            for entry, fact in sort(taken, now, fresh_ids, existing_ids):
-                self._known_missing.append(self._known_missing_letter(entry, fact, now))
-                self.stats.known_missing += 1
         limit = self.ceiling
         if len(self._existing) >= limit or not self._fresh:
             entries, fresh = _take(self._existing, limit), 0
@@ -492,6 +490,87 @@ class Scheduler:
         for index in range(len(entries) - 1, len(kept) - 1, -1):  # back in front, in order
             (self._fresh if index < fresh else self._existing).appendleft(entries[index])
         return Batch(kept, self._number(), encoded=body)
+
+    def _take_in(self, count: int, now: float) -> int:
+        """Take up to ``count`` ready entries from the coalescer into the pools, sorted by
+        what is known of their IDs (known missing: dead-lettered without a request); how
+        many were taken."""
+        taken = self.coalescer.pop_many(count)
+        for entry, fact in self.knowledge.sort(taken, now, self._fresh, self._existing):
+            self._known_missing.append(self._known_missing_letter(entry, fact, now))
+            self.stats.known_missing += 1
+        return len(taken)
+
+    def _top_up(self, batch: Batch, now: float) -> Batch:
+        """A search step leaves with riders (``worker.core.split``): IDs known to exist, up to
+        the ceiling, then fresh IDs from the coalescer when the share is low enough for them
+        (:func:`~worker.core.grouptest.fresh_riders`) and a batch could be formed now. Applied,
+        its request settles a batch's worth of contacts instead of a half, a quarter, ... of
+        a group; refused, its riders are the pad the search goes on in.
+
+        Only a step of a search for a certain 404 takes riders: a 400 is not about IDs, an
+        abandoned request keeps its entries (its fence), a search in a pad takes none (its
+        bound), and a retry is the very request again. A step left alone (no riders to be
+        had) is a lone request, its 404 a verdict as ever."""
+        failure = batch.failure
+        if (
+            batch.purpose is not Purpose.ISOLATE
+            or failure is None
+            or failure.reason != "not_found"
+            or not failure.certain
+            or batch.riders
+            or batch.no_riders
+            or batch.attempt
+            or batch.abandoned_at is not None
+        ):
+            return batch
+        room = self.ceiling - len(batch.entries)
+        if room <= 0:
+            return batch
+        existing = _take(self._existing, room)
+        fresh: list[Entry] = []
+        short = min(room - len(existing), fresh_riders(self.unknown_share.share, self.ceiling))
+        if short > 0 and self._may_form(now):
+            # Fresh riders come from the coalescer, never from the pool: what a search
+            # returned there was refused once already, and riding it would spoil steps (it
+            # goes in the next group instead, where a 404 starts a search of its own).
+            fresh = self._take_fresh(short, now)
+        riders = existing + fresh
+        if not riders:
+            return batch
+        entries = batch.entries + riders
+        kept, body = pack(entries, self.settings.limits.max_bytes)
+        keep = max(0, len(kept) - len(batch.entries))
+        if keep < len(riders):  # trimmed: back in front of their pools, in order
+            self._fresh.extendleft(reversed(fresh[max(0, keep - len(existing)) :]))
+            self._existing.extendleft(reversed(existing[keep:]))
+        if keep:
+            batch.entries, batch.riders, batch.encoded = kept, keep, body
+            self.stats.riders += keep
+        return batch
+
+    def _take_fresh(self, count: int, now: float) -> list[Entry]:
+        """Up to ``count`` ready entries from the coalescer, for riders: fresh ones and ones
+        known to exist (known missing: dead-lettered without a request)."""
+        taken: list[Entry] = []
+        lookup = self.knowledge.lookup
+        for entry in self.coalescer.pop_many(count):
+            fact = lookup(entry.key, now)
+            if fact is None or fact.known is Known.EXISTS:
+                taken.append(entry)
+            else:
+                self._known_missing.append(self._known_missing_letter(entry, fact, now))
+                self.stats.known_missing += 1
+        return taken
+
+    def _may_form(self, now: float) -> bool:
+        """Whether a new batch could be formed from the coalescer now (as :meth:`next_batch`
+        decides): not while the input's backlog is read ahead, nor before linger is up."""
+        hurry = self.draining or not self.has_room
+        if self.reading_ahead and not hurry and self._read_ahead_until(now) is not None:
+            return False
+        due = flush_due(self.coalescer, self.settings.limits, self.ceiling, now, hurry)
+        return due is True
 
     def _exists_at(self, now: float) -> Callable[[str], bool]:
         """Whether an ID is known to exist at ``now``."""
@@ -542,6 +621,12 @@ class Scheduler:
             elif len(batch.entries) == 1 and verdict.reason == "not_found":
                 self._lone_not_found(batch, verdict, now, settled)
             else:
+                if verdict.reason == "not_found" and batch.purpose is Purpose.NEW:
+                    # Its search will find one missing ID: counted now, for the share that
+                    # sizes groups and riders while it runs (with requests in flight, groups
+                    # applied meanwhile would otherwise make the share look lower and lower).
+                    self._missing_ahead += 1
+                    self.unknown_share.observe(0, 1)
                 self._known_bad(batch.entries, verdict, now, settled, batch)
         elif action is Action.SHRINK:
             self._release_held(batch, now)
@@ -612,7 +697,11 @@ class Scheduler:
             self.stats.dead_entries[letter.reason] += 1
             if learn and letter.reason == "not_found":
                 self.knowledge.learn(key, Known.MISSING, now)
-                self.unknown_share.observe(1, 1)
+                if self._missing_ahead:  # counted when its search began
+                    self._missing_ahead -= 1
+                    self.unknown_share.observe(1, 0)
+                else:
+                    self.unknown_share.observe(1, 1)
         settled.dead.extend(letters)
 
     def _known_bad(
@@ -623,7 +712,14 @@ class Scheduler:
         settled: Settled,
         parent: Batch | None = None,
     ) -> None:
-        plan = split_known_bad(entries, failure, self._number, self._exists_at(now))
+        plan = split_known_bad(
+            entries,
+            failure,
+            self._number,
+            self._exists_at(now),
+            riders=0 if parent is None else parent.riders,
+            no_riders=parent is not None and parent.no_riders,
+        )
         if isinstance(plan, DeadLetter):
             self._dead([plan], now, settled, None if parent is None else self._fence_until(parent))
         else:
