@@ -64,4 +64,7 @@ def test_the_group_never_exceeds_the_account_rate(
     times = anyio.run(book)
     for start in times:
         in_window = sum(1 for t in times if start <= t < start + 1.0)
-        assert in_window <= rate_per_s
+        # Shares are whole requests rounded down with 1e-9 to spare (20 x 0.15 is
+        # 2.9999999999999996 in floats, and 3 requests are meant): a rate that float noise
+        # put just under a whole number counts as that number.
+        assert in_window <= rate_per_s + 1e-6
