@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from worker.bench.bounds import SPLITTING, requests_per_contact
-from worker.bench.model import PlanInputs, coalesced_sends, early_sends, plan
+from worker.bench.bounds import SPLITTING, information_bound, requests_per_contact
+from worker.bench.model import PlanInputs, coalesced_sends, early_sends, fresh_per_contact, plan
 from worker.bench.plan_cli import configure_parser, main
 
 
@@ -165,6 +165,23 @@ class TestModel:
         """Impossible inputs are refused with a reason."""
         with pytest.raises(ValueError):
             PlanInputs(**bad)  # type: ignore[arg-type]
+
+
+class TestSearchesWithRiders:
+    """Where a search's steps carry riders (a low unknown share), the model prices fresh IDs
+    by running the scheduler on a sample: cheaper than splitting without riders, never below
+    the information bound; elsewhere the closed form as before."""
+
+    def test_riders_priced_from_the_scheduler(self) -> None:
+        p = 0.001
+        with_riders = fresh_per_contact(100, p)
+        assert with_riders < requests_per_contact(100, p, SPLITTING)
+        assert with_riders > information_bound(1, p, 100)
+        assert with_riders < 1.5 * information_bound(1, p, 100)  # issue 13's goal
+
+    def test_closed_form_where_no_riders(self) -> None:
+        for p in (0.0, 0.01, 0.05):
+            assert requests_per_contact(100, p, SPLITTING) == fresh_per_contact(100, p)
 
 
 def run_plan(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -18,15 +18,19 @@ each sender completes at most one request per slice (fewer if its answer takes l
 share ``pace`` of the changes read goes out at once and ``N * pace`` updates are sent.
 Updates go in batches of ``B``; fresh IDs go in groups sized for the unknown share and a refused
 group is searched by generalized binary splitting as ``worker.core.grouptest`` says (expected
-cost from :func:`worker.bench.bounds.requests_per_contact`); an unknown ID seen again (within
-its TTL) is dead-lettered without a request, and an ID seen again that exists is known to.
+cost from :func:`worker.bench.bounds.requests_per_contact`, or where the steps of a search
+carry riders, from the scheduler run on a sample: :func:`fresh_per_contact`); an unknown ID
+seen again (within its TTL) is dead-lettered without a request, and an ID seen again that
+exists is known to.
 Transient errors (share ``e``) cost ``1 / (1 - e)`` attempts per request.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 from worker.bench.bounds import (
@@ -35,7 +39,38 @@ from worker.bench.bounds import (
     information_bound,
     requests_per_contact,
 )
+from worker.core.grouptest import fresh_riders
 from worker.core.scheduler import DEFAULT_MAX_WAITING
+
+RIDER_SAMPLE = 50_000
+"""Fresh IDs the scheduler is run on to price searches whose steps carry riders."""
+
+
+@lru_cache(maxsize=64)
+def _with_riders(batch_size: int, unknown_share: float) -> float:
+    """Expected requests per fresh contact where a search's steps carry fresh riders
+    (``worker.core.grouptest.fresh_riders``): a rider's 404 turns the step's search into a
+    search of its pad, too entangled for a closed form, so the worker's own scheduler is run
+    on :data:`RIDER_SAMPLE` fresh IDs, exactly a share ``p`` of them unknown (seeded), each
+    request answered at once (``worker.bench.replay``): about 0.3 s, once per share."""
+    import orjson
+
+    from worker.bench.replay import replay  # the scheduler: only where riders are priced
+
+    unknown = set(random.Random(1).sample(range(RIDER_SAMPLE), round(RIDER_SAMPLE * unknown_share)))
+    lines = (orjson.dumps({"ID": n, "phone": ""}) for n in range(RIDER_SAMPLE))
+    run = replay(lines, lambda key: int(key) not in unknown, batch_size=batch_size)
+    return run.requests / RIDER_SAMPLE
+
+
+def fresh_per_contact(batch_size: int, unknown_share: float) -> float:
+    """Expected requests per fresh contact, searches included: Hwang's splitting in closed
+    form (:func:`worker.bench.bounds.requests_per_contact`), or where search steps carry
+    riders, the scheduler run on a sample (:func:`_with_riders`)."""
+    if unknown_share > 0 and fresh_riders(unknown_share, batch_size):
+        return _with_riders(batch_size, round(unknown_share, 6))
+    return requests_per_contact(batch_size, unknown_share, SPLITTING)
+
 
 CPU_US_PER_CHANGE = 10.0
 """Worker CPU per change read (decode, validate, coalesce, ack), measured on a 2-core EPYC."""
@@ -184,9 +219,7 @@ def early_sends(inputs: PlanInputs, contacts: float, rate: float) -> float:
     chunk_s = READ_CHUNK_CHANGES * inputs.read_us_per_change / 1e6
     round_trip = (inputs.latency_ms + inputs.overhead_ms) / 1000 + chunk_s / 2
     answers = inputs.concurrency / round_trip
-    per_batch = inputs.batch_size * requests_per_contact(
-        inputs.batch_size, inputs.unknown_share, SPLITTING
-    )
+    per_batch = inputs.batch_size * fresh_per_contact(inputs.batch_size, inputs.unknown_share)
     steps = 200
     dt = fill_s / steps
     # No burst: what the schedule allows accumulates for one step at most.
@@ -211,7 +244,7 @@ def _requests(sends: float, distinct: float, inputs: PlanInputs, fill: float) ->
     fresh = min(sends, distinct)
     known = (1.0 - p) * max(0.0, sends - distinct)
     size = max(1, round(fill))
-    searched = fresh * requests_per_contact(size, p, SPLITTING) if fresh > 0 else 0.0
+    searched = fresh * fresh_per_contact(size, p) if fresh > 0 else 0.0
     fresh_batches = math.ceil(fresh / fill) if fresh > 0 else 0
     known_batches = math.ceil(known / fill) if known > 0 else 0
     new = float(fresh_batches + known_batches)
