@@ -230,13 +230,19 @@ class TestPlanCommand:
         assert "riders" not in out
 
     def test_text_says_riders_at_a_very_low_share(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """At 0.1 % unknown the summary says that a search's requests carry riders (the
-        expectation it prints is without them)."""
+        """At 0.1 % unknown the summary says that a search's requests carry riders, and prices
+        them (under the 1.51x that splitting without them would cost); at 1 % they do not."""
         code, out, _ = run_plan(
             capsys, "--api-rate", "20", "--backlog", "1000", "--unknown-share", "0.001"
         )
         assert code == 0
-        assert "groups of 100" in out and "(riders)" in out
+        assert "groups of 100" in out and "riders" in out
+        times = float(out.split(" requests per contact, ")[1].split("x the")[0])
+        assert 1.0 < times < 1.5
+        code, out, _ = run_plan(
+            capsys, "--api-rate", "20", "--backlog", "1000", "--unknown-share", "0.01"
+        )
+        assert code == 0 and "riders" not in out
 
     def test_inputs_that_do_not_fit(self, capsys: pytest.CaptureFixture[str]) -> None:
         """More contacts than changes: exit 2 and the reason."""

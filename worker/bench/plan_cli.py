@@ -11,7 +11,6 @@ from typing import Any
 
 from worker.bench.bounds import (
     INFERRED,
-    SPLITTING,
     binary_entropy,
     requests_per_contact,
 )
@@ -21,6 +20,7 @@ from worker.bench.model import (
     OVERHEAD_MS,
     Plan,
     PlanInputs,
+    fresh_per_contact,
     plan,
 )
 from worker.core.grouptest import fresh_riders, group_size
@@ -216,21 +216,21 @@ def render(result: Plan) -> str:
     if i.unknown_share > 0:
         p, size = i.unknown_share, i.batch_size
         bound = max(1 / size, binary_entropy(p))
-        splitting = requests_per_contact(size, p, SPLITTING)
+        splitting = fresh_per_contact(size, p)
         halving = requests_per_contact(size, p, INFERRED)
         rows.append(
             (
                 "unknown IDs",
-                f"fresh IDs go in groups of {group_size(p, size)} (generalized binary splitting):"
-                f" {splitting:.4f} requests per contact, {splitting / bound:.2f}x the information"
-                f" bound (halving whole batches: {halving / bound:.2f}x); an ID seen again is"
-                " known (full batches if it exists, no request if it is missing)"
+                f"fresh IDs go in groups of {group_size(p, size)} (generalized binary splitting"
                 + (
-                    "; at this share the requests of a search also carry other IDs (riders),"
-                    " so it costs somewhat fewer (docs/id-knowledge.md)"
+                    ", the requests of a search also carrying other IDs: riders,"
+                    " docs/id-knowledge.md"
                     if fresh_riders(p, size)
                     else ""
-                ),
+                )
+                + f"): {splitting:.4f} requests per contact, {splitting / bound:.2f}x the"
+                f" information bound (halving whole batches: {halving / bound:.2f}x); an ID seen"
+                " again is known (full batches if it exists, no request if it is missing)",
             )
         )
         if size < 100 and group_size(p, 1000) > size:
