@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
@@ -111,13 +112,25 @@ def tune_malloc() -> None:
     2026-12-04). Setting the threshold fixes it at its default. Nothing happens where the C
     library is not glibc.
     """
+    if not is_glibc():
+        return  # musl, macOS, Windows: nothing to do
     import ctypes
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (which names itself through confstr)."""
+    try:
+        version = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return version is not None and version.startswith("glibc")
 
 
 def tune_gc() -> None:

@@ -126,7 +126,7 @@ class TestCoalescerInFlight:
         coalescer.release(first.key)
         assert not coalescer.is_in_flight("1")
         second = coalescer.pop()
-        assert {"ID": 1, "extra1": "2", "lastname": "Lee"} == second.body
+        assert {"ID": 1, "extra1": "2", "lastname": "Lee"} == second.fields
         assert ["b", "c"] == second.tokens
 
     def test_release_without_waiting_changes(self) -> None:

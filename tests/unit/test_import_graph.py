@@ -105,8 +105,22 @@ def test_the_command_line_imports_a_command_only_when_it_runs() -> None:
     probe = (
         "import sys, worker.cli\n"
         "heavy = [m for m in sys.modules if m.startswith(('worker.bench', 'worker.sim', "
-        "'worker.demo', 'worker.engine', 'worker.run', 'worker.backends'))]\n"
+        "'worker.demo', 'worker.engine', 'worker.run', 'worker.backends', 'rich'))]\n"
         "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
+
+
+def test_run_keeps_rich_out_and_dlq_show_takes_it_in() -> None:
+    """structlog would import rich (3.8 MB) for tracebacks no worker log prints: ``run``
+    goes without it; the commands that draw tables still import it themselves."""
+    probe = (
+        "import sys, worker.cli, worker.run_cli\n"
+        "assert 'rich' not in sys.modules, 'run imported rich'\n"
+        "import structlog.dev\n"
+        "assert structlog.dev.rich is None\n"
+        "import worker.deadletters.display\n"
+        "assert 'rich' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
 

@@ -57,9 +57,10 @@ class TestSort:
 
 
 class TestLearntAgain:
-    def test_in_place_within_a_share_of_the_ttl(self) -> None:
-        """Applied again soon after, a fact keeps its place (only its time changes); applied
-        again later than MOVE_AFTER of the TTL, it moves to the end and outlives the bound."""
+    def test_left_alone_within_a_share_of_the_ttl(self) -> None:
+        """Applied again soon after, a fact is left as it is (its time and its place);
+        applied again later than MOVE_AFTER of the TTL, it is learnt anew: its time moves on,
+        it moves to the end and outlives the bound."""
         ttl = 100.0
         soon, late = ttl * MOVE_AFTER * 0.5, ttl * MOVE_AFTER * 1.5
         k = IdKnowledge(ttl_s=ttl, max_ids=10)
@@ -67,10 +68,30 @@ class TestLearntAgain:
         k.learn_applied(["0"], soon)
         k.learn_applied(["1"], late)
         fact = k.peek("0", late)
-        assert fact is not None and soon == fact.learnt_at  # the time moved on
+        assert fact is not None and 0.0 == fact.learnt_at  # left as it was
+        fact = k.peek("1", late)
+        assert fact is not None and late == fact.learnt_at  # learnt anew
         k.learn_applied([str(n) for n in range(10, 11)], late)  # 11 > 10 + slack 1: no trim
         k.learn_applied([str(n) for n in range(11, 12)], late)  # 12 > 11: trimmed to 10
         kept = {str(n) for n in range(12) if k.peek(str(n), late) is not None}
-        assert "0" not in kept  # kept its first place: among the oldest, dropped
+        assert "0" not in kept  # learnt at 0: among the oldest, dropped
         assert "1" in kept  # moved to the end: kept
         assert 10 == len(kept)
+
+
+class TestBoundDropsTheOldestLearnt:
+    def test_an_id_applied_every_fifth_of_the_ttl_is_not_dropped_before_older_facts(
+        self,
+    ) -> None:
+        """At most --known-ids of each kind, the oldest learnt forgotten first: an ID applied
+        again and again within a quarter of the TTL must not be the first forgotten (found by
+        review: it once kept its first place for ever while its time moved on)."""
+        ttl = 100.0
+        k = IdKnowledge(ttl_s=ttl, max_ids=10)  # slack 1: trimmed past 11
+        k.learn_applied(["hot"], 0.0)
+        k.learn_applied([f"a{n}" for n in range(9)], 1.0)
+        for at in (20.0, 40.0, 60.0, 80.0):  # each within MOVE_AFTER * ttl of the last
+            k.learn_applied(["hot"], at)
+        k.learn_applied(["b0", "b1"], 80.0)  # 12 facts: the two oldest learnt go
+        assert k.peek("hot", 80.0) is not None  # learnt anew at 40 and 80: among the newest
+        assert k.peek("a0", 80.0) is None  # learnt at 1: among the oldest
