@@ -57,7 +57,8 @@ class TestCoalescerHolds:
         assert 2 == coalescer.unhold("r")
         assert 2 == coalescer.ready_count
         first = coalescer.pop()
-        assert ("2", {"ID": 2, "extra1": "2"}, ["a", "c"]) == (first.key, first.fields, first.tokens)
+        taken = (first.key, first.fields, first.tokens)
+        assert ("2", {"ID": 2, "extra1": "2"}, ["a", "c"]) == taken
         assert ["1"] == popped_keys(coalescer)
 
     def test_a_cover_holds_only_its_ids(self) -> None:

@@ -219,9 +219,10 @@ def decode_all(records: Sequence[tuple[Hashable, bytes]]) -> tuple[list[Decoded]
     (the engine's hot path). A record is decoded and checked at once by msgspec (a third
     less CPU than ``orjson.loads`` and the check after it, benchmarks/decoders.py), into the
     dict that is sent (its fields in the decoder's order, ``ID`` first, whatever the line's:
-    the order of an object's fields means nothing in JSON); one msgspec refuses, or with no field besides ``ID``, takes the careful
-    path of :func:`decode`, which says why it is invalid (or finds it valid after all: an
-    integer ``ID`` past 64 bits signed, which orjson still reads)."""
+    the order of an object's fields means nothing in JSON); one msgspec refuses, or with no
+    field besides ``ID``, takes the careful path of :func:`decode`, which says why it is
+    invalid (or finds it valid after all: an integer ``ID`` past 64 bits signed, which orjson
+    still reads)."""
     valid: list[Decoded] = []
     invalid: list[Invalid] = []
     append, decode_plain, builtins = valid.append, _DECODE_PLAIN, msgspec.to_builtins
