@@ -199,33 +199,42 @@ def run_against_model(
     return requests, applied_ids, dead_ids, smallest, s
 
 
+def model_cases(priors: list[float]) -> st.SearchStrategy[tuple[int, frozenset[int], int, float]]:
+    """Up to 400 contacts, any of them missing, a batch size, the unknown share assumed."""
+    return st.integers(min_value=1, max_value=400).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.frozensets(st.integers(min_value=0, max_value=n - 1), max_size=n),
+            st.sampled_from([1, 2, 3, 4, 8, 16, 100]),
+            st.sampled_from(priors),
+        )
+    )
+
+
+def settled_within_the_bound(
+    contacts: int, missing: frozenset[int], batch_size: int, prior: float
+) -> Scheduler:
+    requests, applied_ids, dead_ids, smallest, s = run_against_model(
+        contacts, missing, batch_size, prior
+    )
+    assert {str(n) for n in range(contacts) if n not in missing} == applied_ids
+    assert {str(n) for n in missing} == dead_ids
+    assert requests <= worst_case_requests(contacts, len(missing), smallest, batch_size)
+    return s
+
+
 class TestPlanAgainstModel:
     """Whichever IDs are missing: every valid change applied, every missing ID found, and
     never more requests than the plan's bound."""
 
     @settings(max_examples=300, deadline=None)
-    @given(
-        st.integers(min_value=1, max_value=400).flatmap(
-            lambda n: st.tuples(
-                st.just(n),
-                st.frozensets(st.integers(min_value=0, max_value=n - 1), max_size=n),
-                st.sampled_from([1, 2, 3, 8, 16, 100]),
-            )
-        )
-    )
+    @given(model_cases([PRIOR_SHARE]))
     def test_every_change_settled_within_the_bound(
-        self, case: tuple[int, frozenset[int], int]
+        self, case: tuple[int, frozenset[int], int, float]
     ) -> None:
         """Applied exactly the IDs the API knows, dead-lettered exactly the missing ones, in
         at most ``worst_case_requests`` requests."""
-        contacts, missing, batch_size = case
-        requests, applied_ids, dead_ids, smallest, _ = run_against_model(
-            contacts, missing, batch_size
-        )
-        assert {str(n) for n in range(contacts) if n not in missing} == applied_ids
-        assert {str(n) for n in missing} == dead_ids
-        bound = worst_case_requests(contacts, len(missing), smallest, batch_size)
-        assert requests <= bound
+        settled_within_the_bound(*case)
 
     @settings(max_examples=30, deadline=None)
     @given(st.integers(min_value=0, max_value=2**32 - 1))
@@ -249,29 +258,14 @@ class TestPlanWithRidersAgainstModel:
     missing, every valid change applied, every missing ID dead-lettered, within the bound."""
 
     @settings(max_examples=300, deadline=None)
-    @given(
-        st.integers(min_value=1, max_value=400).flatmap(
-            lambda n: st.tuples(
-                st.just(n),
-                st.frozensets(st.integers(min_value=0, max_value=n - 1), max_size=n),
-                st.sampled_from([1, 2, 3, 4, 8, 16, 100]),
-                st.sampled_from([0.001, 0.0001]),
-            )
-        )
-    )
+    @given(model_cases([0.001, 0.0001]))
     def test_every_change_settled_within_the_bound(
         self, case: tuple[int, frozenset[int], int, float]
     ) -> None:
         """Applied exactly the IDs the API knows, dead-lettered exactly the missing ones, in
         at most ``worst_case_requests`` requests."""
-        contacts, missing, batch_size, prior = case
-        requests, applied_ids, dead_ids, smallest, s = run_against_model(
-            contacts, missing, batch_size, prior
-        )
+        s = settled_within_the_bound(*case)
         event(f"riders: {'yes' if s.stats.riders else 'no'}")
-        assert {str(n) for n in range(contacts) if n not in missing} == applied_ids
-        assert {str(n) for n in missing} == dead_ids
-        assert requests <= worst_case_requests(contacts, len(missing), smallest, batch_size)
 
     def test_riders_cost_more_than_halving_at_worst(self) -> None:
         """With riders a search may spend more than halving its group: 38 contacts, 9 and 29
