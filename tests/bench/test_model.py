@@ -7,9 +7,11 @@ import json
 
 import pytest
 
+import worker.bench.model as model
 from worker.bench.bounds import SPLITTING, information_bound, requests_per_contact
 from worker.bench.model import PlanInputs, coalesced_sends, early_sends, fresh_per_contact, plan
 from worker.bench.plan_cli import configure_parser, main
+from worker.core.grouptest import fresh_riders
 
 
 class TestModel:
@@ -178,6 +180,19 @@ class TestSearchesWithRiders:
         assert with_riders < requests_per_contact(100, p, SPLITTING)
         assert with_riders > information_bound(1, p, 100)
         assert with_riders < 1.5 * information_bound(1, p, 100)  # issue 13's goal
+
+    def test_riders_priced_only_where_the_worker_takes_them(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The worker decides on riders with its batch size, not with how full a steady
+        inflow's batches are (6 here): at 1 % it takes none, and none are priced (review)."""
+        assert 0 == fresh_riders(0.01, 100)
+
+        def no_riders_here(batch_size: int, unknown_share: float) -> float:
+            raise AssertionError(f"riders priced at a fill of {batch_size}, p={unknown_share}")
+
+        monkeypatch.setattr(model, "_with_riders", no_riders_here)
+        plan(PlanInputs(api_rate=10, unknown_share=0.01, changes_per_hour=90_000))
 
     def test_closed_form_where_no_riders(self) -> None:
         for p in (0.0, 0.01, 0.05):

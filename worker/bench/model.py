@@ -63,11 +63,11 @@ def _with_riders(batch_size: int, unknown_share: float) -> float:
     return run.requests / RIDER_SAMPLE
 
 
-def fresh_per_contact(batch_size: int, unknown_share: float) -> float:
+def fresh_per_contact(batch_size: int, unknown_share: float, ceiling: int | None = None) -> float:
     """Expected requests per fresh contact, searches included: Hwang's splitting in closed
     form (:func:`worker.bench.bounds.requests_per_contact`), or where search steps carry
     riders, the scheduler run on a sample (:func:`_with_riders`)."""
-    if unknown_share > 0 and fresh_riders(unknown_share, batch_size):
+    if unknown_share > 0 and fresh_riders(unknown_share, ceiling or batch_size):
         return _with_riders(batch_size, round(unknown_share, 6))
     return requests_per_contact(batch_size, unknown_share, SPLITTING)
 
@@ -244,7 +244,7 @@ def _requests(sends: float, distinct: float, inputs: PlanInputs, fill: float) ->
     fresh = min(sends, distinct)
     known = (1.0 - p) * max(0.0, sends - distinct)
     size = max(1, round(fill))
-    searched = fresh * fresh_per_contact(size, p) if fresh > 0 else 0.0
+    searched = fresh * fresh_per_contact(size, p, inputs.batch_size) if fresh > 0 else 0.0
     fresh_batches = math.ceil(fresh / fill) if fresh > 0 else 0
     known_batches = math.ceil(known / fill) if known > 0 else 0
     new = float(fresh_batches + known_batches)

@@ -17,8 +17,7 @@ comes in as ``now``; nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -123,7 +122,11 @@ class IdKnowledge:
         return fact
 
     def sort(
-        self, items: Sequence[K], now: float, fresh: deque[K], existing: deque[K]
+        self,
+        items: Sequence[K],
+        now: float,
+        fresh: MutableSequence[K],
+        existing: MutableSequence[K],
     ) -> list[tuple[K, Fact]]:
         """Sort ``items`` by what is known of their keys, counting hits and misses as
         :meth:`lookup` does: onto ``fresh`` (nothing known) or ``existing`` (known to exist),

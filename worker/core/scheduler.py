@@ -534,7 +534,8 @@ class Scheduler:
             # Fresh riders come from the coalescer, never from the pool: what a search
             # returned there was refused once already, and riding it would spoil steps (it
             # goes in the next group instead, where a 404 starts a search of its own).
-            fresh = self._take_fresh(short, now)
+            known, fresh = self._take_fresh(short, now)
+            existing += known  # known IDs first in a pad: its search halves the fresh ones
         riders = existing + fresh
         if not riders:
             return batch
@@ -549,19 +550,15 @@ class Scheduler:
             self.stats.riders += keep
         return batch
 
-    def _take_fresh(self, count: int, now: float) -> list[Entry]:
-        """Up to ``count`` ready entries from the coalescer, for riders: fresh ones and ones
-        known to exist (known missing: dead-lettered without a request)."""
-        taken: list[Entry] = []
-        lookup = self.knowledge.lookup
-        for entry in self.coalescer.pop_many(count):
-            fact = lookup(entry.key, now)
-            if fact is None or fact.known is Known.EXISTS:
-                taken.append(entry)
-            else:
-                self._known_missing.append(self._known_missing_letter(entry, fact, now))
-                self.stats.known_missing += 1
-        return taken
+    def _take_fresh(self, count: int, now: float) -> tuple[list[Entry], list[Entry]]:
+        """Up to ``count`` ready entries from the coalescer, for riders: those known to exist,
+        and the fresh ones (known missing: dead-lettered without a request)."""
+        known: list[Entry] = []
+        fresh: list[Entry] = []
+        for entry, fact in self.knowledge.sort(self.coalescer.pop_many(count), now, fresh, known):
+            self._known_missing.append(self._known_missing_letter(entry, fact, now))
+            self.stats.known_missing += 1
+        return known, fresh
 
     def _may_form(self, now: float) -> bool:
         """Whether a new batch could be formed from the coalescer now (as :meth:`next_batch`
