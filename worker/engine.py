@@ -29,7 +29,7 @@ from worker.core.adapt import AdaptSettings, AdaptStatistics, RateController, re
 from worker.core.batch import Batch
 from worker.core.change import Invalid, decode_all
 from worker.core.classify import Action, Verdict, classify, classify_failure
-from worker.core.coalesce import Entry, all_tokens
+from worker.core.coalesce import Entry, all_tokens, changes_in
 from worker.core.concurrency import AdaptiveLimit, AdaptiveSettings, Sample
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
@@ -186,6 +186,9 @@ class Engine:
         # Settled changes waiting for the acknowledger: their tokens, and for the change-to-ack
         # histogram the entries they came in (with how many changes each group carried).
         self._ack_tokens: list[Hashable] = []
+        self._ack_count = 0
+        """Settled changes of an input that acknowledges by count (``Source.acks_by_count``):
+        no token list is built for them."""
         self._ack_entries: list[tuple[list[Entry], int]] = []
         self._ack_queued = anyio.Event()
         self._ack_taken = anyio.Event()
@@ -726,19 +729,28 @@ class Engine:
     async def _carry_out(self, settled: Settled) -> None:
         if settled.dead:
             await self._dead_letter(settled.dead)
-        if settled.applied:
-            tokens = all_tokens(settled.applied)
-            await self._ack(tokens, settled.applied)
+        applied = settled.applied
+        if applied and self.source.acks_by_count:
+            await self._wait_for_ack_room()
+            changes = changes_in(applied)
+            self._ack_count += changes
+            self._ack_entries.append((applied, changes))
+            self._ack_queued.set()
+        elif applied:
+            await self._ack(all_tokens(applied), applied)
 
     async def _ack(self, tokens: list[Hashable], entries: list[Entry] | None = None) -> None:
         """Queue these tokens for the acknowledger (``entries``, if given, are what they
         carried, for the change-to-ack histogram); wait first while its queue is full."""
-        while len(self._ack_tokens) >= ACK_BACKLOG:
-            await self._ack_taken.wait()
+        await self._wait_for_ack_room()
         self._ack_tokens += tokens
         if entries:
             self._ack_entries.append((entries, len(tokens)))
         self._ack_queued.set()
+
+    async def _wait_for_ack_room(self) -> None:
+        while len(self._ack_tokens) + self._ack_count >= ACK_BACKLOG:
+            await self._ack_taken.wait()
 
     async def _acknowledge(self) -> None:
         """Acknowledge, one ``source.ack`` at a time, everything queued since the last one.
@@ -748,18 +760,22 @@ class Engine:
         its next request as soon as its answer is settled and its dead letters are written.
         """
         while True:
-            if not self._ack_tokens:
+            if not self._ack_tokens and not self._ack_count:
                 if self._producers == 0:
                     return
                 self._ack_queued = anyio.Event()
                 await self._ack_queued.wait()
                 continue
             tokens, self._ack_tokens = self._ack_tokens, []
+            count, self._ack_count = self._ack_count, 0
             entries, self._ack_entries = self._ack_entries, []
             self._ack_taken.set()
             self._ack_taken = anyio.Event()
-            await self.source.ack(tokens)
-            self.stats.acked += len(tokens)
+            if tokens:
+                await self.source.ack(tokens)
+            if count:
+                await self.source.ack_count(count)
+            self.stats.acked += len(tokens) + count
             now = self._clock()
             for group, changes in entries:
                 self.histograms.acked(group, changes, now)

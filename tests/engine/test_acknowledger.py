@@ -142,3 +142,45 @@ async def test_the_acknowledgement_queue_is_bounded(
     assert Ending.DRAINED == result.ending
     assert expected_state(changes) == sim.contacts
     assert sorted(t for call in source.calls for t in call) == list(range(1000))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+async def test_a_file_without_checkpoint_is_acknowledged_by_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checkpoint: bool
+) -> None:
+    """A ``jsonl:`` file read without a checkpoint keeps nothing of which lines are done: the
+    engine builds no token lists for applied changes and acknowledges them by count (dead
+    letters still by token); with a checkpoint, every line by token. Either way each record
+    is acknowledged once, and the run drains with the API's state right."""
+    from tests.engine.harness import run_engine
+
+    by_token: list[Hashable] = []
+    by_count: list[int] = []
+    ack, ack_count = JsonlSource.ack, JsonlSource.ack_count
+
+    async def record_ack(self: JsonlSource, tokens: Sequence[Hashable]) -> None:
+        by_token.extend(tokens)
+        await ack(self, tokens)
+
+    async def record_count(self: JsonlSource, count: int) -> None:
+        by_count.append(count)
+        await ack_count(self, count)
+
+    monkeypatch.setattr(JsonlSource, "ack", record_ack)
+    monkeypatch.setattr(JsonlSource, "ack_count", record_count)
+    unknown = frozenset(range(9001, 9011))
+    changes = stream(500, 200, seed=5, unknown=unknown)
+    known = frozenset(str(n) for n in range(1, 201))
+    run = await run_engine(
+        tmp_path, changes, SimConfig(known_ids=known), settings(batch=10), checkpoint=checkpoint
+    )
+    assert Ending.DRAINED == run.result.ending
+    assert expected_state([c for c in changes if int(c["ID"]) not in unknown]) == run.sim.contacts
+    dead = sum(1 for c in changes if int(c["ID"]) in unknown)  # changes, each a token
+    assert 0 < dead and {"not_found"} == {d["reason"] for d in run.dead}
+    assert 500 == run.engine.stats.acked == len(by_token) + sum(by_count)
+    assert run.source is not None and 500 == run.source.lines_acked
+    if checkpoint:
+        assert [] == by_count and sorted(by_token) == list(range(500))
+    else:
+        assert dead == len(by_token) and 500 - dead == sum(by_count)

@@ -266,6 +266,15 @@ class Source(abc.ABC):
     async def ack(self, tokens: Sequence[Hashable]) -> None:
         """These records are done with: applied or dead-lettered."""
 
+    acks_by_count: bool = False
+    """Whether ``ack`` reads nothing of its tokens but how many there are (a file read without
+    a checkpoint: a finite file is simply read again): the engine then builds no token lists
+    for applied changes and calls :meth:`ack_count` with their number."""
+
+    async def ack_count(self, count: int) -> None:
+        """``count`` records are done with (a source that ``acks_by_count``)."""
+        raise NotImplementedError(f"{type(self).__name__} acknowledges by token")
+
     @abc.abstractmethod
     def describe(self, tokens: Sequence[Hashable]) -> str:
         """Where these records came from, for dead letters (e.g. ``in.jsonl:17``)."""

@@ -258,6 +258,15 @@ class JsonlSource(Source):
         self.records_read += len(records)
         return records
 
+    @property
+    def acks_by_count(self) -> bool:  # type: ignore[override]
+        """Without a checkpoint nothing is kept of which lines are done: only how many."""
+        return not self.checkpoint
+
+    async def ack_count(self, count: int) -> None:
+        """``count`` lines done (no checkpoint: nothing else to keep)."""
+        self.lines_acked += count
+
     async def ack(self, tokens: Sequence[Hashable]) -> None:
         """Mark lines done; save the checkpoint now and then."""
         self.lines_acked += len(tokens)
