@@ -60,6 +60,8 @@ FAMILIES = {
     "contact_worker_id_knowledge_lookups": "counter",
     "contact_worker_id_knowledge_ids": "gauge",
     "contact_worker_id_contradictions": "counter",
+    "contact_worker_isolation_riders": "counter",
+    "contact_worker_inferred_culprits": "counter",
     "contact_worker_unknown_share": "gauge",
 }
 """Every metric family /metrics always has, and its type (counters' samples end in _total)."""

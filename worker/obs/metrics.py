@@ -276,10 +276,22 @@ def _knowledge(engine: Engine) -> Iterator[Metric]:
         lookups,
     )
     yield _gauge("id_knowledge_ids", "IDs known in memory (exists or missing)", len(knowledge))
+    stats = engine.scheduler.stats
     yield _counter(
         "id_contradictions",
         "Lone 404s on contacts the API had applied lately",
-        engine.scheduler.stats.contradictions,
+        stats.contradictions,
+    )
+    yield _counter(
+        "isolation_riders",
+        "Contacts that rode in the requests of a search for unknown IDs (filling them)",
+        stats.riders,
+    )
+    yield _counter(
+        "inferred_culprits",
+        "Unknown IDs found without a request of their own: every other ID of a refused set"
+        " was applied",
+        stats.inferred_culprits,
     )
     yield _gauge(
         "unknown_share",
