@@ -104,6 +104,11 @@ def reasons(summary: dict[str, Any]) -> dict[str, int]:
     return {reason: c["letters"] for reason, c in summary["by_reason"].items()}
 
 
+def tally(summary: dict[str, Any]) -> tuple[dict[str, int], int, int, int]:
+    """Letters per reason, letters, replayed and waiting in a ``dlq show --json`` answer."""
+    return reasons(summary), summary["letters"], summary["replayed"], summary["waiting"]
+
+
 @pytest.fixture
 def gateway() -> Iterator[Gateway]:
     """The simulated API, knowing contacts 1..30."""

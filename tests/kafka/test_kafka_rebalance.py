@@ -3,7 +3,8 @@ on where they were (nothing read again); the new holder starts from the committe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager
 
 import anyio
 import orjson
@@ -13,7 +14,7 @@ from tests.kafka.conftest import Tansu
 from tests.kafka.test_kafka_source import read_n, uri_of
 from worker.backends.base import records_of, running
 from worker.backends.kafka.producer import enqueue, init
-from worker.backends.kafka.source import from_uri
+from worker.backends.kafka.source import KafkaSource, from_uri
 
 pytestmark = pytest.mark.anyio
 
@@ -47,6 +48,23 @@ async def until(check: Callable[[], bool]) -> None:
         await anyio.sleep(0.05)
 
 
+@asynccontextmanager
+async def read_in_background(
+    source: KafkaSource,
+) -> AsyncIterator[list[tuple[object, bytes]]]:
+    """``source`` running and read by a task of its own; the records it read so far."""
+    records: list[tuple[object, bytes]] = []
+    async with running(source), anyio.create_task_group() as group:
+
+        async def read() -> None:
+            while True:
+                records.extend(records_of(await source.read()))
+
+        group.start_soon(read)
+        yield records
+        group.cancel_scope.cancel()
+
+
 @pytest.mark.slow
 async def test_a_second_member_takes_exactly_its_partitions(tansu: Tansu, topic: str) -> None:
     """A reads all 4 partitions and acknowledges nothing; B joins: A is told "revoked" for
@@ -62,14 +80,7 @@ async def test_a_second_member_takes_exactly_its_partitions(tansu: Tansu, topic:
     async with running(a):
         first = await read_n(a, 40)
         assert [0, 1, 2, 3] == a.held
-        async with running(b), anyio.create_task_group() as group:
-            b_records: list[tuple[object, bytes]] = []
-
-            async def read_b() -> None:
-                while True:
-                    b_records.extend(records_of(await b.read()))
-
-            group.start_soon(read_b)
+        async with read_in_background(b) as b_records:
             with anyio.fail_after(30):
                 await until(lambda: bool(b.held) and len(a.held) == 2 and len(b_records) >= 1)
             taken = set(b.held)
@@ -92,7 +103,6 @@ async def test_a_second_member_takes_exactly_its_partitions(tansu: Tansu, topic:
             assert sorted(set(a.held)) == sorted(set(range(4)) - taken)
             kept = [token for token, _ in first if token[0] in a.held]  # type: ignore[index]
             assert len(kept) == a.statistics().unacked  # the kept records are still A's
-            group.cancel_scope.cancel()
 
 
 class Replays:
@@ -127,14 +137,7 @@ async def test_the_group_re_forms_only_after_requests_in_flight_end(
     a.assignments, a.replay = listener, replays
     async with running(a):
         await read_n(a, 20)
-        async with running(b), anyio.create_task_group() as group:
-            b_records: list[tuple[object, bytes]] = []
-
-            async def read_b() -> None:
-                while True:
-                    b_records.extend(records_of(await b.read()))
-
-            group.start_soon(read_b)
+        async with read_in_background(b) as b_records:
             with anyio.fail_after(30):
                 await until(lambda: "kafka:rebalance" in replays.started)
             await anyio.sleep(2)  # the request is still in flight: nothing moves
@@ -145,4 +148,3 @@ async def test_the_group_re_forms_only_after_requests_in_flight_end(
                 await until(lambda: bool(b.held) and bool(b_records))
             assert "kafka:rebalance" in replays.done
             assert 1 == len(a.held) and set(a.held).isdisjoint(b.held)
-            group.cancel_scope.cancel()

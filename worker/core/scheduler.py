@@ -11,7 +11,7 @@ import heapq
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, MutableSequence
 from dataclasses import dataclass, field
 
 from worker.core.backoff import Backoff
@@ -491,12 +491,20 @@ class Scheduler:
             (self._fresh if index < fresh else self._existing).appendleft(entries[index])
         return Batch(kept, self._number(), encoded=body)
 
-    def _take_in(self, count: int, now: float) -> int:
-        """Take up to ``count`` ready entries from the coalescer into the pools, sorted by
-        what is known of their IDs (known missing: dead-lettered without a request); how
-        many were taken."""
+    def _take_in(
+        self,
+        count: int,
+        now: float,
+        fresh: MutableSequence[Entry] | None = None,
+        existing: MutableSequence[Entry] | None = None,
+    ) -> int:
+        """Take up to ``count`` ready entries from the coalescer onto ``fresh`` and
+        ``existing`` (the pools unless given), sorted by what is known of their IDs (known
+        missing: dead-lettered without a request); how many were taken."""
         taken = self.coalescer.pop_many(count)
-        for entry, fact in self.knowledge.sort(taken, now, self._fresh, self._existing):
+        fresh = self._fresh if fresh is None else fresh
+        existing = self._existing if existing is None else existing
+        for entry, fact in self.knowledge.sort(taken, now, fresh, existing):
             self._known_missing.append(self._known_missing_letter(entry, fact, now))
             self.stats.known_missing += 1
         return len(taken)
@@ -555,9 +563,7 @@ class Scheduler:
         and the fresh ones (known missing: dead-lettered without a request)."""
         known: list[Entry] = []
         fresh: list[Entry] = []
-        for entry, fact in self.knowledge.sort(self.coalescer.pop_many(count), now, fresh, known):
-            self._known_missing.append(self._known_missing_letter(entry, fact, now))
-            self.stats.known_missing += 1
+        self._take_in(count, now, fresh, known)
         return known, fresh
 
     def _may_form(self, now: float) -> bool:
