@@ -123,6 +123,20 @@ class Life:
                 seen = len(self.lines)
                 self._new_line.wait(60)
 
+    def _wait_until_logged(self, name: str, count: int, timeout_s: float = 10.0) -> None:
+        """Wait until the event ``name`` was logged ``count`` times, or the worker ended."""
+        deadline = time.monotonic() + timeout_s
+        with self._new_line:
+            while time.monotonic() < deadline:
+                logged = 0
+                for line in self.lines:
+                    if line == b"":
+                        return
+                    logged += line.startswith(b"{") and orjson.loads(line)["event"] == name
+                if logged >= count:
+                    return
+                self._new_line.wait(0.05)
+
     def wait_until(self, condition: Callable[[], bool]) -> bool:
         """Poll ``condition`` while the worker lives; False if it ended first."""
         while self.proc.poll() is None:
@@ -133,7 +147,10 @@ class Life:
 
     def signal(self, moment: str) -> None:
         """SIGTERM now, unless the worker has exited or ignores signals (it is exiting, its
-        exit code decided)."""
+        exit code decided). The last one sent is let through first (logged, or the worker
+        gone): two SIGTERMs sent before the first was delivered become one (the kernel
+        merges a pending signal into one of its kind), and the worker would log one."""
+        self._wait_until_logged("signal.received", len(self.sent))
         if sigterm_disposition(self.proc.pid) in ("caught", "default"):
             self.proc.send_signal(signal.SIGTERM)
             self.sent.append(moment)
