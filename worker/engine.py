@@ -29,7 +29,7 @@ from worker.core.adapt import AdaptSettings, AdaptStatistics, RateController, re
 from worker.core.batch import Batch
 from worker.core.change import Invalid, decode_all
 from worker.core.classify import Action, Verdict, classify, classify_failure
-from worker.core.coalesce import Entry, all_tokens, changes_in
+from worker.core.coalesce import Entry, all_tokens
 from worker.core.concurrency import AdaptiveLimit, AdaptiveSettings, Sample
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
@@ -732,7 +732,7 @@ class Engine:
         applied = settled.applied
         if applied and self.source.acks_by_count:
             await self._wait_for_ack_room()
-            changes = changes_in(applied)
+            changes = settled.applied_changes
             self._ack_count += changes
             self._ack_entries.append((applied, changes))
             self._ack_queued.set()

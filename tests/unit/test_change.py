@@ -386,6 +386,26 @@ class TestDecodeAll:
         assert [(c.key, c.fields, c.token) for c in one_by_one if type(c) is Change] == valid
         assert [i for i in one_by_one if type(i) is Invalid] == invalid
 
+    @settings(max_examples=100, deadline=None)
+    @given(
+        st.lists(valid_changes().map(orjson.dumps), min_size=1, max_size=12),
+        st.sampled_from([None, b'{"ID":"7"}', b'{"ID":7}', b'{"ID":"1","phone":null}']),
+        st.integers(0, 12),
+    )
+    def test_a_slice_plainly_valid_in_one_go(
+        self, lines: list[bytes], odd: bytes | None, where: int
+    ) -> None:
+        """Every record plainly valid (decoded in one go, in C), or one among them not (an
+        ID alone, a null: the slice goes one by one): decode's verdicts, in order."""
+        if odd is not None:
+            lines.insert(where, odd)
+        records = [(f"t{n}", line) for n, line in enumerate(lines)]
+        valid, invalid = decode_all(records)
+        one_by_one = [decode(line, token) for token, line in records]
+        assert [(c.key, c.fields, c.token) for c in one_by_one if type(c) is Change] == valid
+        assert [i for i in one_by_one if type(i) is Invalid] == invalid
+        assert (odd is None) == (len(valid) == len(lines))
+
 
 class TestKeyMismatch:
     def test_same_string_form_is_no_problem_another_names_both(self) -> None:

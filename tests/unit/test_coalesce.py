@@ -7,9 +7,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit.factories import change
+from tests.unit.factories import change, entry
 from worker.core.batch import Batch
-from worker.core.coalesce import Coalescer
+from worker.core.coalesce import Coalescer, changes_in
 
 
 def popped_keys(coalescer: Coalescer) -> list[str]:
@@ -234,3 +234,46 @@ def test_pop_many_takes_what_as_many_pops_would(ops: list[tuple[str, int]], coun
         (e.key, e.tokens) for e in many.pop_many(count)
     ]
     assert (one.ready_count, one.changes_waiting) == (many.ready_count, many.changes_waiting)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS, st.lists(st.integers(0, 6), unique=True, max_size=7), st.booleans())
+def test_release_many_is_release_of_each(
+    ops: list[tuple[str, int]], keys: list[int], held: bool
+) -> None:
+    """release_many (the applied batch's path) leaves the coalescer as releasing each key in
+    order would: the same ready order, the same IDs in flight and held."""
+    one, many = Coalescer(), Coalescer()
+    for number, (op, key) in enumerate(ops):
+        for coalescer in (one, many):
+            if op == "add":
+                coalescer.add(change(key, number, extra1=str(number)), now=float(number))
+            elif op == "pop" and coalescer.ready_count:
+                coalescer.pop()
+            elif op == "release" and coalescer.is_in_flight(str(key)):
+                coalescer.release(str(key))
+    for coalescer in (one, many):
+        if held:  # a hold that began while they were in flight: released, they stay held
+            coalescer.hold("replay", lambda key: key in {"1", "4"})
+    flying = [str(key) for key in keys if one.is_in_flight(str(key))]
+    for name in flying:
+        one.release(name)
+    many.release_many(flying)
+    assert (one.ids_in_flight, one.ids_held, one.ready_count) == (
+        many.ids_in_flight,
+        many.ids_held,
+        many.ready_count,
+    )
+    assert [(e.key, e.tokens) for e in one.pop_many(99)] == [
+        (e.key, e.tokens) for e in many.pop_many(99)
+    ]
+
+
+@given(st.lists(st.lists(st.integers(), min_size=1, max_size=4), max_size=8))
+def test_changes_in_counts_every_token(helds: list[list[int]]) -> None:
+    """changes_in (counted in C) is the sum of each entry's changes, held bare or as a list."""
+    entries = [entry(str(n)) for n in range(len(helds))]
+    for e, tokens in zip(entries, helds, strict=True):
+        e.held = tokens[0] if len(tokens) == 1 else list(tokens)
+    assert sum(len(tokens) for tokens in helds) == changes_in(entries)
+    assert sum(e.changes for e in entries) == changes_in(entries)

@@ -95,3 +95,65 @@ class TestBoundDropsTheOldestLearnt:
         k.learn_applied(["b0", "b1"], 80.0)  # 12 facts: the two oldest learnt go
         assert k.peek("hot", 80.0) is not None  # learnt anew at 40 and 80: among the newest
         assert k.peek("a0", 80.0) is None  # learnt at 1: among the oldest
+
+
+EXISTS_ONLY = st.dictionaries(
+    st.sampled_from([str(n) for n in range(12)]), st.floats(0.0, 20.0), max_size=12
+)
+
+
+def learn_applied_one_by_one(k: IdKnowledge, keys: list[str], now: float) -> int:
+    """learn_applied as its documentation says, a key at a time: the reference."""
+    fresh = 0
+    for key in keys:
+        fact = k.peek(key, now)
+        if fact is None or fact.known is Known.MISSING:
+            fresh += 1
+        if fact is None or fact.known is Known.MISSING or fact.learnt_at < now - 10.0 * MOVE_AFTER:
+            k.learn(key, Known.EXISTS, now)
+    return fresh
+
+
+class TestSortedInBulk:
+    @given(EXISTS_ONLY, st.lists(st.sampled_from([str(n) for n in range(14)]), max_size=20))
+    def test_nothing_known_missing(self, facts: dict[str, float], keys: list[str]) -> None:
+        """With nothing known missing (sorted in C when every fact found is live), sort
+        still puts each item where lookup says, and counts the same."""
+        by_lookup = knowing({key: (Known.EXISTS, at) for key, at in facts.items()})
+        by_sort = knowing({key: (Known.EXISTS, at) for key, at in facts.items()})
+        items = [Item(key) for key in keys]
+        fresh: deque[Item] = deque()
+        existing: deque[Item] = deque()
+        assert [] == by_sort.sort(items, 20.0, fresh, existing)
+        answers = [(item, by_lookup.lookup(item.key, 20.0)) for item in items]
+        assert [i for i, f in answers if f is None] == list(fresh)
+        assert [i for i, f in answers if f is not None] == list(existing)
+        assert (by_lookup.stats.hits, by_lookup.stats.misses) == (
+            by_sort.stats.hits,
+            by_sort.stats.misses,
+        )
+
+
+class TestLearnAppliedInBulk:
+    @given(FACTS, st.lists(st.sampled_from([str(n) for n in range(14)]), unique=True, max_size=20))
+    def test_same_facts_as_one_by_one(
+        self, facts: dict[str, tuple[Known, float]], keys: list[str]
+    ) -> None:
+        """learn_applied (which skips a batch whose every ID was learnt lately, in C) leaves
+        the same facts, in the same order, and counts the same fresh IDs as learning each."""
+        bulk, one = knowing(facts), knowing(facts)
+        now = 20.0
+        assert learn_applied_one_by_one(one, keys, now) == bulk.learn_applied(keys, now)
+        assert list(one._exists.items()) == list(bulk._exists.items())
+        assert list(one._missing.items()) == list(bulk._missing.items())
+
+    def test_a_batch_learnt_lately_is_left_as_it_is(self) -> None:
+        """Every ID of the batch learnt within MOVE_AFTER of the TTL: no fact moves, none is
+        fresh; one ID among them learnt earlier moves them no more than itself."""
+        k = knowing(
+            {"1": (Known.EXISTS, 19.0), "2": (Known.EXISTS, 19.5), "3": (Known.EXISTS, 12.0)}
+        )
+        assert 0 == k.learn_applied(["2", "1"], 20.0)
+        assert [("3", 12.0), ("1", 19.0), ("2", 19.5)] == list(k._exists.items())
+        assert 0 == k.learn_applied(["2", "3", "1"], 20.0)
+        assert [("1", 19.0), ("2", 19.5), ("3", 20.0)] == list(k._exists.items())

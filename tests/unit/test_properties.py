@@ -25,6 +25,7 @@ from worker.core.backoff import Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose
 from worker.core.change import Change
 from worker.core.classify import Verdict, classify, classify_failure
+from worker.core.coalesce import changes_in
 from worker.core.scheduler import Scheduler, SchedulerSettings
 
 EPOCH_WALL = datetime.datetime(2026, 11, 26, 14, 0, 0, tzinfo=datetime.UTC)
@@ -196,6 +197,11 @@ def drive(data: st.DataObject, shape: Shape) -> Run:
         # As the engine does before it waits: lone 404s nothing can confirm any more.
         due = scheduler.settle_due(now)
         if due is not None and (due.applied or due.dead):
+            assert (
+                changes_in(due.applied)
+                == due.applied_changes
+                == sum(e.changes for e in due.applied)
+            )
             run.settled_applied += [t for e in due.applied for t in e.tokens]
             run.settled_dead += [(t, d.reason) for d in due.dead for t in d.entry.tokens]
             continue
@@ -225,6 +231,7 @@ def drive(data: st.DataObject, shape: Shape) -> Run:
             run.requests += 1
             settled = scheduler.resolve(batch, verdict, now)
             assert None is settled.fatal
+            assert settled.applied_changes == sum(e.changes for e in settled.applied)
             run.settled_applied += [t for e in settled.applied for t in e.tokens]
             run.settled_dead += [(t, d.reason) for d in settled.dead for t in d.entry.tokens]
             now += data.draw(st.sampled_from([0.0, 0.01, 0.2]), label="dt")

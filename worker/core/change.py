@@ -223,10 +223,20 @@ def decode_all(records: Sequence[tuple[Hashable, bytes]]) -> tuple[list[Decoded]
     field besides ``ID``, takes the careful path of :func:`decode`, which says why it is
     invalid (or finds it valid after all: an integer ``ID`` past 64 bits signed, which orjson
     still reads)."""
+    decode_plain, builtins = _DECODE_PLAIN, msgspec.to_builtins
+    refused = msgspec.DecodeError  # a ValidationError is one too
+    if records:  # every record plainly valid (the common case): in C, no loop per record
+        tokens, lines = zip(*records, strict=True)
+        try:
+            objs = builtins(list(map(decode_plain, lines)))
+        except refused:
+            objs = None
+        if objs is not None and 1 not in map(len, objs):  # each has a field besides ID
+            keys = [ident if type(ident := obj["ID"]) is str else str(ident) for obj in objs]
+            return list(zip(keys, objs, tokens, strict=True)), []
     valid: list[Decoded] = []
     invalid: list[Invalid] = []
-    append, decode_plain, builtins = valid.append, _DECODE_PLAIN, msgspec.to_builtins
-    refused = msgspec.DecodeError  # a ValidationError is one too
+    append = valid.append
     for token, line in records:
         try:
             obj = builtins(decode_plain(line))

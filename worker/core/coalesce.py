@@ -5,9 +5,11 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import attrgetter, call
 from typing import Any
 
+import msgspec
 import orjson
 
 from worker.core.change import Change, Decoded
@@ -16,9 +18,12 @@ Covers = Callable[[str], bool]
 """Which contact IDs a hold covers (None in its place: every ID)."""
 
 
-@dataclass(slots=True)
-class Entry:
-    """All the waiting changes of one contact, merged field by field into one object to send."""
+class Entry(msgspec.Struct, gc=False):
+    """All the waiting changes of one contact, merged field by field into one object to send.
+
+    A msgspec Struct rather than a dataclass: built in C (half the time), 16 bytes smaller,
+    and left out of the cyclic collector (``gc=False``: it never holds what holds it), whose
+    passes the hot path's allocations would otherwise bring on sooner."""
 
     key: str
     body: dict[str, Any] | bytes
@@ -54,8 +59,13 @@ class Entry:
 
 
 def changes_in(entries: list[Entry]) -> int:
-    """How many changes ``entries`` merged in all (one loop, no call per entry)."""
-    return len(entries) + sum([len(held) - 1 for e in entries if type(held := e.held) is list])
+    """How many changes ``entries`` merged in all (in C, no loop per entry)."""
+    held = list(map(_HELD, entries))
+    lists = list(map(isinstance, held, repeat(list)))  # a token is never a list
+    return len(entries) + sum(map(len, compress(held, lists))) - sum(lists)
+
+
+_HELD = attrgetter("held")
 
 
 def all_tokens(entries: Iterable[Entry]) -> list[Hashable]:
@@ -177,7 +187,13 @@ class Coalescer:
         """Take the ``count`` oldest ready entries (at most :attr:`ready_count`), as
         :meth:`pop` would one by one: the batcher's hot path."""
         fresh, again, waiting, in_flight = self._fresh, self._again, self._waiting, self._in_flight
-        taken: list[Entry] = []
+        if not again:  # only new IDs ready (the common case): in C, no loop per entry
+            keys = list(map(call, repeat(fresh.popleft, min(count, len(fresh)))))
+            in_flight.update(keys)
+            taken = list(map(waiting.pop, keys))
+            self.changes_waiting -= changes_in(taken)
+            return taken
+        taken = []
         append = taken.append
         for _ in range(min(count, len(fresh) + len(again))):
             if again and not (fresh and waiting[fresh[0]].seq < again[0][0]):
@@ -198,6 +214,24 @@ class Coalescer:
                 self._held.add(key)
             else:
                 heapq.heappush(self._again, (entry.seq, key))
+
+    def release_many(self, keys: list[str]) -> None:
+        """:meth:`release` of each of ``keys``, in order: one loop in C where it can."""
+        self._in_flight.difference_update(keys)
+        waiting = self._waiting
+        again = [key for key in keys if key in waiting]
+        if not again:
+            return
+        if self._holds:
+            for key in again:
+                if self.is_held(key):
+                    self._held.add(key)
+                else:
+                    heapq.heappush(self._again, (waiting[key].seq, key))
+            return
+        push, heap = heapq.heappush, self._again
+        for key in again:
+            push(heap, (waiting[key].seq, key))
 
     def forget(self, drop: Callable[[str], bool]) -> list[Entry]:
         """Remove the waiting changes of the IDs ``drop`` selects (a partition this replica lost).

@@ -13,6 +13,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, MutableSequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from worker.core.backoff import Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose, flush_due, pack
@@ -33,6 +34,8 @@ REPLAY_ALLOWANCE = 2
 """While a replay range is held, reading goes on up to this many times max-waiting before
 sending must start: the range is what the crashed run held (its waiting changes, and those in
 flight or not yet acknowledged), a little more than max-waiting when it was full."""
+
+_KEY = attrgetter("key")
 
 
 READ_AHEAD_S = 5.0
@@ -129,6 +132,8 @@ class Settled:
     """What the engine must carry out after a request ended."""
 
     applied: list[Entry] = field(default_factory=list)
+    applied_changes: int = 0
+    """How many changes ``applied`` merged in all (counted once, where they settle)."""
     dead: list[DeadLetter] = field(default_factory=list)
     fatal: Verdict | None = None
     retry_in_s: float | None = None
@@ -428,7 +433,7 @@ class Scheduler:
             self._ack_fenced_now()
         settled = None
         if self._lifted:
-            settled = Settled(applied=self._lifted)
+            settled = Settled(applied=self._lifted, applied_changes=changes_in(self._lifted))
             self._lifted = []
         if self._known_missing and self.fatal is None:
             settled = settled or Settled()
@@ -669,17 +674,19 @@ class Scheduler:
         fence_until: float | None = None,
     ) -> None:
         stats = self.stats
+        keys = list(map(_KEY, entries))
+        changes = changes_in(entries)
         if fence_until is None:
-            release = self.coalescer.release
-            for entry in entries:
-                release(entry.key)
+            self.coalescer.release_many(keys)
             settled.applied.extend(entries)
+            settled.applied_changes += changes
         else:
             for entry in entries:
                 if self._release(entry.key, fence_until, entry):
                     settled.applied.append(entry)
-        stats.changes_applied += changes_in(entries)
-        fresh = self.knowledge.learn_applied([entry.key for entry in entries], now)
+                    settled.applied_changes += entry.changes
+        stats.changes_applied += changes
+        fresh = self.knowledge.learn_applied(keys, now)
         self.unknown_share.observe(fresh, 0)
         stats.contacts_applied += len(entries)
 
