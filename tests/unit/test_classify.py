@@ -94,7 +94,7 @@ class TestClassifyIsolate:
     @pytest.mark.parametrize("status", [400, 404, 422])
     @pytest.mark.parametrize("code", ["114", "122"])
     def test_empty_request_codes_on_a_batch_are_foreign(self, status: int, code: str) -> None:
-        """"Empty request" answered to a request that carried contacts: something between us
+        """ "Empty request" answered to a request that carried contacts: something between us
         and the API lost the body, no verdict on any change."""
         assert Action.FOREIGN == classify(status, error_body(code), None, NOW_WALL).action
 

@@ -117,8 +117,8 @@ def learn_applied_one_by_one(k: IdKnowledge, keys: list[str], now: float) -> int
 class TestSortedInBulk:
     @given(EXISTS_ONLY, st.lists(st.sampled_from([str(n) for n in range(14)]), max_size=20))
     def test_nothing_known_missing(self, facts: dict[str, float], keys: list[str]) -> None:
-        """With nothing known missing (sorted in C when every fact found is live), sort
-        still puts each item where lookup says, and counts the same."""
+        """With nothing known missing, sort puts each item where lookup says, and counts
+        the same."""
         by_lookup = knowing({key: (Known.EXISTS, at) for key, at in facts.items()})
         by_sort = knowing({key: (Known.EXISTS, at) for key, at in facts.items()})
         items = [Item(key) for key in keys]
@@ -139,8 +139,8 @@ class TestLearnAppliedInBulk:
     def test_same_facts_as_one_by_one(
         self, facts: dict[str, tuple[Known, float]], keys: list[str]
     ) -> None:
-        """learn_applied (which skips a batch whose every ID was learnt lately, in C) leaves
-        the same facts, in the same order, and counts the same fresh IDs as learning each."""
+        """learn_applied leaves the same facts, in the same order, and counts the same fresh
+        IDs as learning each as its documentation says."""
         bulk, one = knowing(facts), knowing(facts)
         now = 20.0
         assert learn_applied_one_by_one(one, keys, now) == bulk.learn_applied(keys, now)

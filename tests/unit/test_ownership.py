@@ -255,6 +255,4 @@ class TestOwnershipProperties:
         counts = [len(r.own.held()) for r in replicas]
         assert all(count <= share for count in counts), counts
         assert partitions == sum(len(r.own.reading()) for r in replicas), counts
-        assert all(
-            h.state is State.READING for r in replicas for h in r.own._holdings.values()
-        )
+        assert all(h.state is State.READING for r in replicas for h in r.own._holdings.values())

@@ -222,7 +222,10 @@ def decode_all(records: Sequence[tuple[Hashable, bytes]]) -> tuple[list[Decoded]
     the order of an object's fields means nothing in JSON); one msgspec refuses, or with no
     field besides ``ID``, takes the careful path of :func:`decode`, which says why it is
     invalid (or finds it valid after all: an integer ``ID`` past 64 bits signed, which orjson
-    still reads)."""
+    still reads). A slice whose every record is plainly valid (the common case) is decoded
+    in one go: each record on its own (never joined: lines invalid alone could join into
+    valid JSON), then all the dicts in one ``msgspec.to_builtins`` call; one record refused
+    sends the slice one record at a time."""
     decode_plain, builtins = _DECODE_PLAIN, msgspec.to_builtins
     refused = msgspec.DecodeError  # a ValidationError is one too
     if records:  # every record plainly valid (the common case): in C, no loop per record

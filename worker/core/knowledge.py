@@ -19,9 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import attrgetter, is_not, not_
-from typing import Protocol, TypeVar, cast
+from typing import Protocol, TypeVar
 
 MOVE_AFTER = 0.25
 """A fact learnt again is learnt anew (its time moves on, and it moves to the end of its kind's
@@ -42,7 +40,6 @@ class Keyed(Protocol):
 
 
 K = TypeVar("K", bound=Keyed)
-_KEY = attrgetter("key")
 
 
 class Known(enum.Enum):
@@ -136,18 +133,6 @@ class IdKnowledge:
         in order; those known missing are returned, with their fact. The batcher's hot path:
         one loop, no :class:`Fact` but for the missing."""
         exists, missing, ttl = self._exists, self._missing, self.ttl_s
-        stats = self.stats
-        if not missing:  # nothing known missing (the common case): sorted in C when every
-            # fact found is live, no loop per item
-            learnt_at = list(map(exists.get, map(_KEY, items)))
-            known = list(map(is_not, learnt_at, repeat(None)))
-            live = cast("list[float]", list(compress(learnt_at, known)))
-            if not live or min(live) + ttl > now:
-                existing.extend(compress(items, known))
-                fresh.extend(compress(items, map(not_, known)))
-                stats.hits[Known.EXISTS.value] += len(live)
-                stats.misses += len(items) - len(live)
-                return []
         to_fresh, to_existing = fresh.append, existing.append
         found: list[tuple[K, Fact]] = []
         hits = 0
@@ -166,6 +151,7 @@ class IdKnowledge:
                     found.append((item, fact))
                     continue
             to_fresh(item)
+        stats = self.stats
         stats.hits[Known.EXISTS.value] += hits
         stats.hits[Known.MISSING.value] += len(found)
         stats.misses += len(items) - hits - len(found)
@@ -216,13 +202,7 @@ class IdKnowledge:
         journal = self._journal
         fresh = 0
         get, moved_before = exists.get, now - ttl * MOVE_AFTER
-        learnt_at = list(map(get, keys))
-        # Each learnt lately (a batch of IDs known to exist, the common case): nothing to
-        # move, found in C; else one by one.
-        lately = None not in learnt_at and min(cast("list[float]", learnt_at), default=now) >= (
-            moved_before
-        )
-        for key in () if lately else keys:
+        for key in keys:
             learnt = get(key)
             if learnt is None:
                 fresh += 1
@@ -233,7 +213,7 @@ class IdKnowledge:
                     fresh += 1
                 del exists[key]  # to the end: the bound drops the oldest learnt first
             exists[key] = now
-        if missing and not lately:  # known to exist: not known missing (learn() keeps both apart)
+        if missing:
             for key in keys:
                 missing.pop(key, None)
         if journal is not None:

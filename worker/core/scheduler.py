@@ -13,7 +13,6 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, MutableSequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 
 from worker.core.backoff import Backoff
 from worker.core.batch import Batch, BatchLimits, Purpose, flush_due, pack
@@ -34,8 +33,6 @@ REPLAY_ALLOWANCE = 2
 """While a replay range is held, reading goes on up to this many times max-waiting before
 sending must start: the range is what the crashed run held (its waiting changes, and those in
 flight or not yet acknowledged), a little more than max-waiting when it was full."""
-
-_KEY = attrgetter("key")
 
 
 READ_AHEAD_S = 5.0
@@ -674,7 +671,7 @@ class Scheduler:
         fence_until: float | None = None,
     ) -> None:
         stats = self.stats
-        keys = list(map(_KEY, entries))
+        keys = [entry.key for entry in entries]
         changes = changes_in(entries)
         if fence_until is None:
             self.coalescer.release_many(keys)
