@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pipeline import DATA, LOGS, RESULTS, log, ratio, what_if_prefix
+from pipeline import LOGS, RESULTS, clean_stream, log, ratio, what_if_prefix
 
-from worker.bench.harness import run_args, stream_file, worker_summary
+from worker.bench.harness import run_args, worker_summary
 from worker.bench.processes import (
     BIN,
     Quiet,
@@ -50,7 +50,6 @@ from worker.bench.processes import (
 )
 from worker.bench.report import Table
 from worker.bench.scenario import WorkerConfig
-from worker.sim.stream import StreamSpec
 
 HERE = Path(__file__).resolve().parent
 GOAL_CHANGES_PER_S = 160_000
@@ -204,15 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"## hot path, one core ({report['at']})\n")
     for changes in sizes:
         contacts = max(1, args.contacts * changes // args.changes)
-        spec = StreamSpec(
-            changes=changes,
-            contacts=contacts,
-            unknown_share=0.0,
-            invalid=0,
-            distribution="uniform",
-            seed=args.seed,
-        )
-        path = stream_file(spec, DATA, log)
+        _, path = clean_stream(changes, contacts, args.seed)
         rounds = []
         for number in range(1, args.rounds + 1):
             log(f"{changes:,} changes: round {number} of {args.rounds}")

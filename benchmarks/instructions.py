@@ -32,13 +32,12 @@ from typing import Any
 
 import orjson
 from hotpath import summary_of
-from pipeline import DATA, LOGS, RESULTS, log
+from pipeline import DATA, LOGS, RESULTS, clean_stream, log
 
-from worker.bench.harness import run_args, stream_file
+from worker.bench.harness import run_args
 from worker.bench.processes import Quiet, machine, measure, run_process, worker_env
 from worker.bench.report import Table
 from worker.bench.scenario import WorkerConfig
-from worker.sim.stream import StreamSpec
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -100,15 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tree in trees:
         if not (tree / "worker" / "engine.py").exists():
             raise SystemExit(f"{tree}: not a contact-worker work tree")
-    spec = StreamSpec(
-        changes=args.changes,
-        contacts=args.contacts,
-        unknown_share=0.0,
-        invalid=0,
-        distribution="uniform",
-        seed=args.seed,
-    )
-    path = stream_file(spec, DATA, log)
+    _, path = clean_stream(args.changes, args.contacts, args.seed)
     one = DATA / "one-change.jsonl"
     one.write_bytes(b'{"ID":"1","firstname":"Ann"}\n')
     worker = WorkerConfig(

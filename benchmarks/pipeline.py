@@ -387,18 +387,23 @@ def unwind_on_signals() -> None:
 # -- scenarios ----------------------------------------------------------------------------------
 
 
-def _unlimited(args: argparse.Namespace) -> tuple[StreamSpec, Path, WorkerConfig, Report]:
-    """What the throughput, memory and profile scenarios start from: their stream (uniform,
-    clean) and its file, a worker without a rate limit, and an empty report."""
+def clean_stream(changes: int, contacts: int, seed: int) -> tuple[StreamSpec, Path]:
+    """A uniform stream without unknown IDs or invalid records, and its file (made once)."""
     spec = StreamSpec(
-        changes=args.changes,
-        contacts=args.contacts,
+        changes=changes,
+        contacts=contacts,
         unknown_share=0.0,
         invalid=0,
         distribution="uniform",
-        seed=args.seed,
+        seed=seed,
     )
-    source = stream_file(spec, DATA, log)
+    return spec, stream_file(spec, DATA, log)
+
+
+def _unlimited(args: argparse.Namespace) -> tuple[StreamSpec, Path, WorkerConfig, Report]:
+    """What the throughput, memory and profile scenarios start from: their stream (uniform,
+    clean) and its file, a worker without a rate limit, and an empty report."""
+    spec, source = clean_stream(args.changes, args.contacts, args.seed)
     worker = WorkerConfig(
         batch_size=args.batch_size,
         linger_ms=args.linger_ms,

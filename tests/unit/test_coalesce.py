@@ -218,20 +218,25 @@ OPS = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None)
-@given(OPS, st.integers(0, 8))
-def test_pop_many_takes_what_as_many_pops_would(ops: list[tuple[str, int]], count: int) -> None:
-    """Whatever came before (merges, IDs in flight, releases that make IDs ready again),
-    pop_many(n) takes the same entries in the same order as n calls of pop."""
-    one, many = Coalescer(), Coalescer()
+def replay(ops: list[tuple[str, int]], *coalescers: Coalescer) -> None:
+    """Carry out ``ops`` (adds, pops, releases of IDs in flight) on each coalescer alike."""
     for number, (op, key) in enumerate(ops):
-        for coalescer in (one, many):
+        for coalescer in coalescers:
             if op == "add":
                 coalescer.add(change(key, number, extra1=str(number)), now=float(number))
             elif op == "pop" and coalescer.ready_count:
                 coalescer.pop()
             elif op == "release" and coalescer.is_in_flight(str(key)):
                 coalescer.release(str(key))
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS, st.integers(0, 8))
+def test_pop_many_takes_what_as_many_pops_would(ops: list[tuple[str, int]], count: int) -> None:
+    """Whatever came before (merges, IDs in flight, releases that make IDs ready again),
+    pop_many(n) takes the same entries in the same order as n calls of pop."""
+    one, many = Coalescer(), Coalescer()
+    replay(ops, one, many)
     expected = [one.pop() for _ in range(min(count, one.ready_count))]
     assert [(e.key, e.tokens) for e in expected] == [
         (e.key, e.tokens) for e in many.pop_many(count)
@@ -247,14 +252,7 @@ def test_release_many_is_release_of_each(
     """release_many (the applied batch's path) leaves the coalescer as releasing each key in
     order would: the same ready order, the same IDs in flight and held."""
     one, many = Coalescer(), Coalescer()
-    for number, (op, key) in enumerate(ops):
-        for coalescer in (one, many):
-            if op == "add":
-                coalescer.add(change(key, number, extra1=str(number)), now=float(number))
-            elif op == "pop" and coalescer.ready_count:
-                coalescer.pop()
-            elif op == "release" and coalescer.is_in_flight(str(key)):
-                coalescer.release(str(key))
+    replay(ops, one, many)
     for coalescer in (one, many):
         if held:  # a hold that began while they were in flight: released, they stay held
             coalescer.hold("replay", lambda key: key in {"1", "4"})
