@@ -36,7 +36,7 @@ from worker.core.split import DeadLetter
 from worker.deadletters.base import DeadLetterSink, record
 from worker.knowledge.feed import KnowledgeFeed
 from worker.limiter import RateLimiter, SharedRate
-from worker.obs.metrics import EngineHistograms
+from worker.obs.histograms import EngineHistograms
 from worker.sender import SEND_ERRORS, Response
 
 log = structlog.get_logger("worker.engine")

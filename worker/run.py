@@ -8,14 +8,12 @@ import gc
 import os
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
-from aiohttp import web
 
 from worker.backends.base import Source, SourceError
-from worker.backends.sqlite.ingest import add_ingest_routes
-from worker.backends.sqlite.source import SqliteSpoolSource
 from worker.config import AUTO, Settings, redact_uri, senders
 from worker.core.adapt import AdaptSettings
 from worker.core.backoff import Backoff
@@ -28,10 +26,12 @@ from worker.errors import EXIT_AUTH, EXIT_FATAL, EXIT_OK, Fatal, UsageError
 from worker.knowledge.base import KnowledgeError
 from worker.knowledge.feed import KnowledgeFeed
 from worker.knowledge.open import knowledge_store
-from worker.obs.http import serve_status
 from worker.preflight import check_api
 from worker.sender import Sender
 from worker.signals import SignalRouter
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = structlog.get_logger("worker.run")
 
@@ -151,6 +151,9 @@ def tune_gc() -> None:
 
 def _ingest(settings: Settings, source: Source) -> Callable[[web.Application], None] | None:
     """The ``POST /v1/changes`` routes of a ``sqlite:`` spool, mounted on the status port."""
+    from worker.backends.sqlite.ingest import add_ingest_routes  # with the port only
+    from worker.backends.sqlite.source import SqliteSpoolSource
+
     if not isinstance(source, SqliteSpoolSource):
         return None
     options, spool = source.options, source.spool
@@ -239,6 +242,10 @@ async def _prepare(
     )
     engine.knowledge = await _open_knowledge(settings, engine, opened)
     if settings.http_port:
+        # Imported here: aiohttp's server and the spool's routes cost every start without a
+        # port about 30 ms of CPU (docs/performance.md).
+        from worker.obs.http import serve_status
+
         # Before the check: a port that is taken is a setting to fix, found before any request
         # is sent. /readyz says `starting` until the engine runs.
         status = serve_status(engine, settings.http_port, configure=_ingest(settings, source))

@@ -22,8 +22,9 @@ from worker.backends.jsonl.source import JsonlSource
 from worker.config import Secret
 from worker.core.coalesce import Entry
 from worker.engine import Ending, Engine
+from worker.obs.histograms import ACK_SECONDS, Buckets, EngineHistograms
 from worker.obs.http import serve_status
-from worker.obs.metrics import ACK_SECONDS, Buckets, EngineHistograms, status_registry
+from worker.obs.metrics import status_registry
 from worker.sender import Sender
 from worker.sim.gateway import SimConfig, Simulator, serve
 

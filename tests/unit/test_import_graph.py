@@ -125,6 +125,21 @@ def test_run_keeps_rich_out_and_dlq_show_takes_it_in() -> None:
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
 
 
+def test_run_without_a_status_port_imports_no_server_and_no_prometheus() -> None:
+    """aiohttp's server, prometheus_client and the SQLite spool's routes cost every start
+    about 30 ms of CPU (docs/performance.md): ``run`` imports them only when it serves a
+    status port, and then the status port has them."""
+    probe = (
+        "import sys, worker.cli, worker.run_cli, worker.run, worker.engine\n"
+        "late = [m for m in sys.modules if m.startswith(('prometheus_client', 'aiohttp.web',"
+        " 'worker.obs.http', 'worker.obs.metrics', 'worker.backends.sqlite'))]\n"
+        "assert not late, late\n"
+        "import worker.obs.http\n"
+        "assert 'prometheus_client' in sys.modules and 'aiohttp.web' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=ROOT)
+
+
 @pytest.mark.parametrize("first", ["worker.config_file", "worker.run", "worker.preflight"])
 def test_modules_that_were_in_cycles_import_first(first: str) -> None:
     """In a fresh interpreter, each import works as the very first one."""
