@@ -228,7 +228,7 @@ def decode_all(records: Sequence[tuple[Hashable, bytes]]) -> tuple[list[Decoded]
     sends the slice one record at a time."""
     decode_plain, builtins = _DECODE_PLAIN, msgspec.to_builtins
     refused = msgspec.DecodeError  # a ValidationError is one too
-    if records:  # every record plainly valid (the common case): in C, no loop per record
+    if records:  # every record plainly valid (the common case): decoded in one go
         tokens, lines = zip(*records, strict=True)
         try:
             objs = builtins(list(map(decode_plain, lines)))

@@ -195,31 +195,17 @@ class Coalescer:
 
     def release(self, key: str) -> None:
         """The request holding ``key`` ended (applied or dead-lettered): newer changes may go."""
-        self._in_flight.discard(key)
-        entry = self._waiting.get(key)
-        if entry is not None:
-            if self._holds and self.is_held(key):
-                self._held.add(key)
-            else:
-                heapq.heappush(self._again, (entry.seq, key))
+        self.release_many([key])
 
     def release_many(self, keys: list[str]) -> None:
-        """:meth:`release` of each of ``keys``, in order, without a call per key."""
+        """:meth:`release` of each of ``keys``, in order (an applied batch's IDs at once)."""
         self._in_flight.difference_update(keys)
-        waiting = self._waiting
-        again = [key for key in keys if key in waiting]
-        if not again:
-            return
-        if self._holds:
-            for key in again:
-                if self.is_held(key):
-                    self._held.add(key)
-                else:
-                    heapq.heappush(self._again, (waiting[key].seq, key))
-            return
-        push, heap = heapq.heappush, self._again
-        for key in again:
-            push(heap, (waiting[key].seq, key))
+        waiting, holds = self._waiting, self._holds
+        for key in [key for key in keys if key in waiting]:
+            if holds and self.is_held(key):
+                self._held.add(key)
+            else:
+                heapq.heappush(self._again, (waiting[key].seq, key))
 
     def forget(self, drop: Callable[[str], bool]) -> list[Entry]:
         """Remove the waiting changes of the IDs ``drop`` selects (a partition this replica lost).
