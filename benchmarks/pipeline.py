@@ -92,6 +92,7 @@ from worker.bench.processes import (
     Measured,
     ProcessRun,
     Quiet,
+    byte_compile,
     cli_command,
     machine,
     measure,
@@ -832,6 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one scenario, print its Markdown report, write its JSON; 1 on a failed run."""
     args = build_parser().parse_args(argv)
     unwind_on_signals()
+    byte_compile(ROOT / "worker")  # the worker as installed: no compiling at each start
     QUIET.max_wait_s = args.quiet_wait
     try:
         report = SCENARIOS[args.scenario](args)

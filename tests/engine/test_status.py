@@ -178,7 +178,7 @@ class TestAckLatency:
     def test_each_change_counts_from_its_entry_oldest_arrival(self, sinces: list[float]) -> None:
         """Acknowledged at 10.0, an entry that arrived at ``since`` with n changes adds n
         observations of ``10.0 - since``: the same counts and sum as observing one by one."""
-        entries = [Entry(str(i), {}, list(range(i + 1)), i, s) for i, s in enumerate(sinces)]
+        entries = [Entry(str(i), {}, list(range(i + 1)), i, s, i + 1) for i, s in enumerate(sinces)]
         histograms, expected = EngineHistograms(), Buckets(ACK_SECONDS)
         histograms.acked(entries, sum(len(e.tokens) for e in entries), 10.0)
         for entry in entries:

@@ -7,8 +7,9 @@ from typing import Any
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from tests.unit.factories import change, entry
+from tests.unit.factories import change
 from tests.unit.test_change import valid_changes
 from worker.core.batch import Batch, pack
 from worker.core.change import Change
@@ -270,14 +271,16 @@ def test_release_many_is_release_of_each(
     ]
 
 
-@given(st.lists(st.lists(st.integers(), min_size=1, max_size=4), max_size=8))
-def test_changes_in_counts_every_token(helds: list[list[int]]) -> None:
-    """changes_in (counted in C) is the sum of each entry's changes, held bare or as a list."""
-    entries = [entry(str(n)) for n in range(len(helds))]
-    for e, tokens in zip(entries, helds, strict=True):
-        e.held = tokens[0] if len(tokens) == 1 else list(tokens)
-    assert sum(len(tokens) for tokens in helds) == changes_in(entries)
-    assert sum(e.changes for e in entries) == changes_in(entries)
+@settings(max_examples=200, deadline=None)
+@given(OPS)
+def test_changes_counts_every_token(ops: list[tuple[str, int]]) -> None:
+    """Each entry counts the changes merged into it as they merge: its count is its tokens',
+    and changes_in (what a batch carried) sums them."""
+    coalescer = Coalescer()
+    replay(ops, coalescer)
+    entries = coalescer.pop_many(99)
+    assert [len(e.tokens) for e in entries] == [e.changes for e in entries]
+    assert sum(len(e.tokens) for e in entries) == changes_in(entries)
 
 
 @settings(max_examples=200, deadline=None)
@@ -295,3 +298,97 @@ def test_bodies_are_what_orjson_would_write(objects: list[dict[str, Any]]) -> No
     kept, body = pack(entries, 10**9)
     assert kept == entries
     assert orjson.dumps([e.fields for e in entries]) == body
+
+
+class CoalescerModel(RuleBasedStateMachine):
+    """The coalescer against the plainest model of what it promises: per ID, the fold of its
+    waiting changes; ready, the waiting IDs neither in flight nor held, oldest entry first;
+    whatever the mix of merges, pops, releases, holds and forgets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.coalescer = Coalescer()
+        self.waiting: dict[str, tuple[dict[str, Any], list[int], int]] = {}
+        self.flying: set[str] = set()
+        self.holds: dict[str, frozenset[str] | None] = {}
+        self.seq = self.token = self.coalesced = 0
+
+    def covered(self, key: str) -> bool:
+        return any(keys is None or key in keys for keys in self.holds.values())
+
+    def ready(self) -> list[str]:
+        keys = [k for k in self.waiting if k not in self.flying and not self.covered(k)]
+        return sorted(keys, key=lambda k: self.waiting[k][2])
+
+    @rule(
+        id_=st.integers(0, 5),
+        value=st.sampled_from(["a", "b", ""]),
+        name=st.sampled_from(["extra1", "lastname"]),
+    )
+    def add(self, id_: int, value: str, name: str) -> None:
+        key, self.token = str(id_), self.token + 1
+        self.coalescer.add(change(id_, self.token, **{name: value}), now=float(self.token))
+        if key in self.waiting:
+            fields, tokens, _ = self.waiting[key]
+            fields.update({"ID": id_, name: value})
+            tokens.append(self.token)
+            self.coalesced += 1
+        else:
+            self.seq += 1
+            self.waiting[key] = ({"ID": id_, name: value}, [self.token], self.seq)
+
+    @rule(count=st.integers(0, 4))
+    def pop_many(self, count: int) -> None:
+        expected = self.ready()[:count]
+        taken = self.coalescer.pop_many(count)
+        assert expected == [e.key for e in taken]
+        for e in taken:
+            fields, tokens, seq = self.waiting.pop(e.key)
+            assert (fields, tokens, seq, len(tokens)) == (e.fields, e.tokens, e.seq, e.changes)
+            self.flying.add(e.key)
+
+    @rule(data=st.data())
+    def release_many(self, data: st.DataObject) -> None:
+        flying = sorted(self.flying)
+        keys = data.draw(st.lists(st.sampled_from(flying), unique=True)) if flying else []
+        self.coalescer.release_many(keys)
+        self.flying -= set(keys)
+
+    @rule(
+        name=st.sampled_from(["r1", "r2"]),
+        keys=st.none() | st.frozensets(st.sampled_from("012345")),
+    )
+    def hold(self, name: str, keys: frozenset[str] | None) -> None:
+        if name in self.holds:  # a name is held once (the scheduler's replay ranges)
+            return
+        self.coalescer.hold(name, None if keys is None else keys.__contains__)
+        self.holds[name] = keys
+
+    @rule(name=st.sampled_from(["r1", "r2"]))
+    def unhold(self, name: str) -> None:
+        self.coalescer.unhold(name)
+        self.holds.pop(name, None)
+
+    @rule(keys=st.frozensets(st.sampled_from("012345")))
+    def forget(self, keys: frozenset[str]) -> None:
+        gone = self.coalescer.forget(keys.__contains__)
+        assert sorted(k for k in self.waiting if k in keys) == sorted(e.key for e in gone)
+        for key in keys:
+            self.waiting.pop(key, None)
+
+    @invariant()
+    def counts_agree(self) -> None:
+        c, ready = self.coalescer, self.ready()
+        assert len(ready) == c.ready_count
+        assert (ready[0] if ready else None) == (None if c.peek() is None else c.peek().key)
+        assert len(self.waiting) == c.ids_waiting
+        assert len(self.flying) == c.ids_in_flight
+        assert sum(len(t) for _, t, _ in self.waiting.values()) == c.changes_waiting
+        held = [k for k in self.waiting if k not in self.flying and self.covered(k)]
+        assert len(held) == c.ids_held
+        assert self.coalesced == c.coalesced
+        assert all(c.is_in_flight(str(k)) == (str(k) in self.flying) for k in range(6))
+
+
+TestCoalescerModel = CoalescerModel.TestCase
+TestCoalescerModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)

@@ -16,6 +16,11 @@ Covers = Callable[[str], bool]
 """Which contact IDs a hold covers (None in its place: every ID)."""
 
 
+READY, HELD, BEHIND, FLYING = 0, 1, 2, 3
+"""Where an entry stands (:attr:`Entry.state`): in a ready queue; kept back by a hold; waiting
+for a request of its ID still in flight; in a request itself."""
+
+
 class Entry(msgspec.Struct, gc=False):
     """All the waiting changes of one contact, merged field by field into one object to send.
 
@@ -30,12 +35,18 @@ class Entry(msgspec.Struct, gc=False):
     dict and values took about 350, and goes into a request body as it is."""
     held: Any
     """The source's token of each change merged here: the token itself while there is one
-    (tokens are hashable, never lists), a list once two merged. :attr:`tokens` and
-    :attr:`changes` read it; a list for every entry cost 80 bytes each."""
+    (tokens are hashable, never lists), a list once two merged. :attr:`tokens` reads it; a
+    list for every entry cost 80 bytes each."""
     seq: int
     """Arrival number of the oldest change merged here: the fairness order."""
     since: float
     """Arrival time of the oldest change merged here: what linger is measured from."""
+    changes: int = 1
+    """How many changes were merged here: counted as they merge, so that counting a batch's
+    changes reads the entries alone (not each one's tokens, elsewhere in memory)."""
+    state: int = READY
+    """Where it stands in the coalescer: :data:`READY`, :data:`HELD`, :data:`BEHIND` or
+    :data:`FLYING` (set by the coalescer alone)."""
 
     @property
     def tokens(self) -> list[Hashable]:
@@ -44,21 +55,20 @@ class Entry(msgspec.Struct, gc=False):
         return held if type(held) is list else [held]
 
     @property
-    def changes(self) -> int:
-        """How many changes were merged here."""
-        held = self.held
-        return len(held) if type(held) is list else 1
-
-    @property
     def fields(self) -> dict[str, Any]:
         """The object to send, decoded."""
         body = self.body
         return orjson.loads(body) if type(body) is bytes else body  # type: ignore[return-value]
 
 
+_FLYING = Entry("", b"", None, 0, 0.0, 0, FLYING)
+"""What stands for a request in flight whose entry the coalescer no longer has (its newer
+changes were forgotten): only its state is read."""
+
+
 def changes_in(entries: list[Entry]) -> int:
-    """How many changes ``entries`` merged in all (one loop, no call per entry)."""
-    return len(entries) + sum([len(held) - 1 for e in entries if type(held := e.held) is list])
+    """How many changes ``entries`` merged in all."""
+    return sum([e.changes for e in entries])
 
 
 def all_tokens(entries: Iterable[Entry]) -> list[Hashable]:
@@ -81,16 +91,24 @@ class Coalescer:
     Changes to an ID in flight keep merging and become ready only when :meth:`release` says the
     older request ended, so per-ID order holds whatever happens to that request. A *hold*
     (:meth:`hold`) keeps the IDs it covers waiting, still merging, until :meth:`unhold`.
+
+    One dict holds each ID's entry, waiting or in a request (:attr:`Entry.state` says which),
+    and the ready queues hold entries: a change, a pop and a release each look their ID up
+    once at most. Memory, not instructions, bounds this path: a backlog of 200,000 IDs does
+    not fit in a cache, and each look-up of an ID read long ago waits for memory.
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[str, Entry] = {}
-        self._in_flight: set[str] = set()
-        # Ready IDs in two queues, oldest first: new IDs arrive in seq order, so a plain FIFO
-        # holds them; only IDs made ready again by release() need a heap.
-        self._fresh: deque[str] = deque()
-        self._again: list[tuple[int, str]] = []
+        self._ids: dict[str, Entry] = {}
+        """Each ID with waiting changes or a request in flight: its newest entry (a waiting
+        entry of an ID in flight is :data:`BEHIND` it; the one in flight is not kept then)."""
+        # Ready entries in two queues, oldest first: new IDs arrive in seq order, so a plain
+        # FIFO holds them; only IDs made ready again by release() need a heap.
+        self._fresh: deque[Entry] = deque()
+        self._again: list[tuple[int, Entry]] = []
         self._seq = 0
+        self._waiting_ids = 0
+        self._flying = 0
         self.changes_waiting = 0
         """Changes held here (merged or not): what the source's bound is measured against."""
         self.coalesced = 0
@@ -106,34 +124,38 @@ class Coalescer:
     def add_all(self, changes: list[Decoded], now: float) -> None:
         """Take valid changes in source order; later values win over earlier ones of the
         same ID. One loop for many: the engine's hot path."""
-        waiting, in_flight, fresh = self._waiting, self._in_flight, self._fresh
-        holds, seq, merged = self._holds, self._seq, 0
+        ids, fresh, holds = self._ids, self._fresh, self._holds
+        seq, merged, new = self._seq, 0, 0
         encode, loads = msgspec.json.encode, orjson.loads
         for key, fields, token in changes:
-            entry = waiting.get(key)
-            if entry is not None:
+            entry = ids.get(key)
+            if entry is not None and entry.state != FLYING:
                 body = entry.body
                 if type(body) is bytes:
                     entry.body = body = loads(body)
                 body.update(fields)  # type: ignore[union-attr]
-                held = entry.held
-                if type(held) is list:
-                    held.append(token)
+                if entry.changes == 1:
+                    entry.held = [entry.held, token]
                 else:
-                    entry.held = [held, token]
+                    entry.held.append(token)
+                entry.changes += 1
                 merged += 1
                 continue
             seq += 1
+            new += 1
             # Held encoded (Entry.body), by msgspec: its result is allocated to its size
             # (orjson's sits in 4 KiB, which a copy would then have to shrink), and it writes
             # the same bytes as orjson (tests/unit/test_coalesce.py).
-            waiting[key] = Entry(key, encode(fields), token, seq, now)
-            if key not in in_flight:
-                if holds and self.is_held(key):
-                    self._held.add(key)
-                else:
-                    fresh.append(key)
+            if entry is not None:  # its ID is in flight: it waits behind that request
+                ids[key] = Entry(key, encode(fields), token, seq, now, 1, BEHIND)
+            elif holds and self.is_held(key):
+                ids[key] = Entry(key, encode(fields), token, seq, now, 1, HELD)
+                self._held.add(key)
+            else:
+                ids[key] = entry = Entry(key, encode(fields), token, seq, now)
+                fresh.append(entry)
         self._seq = seq
+        self._waiting_ids += new
         self.coalesced += merged
         self.changes_waiting += len(changes)
 
@@ -145,52 +167,49 @@ class Coalescer:
     @property
     def ids_waiting(self) -> int:
         """How many IDs have waiting changes (in flight or not)."""
-        return len(self._waiting)
+        return self._waiting_ids
 
     @property
     def ids_in_flight(self) -> int:
         """How many IDs are in a request that has not ended."""
-        return len(self._in_flight)
-
-    def _oldest_key(self) -> str | None:
-        fresh, again = self._fresh, self._again
-        if not again:
-            return fresh[0] if fresh else None
-        if fresh and self._waiting[fresh[0]].seq < again[0][0]:
-            return fresh[0]
-        return again[0][1]
+        return self._flying
 
     def peek(self) -> Entry | None:
         """The ready entry with the oldest waiting change, left in place."""
-        key = self._oldest_key()
-        return None if key is None else self._waiting[key]
+        fresh, again = self._fresh, self._again
+        if not again:
+            return fresh[0] if fresh else None
+        if fresh and fresh[0].seq < again[0][0]:
+            return fresh[0]
+        return again[0][1]
 
     def pop(self) -> Entry:
         """Take the oldest ready entry; its ID is in flight until :meth:`release`."""
-        fresh, again = self._fresh, self._again
-        if again and not (fresh and self._waiting[fresh[0]].seq < again[0][0]):
-            key = heapq.heappop(again)[1]
-        else:
-            key = fresh.popleft()
-        entry = self._waiting.pop(key)
-        self._in_flight.add(key)
-        self.changes_waiting -= entry.changes
-        return entry
+        return self.pop_many(1)[0]
 
     def pop_many(self, count: int) -> list[Entry]:
         """Take the ``count`` oldest ready entries (at most :attr:`ready_count`), as
-        :meth:`pop` would one by one: the batcher's hot path."""
-        fresh, again, waiting, in_flight = self._fresh, self._again, self._waiting, self._in_flight
-        taken: list[Entry] = []
-        append = taken.append
-        for _ in range(min(count, len(fresh) + len(again))):
-            if again and not (fresh and waiting[fresh[0]].seq < again[0][0]):
-                key = heapq.heappop(again)[1]
-            else:
-                key = fresh.popleft()
-            append(waiting.pop(key))
-            in_flight.add(key)
-        self.changes_waiting -= changes_in(taken)
+        :meth:`pop` would one by one: the batcher's hot path (no look-up: the queues hold
+        the entries, which stay in the dict as the IDs' requests in flight)."""
+        fresh, again = self._fresh, self._again
+        count = min(count, len(fresh) + len(again))
+        if not again:
+            taken = [fresh.popleft() for _ in range(count)]
+        else:
+            taken = []
+            append, popleft, heappop = taken.append, fresh.popleft, heapq.heappop
+            for _ in range(count):
+                if again and not (fresh and fresh[0].seq < again[0][0]):
+                    append(heappop(again)[1])
+                else:
+                    append(popleft())
+        changes = 0
+        for entry in taken:
+            entry.state = FLYING
+            changes += entry.changes
+        self._waiting_ids -= len(taken)
+        self._flying += len(taken)
+        self.changes_waiting -= changes
         return taken
 
     def release(self, key: str) -> None:
@@ -199,13 +218,26 @@ class Coalescer:
 
     def release_many(self, keys: list[str]) -> None:
         """:meth:`release` of each of ``keys``, in order (an applied batch's IDs at once)."""
-        self._in_flight.difference_update(keys)
-        waiting, holds = self._waiting, self._holds
-        for key in [key for key in keys if key in waiting]:
-            if holds and self.is_held(key):
-                self._held.add(key)
+        ids, holds, again = self._ids, self._holds, self._again
+        released = 0
+        for key in keys:
+            entry = ids.get(key)
+            if entry is None:
+                continue
+            state = entry.state
+            if state == FLYING:
+                del ids[key]
+            elif state == BEHIND:
+                if holds and self.is_held(key):
+                    entry.state = HELD
+                    self._held.add(key)
+                else:
+                    entry.state = READY
+                    heapq.heappush(again, (entry.seq, entry))
             else:
-                heapq.heappush(self._again, (waiting[key].seq, key))
+                continue  # not in flight: nothing to end
+            released += 1
+        self._flying -= released
 
     def forget(self, drop: Callable[[str], bool]) -> list[Entry]:
         """Remove the waiting changes of the IDs ``drop`` selects (a partition this replica lost).
@@ -213,22 +245,28 @@ class Coalescer:
         Requests in flight are not touched; their newer waiting changes are forgotten too. The
         forgotten entries are returned, unacknowledged: another replica will read them again.
         """
-        gone = [entry for key, entry in self._waiting.items() if drop(key)]
+        ids = self._ids
+        gone = [entry for key, entry in ids.items() if entry.state != FLYING and drop(key)]
         if not gone:
             return gone
         keys = {entry.key for entry in gone}
         for entry in gone:
-            del self._waiting[entry.key]
+            if entry.state == BEHIND:
+                ids[entry.key] = _FLYING  # its request is still in flight
+            else:
+                del ids[entry.key]
             self.changes_waiting -= entry.changes
+        self._waiting_ids -= len(gone)
         self._held -= keys
-        self._fresh = deque(key for key in self._fresh if key not in keys)
-        self._again = [item for item in self._again if item[1] not in keys]
+        self._fresh = deque(entry for entry in self._fresh if entry.key not in keys)
+        self._again = [item for item in self._again if item[1].key not in keys]
         heapq.heapify(self._again)
         return gone
 
     def is_in_flight(self, key: str) -> bool:
         """Whether a request holding ``key`` has not ended yet."""
-        return key in self._in_flight
+        entry = self._ids.get(key)
+        return entry is not None and entry.state >= BEHIND
 
     # -- holds -----------------------------------------------------------------------------
 
@@ -236,16 +274,16 @@ class Coalescer:
         """Keep the IDs ``covers`` selects (None: every ID) from being ready until
         :meth:`unhold` of ``name``; their changes keep merging meanwhile."""
         self._holds[name] = covers
-        if covers is None:
-            moved = set(self._fresh) | {key for _, key in self._again}
-        else:
-            moved = {key for key in self._fresh if covers(key)}
-            moved |= {key for _, key in self._again if covers(key)}
+        ready = [*self._fresh, *(entry for _, entry in self._again)]
+        moved = ready if covers is None else [entry for entry in ready if covers(entry.key)]
         if not moved:
             return
-        self._held |= moved
-        self._fresh = deque(key for key in self._fresh if key not in moved)
-        self._again = [item for item in self._again if item[1] not in moved]
+        for entry in moved:
+            entry.state = HELD
+        keys = {entry.key for entry in moved}
+        self._held |= keys
+        self._fresh = deque(entry for entry in self._fresh if entry.key not in keys)
+        self._again = [item for item in self._again if item[1].key not in keys]
         heapq.heapify(self._again)
 
     def unhold(self, name: Hashable) -> int:
@@ -257,7 +295,9 @@ class Coalescer:
         freed = [key for key in self._held if not self.is_held(key)]
         for key in freed:
             self._held.discard(key)
-            heapq.heappush(self._again, (self._waiting[key].seq, key))
+            entry = self._ids[key]
+            entry.state = READY
+            heapq.heappush(self._again, (entry.seq, entry))
         return len(freed)
 
     def is_held(self, key: str) -> bool:
