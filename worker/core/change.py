@@ -205,6 +205,7 @@ def _plain_decoder() -> Callable[[bytes], Any]:
         ],
         forbid_unknown_fields=True,
         omit_defaults=True,
+        gc=False,  # strings, integers, a date, a boolean: never a cycle to collect
     )
     return msgspec.json.Decoder(plain).decode
 

@@ -152,7 +152,7 @@ class Coalescer:
                 ids[key] = Entry(key, encode(fields), token, seq, now, 1, HELD)
                 self._held.add(key)
             else:
-                ids[key] = entry = Entry(key, encode(fields), token, seq, now)
+                ids[key] = entry = Entry(key, encode(fields), token, seq, now, 1, READY)
                 fresh.append(entry)
         self._seq = seq
         self._waiting_ids += new
