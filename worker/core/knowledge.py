@@ -17,6 +17,7 @@ comes in as ``now``; nothing here does I/O.
 from __future__ import annotations
 
 import enum
+from itertools import islice
 from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -225,14 +226,16 @@ class IdKnowledge:
         return fresh
 
     def _bound(self, known: Known) -> None:
-        """Drop the oldest learnt facts of one kind down to ``max_ids``."""
+        """Drop the oldest learnt facts of one kind down to ``max_ids``: from the front of its
+        dict, in place (the dict is in learning order). Rebuilding the dict instead copied all
+        of it each time: with IDs that turn over (more IDs than ``max_ids``), a third of the
+        hot path's CPU (docs/performance.md)."""
         facts = self._facts[known]
         over = len(facts) - self.max_ids
         if over <= 0:
             return
-        kept = dict(list(facts.items())[over:])
-        facts.clear()
-        facts.update(kept)
+        for key in list(islice(facts, over)):
+            del facts[key]
         self.stats.forgotten += over
 
     def forget(self, key: str) -> None:
