@@ -29,7 +29,9 @@ def test_byte_compile_writes_the_bytecode_an_import_then_reads(tmp_path: Path) -
         text=True,
         check=True,
     )
-    loaded = [line for line in verbose.stderr.splitlines() if "pkg" in line and "code object" in line]
+    loaded = [
+        line for line in verbose.stderr.splitlines() if "pkg" in line and "code object" in line
+    ]
     assert len(loaded) == 2 and all(".pyc" in line for line in loaded), loaded
 
 

@@ -17,9 +17,9 @@ comes in as ``now``; nothing here does I/O.
 from __future__ import annotations
 
 import enum
-from itertools import islice
 from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Protocol, TypeVar
 
 MOVE_AFTER = 0.25
