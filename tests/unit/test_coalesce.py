@@ -13,7 +13,7 @@ from tests.unit.factories import change
 from tests.unit.test_change import valid_changes
 from worker.core.batch import Batch, pack
 from worker.core.change import Change
-from worker.core.coalesce import Coalescer, changes_in
+from worker.core.coalesce import Coalescer, Entry, changes_in
 
 
 def popped_keys(coalescer: Coalescer) -> list[str]:
@@ -303,7 +303,8 @@ def test_bodies_are_what_orjson_would_write(objects: list[dict[str, Any]]) -> No
 class CoalescerModel(RuleBasedStateMachine):
     """The coalescer against the plainest model of what it promises: per ID, the fold of its
     waiting changes; ready, the waiting IDs neither in flight nor held, oldest entry first;
-    whatever the mix of merges, pops, releases, holds and forgets."""
+    whatever the mix of merges, pops, releases (of IDs in flight or not), holds and forgets;
+    and an entry handed out or forgotten never changes after."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -312,6 +313,8 @@ class CoalescerModel(RuleBasedStateMachine):
         self.flying: set[str] = set()
         self.holds: dict[str, frozenset[str] | None] = {}
         self.seq = self.token = self.coalesced = 0
+        self.out: list[tuple[Entry, tuple[Any, ...]]] = []
+        """Entries handed out or forgotten, with what they held then."""
 
     def covered(self, key: str) -> bool:
         return any(keys is None or key in keys for keys in self.holds.values())
@@ -320,22 +323,37 @@ class CoalescerModel(RuleBasedStateMachine):
         keys = [k for k in self.waiting if k not in self.flying and not self.covered(k)]
         return sorted(keys, key=lambda k: self.waiting[k][2])
 
+    def handed(self, e: Entry) -> None:
+        """``e`` left the coalescer: it must hold what the model says, and keep it."""
+        fields, tokens, seq = self.waiting.pop(e.key)
+        assert (fields, tokens, seq, len(tokens)) == (e.fields, e.tokens, e.seq, e.changes)
+        self.out.append((e, (orjson.dumps(e.fields), list(e.tokens), e.changes, e.seq, e.since)))
+
     @rule(
-        id_=st.integers(0, 5),
-        value=st.sampled_from(["a", "b", ""]),
-        name=st.sampled_from(["extra1", "lastname"]),
+        changes=st.lists(
+            st.tuples(
+                st.integers(0, 5),
+                st.sampled_from(["extra1", "lastname"]),
+                st.sampled_from(["a", "b", ""]),
+            ),
+            min_size=1,
+            max_size=3,
+        )
     )
-    def add(self, id_: int, value: str, name: str) -> None:
-        key, self.token = str(id_), self.token + 1
-        self.coalescer.add(change(id_, self.token, **{name: value}), now=float(self.token))
-        if key in self.waiting:
-            fields, tokens, _ = self.waiting[key]
-            fields.update({"ID": id_, name: value})
-            tokens.append(self.token)
-            self.coalesced += 1
-        else:
-            self.seq += 1
-            self.waiting[key] = ({"ID": id_, name: value}, [self.token], self.seq)
+    def add_all(self, changes: list[tuple[int, str, str]]) -> None:
+        batch = []
+        for id_, name, value in changes:
+            key, self.token = str(id_), self.token + 1
+            batch.append((key, {"ID": id_, name: value}, self.token))
+            if key in self.waiting:
+                fields, tokens, _ = self.waiting[key]
+                fields.update({"ID": id_, name: value})
+                tokens.append(self.token)
+                self.coalesced += 1
+            else:
+                self.seq += 1
+                self.waiting[key] = ({"ID": id_, name: value}, [self.token], self.seq)
+        self.coalescer.add_all(batch, now=float(self.token))
 
     @rule(count=st.integers(0, 4))
     def pop_many(self, count: int) -> None:
@@ -343,16 +361,28 @@ class CoalescerModel(RuleBasedStateMachine):
         taken = self.coalescer.pop_many(count)
         assert expected == [e.key for e in taken]
         for e in taken:
-            fields, tokens, seq = self.waiting.pop(e.key)
-            assert (fields, tokens, seq, len(tokens)) == (e.fields, e.tokens, e.seq, e.changes)
+            self.handed(e)
             self.flying.add(e.key)
 
-    @rule(data=st.data())
-    def release_many(self, data: st.DataObject) -> None:
-        flying = sorted(self.flying)
-        keys = data.draw(st.lists(st.sampled_from(flying), unique=True)) if flying else []
+    @rule()
+    def pop(self) -> None:
+        expected = self.ready()
+        if expected:
+            e = self.coalescer.pop()
+            assert expected[0] == e.key
+            self.handed(e)
+            self.flying.add(e.key)
+
+    @rule(keys=st.lists(st.sampled_from("012345"), max_size=4))
+    def release_many(self, keys: list[str]) -> None:
+        """Releases of IDs in flight end their requests; of others (or again), nothing."""
         self.coalescer.release_many(keys)
         self.flying -= set(keys)
+
+    @rule(key=st.sampled_from("012345"))
+    def release(self, key: str) -> None:
+        self.coalescer.release(key)
+        self.flying.discard(key)
 
     @rule(
         name=st.sampled_from(["r1", "r2"]),
@@ -366,15 +396,20 @@ class CoalescerModel(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(["r1", "r2"]))
     def unhold(self, name: str) -> None:
-        self.coalescer.unhold(name)
+        held = [k for k in self.waiting if k not in self.flying and self.covered(k)]
         self.holds.pop(name, None)
+        freed = [k for k in held if not self.covered(k)]
+        assert len(freed) == self.coalescer.unhold(name)
 
-    @rule(keys=st.frozensets(st.sampled_from("012345")))
-    def forget(self, keys: frozenset[str]) -> None:
-        gone = self.coalescer.forget(keys.__contains__)
-        assert sorted(k for k in self.waiting if k in keys) == sorted(e.key for e in gone)
-        for key in keys:
-            self.waiting.pop(key, None)
+    @rule(keys=st.frozensets(st.sampled_from("012345")), held=st.booleans())
+    def forget(self, keys: frozenset[str], held: bool) -> None:
+        """Forget some IDs' waiting changes, or those a hold keeps (dropping replays)."""
+        drop = self.coalescer.is_held if held else keys.__contains__
+        expected = sorted(k for k in self.waiting if drop(k))
+        gone = self.coalescer.forget(drop)
+        assert expected == sorted(e.key for e in gone)
+        for e in gone:
+            self.handed(e)
 
     @invariant()
     def counts_agree(self) -> None:
@@ -387,7 +422,15 @@ class CoalescerModel(RuleBasedStateMachine):
         held = [k for k in self.waiting if k not in self.flying and self.covered(k)]
         assert len(held) == c.ids_held
         assert self.coalesced == c.coalesced
-        assert all(c.is_in_flight(str(k)) == (str(k) in self.flying) for k in range(6))
+        assert sorted(self.holds) == sorted(c.holds)
+        for k in "012345":
+            assert c.is_in_flight(k) == (k in self.flying)
+            assert c.is_held(k) == self.covered(k)
+
+    @invariant()
+    def handed_out_entries_stay_as_they_left(self) -> None:
+        for e, then in self.out:
+            assert then == (orjson.dumps(e.fields), list(e.tokens), e.changes, e.seq, e.since)
 
 
 TestCoalescerModel = CoalescerModel.TestCase
