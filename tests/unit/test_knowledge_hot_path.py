@@ -157,3 +157,24 @@ class TestLearnAppliedInBulk:
         assert [("3", 12.0), ("1", 19.0), ("2", 19.5)] == list(k._exists.items())
         assert 0 == k.learn_applied(["2", "3", "1"], 20.0)
         assert [("1", 19.0), ("2", 19.5), ("3", 20.0)] == list(k._exists.items())
+
+
+def test_a_journal_no_store_drains_keeps_the_newest_facts_in_bulk() -> None:
+    """With the store away, the journal keeps the newest facts only: at most max_ids plus a
+    tenth, trimmed to max_ids at once (not a move of the whole journal per fact), in order."""
+    k = IdKnowledge(ttl_s=10.0, max_ids=100)
+    k.keep_journal()
+    sizes = []
+    for n in range(0, 300, 5):
+        k.learn_applied([str(i) for i in range(n, n + 5)], 1.0)
+        k.learn(f"m{n}", Known.MISSING, 1.0)
+        sizes.append(len(k._journal or []))
+    assert max(sizes) <= 110
+    assert sizes.count(100) <= 2  # trimmed in bulk, not back to 100 at every step
+    journal = k.drain()
+    learnt = [(key, known) for key, known, _ in journal]
+    expected = []
+    for n in range(0, 300, 5):
+        expected += [(str(i), Known.EXISTS) for i in range(n, n + 5)] + [(f"m{n}", Known.MISSING)]
+    assert expected[-len(learnt) :] == learnt
+    assert 100 <= len(learnt) <= 110

