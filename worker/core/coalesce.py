@@ -192,17 +192,13 @@ class Coalescer:
         :meth:`pop` would one by one: the batcher's hot path (no look-up: the queues hold
         the entries, which stay in the dict as the IDs' requests in flight)."""
         fresh, again = self._fresh, self._again
-        count = min(count, len(fresh) + len(again))
-        if not again:
-            taken = [fresh.popleft() for _ in range(count)]
-        else:
-            taken = []
-            append, popleft, heappop = taken.append, fresh.popleft, heapq.heappop
-            for _ in range(count):
-                if again and not (fresh and fresh[0].seq < again[0][0]):
-                    append(heappop(again)[1])
-                else:
-                    append(popleft())
+        taken: list[Entry] = []
+        append, popleft, heappop = taken.append, fresh.popleft, heapq.heappop
+        for _ in range(min(count, len(fresh) + len(again))):
+            if again and not (fresh and fresh[0].seq < again[0][0]):
+                append(heappop(again)[1])
+            else:
+                append(popleft())
         changes = 0
         for entry in taken:
             entry.state = FLYING
@@ -258,10 +254,14 @@ class Coalescer:
             self.changes_waiting -= entry.changes
         self._waiting_ids -= len(gone)
         self._held -= keys
+        self._unqueue(keys)
+        return gone
+
+    def _unqueue(self, keys: set[str]) -> None:
+        """Take the entries of ``keys`` out of the ready queues, the others keeping their order."""
         self._fresh = deque(entry for entry in self._fresh if entry.key not in keys)
         self._again = [item for item in self._again if item[1].key not in keys]
         heapq.heapify(self._again)
-        return gone
 
     def is_in_flight(self, key: str) -> bool:
         """Whether a request holding ``key`` has not ended yet."""
@@ -282,9 +282,7 @@ class Coalescer:
             entry.state = HELD
         keys = {entry.key for entry in moved}
         self._held |= keys
-        self._fresh = deque(entry for entry in self._fresh if entry.key not in keys)
-        self._again = [item for item in self._again if item[1].key not in keys]
-        heapq.heapify(self._again)
+        self._unqueue(keys)
 
     def unhold(self, name: Hashable) -> int:
         """End the hold ``name``; the IDs no other hold covers become ready, oldest first.
