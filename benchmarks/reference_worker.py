@@ -33,9 +33,16 @@ CHUNK = 1 << 18
 
 
 class Job:
-    def __init__(self, batch: int, max_waiting: int) -> None:
+    def __init__(self, batch: int, max_waiting: int, bound_changes: bool = False) -> None:
         self.batch = batch
         self.max_waiting = max_waiting
+        self.bound_changes = bound_changes
+        """Count the changes held against ``max_waiting``, as contact-worker does, rather
+        than the IDs (``--bound changes``)."""
+        self.held = 0
+        """Changes read and not yet taken into a request."""
+        self.counts: dict[str, int] = {}
+        """Per waiting ID, how many changes merged into it (``--bound changes`` only)."""
         self.waiting: dict[str, dict[str, object]] = {}
         self.ready: deque[str] = deque()
         self.in_flight: set[str] = set()
@@ -62,6 +69,9 @@ class Job:
             self.invalid += 1
             return
         self.changes += 1
+        if self.bound_changes:
+            self.held += 1
+            self.counts[key] = self.counts.get(key, 0) + 1
         merged = self.waiting.get(key)
         if merged is None:
             self.waiting[key] = obj
@@ -70,12 +80,19 @@ class Job:
         else:
             merged.update(obj)
 
+    def full(self) -> bool:
+        """Whether reading must pause: ``max_waiting`` IDs waiting (or changes held)."""
+        held = self.held if self.bound_changes else len(self.waiting)
+        return held >= self.max_waiting
+
     def take(self) -> list[tuple[str, dict[str, object]]]:
         out = []
         while self.ready and len(out) < self.batch:
             key = self.ready.popleft()
             out.append((key, self.waiting.pop(key)))
             self.in_flight.add(key)
+            if self.bound_changes:
+                self.held -= self.counts.pop(key)
         return out
 
     def release(self, keys: list[str]) -> None:
@@ -98,7 +115,7 @@ async def read(job: Job, path: str) -> None:
                 if line:
                     job.add(line)
             job.wake.set()
-            while len(job.waiting) >= job.max_waiting:
+            while job.full():
                 job.room.clear()
                 await job.room.wait()
         if rest.strip():
@@ -144,7 +161,7 @@ async def patch(
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    job = Job(args.batch_size, args.max_waiting)
+    job = Job(args.batch_size, args.max_waiting, args.bound == "changes")
     url = os.environ["SMSGW_API_URL"].rstrip("/") + "/v1/contact"
     headers = {
         "X-Client-Id": os.environ["SMSGW_CLIENT_ID"],
@@ -174,6 +191,13 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-waiting", type=int, default=200_000)
+    parser.add_argument(
+        "--bound",
+        choices=("ids", "changes"),
+        default="ids",
+        help="what --max-waiting counts: waiting IDs (this worker's own way: it keeps nothing"
+        " per change) or changes held (contact-worker's: the same window of merging)",
+    )
     args = parser.parse_args()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)  # as the worker tunes its own: compare code, not settings
