@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from worker.core.knowledge import MOVE_AFTER, IdKnowledge, Known
 @dataclass
 class Item:
     key: str
+    learnt: float = -math.inf
 
 
 FACTS = st.dictionaries(
@@ -157,6 +159,40 @@ class TestLearnAppliedInBulk:
         assert [("3", 12.0), ("1", 19.0), ("2", 19.5)] == list(k._exists.items())
         assert 0 == k.learn_applied(["2", "3", "1"], 20.0)
         assert [("1", 19.0), ("2", 19.5), ("3", 20.0)] == list(k._exists.items())
+
+
+class TestLearnAppliedAfterSort:
+    @given(
+        FACTS,
+        st.lists(st.sampled_from([str(n) for n in range(14)]), unique=True, max_size=20),
+        st.floats(20.0, 40.0),
+    )
+    def test_the_times_sort_saw_change_no_fact(
+        self, facts: dict[str, tuple[Known, float]], keys: list[str], now: float
+    ) -> None:
+        """Given the times sort found, learn_applied leaves the same facts in the same order
+        and counts the same fresh IDs as it does looking each one up."""
+        told, looked = knowing(facts), knowing(facts)
+        items = [Item(key) for key in keys]
+        told.sort(items, 20.0, deque(), deque())
+        looked.sort([Item(key) for key in keys], 20.0, deque(), deque())
+        seen = [item.learnt for item in items]
+        assert looked.learn_applied(keys, now) == told.learn_applied(keys, now, seen)
+        assert list(looked._exists.items()) == list(told._exists.items())
+        assert list(looked._missing.items()) == list(told._missing.items())
+
+    def test_an_id_learnt_lately_is_not_looked_up_again(self) -> None:
+        """An ID sort found learnt lately is not looked up when its batch is applied: a
+        fact dropped meanwhile (the size bound) stays dropped, where a look-up learns it."""
+        told, looked = knowing({"1": (Known.EXISTS, 19.0)}), knowing({"1": (Known.EXISTS, 19.0)})
+        items = [Item("1"), Item("2")]
+        told.sort(items, 20.0, deque(), deque())
+        assert [19.0, -math.inf] == [item.learnt for item in items]
+        del told._exists["1"], looked._exists["1"]
+        assert 1 == told.learn_applied(["1", "2"], 20.0, [item.learnt for item in items])
+        assert [("2", 20.0)] == list(told._exists.items())
+        assert 2 == looked.learn_applied(["1", "2"], 20.0)
+        assert [("1", 20.0), ("2", 20.0)] == list(looked._exists.items())
 
 
 def test_a_journal_no_store_drains_keeps_the_newest_facts_in_bulk() -> None:

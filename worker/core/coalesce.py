@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
@@ -47,6 +48,11 @@ class Entry(msgspec.Struct, gc=False):
     state: int = READY
     """Where it stands in the coalescer: :data:`READY`, :data:`HELD`, :data:`BEHIND` or
     :data:`FLYING` (set by the coalescer alone)."""
+    learnt: float = -math.inf
+    """When the ID was learnt to exist, as the ID knowledge said when it sorted this entry
+    into a batch (minus infinity: not known to exist then). Read back when the batch is
+    applied, so that an ID learnt lately costs no second look-up
+    (``IdKnowledge.learn_applied``)."""
 
     @property
     def tokens(self) -> list[Hashable]:

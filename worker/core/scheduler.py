@@ -683,7 +683,7 @@ class Scheduler:
                     settled.applied.append(entry)
                     settled.applied_changes += entry.changes
         stats.changes_applied += changes
-        fresh = self.knowledge.learn_applied(keys, now)
+        fresh = self.knowledge.learn_applied(keys, now, [entry.learnt for entry in entries])
         self.unknown_share.observe(fresh, 0)
         stats.contacts_applied += len(entries)
 
