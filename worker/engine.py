@@ -183,6 +183,8 @@ class Engine:
         self._slots = 0
         self._slot_freed = anyio.Event()
         self._changed = anyio.Event()
+        self._change_waiters = 0
+        """Tasks in :meth:`_wait_for_change`: :meth:`_notify` wakes them."""
         # Settled changes waiting for the acknowledger: their tokens, and for the change-to-ack
         # histogram the entries they came in (with how many changes each group carried).
         self._ack_tokens: list[Hashable] = []
@@ -192,6 +194,8 @@ class Engine:
         self._ack_entries: list[tuple[list[Entry], int]] = []
         self._ack_queued = anyio.Event()
         self._ack_taken = anyio.Event()
+        self._ack_room_waiters = 0
+        """Senders waiting for room in the acknowledger's queue."""
         self._producers = 0
         """Reader and senders still running: the acknowledger stops once none is and its
         queue is empty."""
@@ -277,13 +281,25 @@ class Engine:
     # -- wake-ups ----------------------------------------------------------------------------
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        # An anyio Event cannot be cleared: one that was set is replaced. Only when a task
+        # waits on it, though (a task registers before it waits, with nothing awaited in
+        # between, so none misses a change): a notification per slice read and per request
+        # answered built an Event each, most of them for nobody.
+        if self._change_waiters:
+            self._changed.set()
+            self._changed = anyio.Event()
 
     async def _wait_for_change(self, delay_s: float | None) -> None:
         event = self._changed
-        with anyio.move_on_after(delay_s):
-            await event.wait()
+        self._change_waiters += 1
+        try:
+            if delay_s is None:  # no cancel scope to build and tear down
+                await event.wait()
+            else:
+                with anyio.move_on_after(delay_s):
+                    await event.wait()
+        finally:
+            self._change_waiters -= 1
 
     # -- running -----------------------------------------------------------------------------
 
@@ -750,7 +766,11 @@ class Engine:
 
     async def _wait_for_ack_room(self) -> None:
         while len(self._ack_tokens) + self._ack_count >= ACK_BACKLOG:
-            await self._ack_taken.wait()
+            self._ack_room_waiters += 1
+            try:
+                await self._ack_taken.wait()
+            finally:
+                self._ack_room_waiters -= 1
 
     async def _acknowledge(self) -> None:
         """Acknowledge, one ``source.ack`` at a time, everything queued since the last one.
@@ -763,14 +783,16 @@ class Engine:
             if not self._ack_tokens and not self._ack_count:
                 if self._producers == 0:
                     return
-                self._ack_queued = anyio.Event()
+                if self._ack_queued.is_set():  # a set Event is spent; else it still serves
+                    self._ack_queued = anyio.Event()
                 await self._ack_queued.wait()
                 continue
             tokens, self._ack_tokens = self._ack_tokens, []
             count, self._ack_count = self._ack_count, 0
             entries, self._ack_entries = self._ack_entries, []
-            self._ack_taken.set()
-            self._ack_taken = anyio.Event()
+            if self._ack_room_waiters:  # else nobody waits on it: kept as it is
+                self._ack_taken.set()
+                self._ack_taken = anyio.Event()
             if tokens:
                 await self.source.ack(tokens)
             if count:
