@@ -25,11 +25,10 @@ if TYPE_CHECKING:
     from worker.limiter import SharedRate
 
 # Re-exported: the inputs import them from here.
+from worker.core.records import NumberedRecords as NumberedRecords
+from worker.core.records import Record as Record
 from worker.errors import EnqueueStopped as EnqueueStopped
 from worker.errors import SourceError as SourceError
-
-Record = tuple[Hashable, bytes]
-"""A source record: the token that acknowledges it, and the JSON text of one change."""
 
 
 class Held(NamedTuple):

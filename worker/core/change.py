@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
+from worker.core.records import NumberedRecords
+
 TEXT_FIELDS: tuple[str, ...] = (
     "phone",
     "groupid",
@@ -230,7 +232,12 @@ def decode_all(records: Sequence[tuple[Hashable, bytes]]) -> tuple[list[Decoded]
     decode_plain, builtins = _DECODE_PLAIN, msgspec.to_builtins
     refused = msgspec.DecodeError  # a ValidationError is one too
     if records:  # every record plainly valid (the common case): decoded in one go
-        tokens, lines = zip(*records, strict=True)
+        tokens: Sequence[Hashable]
+        lines: Sequence[bytes]
+        if type(records) is NumberedRecords:  # lines and their numbers, no tuple per record
+            tokens, lines = records.tokens, records.lines
+        else:
+            tokens, lines = zip(*records, strict=True)
         try:
             objs = builtins(list(map(decode_plain, lines)))
         except refused:

@@ -20,7 +20,14 @@ import anyio
 import orjson
 import structlog
 
-from worker.backends.base import Record, ReplayRanges, Source, SourceError, SourceStatistics
+from worker.backends.base import (
+    NumberedRecords,
+    Record,
+    ReplayRanges,
+    Source,
+    SourceError,
+    SourceStatistics,
+)
 
 log = structlog.get_logger("worker.backends.jsonl")
 
@@ -216,7 +223,7 @@ class JsonlSource(Source):
             self._read_to = self._offset + len(self._rest) + READ_MARK_AHEAD
             await self._save()
 
-    def _split(self, data: bytes, final: bool = False) -> list[Record]:
+    def _split(self, data: bytes, final: bool = False) -> Sequence[Record]:
         chunk = self._rest + data if self._rest else data
         lines = chunk.split(b"\n")
         self._rest = lines.pop()
@@ -227,12 +234,11 @@ class JsonlSource(Source):
             and not any(map(bytes.isspace, lines))
         ):  # the common case, in C: every line a record, numbered in order
             line_no, count = self._line, len(lines)
-            plain = list(zip(range(line_no, line_no + count), lines, strict=True))
             self._offset += len(chunk) - len(self._rest) - (count if final else 0)
             self._line = line_no + count
             self.lines_read += count
             self.records_read += count
-            return plain  # type: ignore[return-value]
+            return NumberedRecords(line_no, lines)
         records: list[Record] = []
         append = records.append
         ends: list[int] = []
