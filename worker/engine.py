@@ -187,10 +187,8 @@ class Engine:
         """Tasks in :meth:`_wait_for_change`: :meth:`_notify` wakes them."""
         # Settled changes waiting for the acknowledger: their tokens, and for the change-to-ack
         # histogram the entries they came in (with how many changes each group carried).
+        # (An input that acknowledges by count, ``Source.acks_by_count``, is told at once.)
         self._ack_tokens: list[Hashable] = []
-        self._ack_count = 0
-        """Settled changes of an input that acknowledges by count (``Source.acks_by_count``):
-        no token list is built for them."""
         self._ack_entries: list[tuple[list[Entry], int]] = []
         self._ack_queued = anyio.Event()
         self._ack_taken = anyio.Event()
@@ -747,11 +745,12 @@ class Engine:
             await self._dead_letter(settled.dead)
         applied = settled.applied
         if applied and self.source.acks_by_count:
-            await self._wait_for_ack_room()
+            # Nothing to write, only a count: done here, without waking the acknowledger
+            # (a task switch per request) and without queueing the entries for it.
             changes = settled.applied_changes
-            self._ack_count += changes
-            self._ack_entries.append((applied, changes))
-            self._ack_queued.set()
+            await self.source.ack_count(changes)
+            self.stats.acked += changes
+            self.histograms.acked(applied, changes, self._clock())
         elif applied:
             await self._ack(all_tokens(applied), applied)
 
@@ -765,7 +764,7 @@ class Engine:
         self._ack_queued.set()
 
     async def _wait_for_ack_room(self) -> None:
-        while len(self._ack_tokens) + self._ack_count >= ACK_BACKLOG:
+        while len(self._ack_tokens) >= ACK_BACKLOG:
             self._ack_room_waiters += 1
             try:
                 await self._ack_taken.wait()
@@ -780,7 +779,7 @@ class Engine:
         its next request as soon as its answer is settled and its dead letters are written.
         """
         while True:
-            if not self._ack_tokens and not self._ack_count:
+            if not self._ack_tokens:
                 if self._producers == 0:
                     return
                 if self._ack_queued.is_set():  # a set Event is spent; else it still serves
@@ -788,16 +787,12 @@ class Engine:
                 await self._ack_queued.wait()
                 continue
             tokens, self._ack_tokens = self._ack_tokens, []
-            count, self._ack_count = self._ack_count, 0
             entries, self._ack_entries = self._ack_entries, []
             if self._ack_room_waiters:  # else nobody waits on it: kept as it is
                 self._ack_taken.set()
                 self._ack_taken = anyio.Event()
-            if tokens:
-                await self.source.ack(tokens)
-            if count:
-                await self.source.ack_count(count)
-            self.stats.acked += len(tokens) + count
+            await self.source.ack(tokens)
+            self.stats.acked += len(tokens)
             now = self._clock()
             for group, changes in entries:
                 self.histograms.acked(group, changes, now)
