@@ -195,6 +195,17 @@ class TestLearnAppliedAfterSort:
         assert [("1", 20.0), ("2", 20.0)] == list(looked._exists.items())
 
 
+def test_an_infinite_ttl_still_learns_the_ids_sort_did_not_know() -> None:
+    """With an infinite TTL, what sort saw (minus infinity: not known) is not taken for
+    "learnt lately": the fresh IDs are learnt, the known ones left as they are."""
+    k = IdKnowledge(ttl_s=math.inf, max_ids=100)
+    k.learn("1", Known.EXISTS, 5.0)
+    items = [Item("1"), Item("2")]
+    k.sort(items, 10.0, deque(), deque())
+    assert 1 == k.learn_applied(["1", "2"], 10.0, [item.learnt for item in items])
+    assert [("1", 5.0), ("2", 10.0)] == list(k._exists.items())
+
+
 def test_a_journal_no_store_drains_keeps_the_newest_facts_in_bulk() -> None:
     """With the store away, the journal keeps the newest facts only: at most max_ids plus a
     tenth, trimmed to max_ids at once (not a move of the whole journal per fact), in order."""

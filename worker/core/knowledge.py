@@ -218,8 +218,11 @@ class IdKnowledge:
         journal = self._journal
         fresh = 0
         get, moved_before = exists.get, now - ttl * MOVE_AFTER
+        # What sort saw is trusted from ``moved_before`` on; never when that is minus
+        # infinity (an infinite TTL), where "not known" (minus infinity) would pass too.
+        trusted_from = moved_before if moved_before > -math.inf else math.inf
         for key, known in zip(keys, seen or repeat(-math.inf, len(keys)), strict=True):
-            if known >= moved_before:
+            if known >= trusted_from:
                 continue  # learnt lately when its batch formed: left as it is
             learnt = get(key)
             if learnt is None:
