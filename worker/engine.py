@@ -3,7 +3,7 @@
 reader: source -> decode+validate -> scheduler (waits while the scheduler is full)
 senders (x concurrency): [a slot under the adaptive limit] -> rate limiter -> next batch -> PATCH
     -> classify -> scheduler.resolve -> dead letters (durable) -> the acknowledger's queue
-    (waits while it is full)
+    (waits while it is full; an input that acknowledges by count is told at once instead)
 acknowledger: everything queued since its last write -> source.ack, one call at a time
 reporter (with a progress interval): one ``progress`` log event per interval
 Everything that decides lives in ``worker.core``; this module only waits, sends and writes.
