@@ -29,7 +29,7 @@ from worker.core.adapt import AdaptSettings, AdaptStatistics, RateController, re
 from worker.core.batch import Batch
 from worker.core.change import Invalid, decode_all
 from worker.core.classify import Action, Verdict, classify, classify_failure
-from worker.core.coalesce import Entry, all_tokens
+from worker.core.coalesce import Entry, all_tokens, changes_in
 from worker.core.concurrency import AdaptiveLimit, AdaptiveSettings, Sample
 from worker.core.scheduler import ReplayEnd, Scheduler, SchedulerSettings, Settled
 from worker.core.split import DeadLetter
@@ -202,6 +202,10 @@ class Engine:
         self.patcher = patcher
         self.settings = settings or EngineSettings()
         self.scheduler = Scheduler(self.settings.scheduler)
+        # An input that acknowledges by count reads no token: of a merged change's, only the
+        # first and the last are kept, for its dead letter to name.
+        self.scheduler.coalescer.keep_tokens = not source.acks_by_count
+        self.scheduler.coalescer.tokens_numbered = source.tokens_numbered
         self.stats = EngineStats()
         self.histograms = EngineHistograms()
         self._clock = clock
@@ -755,14 +759,18 @@ class Engine:
             await self._dead_letter(settled.dead)
         applied = settled.applied
         if applied and self.source.acks_by_count:
-            # Nothing to write, only a count: done here, without waking the acknowledger
-            # (a task switch per request) and without queueing the entries for it.
-            changes = settled.applied_changes
-            await self.source.ack_count(changes)
-            self.stats.acked += changes
-            self.histograms.acked(applied, changes, self._clock())
+            await self._ack_count(settled.applied_changes, applied)
         elif applied:
             await self._ack(all_tokens(applied), applied)
+
+    async def _ack_count(self, count: int, entries: list[Entry] | None) -> None:
+        """Acknowledge ``count`` records to an input that acknowledges by count: nothing to
+        write, only a count, so done here, without waking the acknowledger (a task switch
+        per request) and without queueing the entries for it."""
+        await self.source.ack_count(count)
+        self.stats.acked += count
+        if entries:
+            self.histograms.acked(entries, count, self._clock())
 
     async def _ack(self, tokens: list[Hashable], entries: list[Entry] | None = None) -> None:
         """Queue these tokens for the acknowledger (``entries``, if given, are what they
@@ -800,12 +808,12 @@ class Engine:
                 self.histograms.acked(group, changes, now)
 
     async def _dead_letter(self, letters: list[DeadLetter]) -> None:
-        at, describe = self._wall_clock(), self.source.describe
+        at = self._wall_clock()
         records = [
             record(
                 letter.reason,
                 change=letter.entry.fields,
-                source=describe(letter.entry.tokens),
+                source=self._where(letter.entry),
                 status=letter.status,
                 error=letter.error,
                 detail=letter.detail,
@@ -813,8 +821,16 @@ class Engine:
             )
             for letter in letters
         ]
-        entries = [letter.entry for letter in letters]
-        await self._store_dead(records, all_tokens(entries), entries)
+        await self._store_dead(records, None, [letter.entry for letter in letters])
+
+    def _where(self, entry: Entry) -> str:
+        """Where an entry's changes came from: the input's names of the records kept
+        (``in.jsonl:17,40``), and how many more merged between the first and the last where
+        only those two are kept (``in.jsonl:17,40 (3 more merged between)``)."""
+        tokens = entry.tokens
+        where = self.source.describe(tokens)
+        between = entry.changes - len(tokens)
+        return where if between <= 0 else f"{where} ({between} more merged between)"
 
     async def _dead_letter_invalid(self, invalid: list[Invalid]) -> None:
         at, describe = self._wall_clock(), self.source.describe
@@ -834,10 +850,11 @@ class Engine:
     async def _store_dead(
         self,
         records: list[dict[str, Any]],
-        tokens: list[Hashable],
+        tokens: list[Hashable] | None,
         entries: list[Entry] | None = None,
     ) -> None:
-        """Write dead letters durably, then (only then) acknowledge what they carried."""
+        """Write dead letters durably, then (only then) acknowledge what they carried: the
+        records of ``tokens``, or (None) those merged into ``entries``."""
         await self.dead_letters.write(records)
         for letter in records:
             log.info(
@@ -848,7 +865,11 @@ class Engine:
                 error=letter["error"],
                 detail=letter["detail"],
             )
-        await self._ack(tokens, entries)
+        if self.source.acks_by_count:
+            count = len(tokens) if tokens is not None else changes_in(entries or [])
+            await self._ack_count(count, entries)
+        else:
+            await self._ack(all_tokens(entries or []) if tokens is None else tokens, entries)
 
     # -- reporting ---------------------------------------------------------------------------
 

@@ -6,8 +6,6 @@ import datetime
 from collections.abc import Hashable
 from typing import Any
 
-import orjson
-
 from worker.core.change import Change
 from worker.core.classify import Verdict, classify
 from worker.core.coalesce import Entry
@@ -26,8 +24,8 @@ def change(id_: int | str, token: Hashable = None, **fields: Any) -> Change:
 
 def entry(key: str, seq: int = 1, since: float = 0.0, **fields: Any) -> Entry:
     """A coalesced entry for ``key`` with one token, named after the key, as the coalescer
-    holds one change: its object encoded, its token bare."""
-    return Entry(key, orjson.dumps({"ID": key, **fields}), f"t-{key}", seq, since)
+    holds one change: its object, its token bare."""
+    return Entry(key, {"ID": key, **fields}, f"t-{key}", seq, since)
 
 
 def entries(*keys: str) -> list[Entry]:

@@ -267,8 +267,14 @@ class Source(abc.ABC):
 
     acks_by_count: bool = False
     """Whether ``ack`` reads nothing of its tokens but how many there are (a file read without
-    a checkpoint: a finite file is simply read again): the engine then builds no token lists
-    for applied changes and calls :meth:`ack_count` with their number."""
+    a checkpoint: a finite file is simply read again): the engine then builds no token lists,
+    calls :meth:`ack_count` with their number, and keeps only the first and the last token
+    of a merged change (for :meth:`describe`)."""
+
+    tokens_numbered: bool = False
+    """Whether the tokens are the records' numbers, increasing in the order read (a file's
+    lines): the coalescer then takes a change's token as its arrival number instead of
+    numbering it (an integer object fewer per waiting contact: 3.6 MB at 200,000 changes)."""
 
     async def ack_count(self, count: int) -> None:
         """``count`` records are done with (a source that ``acks_by_count``)."""

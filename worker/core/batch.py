@@ -112,9 +112,9 @@ def pack(entries: list[Entry], max_bytes: int) -> tuple[list[Entry], bytes]:
 
 
 def _encoded(entries: list[Entry]) -> list[bytes]:
-    """Each entry's object as JSON: most are held encoded already (``Entry.body``)."""
+    """Each entry's object as JSON."""
     encode = msgspec.json.encode  # the same bytes as orjson.dumps, without its 4 KiB buffer
-    return [body if type(body := entry.body) is bytes else encode(body) for entry in entries]
+    return [encode(entry.body) for entry in entries]
 
 
 def _array(parts: list[bytes]) -> bytes:

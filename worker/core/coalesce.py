@@ -9,7 +9,6 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import msgspec
-import orjson
 
 from worker.core.change import Change, Decoded
 
@@ -30,16 +29,19 @@ class Entry(msgspec.Struct, gc=False):
     instructions on the first 200,000 changes of the hot path's job (docs/performance.md)."""
 
     key: str
-    body: dict[str, Any] | bytes
-    """The object to send: encoded (JSON bytes) while it holds one change, a dict once a
-    later change of the ID merged into it. An encoded change takes about 90 bytes where its
-    dict and values took about 350, and goes into a request body as it is."""
+    body: dict[str, Any]
+    """The object to send: the first change's own dict (the coalescer owns it), into which
+    later changes of the ID merge; encoded once, when its request is formed. Held encoded
+    while it held one change, an entry took less memory (about 90 bytes against 200 to 350)
+    but cost an encoding per new ID and a decoding at its first merge: 13% of the hot path's
+    pure stages (docs/performance.md, 2026-12-06)."""
     held: Any
-    """The source's token of each change merged here: the token itself while there is one
-    (tokens are hashable, never lists), a list once two merged. :attr:`tokens` reads it; a
-    list for every entry cost 80 bytes each."""
+    """The source's token of the oldest change merged here, or (every token kept, see
+    :attr:`Coalescer.keep_tokens`) the list of all of them once two merged: tokens are
+    hashable, never lists. :attr:`tokens` reads it."""
     seq: int
-    """Arrival number of the oldest change merged here: the fairness order."""
+    """Arrival number of the oldest change merged here: the fairness order (its token, where
+    the tokens are numbers in arrival order: :attr:`Coalescer.tokens_numbered`)."""
     since: float
     """Arrival time of the oldest change merged here: what linger is measured from."""
     changes: int = 1
@@ -53,21 +55,26 @@ class Entry(msgspec.Struct, gc=False):
     into a batch (minus infinity: not known to exist then). Read back when the batch is
     applied, so that an ID learnt lately costs no second look-up
     (``IdKnowledge.learn_applied``)."""
+    last: Any = None
+    """The token of the newest change merged here, where the coalescer keeps only the first
+    and the last (:attr:`Coalescer.keep_tokens` False); None otherwise."""
 
     @property
     def tokens(self) -> list[Hashable]:
-        """The tokens of the changes merged here, oldest first."""
+        """The tokens kept of the changes merged here, oldest first: all of them, or (where
+        only the ends are kept) the first and the last; fewer than :attr:`changes` then."""
         held = self.held
-        return held if type(held) is list else [held]
+        if type(held) is list:
+            return held
+        return [held] if self.changes == 1 else [held, self.last]
 
     @property
     def fields(self) -> dict[str, Any]:
-        """The object to send, decoded."""
-        body = self.body
-        return orjson.loads(body) if type(body) is bytes else body  # type: ignore[return-value]
+        """The object to send."""
+        return self.body
 
 
-_FLYING = Entry("", b"", None, 0, 0.0, 0, FLYING)
+_FLYING = Entry("", {}, None, 0, 0.0, 0, FLYING)
 """What stands for a request in flight whose entry the coalescer no longer has (its newer
 changes were forgotten): only its state is read."""
 
@@ -78,7 +85,8 @@ def changes_in(entries: list[Entry]) -> int:
 
 
 def all_tokens(entries: Iterable[Entry]) -> list[Hashable]:
-    """The tokens of all the changes merged in ``entries``, in order."""
+    """The tokens of all the changes merged in ``entries``, in order (where every token is
+    kept: :attr:`Coalescer.keep_tokens`)."""
     tokens: list[Hashable] = []
     append, extend = tokens.append, tokens.extend
     for entry in entries:
@@ -122,43 +130,51 @@ class Coalescer:
         self._holds: dict[Hashable, Covers | None] = {}
         self._held: set[str] = set()
         """Waiting IDs, not in flight, that a hold keeps out of the ready queues."""
+        self.keep_tokens = True
+        """Keep the token of every change merged into an entry (False: only the first and
+        the last, :attr:`Entry.last`). An input that acknowledges by count (a file read
+        without a checkpoint) needs none of the others: its dead letters name the first and
+        the last line and how many merged. Set before the first change."""
+        self.tokens_numbered = False
+        """The tokens are numbers, increasing in arrival order (a file's line numbers): a
+        change's token is its arrival number (:attr:`Entry.seq`), none made for it. Set
+        before the first change."""
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change; later values win over earlier ones of the same ID."""
-        self.add_all([(change.key, change.fields, change.token)], now)
+        # A copy: the entry takes the dict it is given as its own and merges into it.
+        self.add_all([(change.key, dict(change.fields), change.token)], now)
 
     def add_all(self, changes: list[Decoded], now: float) -> None:
         """Take valid changes in source order; later values win over earlier ones of the
-        same ID. One loop for many: the engine's hot path."""
+        same ID. One loop for many: the engine's hot path. The entry of a new ID takes the
+        change's dict as its own (later changes merge into it): ``changes`` are handed over,
+        as :func:`~worker.core.change.decode_all` makes them, not shared."""
         ids, fresh, holds = self._ids, self._fresh, self._holds
         seq, merged, new = self._seq, 0, 0
-        encode, loads = msgspec.json.encode, orjson.loads
+        keep, numbered = self.keep_tokens, self.tokens_numbered
         for key, fields, token in changes:
             entry = ids.get(key)
             if entry is not None and entry.state != FLYING:
-                body = entry.body
-                if type(body) is bytes:
-                    entry.body = body = loads(body)
-                body.update(fields)  # type: ignore[union-attr]
-                if entry.changes == 1:
+                entry.body.update(fields)
+                if not keep:
+                    entry.last = token
+                elif entry.changes == 1:
                     entry.held = [entry.held, token]
                 else:
                     entry.held.append(token)
                 entry.changes += 1
                 merged += 1
                 continue
-            seq += 1
+            seq = token if numbered else seq + 1
             new += 1
-            # Held encoded (Entry.body), by msgspec: its result is allocated to its size
-            # (orjson's sits in 4 KiB, which a copy would then have to shrink), and it writes
-            # the same bytes as orjson (tests/unit/test_coalesce.py).
             if entry is not None:  # its ID is in flight: it waits behind that request
-                ids[key] = Entry(key, encode(fields), token, seq, now, 1, BEHIND)
+                ids[key] = Entry(key, fields, token, seq, now, 1, BEHIND)
             elif holds and self.is_held(key):
-                ids[key] = Entry(key, encode(fields), token, seq, now, 1, HELD)
+                ids[key] = Entry(key, fields, token, seq, now, 1, HELD)
                 self._held.add(key)
             else:
-                ids[key] = entry = Entry(key, encode(fields), token, seq, now, 1, READY)
+                ids[key] = entry = Entry(key, fields, token, seq, now, 1, READY)
                 fresh.append(entry)
         self._seq = seq
         self._waiting_ids += new

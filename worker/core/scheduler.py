@@ -260,7 +260,8 @@ class Scheduler:
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change from the source."""
-        self.add_all([(change.key, change.fields, change.token)], now)
+        # A copy: the coalescer takes the dict it is given as its own and merges into it.
+        self.add_all([(change.key, dict(change.fields), change.token)], now)
 
     def add_all(self, changes: list[Decoded], now: float) -> None:
         """Take valid changes from the source, in its order."""

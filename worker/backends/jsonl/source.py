@@ -264,6 +264,9 @@ class JsonlSource(Source):
         self.records_read += len(records)
         return records
 
+    tokens_numbered = True
+    """A record's token is its line number (0-based), in the order read."""
+
     @property
     def acks_by_count(self) -> bool:  # type: ignore[override]
         """Without a checkpoint nothing is kept of which lines are done: only how many."""
