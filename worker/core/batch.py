@@ -65,7 +65,7 @@ class Batch:
     def body(self) -> bytes:
         """The JSON array to PATCH, encoded once (an entry in flight never changes)."""
         if self.encoded is None:
-            self.encoded = _array(_encoded(self.entries))
+            self.encoded = msgspec.json.encode([entry.body for entry in self.entries])
         return self.encoded
 
     @property
@@ -97,11 +97,13 @@ def flush_due(
 
 def pack(entries: list[Entry], max_bytes: int) -> tuple[list[Entry], bytes]:
     """The longest prefix of ``entries`` whose body is at most ``max_bytes``, and that body,
-    encoded in one call (entry by entry only when all of them are over). One entry always
-    goes, however large: the API is the judge of what it accepts (413 makes it a culprit)."""
+    encoded in one call (the array at once; entry by entry only when it is over). One entry
+    always goes, however large: the API is the judge of what it accepts (413 makes it a
+    culprit)."""
+    body = msgspec.json.encode([entry.body for entry in entries])
+    if len(entries) <= 1 or len(body) <= max_bytes:
+        return entries, body
     parts = _encoded(entries)
-    if len(parts) <= 1 or sum(map(len, parts)) + len(parts) + 1 <= max_bytes:
-        return entries, _array(parts)
     size, keep = 1, 0  # the brackets, less the first comma that is not written
     for part in parts:
         grown = size + len(part) + 1
