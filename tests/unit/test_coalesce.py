@@ -13,7 +13,7 @@ from tests.unit.factories import change
 from tests.unit.test_change import valid_changes
 from worker.core.batch import Batch, pack
 from worker.core.change import Change
-from worker.core.coalesce import Coalescer, Entry, changes_in
+from worker.core.coalesce import DICT_SHARE, Coalescer, Entry, changes_in
 
 
 def popped_keys(coalescer: Coalescer) -> list[str]:
@@ -284,21 +284,62 @@ def test_changes_counts_every_token(ops: list[tuple[str, int]]) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(valid_changes(), min_size=1, max_size=6))
-def test_bodies_are_what_orjson_would_write(objects: list[dict[str, Any]]) -> None:
+@given(st.lists(valid_changes(), min_size=1, max_size=6), st.sampled_from([0.0, 2.0]))
+def test_bodies_are_what_orjson_would_write(objects: list[dict[str, Any]], share: float) -> None:
     """A request's body is encoded by msgspec (allocated to its size): byte for byte what
-    orjson.dumps writes, for lone changes and merged ones. A lone change's entry holds its
-    object as given, and merging never writes into the dicts handed to :meth:`add`."""
+    orjson.dumps writes, for lone changes held as dicts or encoded (``dict_share`` 0: always
+    dicts; 2: never), and for merged ones. Merging never writes into the dicts handed to
+    :meth:`add`."""
     originals = [dict(obj) for obj in objects]
-    coalescer = Coalescer()
+    coalescer = Coalescer(dict_share=share)
     for number, obj in enumerate(objects):
         coalescer.add(Change(str(number % 3), obj, number), now=0.0)
     assert originals == objects
     entries = coalescer.pop_many(9)
-    assert all(e.fields == objects[int(e.key)] for e in entries if e.changes == 1)
+    lone = [e for e in entries if e.changes == 1]
+    assert all(type(e.body) is (dict if share == 0 else bytes) for e in lone)
+    assert all(e.fields == objects[int(e.key)] for e in lone)
+    assert all(e.body == orjson.dumps(objects[int(e.key)]) for e in lone if share)
     kept, body = pack(entries, 10**9)
     assert kept == entries
     assert orjson.dumps([e.fields for e in entries]) == body
+    kept, small = pack(entries, 1)  # over the limit: entry by entry, the first alone
+    assert kept == entries[:1] and orjson.dumps([entries[0].fields]) == small
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(["extra1", "lastname"])), max_size=40))
+def test_held_as_dicts_or_encoded_the_same(stream: list[tuple[int, str]]) -> None:
+    """Whether new IDs' changes are held as dicts or encoded, the coalescer hands out the
+    same entries, in the same order, with the same objects and tokens."""
+
+    def run(share: float) -> list[tuple[str, dict[str, Any], list[Any], int]]:
+        coalescer = Coalescer(dict_share=share)
+        out = []
+        for token, (id_, name) in enumerate(stream):
+            coalescer.add(change(id_, token, **{name: str(token)}), now=float(token))
+            if token % 7 == 6:  # some go out, and come back behind newer changes
+                for e in coalescer.pop_many(2):
+                    out.append((e.key, e.fields, e.tokens, e.seq))
+                    coalescer.release(e.key)
+        out += [(e.key, e.fields, e.tokens, e.seq) for e in coalescer.pop_many(99)]
+        return out
+
+    assert run(0.0) == run(2.0) == run(DICT_SHARE)
+
+
+def test_held_as_dicts_where_changes_merge() -> None:
+    """A stream whose changes merge (few IDs) has new IDs' changes held as dicts; one whose
+    IDs turn over (each ID once) has them encoded: a dict spares work only at a merge."""
+    merging, turning = Coalescer(), Coalescer()
+    for n in range(2_000):
+        merging.add_all([(str(n % 50), {"ID": n % 50, "extra1": "x"}, n)], now=0.0)
+        turning.add_all([(str(n), {"ID": n, "extra1": "x"}, n)], now=0.0)
+    assert merging.holds_dicts and not turning.holds_dicts
+    merging.add_all([("new", {"ID": "new", "extra1": "y"}, -1)], now=0.0)
+    turning.add_all([("new", {"ID": "new", "extra1": "y"}, -1)], now=0.0)
+    assert type(merging.pop_many(99)[-1].body) is dict
+    assert type(turning.pop_many(9_999)[-1].body) is bytes
 
 
 class CoalescerModel(RuleBasedStateMachine):

@@ -65,7 +65,7 @@ class Batch:
     def body(self) -> bytes:
         """The JSON array to PATCH, encoded once (an entry in flight never changes)."""
         if self.encoded is None:
-            self.encoded = msgspec.json.encode([entry.body for entry in self.entries])
+            self.encoded = _array_of(self.entries)
         return self.encoded
 
     @property
@@ -100,7 +100,7 @@ def pack(entries: list[Entry], max_bytes: int) -> tuple[list[Entry], bytes]:
     encoded in one call (the array at once; entry by entry only when it is over). One entry
     always goes, however large: the API is the judge of what it accepts (413 makes it a
     culprit)."""
-    body = msgspec.json.encode([entry.body for entry in entries])
+    body = _array_of(entries)
     if len(entries) <= 1 or len(body) <= max_bytes:
         return entries, body
     parts = _encoded(entries)
@@ -113,10 +113,19 @@ def pack(entries: list[Entry], max_bytes: int) -> tuple[list[Entry], bytes]:
     return entries[:keep], _array(parts[:keep])
 
 
+def _array_of(entries: list[Entry]) -> bytes:
+    """The JSON array of the entries' objects, in one call (a body held encoded goes in as
+    it is)."""
+    raw = msgspec.Raw
+    return msgspec.json.encode(
+        [body if type(body := entry.body) is not bytes else raw(body) for entry in entries]
+    )
+
+
 def _encoded(entries: list[Entry]) -> list[bytes]:
-    """Each entry's object as JSON."""
+    """Each entry's object as JSON (a body held encoded as it is)."""
     encode = msgspec.json.encode  # the same bytes as orjson.dumps, without its 4 KiB buffer
-    return [encode(entry.body) for entry in entries]
+    return [body if type(body := entry.body) is bytes else encode(body) for entry in entries]
 
 
 def _array(parts: list[bytes]) -> bytes:

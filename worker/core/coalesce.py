@@ -9,6 +9,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import msgspec
+import orjson
 
 from worker.core.change import Change, Decoded
 
@@ -29,12 +30,11 @@ class Entry(msgspec.Struct, gc=False):
     instructions on the first 200,000 changes of the hot path's job (docs/performance.md)."""
 
     key: str
-    body: dict[str, Any]
-    """The object to send: the first change's own dict (the coalescer owns it), into which
-    later changes of the ID merge; encoded once, when its request is formed. Held encoded
-    while it held one change, an entry took less memory (about 90 bytes against 200 to 350)
-    but cost an encoding per new ID and a decoding at its first merge: 13% of the hot path's
-    pure stages (docs/performance.md, 2026-12-06)."""
+    body: dict[str, Any] | bytes
+    """The object to send: a dict into which later changes of the ID merge, encoded once,
+    when its request is formed; or, while it holds one change, that change encoded (JSON
+    bytes), decoded when a second one merges. Which one a new ID's entry holds, the
+    coalescer decides from how much the stream merges (:data:`DICT_SHARE`)."""
     held: Any
     """The source's token of the oldest change merged here, or (every token kept, see
     :attr:`Coalescer.keep_tokens`) the list of all of them once two merged: tokens are
@@ -70,13 +70,27 @@ class Entry(msgspec.Struct, gc=False):
 
     @property
     def fields(self) -> dict[str, Any]:
-        """The object to send."""
-        return self.body
+        """The object to send, decoded."""
+        body = self.body
+        return orjson.loads(body) if type(body) is bytes else body  # type: ignore[return-value]
 
 
-_FLYING = Entry("", {}, None, 0, 0.0, 0, FLYING)
+_FLYING = Entry("", b"", None, 0, 0.0, 0, FLYING)
 """What stands for a request in flight whose entry the coalescer no longer has (its newer
 changes were forgotten): only its state is read."""
+
+
+DICT_SHARE = 0.3
+"""A new ID's change is held as its own dict (the decoded one, which the coalescer then owns)
+while at least this share of the changes taken lately merged into a waiting one; encoded
+otherwise. A dict spares the encoding of a new ID's change and its decoding at the first
+merge (13% of the hot path's pure stages, where half the changes merge), but takes more
+memory while it waits alone: a change of three fields 184 bytes and its values against 84
+(docs/performance.md). Where changes rarely merge (IDs that turn over), the dict saves
+nothing and a window of lone changes would cost 40 MB more at 200,000."""
+
+MERGES_HALF_LIFE = 50_000
+"""Changes over which what merged lately halves its weight in the share above."""
 
 
 def changes_in(entries: list[Entry]) -> int:
@@ -112,7 +126,13 @@ class Coalescer:
     not fit in a cache, and each look-up of an ID read long ago waits for memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dict_share: float = DICT_SHARE) -> None:
+        self.dict_share = dict_share
+        """New IDs' changes are held as dicts while the share of changes merging lately is
+        at least this (0: always; above 1: never)."""
+        self._taken = 0.0
+        self._merged = 0.0
+        """Changes taken and merged lately, each weighed down by :data:`MERGES_HALF_LIFE`."""
         self._ids: dict[str, Entry] = {}
         """Each ID with waiting changes or a request in flight: its newest entry (a waiting
         entry of an ID in flight is :data:`BEHIND` it; the one in flight is not kept then)."""
@@ -142,21 +162,35 @@ class Coalescer:
 
     def add(self, change: Change, now: float) -> None:
         """Take one valid change; later values win over earlier ones of the same ID."""
-        # A copy: the entry takes the dict it is given as its own and merges into it.
+        # A copy: an entry may take the dict it is given as its own and merge into it.
         self.add_all([(change.key, dict(change.fields), change.token)], now)
+
+    @property
+    def holds_dicts(self) -> bool:
+        """Whether a new ID's change is held as its dict now (else encoded): :data:`DICT_SHARE`."""
+        if not self._taken:
+            return self.dict_share <= 0
+        return self._merged >= self.dict_share * self._taken
 
     def add_all(self, changes: list[Decoded], now: float) -> None:
         """Take valid changes in source order; later values win over earlier ones of the
-        same ID. One loop for many: the engine's hot path. The entry of a new ID takes the
-        change's dict as its own (later changes merge into it): ``changes`` are handed over,
-        as :func:`~worker.core.change.decode_all` makes them, not shared."""
+        same ID. One loop for many: the engine's hot path. The entry of a new ID may take
+        the change's dict as its own (later changes merge into it): ``changes`` are handed
+        over, as :func:`~worker.core.change.decode_all` makes them, not shared."""
         ids, fresh, holds = self._ids, self._fresh, self._holds
         seq, merged, new = self._seq, 0, 0
         keep, numbered = self.keep_tokens, self.tokens_numbered
+        # Encoded by msgspec: its result is allocated to its size (orjson's sits in 4 KiB,
+        # which a copy would then have to shrink), the same bytes as orjson's.
+        encode = None if self.holds_dicts else msgspec.json.encode
+        loads = orjson.loads
         for key, fields, token in changes:
             entry = ids.get(key)
             if entry is not None and entry.state != FLYING:
-                entry.body.update(fields)
+                body = entry.body
+                if type(body) is bytes:
+                    entry.body = body = loads(body)
+                body.update(fields)  # type: ignore[union-attr]
                 if not keep:
                     entry.last = token
                 elif entry.changes == 1:
@@ -166,17 +200,21 @@ class Coalescer:
                 entry.changes += 1
                 merged += 1
                 continue
-            seq = token if numbered else seq + 1
+            seq = token if numbered else seq + 1  # type: ignore[assignment]  # a number then
             new += 1
+            held = fields if encode is None else encode(fields)
             if entry is not None:  # its ID is in flight: it waits behind that request
-                ids[key] = Entry(key, fields, token, seq, now, 1, BEHIND)
+                ids[key] = Entry(key, held, token, seq, now, 1, BEHIND)
             elif holds and self.is_held(key):
-                ids[key] = Entry(key, fields, token, seq, now, 1, HELD)
+                ids[key] = Entry(key, held, token, seq, now, 1, HELD)
                 self._held.add(key)
             else:
-                ids[key] = entry = Entry(key, fields, token, seq, now, 1, READY)
+                ids[key] = entry = Entry(key, held, token, seq, now, 1, READY)
                 fresh.append(entry)
         self._seq = seq
+        weight = 0.5 ** (len(changes) / MERGES_HALF_LIFE)
+        self._taken = self._taken * weight + len(changes)
+        self._merged = self._merged * weight + merged
         self._waiting_ids += new
         self.coalesced += merged
         self.changes_waiting += len(changes)
