@@ -89,7 +89,7 @@ memory while it waits alone: a change of three fields 184 bytes and its values a
 (docs/performance.md). Where changes rarely merge (IDs that turn over), the dict saves
 nothing and a window of lone changes would cost 40 MB more at 200,000."""
 
-MERGES_HALF_LIFE = 50_000
+MERGES_HALF_LIFE = 5_000
 """Changes over which what merged lately halves its weight in the share above."""
 
 
