@@ -25,8 +25,9 @@ from worker.core.split import DeadLetter, culprit, halves, release_held, split_k
 
 DEFAULT_MAX_WAITING = 200_000
 """Changes held in memory by default before reading pauses: a backlog up to this size coalesces
-per ID in full when the API's rate is what limits (about 320 bytes per change held, 63 MB
-at 200,000 changes over 126,000 IDs: docs/performance.md)."""
+per ID in full when the API's rate is what limits (about 330 bytes per change held, 66 MB
+at 200,000 changes over 126,000 IDs from a file; 360 with every token kept, from a broker:
+docs/performance.md)."""
 
 
 REPLAY_ALLOWANCE = 2
