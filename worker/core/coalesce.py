@@ -70,7 +70,8 @@ class Entry(msgspec.Struct, gc=False):
 
     @property
     def fields(self) -> dict[str, Any]:
-        """The object to send, decoded."""
+        """The object to send: the entry's own dict (not to be changed), or a decoding of
+        its bytes."""
         body = self.body
         return orjson.loads(body) if type(body) is bytes else body  # type: ignore[return-value]
 
