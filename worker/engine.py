@@ -757,11 +757,16 @@ class Engine:
     async def _carry_out(self, settled: Settled) -> None:
         if settled.dead:
             await self._dead_letter(settled.dead)
-        applied = settled.applied
-        if applied and self.source.acks_by_count:
-            await self._ack_count(settled.applied_changes, applied)
-        elif applied:
-            await self._ack(all_tokens(applied), applied)
+        if settled.applied:
+            await self._ack_merged(settled.applied, settled.applied_changes)
+
+    async def _ack_merged(self, entries: list[Entry], changes: int) -> None:
+        """Acknowledge the records merged into ``entries`` (``changes`` of them), by count
+        or by token, as the input acknowledges."""
+        if self.source.acks_by_count:
+            await self._ack_count(changes, entries)
+        else:
+            await self._ack(all_tokens(entries), entries)
 
     async def _ack_count(self, count: int, entries: list[Entry] | None) -> None:
         """Acknowledge ``count`` records to an input that acknowledges by count: nothing to
@@ -821,7 +826,9 @@ class Engine:
             )
             for letter in letters
         ]
-        await self._store_dead(records, None, [letter.entry for letter in letters])
+        entries = [letter.entry for letter in letters]
+        await self._store_dead(records)
+        await self._ack_merged(entries, changes_in(entries))
 
     def _where(self, entry: Entry) -> str:
         """Where an entry's changes came from: the input's names of the records kept
@@ -845,16 +852,14 @@ class Engine:
             )
             for item in invalid
         ]
-        await self._store_dead(records, [item.token for item in invalid])
+        await self._store_dead(records)
+        if self.source.acks_by_count:
+            await self._ack_count(len(invalid), None)
+        else:
+            await self._ack([item.token for item in invalid])
 
-    async def _store_dead(
-        self,
-        records: list[dict[str, Any]],
-        tokens: list[Hashable] | None,
-        entries: list[Entry] | None = None,
-    ) -> None:
-        """Write dead letters durably, then (only then) acknowledge what they carried: the
-        records of ``tokens``, or (None) those merged into ``entries``."""
+    async def _store_dead(self, records: list[dict[str, Any]]) -> None:
+        """Write dead letters durably (what they carried is acknowledged only after)."""
         await self.dead_letters.write(records)
         for letter in records:
             log.info(
@@ -865,11 +870,6 @@ class Engine:
                 error=letter["error"],
                 detail=letter["detail"],
             )
-        if self.source.acks_by_count:
-            count = len(tokens) if tokens is not None else changes_in(entries or [])
-            await self._ack_count(count, entries)
-        else:
-            await self._ack(all_tokens(entries or []) if tokens is None else tokens, entries)
 
     # -- reporting ---------------------------------------------------------------------------
 
