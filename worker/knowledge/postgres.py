@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.backends.postgres.pool import close_pool, create_pool
+from worker.backends.postgres.pool import close_pool, create_if_missing, create_pool
 from worker.backends.postgres.uri import OutboxUri
 from worker.core.knowledge import Known
 from worker.knowledge.base import KnowledgeError, KnowledgeStore, StoreCounts, StoredFact
@@ -48,11 +48,17 @@ class PostgresKnowledge(KnowledgeStore):
         except ERRORS as exc:
             raise KnowledgeError(f"{self.display}: {exc}") from exc
         name = self.table.rpartition(".")[2]
-        await self._call(
-            f"CREATE TABLE IF NOT EXISTS {self.table} (id text PRIMARY KEY,"
-            " known boolean NOT NULL, learnt_at double precision NOT NULL);"
-            f" CREATE INDEX IF NOT EXISTS {name}_learnt_at ON {self.table} (known, learnt_at)"
-        )
+        try:
+            async with self._pool.acquire() as conn:
+                await create_if_missing(  # replicas starting together take turns
+                    conn,
+                    f"CREATE TABLE IF NOT EXISTS {self.table} (id text PRIMARY KEY,"
+                    " known boolean NOT NULL, learnt_at double precision NOT NULL);"
+                    f" CREATE INDEX IF NOT EXISTS {name}_learnt_at"
+                    f" ON {self.table} (known, learnt_at)",
+                )
+        except ERRORS as exc:
+            raise KnowledgeError(f"{self.display}: {exc}") from exc
 
     async def close(self) -> None:
         """Close the pool."""

@@ -19,6 +19,8 @@ from worker.backends.base import (
     Outages,
 )
 from worker.backends.postgres.uri import (
+    ADVISORY_CLASS,
+    CREATE_KEY,
     OutboxUri,
 )
 from worker.core.backoff import Backoff
@@ -173,6 +175,16 @@ async def in_transaction(conn: Any, first: str, op: Callable[[], Awaitable[T]]) 
             drop(conn)
         raise
     return result
+
+
+async def create_if_missing(conn: Any, ddl: str) -> None:
+    """Run ``ddl`` (``CREATE ... IF NOT EXISTS`` statements) in a transaction under the
+    advisory lock ``(ADVISORY_CLASS, CREATE_KEY)``. ``IF NOT EXISTS`` alone races: two
+    sessions that both find no table both create it, and the second fails on the catalog's
+    unique index (``pg_type_typname_nsp_index``, or ``type ... already exists``). Replicas
+    started together on a fresh database did: all but one exited at start."""
+    lock = f"SELECT pg_advisory_xact_lock({ADVISORY_CLASS}, {CREATE_KEY})"
+    await in_transaction(conn, lock, lambda: conn.execute(ddl))
 
 
 async def _rollback_if_needed(conn: Any) -> None:

@@ -47,18 +47,15 @@ from worker.backends.postgres.pool import (
     CONNECT_TIMEOUT_S,
     DATABASE_ERRORS,
     OPEN_ERRORS,
+    create_if_missing,
     describe_error,
-    in_transaction,
 )
-from worker.backends.postgres.uri import ADVISORY_CLASS, OutboxUri, ddl, parse_uri
+from worker.backends.postgres.uri import OutboxUri, ddl, parse_uri
 from worker.core.change import key_of
 from worker.core.partition import partition_of
 
 CHUNK_ROWS = 5000
 """Rows per INSERT (and per commit): the worker can start on a long stream before it ends."""
-
-_INIT_LOCK = -1
-"""The second advisory-lock key while creating tables: concurrent ``init`` calls take turns."""
 
 
 def outbox_row(line: bytes | str) -> tuple[str, str] | None:
@@ -99,8 +96,7 @@ async def init(uri: str) -> None:
     target = parse_uri(uri)
     conn = await _connect(target)
     try:
-        lock = f"SELECT pg_advisory_xact_lock({ADVISORY_CLASS}, {_INIT_LOCK})"
-        await in_transaction(conn, lock, lambda: conn.execute(ddl(target.table, target.schema)))
+        await create_if_missing(conn, ddl(target.table, target.schema))
     except DATABASE_ERRORS as exc:
         raise SourceError(
             f"cannot create {target.outbox} in {target.display}: {describe_error(exc)}"

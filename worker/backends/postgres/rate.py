@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import structlog
 
-from worker.backends.postgres.pool import TRANSIENT_ERRORS
+from worker.backends.postgres.pool import TRANSIENT_ERRORS, create_if_missing
 from worker.core.rate import NS_PER_S, SHARED_ALLOWANCE_S, Schedule, alone_wait, rate_of, spacing_ns
 
 log = structlog.get_logger("worker.backends.postgres.rate")
@@ -49,13 +48,11 @@ WHERE t.name = $1
 RETURNING t.next_us - t.spacing_us - c.now_us, t.next_us - t.spacing_us, t.spacing_us"""
 
     async def _create(self, conn: Any) -> None:
-        try:
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.table} (name text PRIMARY KEY,"
-                " next_us bigint NOT NULL DEFAULT 0, spacing_us bigint NOT NULL DEFAULT 0)"
-            )
-        except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
-            pass  # another replica created it at the same moment (IF NOT EXISTS races)
+        await create_if_missing(  # replicas starting together take turns
+            conn,
+            f"CREATE TABLE IF NOT EXISTS {self.table} (name text PRIMARY KEY,"
+            " next_us bigint NOT NULL DEFAULT 0, spacing_us bigint NOT NULL DEFAULT 0)",
+        )
         await conn.execute(
             f"INSERT INTO {self.table} (name) VALUES ($1) ON CONFLICT DO NOTHING", self.name
         )

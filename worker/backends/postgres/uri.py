@@ -97,6 +97,10 @@ _MIN_S = 0.001
 ADVISORY_CLASS = 0x63775F6F  # "cw_o": the first key of the worker's advisory locks
 """Claims take the transaction-scoped advisory lock ``(ADVISORY_CLASS, <table oid>)``."""
 
+CREATE_KEY = -1
+"""The second key of the advisory lock under which the worker creates its tables: ``init``
+and every replica creating a table it needs take turns (:func:`create_if_missing`)."""
+
 MAX_PARTITIONS = 4096
 PARTITION_TAG = 0x63770000  # "cw" in the high half: the second key of a partition's lock
 """A replica serving partition p of a table holds the session-level advisory lock
