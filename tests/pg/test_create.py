@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import anyio
@@ -45,13 +45,13 @@ async def schema() -> AsyncIterator[str]:
         await admin.close()
 
 
-async def _at_once(*calls: object) -> list[BaseException]:
+async def _at_once(*calls: Callable[[], Awaitable[object]]) -> list[BaseException]:
     """Run the coroutine functions ``calls`` together; the exceptions they raised."""
     failed: list[BaseException] = []
 
-    async def one(call: object) -> None:
+    async def one(call: Callable[[], Awaitable[object]]) -> None:
         try:
-            await call()  # type: ignore[operator]
+            await call()
         except Exception as exc:  # what a replica would die of
             failed.append(exc)
 

@@ -103,14 +103,6 @@ class _Holding:
         """The keys handed out while the replay range is open: the IDs it covers."""
 
 
-def _range_end(end: int | None, cap: int | None) -> int:
-    """Where a replay range ends: the earlier of ``window`` past its first record and the
-    partition's end when it was taken (either unknown yet: None)."""
-    if end is None:
-        return cap if cap is not None else 2**63
-    return end if cap is None else min(end, cap)
-
-
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, source: KafkaSource) -> None:
         self._source = source
@@ -280,7 +272,8 @@ class KafkaSource(Source):
             if holding.range is not None and progress.next is not None:
                 if holding.range_end is None:
                     holding.range_end = taken[0][0][1] + self.window  # type: ignore[index]
-                if progress.next >= _range_end(holding.range_end, holding.range_cap):
+                cap = holding.range_cap
+                if progress.next >= holding.range_end or (cap is not None and progress.next >= cap):
                     self._end_range(holding, after_read=True)
             out.append(Held(holding.partition, holding.generation, taken))
         return out
@@ -291,10 +284,9 @@ class KafkaSource(Source):
             if holding.range is None:
                 continue
             if holding.pending:  # a live feed: the range may end before the partition does
-                done = holding.progress.next
-                if done is not None and holding.range_cap is not None:
-                    if done >= _range_end(holding.range_end, holding.range_cap):
-                        self._end_range(holding, after_read=False)  # sent with earlier reads
+                done, cap = holding.progress.next, holding.range_cap
+                if done is not None and cap is not None and done >= cap:
+                    self._end_range(holding, after_read=False)  # sent with earlier reads
                 continue
             tp = TopicPartition(self.topic, holding.partition)
             highwater = consumer.highwater(tp)
